@@ -1,0 +1,36 @@
+"""Tiny random-init models for fast tests, plus access to the shared data folder."""
+
+import os
+from pathlib import Path
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM, LlamaConfig, Qwen2Config
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def tiny_model(vocab_size=256, arch="llama", seed=0, hidden=64, layers=2, dtype=torch.float32):
+    """A 2-layer decoder with grouped-query attention; `arch="qwen2"` adds q/k/v biases."""
+    torch.manual_seed(seed)
+    common = dict(vocab_size=vocab_size, hidden_size=hidden, intermediate_size=2 * hidden,
+                  num_hidden_layers=layers, num_attention_heads=4, num_key_value_heads=2,
+                  max_position_embeddings=1024, tie_word_embeddings=True,
+                  bos_token_id=1, eos_token_id=2, pad_token_id=2)
+    config = Qwen2Config(**common) if arch == "qwen2" else LlamaConfig(**common)
+    model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+    # Random init with std 0.02 gives near-uniform next-token distributions; larger weights make
+    # greedy decoding and sampling tests less degenerate.
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.dim() > 1:
+                p.normal_(0, 0.2)
+    return model.eval()
+
+
+def shared_data_dir() -> Path:
+    """`$RRR_DATA_DIR`, else `../shared/data` beside the repository; tests that need it skip without it."""
+    path = Path(os.environ.get("RRR_DATA_DIR", REPO.parent / "shared" / "data"))
+    if not path.is_dir():
+        pytest.skip(f"real data folder {path} not found (set RRR_DATA_DIR)")
+    return path
