@@ -1,0 +1,380 @@
+"""Batched sampling with a KV cache, for Llama-family decoders (Llama, SmolLM, Qwen2, Qwen3, Mistral).
+
+    gen = generate(model, prompts, max_new_tokens=256, num_samples=8, temperature=1.0,
+                   stop_token_ids=[eos], generator=torch.Generator().manual_seed(0))
+    gen.tokens[i * 8 + j]   # sample j of prompt i, ending with the stop token when one ended it
+
+The transformer body is the Hugging Face module's own (its norms, projections, MLPs and rotary
+embedding); only attention and the cache are done here, because HF's dynamic cache concatenates
+every step and cannot share one prefill between the samples of a prompt.
+
+Cache layout. Each row keeps its tokens left-aligned in a preallocated (rows, kv_heads, capacity,
+head_dim) buffer per layer, with its own length. A row's position ids are simply its slot indices,
+so prompts of different lengths need no padding inside the sequence and no position-id fix-ups;
+batches of chunks are right-padded, and the pad slots lie past the row's length, where attention
+never looks and the next write overwrites them. Every attention call gets an explicit boolean mask
+(key slot <= query position), never `is_causal`, because a chunk appended to an existing cache is
+not top-left aligned.
+
+Sharing and continuing. Each unique prompt is prefilled once; its cache is then copied to its
+`num_samples` rows and the first token is sampled per row. With `keep_cache=True` the returned
+`Generation.cache` holds every row's cache, and `generate(model, chunks, cache=gen.cache)` appends
+`chunks[r]` to row r (after the row's last sampled token, which was never fed to the model) and
+samples on from there. RRR uses this twice: prompt + attempt 1 + reflection prompt is prefilled once
+and shared by the G reflections, then each reflection row is continued with the retry instruction,
+so no token of the shared prefix is ever recomputed.
+
+Rows that end stop costing compute: when at most half of the batch is still running, the finished
+rows are dropped from the working batch (their caches are set aside when `keep_cache` is on).
+
+The model must be an ordinary (unsharded) module; under FSDP, sample from an unsharded copy.
+"""
+
+import weakref
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+
+@dataclass
+class KVCache:
+    keys: list[torch.Tensor]     # per layer: (rows, kv_heads, capacity, head_dim)
+    values: list[torch.Tensor]   # same shape as keys
+    lengths: torch.Tensor        # (rows,) slots filled in each row
+    last_token: torch.Tensor     # (rows,) the last sampled token, not yet in the cache
+
+    @property
+    def rows(self) -> int:
+        return self.lengths.shape[0]
+
+
+@dataclass
+class Generation:
+    tokens: list[list[int]]        # generated ids per row, including the stop token that ended it
+    logprobs: list[list[float]]    # log p(token) under softmax(logits / temperature), before top-k/p
+    finished: list[bool]           # True when a stop token ended the row (else it hit max_new_tokens)
+    cache: KVCache | None = None   # with keep_cache=True: continue the rows with generate(cache=...)
+
+
+def _layers(model):
+    body = model.get_decoder() if hasattr(model, "get_decoder") else model.model
+    if not all(hasattr(body, a) for a in ("embed_tokens", "layers", "norm", "rotary_emb")):
+        raise ValueError(f"sampler supports Llama-family decoders; {type(model).__name__} is not one")
+    return body
+
+
+def _attention_geometry(model):
+    config = model.config
+    heads = config.num_attention_heads
+    kv_heads = getattr(config, "num_key_value_heads", None) or heads
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
+    return heads, kv_heads, head_dim
+
+
+def _new_cache(model, rows, capacity, device, dtype) -> KVCache:
+    _, kv_heads, head_dim = _attention_geometry(model)
+    shape = (rows, kv_heads, capacity, head_dim)
+    n_layers = model.config.num_hidden_layers
+    return KVCache(keys=[torch.zeros(shape, device=device, dtype=dtype) for _ in range(n_layers)],
+                   values=[torch.zeros(shape, device=device, dtype=dtype) for _ in range(n_layers)],
+                   lengths=torch.zeros(rows, dtype=torch.long, device=device),
+                   last_token=torch.zeros(rows, dtype=torch.long, device=device))
+
+
+def _grow(cache: KVCache, capacity: int) -> KVCache:
+    """A copy of `cache` with room for `capacity` slots per row."""
+    if cache.keys[0].shape[2] >= capacity:
+        return cache
+    used = int(cache.lengths.max())
+    rows, kv_heads, _, head_dim = cache.keys[0].shape
+    out = KVCache([], [], cache.lengths.clone(), cache.last_token.clone())
+    for k, v in zip(cache.keys, cache.values):
+        nk = k.new_zeros(rows, kv_heads, capacity, head_dim)
+        nv = v.new_zeros(rows, kv_heads, capacity, head_dim)
+        nk[:, :, :used] = k[:, :, :used]
+        nv[:, :, :used] = v[:, :, :used]
+        out.keys.append(nk)
+        out.values.append(nv)
+    return out
+
+
+def _select_rows(cache: KVCache, index: torch.Tensor) -> KVCache:
+    """Rows `index` of the cache (a copy); index may repeat rows (sharing a prefill)."""
+    used = int(cache.lengths[index].max()) if index.numel() else 0
+    # Only the used slots are copied; the rest of the new buffer stays zero.
+    out = _new_cache_like(cache, index.numel())
+    for dst, src in ((out.keys, cache.keys), (out.values, cache.values)):
+        for d, s in zip(dst, src):
+            d[:, :, :used] = s[index, :, :used]
+    out.lengths = cache.lengths[index].clone()
+    out.last_token = cache.last_token[index].clone()
+    return out
+
+
+def _new_cache_like(cache: KVCache, rows: int) -> KVCache:
+    _, kv_heads, capacity, head_dim = cache.keys[0].shape
+    like = cache.keys[0]
+    zeros = lambda: like.new_zeros(rows, kv_heads, capacity, head_dim)  # noqa: E731
+    return KVCache([zeros() for _ in cache.keys], [zeros() for _ in cache.values],
+                   cache.lengths.new_zeros(rows), cache.last_token.new_zeros(rows))
+
+
+@dataclass
+class _Linear:
+    """A projection prepared for decoding: q/k/v and gate/up are fused into one matrix each."""
+    weight: torch.Tensor                 # (out, in)
+    bias: torch.Tensor | None = None
+    weight_t: torch.Tensor | None = None  # (in, out) contiguous copy, CPU only: see _apply
+
+    @staticmethod
+    def of(*modules) -> "_Linear":
+        weight = torch.cat([m.weight for m in modules]) if len(modules) > 1 else modules[0].weight
+        biases = [m.bias for m in modules]
+        bias = torch.cat(biases) if all(b is not None for b in biases) else None
+        # On CPU, MKL's matrix-vector product runs about 2x faster with the weight stored (in, out):
+        # one extra copy of the weights buys batch-1 decoding close to memory bandwidth
+        # (bench/sampler.py, BENCHMARKS.md).
+        weight_t = weight.t().contiguous() if weight.device.type == "cpu" else None
+        return _Linear(weight, bias, weight_t)
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        if self.weight_t is None:
+            return F.linear(x, self.weight, self.bias)
+        flat = x.reshape(-1, x.shape[-1])
+        # Measured on 2-core AMD EPYC, fp32: x @ W^T is fastest for one row from the (in, out) copy;
+        # for more rows (W @ x^T)^T beats F.linear by 1.2-1.8x.
+        y = flat @ self.weight_t if flat.shape[0] == 1 else (self.weight @ flat.t()).t()
+        if self.bias is not None:
+            y = y + self.bias
+        return y.reshape(*x.shape[:-1], y.shape[-1])
+
+
+@dataclass
+class _Weights:
+    layers: list[dict]
+    lm_head: _Linear
+
+
+_prepared = weakref.WeakKeyDictionary()   # model -> (parameter versions, _Weights)
+
+
+def _prepare(model) -> _Weights:
+    """Fused (and on CPU transposed) copies of the weights, rebuilt only when a parameter changed:
+    optimizer steps and load_state_dict update parameters in place, which bumps their version."""
+    versions = tuple((p.data_ptr(), p._version) for p in model.parameters())
+    hit = _prepared.get(model)
+    if hit is not None and hit[0] == versions:
+        return hit[1]
+    body = _layers(model)
+    layers = []
+    for layer in body.layers:
+        attn, mlp = layer.self_attn, layer.mlp
+        layers.append(dict(
+            qkv=_Linear.of(attn.q_proj, attn.k_proj, attn.v_proj), o=_Linear.of(attn.o_proj),
+            gate_up=_Linear.of(mlp.gate_proj, mlp.up_proj), down=_Linear.of(mlp.down_proj)))
+    weights = _Weights(layers, _Linear.of(model.lm_head))
+    _prepared[model] = (versions, weights)
+    return weights
+
+
+def _forward_chunk(model, weights: _Weights, cache: KVCache, tokens: torch.Tensor,
+                   chunk_lens: torch.Tensor) -> torch.Tensor:
+    """Appends `tokens` (rows, C), right-padded to C with row r's real length chunk_lens[r], to the
+    cache and returns the final-norm hidden state at each row's last real token: (rows, hidden)."""
+    body = _layers(model)
+    heads, kv_heads, head_dim = _attention_geometry(model)
+    groups = heads // kv_heads
+    rows, C = tokens.shape
+    start = cache.lengths                                         # (rows,)
+    positions = start[:, None] + torch.arange(C, device=tokens.device)  # (rows, C)
+    used = int((start + C).max())
+    slots = torch.arange(used, device=tokens.device)
+    # (rows, 1, C, used): query at position p sees key slots <= p. Repeated per query group because
+    # the grouped query heads are folded into the query-length axis below.
+    mask = (slots[None, None, :] <= positions[:, :, None]).unsqueeze(1)
+    if groups > 1:
+        mask = mask.repeat(1, 1, groups, 1)
+    row_index = torch.arange(rows, device=tokens.device)[:, None]   # (rows, 1)
+    q_size, kv_size = heads * head_dim, kv_heads * head_dim
+
+    h = body.embed_tokens(tokens)                                # (rows, C, hidden)
+    cos, sin = body.rotary_emb(h, positions)                     # (rows, C, head_dim)
+    cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)
+    for i, (layer, w) in enumerate(zip(body.layers, weights.layers)):
+        attn = layer.self_attn
+        q, k, v = w["qkv"](layer.input_layernorm(h)).split([q_size, kv_size, kv_size], dim=-1)
+        q = q.reshape(rows, C, heads, head_dim)
+        k = k.reshape(rows, C, kv_heads, head_dim)
+        v = v.reshape(rows, C, kv_heads, head_dim)
+        if hasattr(attn, "q_norm"):  # Qwen3 normalises q and k per head before the rotation
+            q, k = attn.q_norm(q), attn.k_norm(k)
+        q, k = q.transpose(1, 2), k.transpose(1, 2)              # (rows, heads, C, head_dim)
+        q = q * cos + _rotate_half(q) * sin
+        k = k * cos + _rotate_half(k) * sin
+        cache.keys[i][row_index, :, positions] = k.transpose(1, 2)   # slots (rows, C)
+        cache.values[i][row_index, :, positions] = v
+        # Fold the `groups` query heads that share a kv head into the query axis, so SDPA sees
+        # one kv head per query block and the cache is never expanded: (rows, kv_heads, groups*C, d).
+        q = q.reshape(rows, kv_heads, groups * C, head_dim)
+        out = F.scaled_dot_product_attention(q, cache.keys[i][:, :, :used], cache.values[i][:, :, :used],
+                                             attn_mask=mask, scale=attn.scaling)
+        out = out.view(rows, heads, C, head_dim).transpose(1, 2).reshape(rows, C, heads * head_dim)
+        h = h + w["o"](out)
+        gate, up = w["gate_up"](layer.post_attention_layernorm(h)).chunk(2, dim=-1)
+        h = h + w["down"](layer.mlp.act_fn(gate) * up)
+    cache.lengths = start + chunk_lens
+    last = h[torch.arange(rows, device=h.device), chunk_lens - 1]   # (rows, hidden)
+    return body.norm(last)
+
+
+def _rotate_half(x):
+    half = x.shape[-1] // 2
+    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+
+
+def _logits(model, weights: _Weights, hidden: torch.Tensor) -> torch.Tensor:
+    logits = weights.lm_head(hidden).float()
+    softcap = getattr(model.config, "final_logit_softcapping", None)
+    if softcap:
+        logits = torch.tanh(logits / softcap) * softcap
+    return logits
+
+
+def _sample(logits, temperature, top_k, top_p, generator):
+    """logits (rows, vocab) -> (token (rows,), logprob (rows,)), logprob before truncation."""
+    if temperature == 0:
+        token = logits.argmax(-1)
+        return token, logits.log_softmax(-1).gather(-1, token[:, None])[:, 0]
+    logprobs = (logits / temperature).log_softmax(-1)
+    kept = logprobs
+    if top_k and top_k < kept.shape[-1]:
+        kth = kept.topk(top_k, dim=-1).values[:, -1:]
+        kept = kept.masked_fill(kept < kth, float("-inf"))
+    if top_p < 1.0:
+        sorted_lp, order = kept.sort(dim=-1, descending=True)
+        # Drop a token when the tokens ranked above it already hold top_p of the mass.
+        mass_before = sorted_lp.exp().cumsum(-1) - sorted_lp.exp()
+        drop = torch.zeros_like(kept, dtype=torch.bool).scatter(-1, order, mass_before > top_p)
+        kept = kept.masked_fill(drop, float("-inf"))
+    # Inverse-CDF sampling: one uniform per row against the cumulative distribution. torch.multinomial
+    # draws an exponential per vocabulary entry, which costs more than a forward step of a small model.
+    cdf = kept.exp().cumsum(-1)                                   # (rows, vocab)
+    u = torch.rand(cdf.shape[0], 1, generator=generator, device=cdf.device, dtype=cdf.dtype)
+    token = torch.searchsorted(cdf, u * cdf[:, -1:]).clamp_(max=cdf.shape[-1] - 1)[:, 0]
+    return token, logprobs.gather(-1, token[:, None])[:, 0]
+
+
+def _pad(chunks: list[list[int]], device) -> tuple[torch.Tensor, torch.Tensor]:
+    width = max(len(c) for c in chunks)
+    tokens = torch.zeros(len(chunks), width, dtype=torch.long)
+    for r, c in enumerate(chunks):
+        tokens[r, :len(c)] = torch.tensor(c, dtype=torch.long)
+    return tokens.to(device), torch.tensor([len(c) for c in chunks], device=device)
+
+
+@torch.inference_mode()
+def generate(model, prompts: list[list[int]], *, max_new_tokens: int, num_samples: int = 1,
+             temperature: float = 1.0, top_p: float = 1.0, top_k: int = 0, stop_token_ids=(),
+             generator: torch.Generator | None = None, cache: KVCache | None = None,
+             keep_cache: bool = False) -> Generation:
+    """Samples `num_samples` continuations of each prompt; rows are prompt-major (row i*n + j).
+
+    prompts: token-id lists. With `cache` (from a previous `keep_cache=True` call), prompts[r] is the
+    chunk to append to cache row r, and len(prompts) must equal cache.rows.
+    temperature == 0 means greedy (then logprobs are of the raw logits).
+    """
+    if max_new_tokens < 1 or num_samples < 1:
+        raise ValueError("max_new_tokens and num_samples must be >= 1")
+    if temperature < 0 or not 0 < top_p <= 1 or top_k < 0:
+        raise ValueError("need temperature >= 0, 0 < top_p <= 1, top_k >= 0")
+    if cache is not None and len(prompts) != cache.rows:
+        raise ValueError(f"{len(prompts)} chunks for a cache of {cache.rows} rows")
+    if cache is None and any(len(p) == 0 for p in prompts):
+        raise ValueError("every prompt needs at least one token")
+    device = model.lm_head.weight.device
+    if not prompts:
+        return Generation([], [], [], cache)
+
+    if cache is None:
+        chunks = [list(p) for p in prompts]
+        start = [0] * len(prompts)
+        cache = _new_cache(model, len(prompts), 0, device, model.lm_head.weight.dtype)
+    else:  # the last sampled token of each row was never fed: it opens the row's chunk
+        last = cache.last_token.tolist()
+        chunks = [[last[r]] + list(p) for r, p in enumerate(prompts)]
+        start = cache.lengths.tolist()
+    widest = max(len(c) for c in chunks)
+    capacity = max(max(s + len(c) for s, c in zip(start, chunks)) + max_new_tokens,
+                   max(start) + widest)
+    cache = _grow(cache, capacity)
+
+    tokens_in, chunk_lens = _pad(chunks, device)
+    weights = _prepare(model)
+    hidden = _forward_chunk(model, weights, cache, tokens_in, chunk_lens)       # one prefill per unique prompt
+    logits = _logits(model, weights, hidden)
+    if num_samples > 1:
+        share = torch.arange(cache.rows, device=device).repeat_interleave(num_samples)
+        cache = _select_rows(cache, share)
+        logits = logits[share]
+
+    rows = cache.rows
+    out_tokens = torch.full((rows, max_new_tokens), -1, dtype=torch.long, device=device)
+    out_logprobs = torch.zeros(rows, max_new_tokens, dtype=torch.float32, device=device)
+    n_new = torch.zeros(rows, dtype=torch.long, device=device)
+    finished = torch.zeros(rows, dtype=torch.bool, device=device)
+    stop = torch.tensor(sorted(set(stop_token_ids)), dtype=torch.long, device=device)
+    active = torch.arange(rows, device=device)     # rows of the full batch still in the working batch
+    done_store = None                               # keep_cache: caches of rows dropped early
+
+    for step in range(max_new_tokens):
+        token, logprob = _sample(logits, temperature, top_k, top_p, generator)   # (active,)
+        running = ~finished[active]
+        # Rows that already finished stay in the working batch until the next compaction; their
+        # draws are ignored.
+        rows_now = active[running]
+        out_tokens[rows_now, step] = token[running]
+        out_logprobs[rows_now, step] = logprob[running]
+        n_new[rows_now] += 1
+        cache.last_token = torch.where(running, token, cache.last_token)
+        if stop.numel():
+            finished[rows_now] = torch.isin(token[running], stop)
+        still = ~finished[active]
+        n_still = int(still.sum())
+        if n_still == 0 or step == max_new_tokens - 1:
+            break
+        if n_still <= active.numel() // 2:          # drop finished rows from the working batch
+            if keep_cache:
+                done_store = _store_rows(done_store, cache, active, ~still, rows)
+            keep = still.nonzero()[:, 0]
+            cache, active, token = _select_rows(cache, keep), active[keep], token[keep]
+            still = still[keep]
+        feed = torch.where(still, token, cache.last_token)[:, None]
+        before = cache.lengths.clone()
+        hidden = _forward_chunk(model, weights, cache, feed, torch.ones_like(before))
+        cache.lengths = torch.where(still, cache.lengths, before)    # finished rows do not grow
+        logits = _logits(model, weights, hidden)
+
+    final_cache = None
+    if keep_cache:
+        final_cache = _store_rows(done_store, cache, active, torch.ones_like(active, dtype=torch.bool), rows)
+    counts = n_new.tolist()
+    toks, lps = out_tokens.tolist(), out_logprobs.tolist()
+    return Generation(tokens=[t[:n] for t, n in zip(toks, counts)],
+                      logprobs=[lp[:n] for lp, n in zip(lps, counts)],
+                      finished=finished.tolist(), cache=final_cache)
+
+
+def _store_rows(store: KVCache | None, cache: KVCache, active, which, total_rows) -> KVCache:
+    """Copies working-batch rows `which` (bool over the working batch) into `store`, a full-batch
+    cache of `total_rows` rows created on first use."""
+    if store is None:
+        store = _new_cache_like(cache, total_rows)
+    src = which.nonzero()[:, 0]
+    dst = active[src]
+    for s_list, c_list in ((store.keys, cache.keys), (store.values, cache.values)):
+        for s, c in zip(s_list, c_list):
+            s[dst] = c[src]
+    store.lengths[dst] = cache.lengths[src]
+    store.last_token[dst] = cache.last_token[src]
+    return store
