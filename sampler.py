@@ -154,6 +154,7 @@ class _Linear:
 class _Weights:
     layers: list[dict]
     lm_head: _Linear
+    rope: tuple[torch.Tensor, torch.Tensor] | None = None   # cos, sin tables by position
 
 
 _prepared = weakref.WeakKeyDictionary()   # model -> (parameter versions, _Weights)
@@ -199,11 +200,11 @@ def _forward_chunk(model, weights: _Weights, cache: KVCache, tokens: torch.Tenso
     q_size, kv_size = heads * head_dim, kv_heads * head_dim
 
     h = body.embed_tokens(tokens)                                # (rows, C, hidden)
-    cos, sin = body.rotary_emb(h, positions)                     # (rows, C, head_dim)
-    cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)
+    cos, sin = _rope_table(body, weights, h, used)
+    cos, sin = cos[positions].unsqueeze(1), sin[positions].unsqueeze(1)   # (rows, 1, C, head_dim)
     for i, (layer, w) in enumerate(zip(body.layers, weights.layers)):
         attn = layer.self_attn
-        q, k, v = w["qkv"](layer.input_layernorm(h)).split([q_size, kv_size, kv_size], dim=-1)
+        q, k, v = w["qkv"](_norm(layer.input_layernorm, h)).split([q_size, kv_size, kv_size], dim=-1)
         q = q.reshape(rows, C, heads, head_dim)
         k = k.reshape(rows, C, kv_heads, head_dim)
         v = v.reshape(rows, C, kv_heads, head_dim)
@@ -217,15 +218,41 @@ def _forward_chunk(model, weights: _Weights, cache: KVCache, tokens: torch.Tenso
         # Fold the `groups` query heads that share a kv head into the query axis, so SDPA sees
         # one kv head per query block and the cache is never expanded: (rows, kv_heads, groups*C, d).
         q = q.reshape(rows, kv_heads, groups * C, head_dim)
-        out = F.scaled_dot_product_attention(q, cache.keys[i][:, :, :used], cache.values[i][:, :, :used],
-                                             attn_mask=mask, scale=attn.scaling)
+        keys, values = cache.keys[i][:, :, :used], cache.values[i][:, :, :used]
+        if C == 1:  # decoding: two small matmuls beat the fused kernel's set-up cost on CPU
+            scores = (q @ keys.transpose(-1, -2)) * attn.scaling         # (rows, kv_heads, groups, used)
+            out = scores.masked_fill_(~mask, float("-inf")).softmax(-1) @ values
+        else:
+            out = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, scale=attn.scaling)
         out = out.view(rows, heads, C, head_dim).transpose(1, 2).reshape(rows, C, heads * head_dim)
         h = h + w["o"](out)
-        gate, up = w["gate_up"](layer.post_attention_layernorm(h)).chunk(2, dim=-1)
+        gate, up = w["gate_up"](_norm(layer.post_attention_layernorm, h)).chunk(2, dim=-1)
         h = h + w["down"](layer.mlp.act_fn(gate) * up)
     cache.lengths = start + chunk_lens
     last = h[torch.arange(rows, device=h.device), chunk_lens - 1]   # (rows, hidden)
-    return body.norm(last)
+    return _norm(body.norm, last)
+
+
+_PLAIN_RMS_NORMS = {"LlamaRMSNorm", "Qwen2RMSNorm", "Qwen3RMSNorm", "MistralRMSNorm"}
+
+
+def _norm(module, x):
+    """The module's RMSNorm in one fused op where it is the plain formula (fewer ops per decode step)."""
+    if type(module).__name__ not in _PLAIN_RMS_NORMS:
+        return module(x)
+    y = F.rms_norm(x.float(), (x.shape[-1],), eps=module.variance_epsilon)
+    return module.weight * y.to(x.dtype)
+
+
+def _rope_table(body, weights: "_Weights", like: torch.Tensor, length: int):
+    """cos, sin for positions 0..length-1 from the model's own rotary embedding, (length, head_dim),
+    computed once per generate call and extended when a row outgrows it."""
+    if weights.rope is None or weights.rope[0].shape[0] < length:
+        size = max(length, 2 * (weights.rope[0].shape[0] if weights.rope else 0), 256)
+        positions = torch.arange(size, device=like.device)[None]
+        cos, sin = body.rotary_emb(like, positions)
+        weights.rope = (cos[0], sin[0])
+    return weights.rope
 
 
 def _rotate_half(x):
@@ -378,3 +405,36 @@ def _store_rows(store: KVCache | None, cache: KVCache, active, which, total_rows
     store.lengths[dst] = cache.lengths[src]
     store.last_token[dst] = cache.last_token[src]
     return store
+
+
+def main():
+    import argparse
+    import time
+
+    from model import load_model, stop_token_ids
+
+    ap = argparse.ArgumentParser(description="Sample answers to a chat prompt with the KV-cache sampler.")
+    ap.add_argument("prompt", nargs="?", default="Using the numbers [44, 19, 35], make 98 with + - * /.",
+                    help="user message")
+    ap.add_argument("--model", default=None, help="HF model path or id (default: embedded SmolLM2-135M)")
+    ap.add_argument("--num-samples", type=int, default=4, help="answers to sample")
+    ap.add_argument("--max-new-tokens", type=int, default=128, help="tokens per answer at most")
+    ap.add_argument("--temperature", type=float, default=0.7, help="0 means greedy")
+    ap.add_argument("--seed", type=int, default=0, help="sampling seed")
+    args = ap.parse_args()
+    model, tokenizer = load_model(args.model)
+    ids = tokenizer.apply_chat_template([{"role": "user", "content": args.prompt}], add_generation_prompt=True)
+    ids = list(ids["input_ids"] if hasattr(ids, "keys") else ids)
+    start = time.perf_counter()
+    gen = generate(model, [ids], max_new_tokens=args.max_new_tokens, num_samples=args.num_samples,
+                   temperature=args.temperature, stop_token_ids=stop_token_ids(tokenizer, model),
+                   generator=torch.Generator(model.device).manual_seed(args.seed))
+    seconds = time.perf_counter() - start
+    for j, tokens in enumerate(gen.tokens):
+        print(f"--- sample {j} ({len(tokens)} tokens, {'stopped' if gen.finished[j] else 'truncated'})")
+        print(tokenizer.decode(tokens, skip_special_tokens=True))
+    print(f"--- {sum(map(len, gen.tokens))} tokens in {seconds:.1f} s")
+
+
+if __name__ == "__main__":
+    main()
