@@ -1,0 +1,158 @@
+"""The GRPO objective, with advantage only on chosen spans (for RRR: the reflection tokens).
+
+Three pure pieces:
+- `group_advantages`: rewards of G samples of the same query -> advantages.
+- `token_logprobs`: log p(token | prefix) of a causal LM at the trained positions only, chunked so
+  the (batch, length, vocab) logits tensor never exists.
+- `policy_loss`: clipped surrogate + optional k3 KL to a reference, aggregated as TRL's loss types.
+
+Conventions. Batches are right-padded. `mask` (B, T) is 1 exactly on trained tokens and is built from
+spans (`span_mask`), never from token ids: a pad id that equals the EOS id would otherwise mask the
+EOS token that ends a reflection. `logprobs[b, t]` is log p(input_ids[b, t] | input_ids[b, :t]), so
+position 0 is never trained.
+
+"Loss is 0 at the first step" is expected: with one update per batch the ratio is 1 and a group's
+advantages sum to zero, so the surrogate's value is ~0 while its gradient is not. Watch the reward,
+not the loss.
+"""
+
+import torch
+
+LOSS_TYPES = ("grpo", "bnpo", "dr_grpo", "dapo")
+SCALES = ("group", "batch", "none")
+
+
+def group_advantages(rewards: torch.Tensor, group_size: int, scale: str = "group",
+                     eps: float = 1e-4, tol: float = 1e-6) -> torch.Tensor:
+    """rewards (B,) with groups as contiguous runs of group_size -> advantages (B,).
+
+    "group": (r - group mean) / (group std + eps); "batch": divide by the std of the whole batch;
+    "none": r - group mean. std is Bessel-corrected (torch.std). A group whose rewards are all equal
+    within `tol` carries no signal and gets exactly 0 (float noise would otherwise be amplified by
+    1 / (std + eps)).
+    """
+    if scale not in SCALES:
+        raise ValueError(f"scale must be one of {SCALES}, got {scale!r}")
+    if rewards.dim() != 1 or group_size < 1 or rewards.numel() % group_size:
+        raise ValueError(f"need 1-D rewards whose length {tuple(rewards.shape)} is a multiple of "
+                         f"group_size {group_size}")
+    rewards = rewards.float()
+    if group_size == 1:
+        return torch.zeros_like(rewards)
+    groups = rewards.view(-1, group_size)                         # (B / G, G)
+    centred = groups - groups.mean(dim=1, keepdim=True)
+    if scale == "group":
+        centred = centred / (groups.std(dim=1, keepdim=True) + eps)
+    elif scale == "batch":
+        centred = centred / (rewards.std() + eps)
+    flat = (groups.max(dim=1).values - groups.min(dim=1).values) <= tol
+    return centred.masked_fill(flat[:, None], 0.0).view(-1)
+
+
+def zero_variance_fraction(rewards: torch.Tensor, group_size: int, tol: float = 1e-6) -> float:
+    """Fraction of groups whose rewards are all equal: they teach nothing (all succeed or all fail)."""
+    groups = rewards.float().view(-1, group_size)
+    return ((groups.max(1).values - groups.min(1).values) <= tol).float().mean().item()
+
+
+def span_mask(spans: list[tuple[int, int]], length: int, device=None) -> torch.Tensor:
+    """(B, length) float mask with 1 on positions start <= t < end of each row's (start, end) span."""
+    t = torch.arange(length, device=device)
+    bounds = torch.tensor(spans, dtype=torch.long, device=device).view(-1, 2)
+    return ((t[None] >= bounds[:, :1]) & (t[None] < bounds[:, 1:])).float()
+
+
+def token_logprobs(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, mask: torch.Tensor,
+                   chunk_size: int = 1024) -> torch.Tensor:
+    """(B, T) log-probs of input_ids at positions where mask is 1, zeros elsewhere.
+
+    Runs the decoder body once, keeps the hidden states whose next token is trained, and applies the
+    output head + log-softmax + gather to `chunk_size` of them at a time. Each chunk is
+    checkpointed, so backward recomputes its (chunk, vocab) logits instead of keeping them: peak
+    logits memory is one chunk, whatever the batch.
+    """
+    if mask[:, 0].any():
+        raise ValueError("position 0 has no prefix and cannot be trained")
+    body = model.get_decoder()
+    hidden = body(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state  # (B, T, H)
+    where = mask[:, 1:].bool()                                   # next token trained
+    picked = hidden[:, :-1][where]                               # (N, H)
+    targets = input_ids[:, 1:][where]                            # (N,)
+    head = model.get_output_embeddings()
+    softcap = getattr(model.config, "final_logit_softcapping", None)
+
+    def chunk_logprobs(h, y):
+        logits = head(h).float()                                 # (chunk, vocab), fp32 for the softmax
+        if softcap:
+            logits = torch.tanh(logits / softcap) * softcap
+        # gather first, then subtract the normaliser: no (chunk, vocab) log-softmax tensor is kept.
+        return logits.gather(-1, y[:, None])[:, 0] - logits.logsumexp(-1)
+
+    pieces = []
+    for start in range(0, picked.shape[0], chunk_size):
+        h, y = picked[start:start + chunk_size], targets[start:start + chunk_size]
+        if torch.is_grad_enabled() and h.requires_grad:
+            pieces.append(torch.utils.checkpoint.checkpoint(chunk_logprobs, h, y, use_reentrant=False))
+        else:
+            pieces.append(chunk_logprobs(h, y))
+    values = torch.cat(pieces) if pieces else hidden.new_zeros(0, dtype=torch.float32)
+    out = torch.zeros(mask.shape, dtype=torch.float32, device=hidden.device)
+    return out.masked_scatter(torch.nn.functional.pad(where, (1, 0)), values)
+
+
+def policy_loss(logprobs: torch.Tensor, old_logprobs: torch.Tensor, advantages: torch.Tensor,
+                mask: torch.Tensor, *, ref_logprobs: torch.Tensor | None = None, beta: float = 0.0,
+                epsilon: float = 0.2, epsilon_high: float | None = None, loss_type: str = "dapo",
+                max_completion_length: int | None = None, total_tokens: float | None = None):
+    """Clipped GRPO surrogate on masked tokens. Shapes: (B, T) tensors, advantages (B,).
+
+    Returns (loss, stats). stats holds sums and counts (plain floats) so that callers can add them
+    over micro-batches and ranks before dividing: clip_sum, kl_sum, ratio_sum over `tokens`.
+    For "dapo", pass total_tokens = trained tokens in the whole optimisation step (all micro-batches,
+    all ranks); then summing the per-micro-batch gradients over micro-batches and ranks gives the
+    gradient of the whole batch, however it was split.
+    """
+    if loss_type not in LOSS_TYPES:
+        raise ValueError(f"loss_type must be one of {LOSS_TYPES}, got {loss_type!r}")
+    shape = logprobs.shape
+    for name, t in (("old_logprobs", old_logprobs), ("mask", mask), ("ref_logprobs", ref_logprobs)):
+        if t is not None and t.shape != shape:
+            raise ValueError(f"{name} has shape {tuple(t.shape)}, logprobs {tuple(shape)}")
+    if advantages.shape != shape[:1]:
+        raise ValueError(f"advantages has shape {tuple(advantages.shape)}, expected ({shape[0]},)")
+    if beta > 0 and ref_logprobs is None:
+        raise ValueError("beta > 0 needs ref_logprobs")
+    if loss_type == "dr_grpo" and not max_completion_length:
+        raise ValueError("loss_type 'dr_grpo' needs max_completion_length")
+
+    mask = mask.float()
+    ratio = torch.exp(logprobs - old_logprobs)
+    adv = advantages[:, None].float()
+    high = epsilon if epsilon_high is None else epsilon_high
+    clipped = torch.clamp(ratio, 1 - epsilon, 1 + high)
+    per_token = -torch.min(ratio * adv, clipped * adv)          # (B, T)
+    kl = None
+    if beta > 0:
+        # k3 estimator of KL(policy || ref): exp(d) - d - 1 with d = ref - policy; >= 0, and its
+        # gradient pulls the policy toward the reference (so it is added, never subtracted).
+        d = ref_logprobs - logprobs
+        kl = torch.exp(d) - d - 1
+        per_token = per_token + beta * kl
+
+    masked = per_token * mask
+    count = mask.sum()
+    if loss_type == "grpo":
+        loss = (masked.sum(1) / mask.sum(1).clamp(min=1)).mean()
+    elif loss_type == "bnpo":
+        loss = masked.sum() / count.clamp(min=1)
+    elif loss_type == "dr_grpo":
+        loss = masked.sum() / (shape[0] * max_completion_length)
+    else:
+        loss = masked.sum() / (total_tokens if total_tokens is not None else count.clamp(min=1))
+
+    with torch.no_grad():
+        was_clipped = ((ratio < 1 - epsilon) & (adv < 0)) | ((ratio > 1 + high) & (adv > 0))
+        stats = dict(tokens=count.item(), clip_sum=(was_clipped.float() * mask).sum().item(),
+                     ratio_sum=(ratio * mask).sum().item(),
+                     kl_sum=(kl * mask).sum().item() if kl is not None else 0.0)
+    return loss, stats
