@@ -142,12 +142,22 @@ class _Linear:
         if self.weight_t is None:
             return F.linear(x, self.weight, self.bias)
         flat = x.reshape(-1, x.shape[-1])
-        # Measured on 2-core AMD EPYC, fp32: x @ W^T is fastest for one row from the (in, out) copy;
-        # for more rows (W @ x^T)^T beats F.linear by 1.2-1.8x.
-        y = flat @ self.weight_t if flat.shape[0] == 1 else (self.weight @ flat.t()).t()
+        if flat.shape[0] == 1 and _ONE_ROW_BLAS[0] and flat.dtype == torch.float32:
+            # One row is a matrix-vector product bound by reading the weights. MKL's (torch) runs
+            # it on one core at ~16 GB/s here; OpenBLAS's (numpy) splits it over all cores and
+            # reaches ~27 GB/s, close to the machine's read bandwidth (BENCHMARKS.md).
+            y = torch.from_numpy(flat.numpy() @ self.weight_t.numpy())
+        else:
+            # For more rows (W @ x^T)^T beats F.linear by 1.2-1.8x (measured, fp32).
+            y = (self.weight @ flat.t()).t()
         if self.bias is not None:
             y = y + self.bias
         return y.reshape(*x.shape[:-1], y.shape[-1])
+
+
+# Set by `generate` while a one-row working batch decodes on CPU with torch limited to one thread:
+# torch's idle OpenMP threads spin-wait and would take the cores from OpenBLAS's.
+_ONE_ROW_BLAS = [False]
 
 
 @dataclass
@@ -191,35 +201,34 @@ def _forward_chunk(model, weights: _Weights, cache: KVCache, tokens: torch.Tenso
     positions = start[:, None] + torch.arange(C, device=tokens.device)  # (rows, C)
     used = int((start + C).max())
     slots = torch.arange(used, device=tokens.device)
-    # (rows, 1, C, used): query at position p sees key slots <= p. Repeated per query group because
-    # the grouped query heads are folded into the query-length axis below.
+    # Query at position p sees key slots <= p. The grouped query heads are folded into the query
+    # axis below, so a chunk's mask is repeated per group: (rows, 1, groups * C, used). A decoding
+    # step's single query row is the same for every group and broadcasts: (rows, 1, 1, used).
     mask = (slots[None, None, :] <= positions[:, :, None]).unsqueeze(1)
-    if groups > 1:
+    if groups > 1 and C > 1:
         mask = mask.repeat(1, 1, groups, 1)
     row_index = torch.arange(rows, device=tokens.device)[:, None]   # (rows, 1)
     q_size, kv_size = heads * head_dim, kv_heads * head_dim
 
     h = body.embed_tokens(tokens)                                # (rows, C, hidden)
     cos, sin = _rope_table(body, weights, h, used)
-    cos, sin = cos[positions].unsqueeze(1), sin[positions].unsqueeze(1)   # (rows, 1, C, head_dim)
+    cos, sin = cos[positions].unsqueeze(2), sin[positions].unsqueeze(2)   # (rows, C, 1, head_dim)
     for i, (layer, w) in enumerate(zip(body.layers, weights.layers)):
         attn = layer.self_attn
-        q, k, v = w["qkv"](_norm(layer.input_layernorm, h)).split([q_size, kv_size, kv_size], dim=-1)
-        q = q.reshape(rows, C, heads, head_dim)
-        k = k.reshape(rows, C, kv_heads, head_dim)
-        v = v.reshape(rows, C, kv_heads, head_dim)
+        qkv = w["qkv"](_norm(layer.input_layernorm, h))          # (rows, C, q_size + 2 * kv_size)
+        v = qkv[..., q_size + kv_size:].reshape(rows, C, kv_heads, head_dim)
+        qk = qkv[..., :q_size + kv_size].reshape(rows, C, heads + kv_heads, head_dim)
         if hasattr(attn, "q_norm"):  # Qwen3 normalises q and k per head before the rotation
-            q, k = attn.q_norm(q), attn.k_norm(k)
-        q, k = q.transpose(1, 2), k.transpose(1, 2)              # (rows, heads, C, head_dim)
-        q = q * cos + _rotate_half(q) * sin
-        k = k * cos + _rotate_half(k) * sin
-        cache.keys[i][row_index, :, positions] = k.transpose(1, 2)   # slots (rows, C)
+            qk = torch.cat([attn.q_norm(qk[:, :, :heads]), attn.k_norm(qk[:, :, heads:])], dim=2)
+        qk = qk * cos + _rotate_half(qk) * sin                   # q and k rotated in one pass
+        q, k = qk[:, :, :heads].transpose(1, 2), qk[:, :, heads:]
+        cache.keys[i][row_index, :, positions] = k                # slots (rows, C)
         cache.values[i][row_index, :, positions] = v
         # Fold the `groups` query heads that share a kv head into the query axis, so SDPA sees
         # one kv head per query block and the cache is never expanded: (rows, kv_heads, groups*C, d).
         q = q.reshape(rows, kv_heads, groups * C, head_dim)
         keys, values = cache.keys[i][:, :, :used], cache.values[i][:, :, :used]
-        if C == 1:  # decoding: two small matmuls beat the fused kernel's set-up cost on CPU
+        if C == 1:  # decoding: two small matmuls beat SDPA's fallback for a boolean mask on CPU
             scores = (q @ keys.transpose(-1, -2)) * attn.scaling         # (rows, kv_heads, groups, used)
             out = scores.masked_fill_(~mask, float("-inf")).softmax(-1) @ values
         else:
@@ -237,9 +246,13 @@ _PLAIN_RMS_NORMS = {"LlamaRMSNorm", "Qwen2RMSNorm", "Qwen3RMSNorm", "MistralRMSN
 
 
 def _norm(module, x):
-    """The module's RMSNorm in one fused op where it is the plain formula (fewer ops per decode step)."""
+    """The module's RMSNorm in fewer ops where it is the plain formula. In float32 the fused kernel
+    with the weight is bit-identical to the module; in lower precision the module rounds the
+    normalised value before the weight multiply, which is kept."""
     if type(module).__name__ not in _PLAIN_RMS_NORMS:
         return module(x)
+    if x.dtype == torch.float32:
+        return F.rms_norm(x, (x.shape[-1],), module.weight, eps=module.variance_epsilon)
     y = F.rms_norm(x.float(), (x.shape[-1],), eps=module.variance_epsilon)
     return module.weight * y.to(x.dtype)
 
@@ -353,34 +366,42 @@ def generate(model, prompts: list[list[int]], *, max_new_tokens: int, num_sample
     stop = torch.tensor(sorted(set(stop_token_ids)), dtype=torch.long, device=device)
     active = torch.arange(rows, device=device)     # rows of the full batch still in the working batch
     done_store = None                               # keep_cache: caches of rows dropped early
+    threads = torch.get_num_threads()
+    one_row_blas = device.type == "cpu" and threads > 1
 
-    for step in range(max_new_tokens):
-        token, logprob = _sample(logits, temperature, top_k, top_p, generator)   # (active,)
-        running = ~finished[active]
-        # Rows that already finished stay in the working batch until the next compaction; their
-        # draws are ignored.
-        rows_now = active[running]
-        out_tokens[rows_now, step] = token[running]
-        out_logprobs[rows_now, step] = logprob[running]
-        n_new[rows_now] += 1
-        cache.last_token = torch.where(running, token, cache.last_token)
-        if stop.numel():
-            finished[rows_now] = torch.isin(token[running], stop)
-        still = ~finished[active]
-        n_still = int(still.sum())
-        if n_still == 0 or step == max_new_tokens - 1:
-            break
-        if n_still <= active.numel() // 2:          # drop finished rows from the working batch
-            if keep_cache:
-                done_store = _store_rows(done_store, cache, active, ~still, rows)
-            keep = still.nonzero()[:, 0]
-            cache, active, token = _select_rows(cache, keep), active[keep], token[keep]
-            still = still[keep]
-        feed = torch.where(still, token, cache.last_token)[:, None]
-        before = cache.lengths.clone()
-        hidden = _forward_chunk(model, weights, cache, feed, torch.ones_like(before))
-        cache.lengths = torch.where(still, cache.lengths, before)    # finished rows do not grow
-        logits = _logits(model, weights, hidden)
+    try:
+        for step in range(max_new_tokens):
+            token, logprob = _sample(logits, temperature, top_k, top_p, generator)   # (active,)
+            running = ~finished[active]
+            # Rows that already finished stay in the working batch until the next compaction; their
+            # draws are ignored.
+            rows_now = active[running]
+            out_tokens[rows_now, step] = token[running]
+            out_logprobs[rows_now, step] = logprob[running]
+            n_new[rows_now] += 1
+            cache.last_token = torch.where(running, token, cache.last_token)
+            if stop.numel():
+                finished[rows_now] = torch.isin(token[running], stop)
+            still = ~finished[active]
+            n_still = int(still.sum())
+            if n_still == 0 or step == max_new_tokens - 1:
+                break
+            if n_still <= active.numel() // 2:          # drop finished rows from the working batch
+                if keep_cache:
+                    done_store = _store_rows(done_store, cache, active, ~still, rows)
+                keep = still.nonzero()[:, 0]
+                cache, active, token = _select_rows(cache, keep), active[keep], token[keep]
+                still = still[keep]
+            feed = torch.where(still, token, cache.last_token)[:, None]
+            before = cache.lengths.clone()
+            if one_row_blas and active.numel() == 1 and not _ONE_ROW_BLAS[0]:
+                _ONE_ROW_BLAS[0] = True          # see _Linear; undone in `finally`
+                torch.set_num_threads(1)
+            hidden = _forward_chunk(model, weights, cache, feed, torch.ones_like(before))
+            logits = _logits(model, weights, hidden)
+            cache.lengths = torch.where(still, cache.lengths, before)    # finished rows do not grow
+    finally:
+        _restore_threads(threads)
 
     final_cache = None
     if keep_cache:
@@ -390,6 +411,12 @@ def generate(model, prompts: list[list[int]], *, max_new_tokens: int, num_sample
     return Generation(tokens=[t[:n] for t, n in zip(toks, counts)],
                       logprobs=[lp[:n] for lp, n in zip(lps, counts)],
                       finished=finished.tolist(), cache=final_cache)
+
+
+def _restore_threads(threads):
+    if _ONE_ROW_BLAS[0]:
+        _ONE_ROW_BLAS[0] = False
+        torch.set_num_threads(threads)
 
 
 def _store_rows(store: KVCache | None, cache: KVCache, active, which, total_rows) -> KVCache:
