@@ -62,19 +62,33 @@ def span_mask(spans: list[tuple[int, int]], length: int, device=None) -> torch.T
     return ((t[None] >= bounds[:, :1]) & (t[None] < bounds[:, 1:])).float()
 
 
+def pad_batch(seqs: list[list[int]], spans: list[tuple[int, int]], device=None):
+    """Right-pads token lists into input_ids and attention_mask (B, T), with the span mask of
+    `span_mask`. Pad slots hold id 0, are never attended to, and are never trained."""
+    width = max(len(s) for s in seqs)
+    ids = torch.zeros(len(seqs), width, dtype=torch.long)
+    attn = torch.zeros(len(seqs), width, dtype=torch.long)
+    for r, s in enumerate(seqs):
+        ids[r, :len(s)] = torch.tensor(s, dtype=torch.long)
+        attn[r, :len(s)] = 1
+    return ids.to(device), attn.to(device), span_mask(spans, width, device=device)
+
+
 def token_logprobs(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, mask: torch.Tensor,
                    chunk_size: int = 1024) -> torch.Tensor:
     """(B, T) log-probs of input_ids at positions where mask is 1, zeros elsewhere.
 
-    Runs the decoder body once, keeps the hidden states whose next token is trained, and applies the
-    output head + log-softmax + gather to `chunk_size` of them at a time. Each chunk is
-    checkpointed, so backward recomputes its (chunk, vocab) logits instead of keeping them: peak
-    logits memory is one chunk, whatever the batch.
+    Runs the model's own forward (so that FSDP gathers and frees parameters as usual) asking for the
+    logits of the last position only, takes the final-norm hidden states, keeps those whose next
+    token is trained, and applies the output head + log-softmax + gather to `chunk_size` of them at a
+    time. Each chunk is checkpointed, so backward recomputes its (chunk, vocab) logits instead of
+    keeping them: peak logits memory is one chunk, whatever the batch (RESEARCH.md pitfall 8).
     """
     if mask[:, 0].any():
         raise ValueError("position 0 has no prefix and cannot be trained")
-    body = model.get_decoder()
-    hidden = body(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state  # (B, T, H)
+    out = model(input_ids=input_ids, attention_mask=attention_mask, output_hidden_states=True,
+                logits_to_keep=1)
+    hidden = out.hidden_states[-1]                               # (B, T, H), after the final norm
     where = mask[:, 1:].bool()                                   # next token trained
     picked = hidden[:, :-1][where]                               # (N, H)
     targets = input_ids[:, 1:][where]                            # (N,)
@@ -96,8 +110,8 @@ def token_logprobs(model, input_ids: torch.Tensor, attention_mask: torch.Tensor,
         else:
             pieces.append(chunk_logprobs(h, y))
     values = torch.cat(pieces) if pieces else hidden.new_zeros(0, dtype=torch.float32)
-    out = torch.zeros(mask.shape, dtype=torch.float32, device=hidden.device)
-    return out.masked_scatter(torch.nn.functional.pad(where, (1, 0)), values)
+    result = torch.zeros(mask.shape, dtype=torch.float32, device=hidden.device)
+    return result.masked_scatter(torch.nn.functional.pad(where, (1, 0)), values)
 
 
 def policy_loss(logprobs: torch.Tensor, old_logprobs: torch.Tensor, advantages: torch.Tensor,
@@ -156,3 +170,10 @@ def policy_loss(logprobs: torch.Tensor, old_logprobs: torch.Tensor, advantages: 
                      ratio_sum=(ratio * mask).sum().item(),
                      kl_sum=(kl * mask).sum().item() if kl is not None else 0.0)
     return loss, stats
+
+
+def summarize_stats(sums: dict) -> dict:
+    """policy_loss stats summed over micro-batches (and ranks) -> fractions and means per trained token."""
+    n = max(sums.get("tokens", 0), 1)
+    return dict(clip_fraction=sums.get("clip_sum", 0.0) / n, mean_ratio=sums.get("ratio_sum", 0.0) / n,
+                mean_kl=sums.get("kl_sum", 0.0) / n)

