@@ -34,3 +34,18 @@ def shared_data_dir() -> Path:
     if not path.is_dir():
         pytest.skip(f"real data folder {path} not found (set RRR_DATA_DIR)")
     return path
+
+
+def save_tiny_chat_model(folder: Path, seed=0) -> Path:
+    """A tiny random-init Llama with the embedded model's tokenizer and chat template, saved as a Hugging
+    Face folder that `--model` accepts: the whole pipeline at test speed."""
+    from model import load_tokenizer
+
+    tokenizer = load_tokenizer(None)
+    model = tiny_model(vocab_size=len(tokenizer), seed=seed)
+    model.config.eos_token_id = model.config.pad_token_id = tokenizer.eos_token_id
+    model.config.bos_token_id = tokenizer.bos_token_id
+    model.generation_config.eos_token_id = tokenizer.eos_token_id
+    model.save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return Path(folder)

@@ -1,0 +1,459 @@
+"""Re-ReST (Dou et al. 2024): reflection-reinforced self-training, as one run that prints the ablation table.
+
+    python rerest.py --task mbpp                                   # embedded SmolLM2-135M, CPU, ~15 min
+    python rerest.py --task mbpp --train-reflector --dpo           # every row of the table
+    torchrun --nproc_per_node=8 rerest.py --task mbpp --model codellama/CodeLlama-13b-Instruct-hf ...
+
+The algorithm, one function per step (the README lists the same steps):
+  1. sample_solutions   the agent draws --k solutions per training problem, and
+  2.                    the task's verifier runs each: passing ones form D_M; failing ones keep the
+                        verifier's feedback (which asserts passed, which failed, with the actual output)
+  3. reflect            the reflector gets (problem, failed solution, feedback) and writes a corrected
+                        solution; the corrections that pass form D_R
+  4. train_model        --train-reflector: fine-tune the reflector on (problem, failure, feedback) ->
+                        passing correction, then reflect again with it
+  5. train_model        the agent, from the base model: on D_M (self-training), on D_M + D_R (Re-ReST),
+                        and with --dpo on (passing > failing) pairs; the loss covers solution tokens only;
+                        full fine-tuning, or LoRA (--lora-r) merged into the weights on export
+  6. evaluate           greedy pass@1 on the test split; --self-consistency N adds majority voting
+
+Every stage writes its results under --out in a file whose name carries a hash of the settings it depends
+on, so a run with other flags for a later stage reuses the earlier stages, and an interrupted run picks up
+where it stopped. Nothing is overwritten.
+
+Simplifications: one reflection round; at most --reflections-per-problem failed samples of a problem are
+corrected; the reflector is prompted zero-shot unless --train-reflector; D_M keeps every passing sample,
+duplicates included.
+"""
+
+import copy
+import hashlib
+import json
+import time
+from collections import Counter
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from tqdm import tqdm
+
+import parallel as par
+from data import get_task, reflector_messages, resolve_data_dir
+from grpo import pad_batch, token_logprobs
+from model import chat_ids, load_model, stop_token_ids
+from runs import BadInput, append_jsonl, flag, main_guard, markdown_table, parse_config, pct, read_jsonl, write_json
+from sampler import generate
+
+
+@dataclass
+class Config:
+    task: str = flag("mbpp", "task", choices=["mbpp", "countdown", "function_calling"])
+    model: str | None = flag(None, "agent: Hugging Face model folder or hub id (default: the embedded SmolLM2-135M-Instruct)")
+    reflector_model: str | None = flag(None, "reflector (default: the agent's base model with the reflector prompt)")
+    data_dir: str | None = flag(None, "folder with the real data sets (mbpp/, countdown/, function_calling/); default "
+                                "$RRR_DATA_DIR, else the small offline samples")
+    out: str | None = flag(None, "run folder and cache of every stage (default runs/rerest-<task>)")
+    k: int = flag(4, "solutions sampled per training problem")
+    train_size: int = flag(40, "training problems")
+    eval_size: int = flag(40, "test problems")
+    max_completion_length: int = flag(256, "tokens per solution")
+    temperature: float = flag(0.8, "sampling temperature of the agent's solutions")
+    reflections_per_problem: int = flag(2, "failed samples per problem that the reflector corrects, at most")
+    train_reflector: bool = flag(False, "also fine-tune the reflector on its passing corrections (row 'Re-ReST + trained reflector')")
+    dpo: bool = flag(False, "also train with DPO on (passing > failing) pairs of a problem, the base model as reference")
+    dpo_beta: float = flag(0.1, "DPO inverse temperature beta")
+    lora_r: int = flag(8, "LoRA rank on q_proj and v_proj, as in the released Re-ReST code (0: full fine-tuning)")
+    lora_alpha: float = flag(16.0, "LoRA alpha: the update is scaled by alpha / r")
+    epochs: int = flag(3, "passes over each training set")
+    learning_rate: float = flag(1e-4, "AdamW learning rate")
+    batch_size: int = flag(8, "sequences (DPO: pairs) per optimizer step over all ranks (a multiple of the ranks)")
+    micro_batch_size: int = flag(4, "sequences (DPO: pairs) per forward/backward pass")
+    self_consistency: int = flag(0, "mbpp: also sample N solutions per test problem, let the reflector revise each "
+                                 "from its outputs on the test inputs, and majority-vote by those outputs (0: off)")
+    seed: int = flag(0, "seed for sampling, data order and LoRA init")
+    device: str | None = flag(None, "cpu or cuda (default: cuda when available)", choices=["cpu", "cuda"])
+
+
+def settings_hash(*parts) -> str:
+    return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:10]
+
+
+def sample(model, tok, prompts, cfg, *, temperature, num_samples=1, seed=0):
+    gen = torch.Generator(model.lm_head.weight.device).manual_seed(seed)
+    return generate(model, prompts, max_new_tokens=cfg.max_completion_length, num_samples=num_samples,
+                    temperature=temperature, stop_token_ids=stop_token_ids(tok, model), generator=gen)
+
+
+def run_cached(path: Path, items: list[tuple[str, object]], work, d, desc: str, chunk: int = 8) -> list[dict]:
+    """A resumable stage. items are (key, payload); work(keys, payloads) returns result rows, each
+    carrying its item's "key". Items whose key is in `path` already are not redone; new rows are
+    appended chunk by chunk (rank 0 writes, every rank works on its share). Returns the rows of all
+    items in item order."""
+    done = {}
+    for row in par.broadcast_object(read_jsonl(path) if d.main else None, d):
+        done.setdefault(row["key"], []).append(row)
+    todo = [(k, p) for k, p in items if k not in done]
+    for start in tqdm(range(0, len(todo), chunk), desc=desc, disable=not d.main or not todo):
+        mine = todo[start:start + chunk][d.rank::d.world]
+        rows = work([k for k, _ in mine], [p for _, p in mine]) if mine else []
+        new = [r for part in par.all_gather_objects(rows, d) for r in part]
+        for r in new:
+            done.setdefault(r["key"], []).append(r)
+        if d.main:
+            append_jsonl(path, new)
+    return [r for k, _ in items for r in done.get(k, [])]
+
+
+def solution_row(tok, key, tokens, verdict, **extra):
+    return dict(key=key, tokens=tokens, text=tok.decode(tokens, skip_special_tokens=True), ok=verdict.ok,
+                feedback=verdict.feedback, **extra)
+
+
+# --- 1-2. sample and verify --------------------------------------------------------------------------
+
+@torch.no_grad()
+def sample_solutions(cfg, d, agent, tok, task, train, out) -> list[dict]:
+    """k solutions per training problem, each with the verifier's verdict and feedback."""
+    h = settings_hash(cfg.task, cfg.model, cfg.data_dir, cfg.train_size, cfg.seed, cfg.k, cfg.temperature,
+                      cfg.max_completion_length)
+
+    def work(keys, examples):
+        gen = sample(agent, tok, [chat_ids(tok, ex.messages) for ex in examples], cfg, temperature=cfg.temperature,
+                     num_samples=cfg.k, seed=int(settings_hash(cfg.seed, keys), 16))
+        repeated = [ex for ex in examples for _ in range(cfg.k)]
+        verdicts = task.check_batch([tok.decode(t, skip_special_tokens=True) for t in gen.tokens], repeated)
+        return [solution_row(tok, ex.id, t, v, j=r % cfg.k) for r, (ex, t, v) in enumerate(zip(repeated, gen.tokens, verdicts))]
+
+    return run_cached(out / f"samples-{h}.jsonl", [(ex.id, ex) for ex in train], work, d, "1-2 sample + verify")
+
+
+# --- 3. reflect ---------------------------------------------------------------------------------------
+
+@torch.no_grad()
+def reflect(cfg, d, reflector, tok, task, examples, samples, out, name, reflector_id) -> list[dict]:
+    """The reflector corrects failed samples from their feedback (greedy); each correction is verified."""
+    failed, per_problem = [], Counter()
+    for s in samples:
+        if not s["ok"] and per_problem[s["key"]] < cfg.reflections_per_problem:
+            per_problem[s["key"]] += 1
+            failed.append(s)
+    h = settings_hash(reflector_id, cfg.reflections_per_problem, cfg.max_completion_length, [s["text"] for s in failed])
+
+    def work(keys, fails):
+        exs = [examples[f["key"]] for f in fails]
+        prompts = [chat_ids(tok, reflector_messages(task, ex, f["text"], f["feedback"])) for ex, f in zip(exs, fails)]
+        gen = sample(reflector, tok, prompts, cfg, temperature=0)
+        verdicts = task.check_batch([tok.decode(t, skip_special_tokens=True) for t in gen.tokens], exs)
+        return [solution_row(tok, k, t, v, id=f["key"], failed=f["text"], failed_feedback=f["feedback"])
+                for k, f, t, v in zip(keys, fails, gen.tokens, verdicts)]
+
+    items = [(f"{f['key']}/{f['j']}", f) for f in failed]
+    return run_cached(out / f"reflections-{name}-{h}.jsonl", items, work, d, f"3 reflect ({name})")
+
+
+# --- 4-5. training: SFT (full or LoRA) and DPO --------------------------------------------------------
+
+class LoRALinear(torch.nn.Module):
+    """base(x) + (alpha / r) * x A^T B^T. B starts at zero, so the model is unchanged at init."""
+
+    def __init__(self, base: torch.nn.Linear, r: int, alpha: float, generator: torch.Generator):
+        super().__init__()
+        self.base, self.scale = base, alpha / r
+        a = torch.randn(r, base.in_features, generator=generator) / base.in_features ** 0.5
+        self.lora_a = torch.nn.Parameter(a.to(base.weight))
+        self.lora_b = torch.nn.Parameter(torch.zeros(base.out_features, r).to(base.weight))
+
+    def forward(self, x):
+        return self.base(x) + (x @ self.lora_a.t() @ self.lora_b.t()) * self.scale
+
+
+def add_lora(model, r: int, alpha: float, seed: int, targets=("q_proj", "v_proj")):
+    """Freezes the model and puts LoRA adapters on the targets of every attention block."""
+    model.requires_grad_(False)
+    g = torch.Generator().manual_seed(seed)
+    for layer in par.decoder_layers(model):
+        for name in targets:
+            setattr(layer.self_attn, name, LoRALinear(getattr(layer.self_attn, name), r, alpha, g))
+    return model
+
+
+def merged_state(model) -> dict:
+    """The full weights with every LoRA update merged: plain Hugging Face names. A collective."""
+    full = {n: par.full_tensor(p.detach()) for n, p in model.named_parameters()}
+    out = {}
+    for name, t in full.items():
+        if name.endswith((".lora_a", ".lora_b")):
+            continue
+        if ".base." in name:
+            prefix = name.split(".base.")[0]
+            if name.endswith(".weight"):
+                module = model.get_submodule(prefix)
+                t = t + module.scale * (full[prefix + ".lora_b"] @ full[prefix + ".lora_a"])
+            name = name.replace(".base.", ".")
+        out[name] = t
+    return out
+
+
+def sft_loss(logprobs, mask, total_tokens):
+    """Mean negative log-likelihood of the solution tokens (mask 1) over the whole step's solution tokens."""
+    return -(logprobs * mask).sum() / total_tokens
+
+
+def dpo_loss(chosen, rejected, ref_chosen, ref_rejected, beta):
+    """Per pair: -log sigmoid(beta * ((pi_c - ref_c) - (pi_r - ref_r))), from sequence log-prob sums (P,)."""
+    return -F.logsigmoid(beta * ((chosen - ref_chosen) - (rejected - ref_rejected)))
+
+
+def train_model(cfg, d, init: str | None, data: list, folder: Path, kind: str = "sft") -> Path:
+    """Fine-tunes `init` and exports it to `folder` (Hugging Face format, LoRA merged). data: for "sft",
+    (prompt_ids, target_ids) pairs; for "dpo", (prompt_ids, chosen_ids, rejected_ids) triples."""
+    if (folder / "config.json").exists():
+        return folder
+    model, tok = load_model(init, device=d.device, dtype=torch.float32)
+    ref = copy.deepcopy(model).eval().requires_grad_(False) if kind == "dpo" else None
+    if cfg.lora_r:
+        add_lora(model, cfg.lora_r, cfg.lora_alpha, cfg.seed)
+    model.train()
+    par.shard_model(model, d)
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=cfg.learning_rate)
+    per_rank = cfg.batch_size // d.world
+    steps_per_epoch = max(1, -(-len(data) // cfg.batch_size))
+    total = cfg.epochs * steps_per_epoch
+    state = par.load_checkpoint(folder / "checkpoints", model, optimizer, d) or dict(step=0)
+    for step in tqdm(range(state["step"], total), desc=f"train {folder.name}", disable=not d.main):
+        epoch, i = divmod(step, steps_per_epoch)
+        order = torch.randperm(len(data), generator=torch.Generator().manual_seed(cfg.seed * 7919 + epoch)).tolist()
+        # Every rank takes the same number of rows (wrapping around), so FSDP's collectives line up.
+        picked = [data[order[(i * cfg.batch_size + j) % len(data)]] for j in range(cfg.batch_size)]
+        mine = picked[d.rank * per_rank:(d.rank + 1) * per_rank]
+        if kind == "sft":
+            total_tokens = sum(len(t) for _, t in picked)
+            for start in range(0, len(mine), cfg.micro_batch_size):
+                part = mine[start:start + cfg.micro_batch_size]
+                ids, attn, mask = pad_batch([p + t for p, t in part], [(len(p), len(p) + len(t)) for p, t in part], d.device)
+                loss = sft_loss(token_logprobs(model, ids, attn, mask), mask, total_tokens)
+                (loss * d.world).backward()        # FSDP averages over ranks
+        else:
+            for start in range(0, len(mine), cfg.micro_batch_size):
+                part = mine[start:start + cfg.micro_batch_size]
+                seqs = [p + c for p, c, _ in part] + [p + r for p, _, r in part]
+                spans = [(len(p), len(p) + len(c)) for p, c, _ in part] + [(len(p), len(p) + len(r)) for p, _, r in part]
+                ids, attn, mask = pad_batch(seqs, spans, d.device)
+                sums = token_logprobs(model, ids, attn, mask).sum(1)
+                with torch.no_grad():
+                    ref_sums = token_logprobs(ref, ids, attn, mask).sum(1)
+                n = len(part)
+                loss = dpo_loss(sums[:n], sums[n:], ref_sums[:n], ref_sums[n:], cfg.dpo_beta).sum() / cfg.batch_size
+                (loss * d.world).backward()
+        torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad], 1.0)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        if (step + 1) % steps_per_epoch == 0 and step + 1 < total:
+            par.save_checkpoint(folder / "checkpoints", step + 1, model, optimizer, {}, d)
+    export(model, tok, merged_state(model), folder, d)
+    return folder
+
+
+def export(model, tok, state: dict, folder: Path, d):
+    if d.main:
+        from transformers import AutoModelForCausalLM
+        plain = AutoModelForCausalLM.from_config(model.config, dtype=torch.float32)
+        missing, unexpected = plain.load_state_dict(state, strict=False)
+        if unexpected or any(m != "lm_head.weight" for m in missing):
+            raise RuntimeError(f"export: missing {missing}, unexpected {unexpected}")
+        plain.tie_weights()
+        tmp = folder / "export.tmp"
+        plain.save_pretrained(tmp)
+        tok.save_pretrained(tmp)
+        for f in tmp.iterdir():          # config.json last: its presence marks a finished export
+            if f.name != "config.json":
+                f.rename(folder / f.name)
+        (tmp / "config.json").rename(folder / "config.json")
+        tmp.rmdir()
+    par.barrier()
+
+
+def sft_data(tok, rows, prompt_of) -> list[tuple[list[int], list[int]]]:
+    """(prompt ids, solution ids ending with EOS) for each passing row; prompt_of(row) gives the messages."""
+    data = []
+    for r in rows:
+        target = list(r["tokens"])
+        if target and target[-1] == tok.eos_token_id:
+            target = target[:-1]
+        data.append((chat_ids(tok, prompt_of(r)), target + [tok.eos_token_id]))
+    return data
+
+
+# --- 6. evaluate --------------------------------------------------------------------------------------
+
+@torch.no_grad()
+def evaluate(cfg, d, model, tok, task, test, out, name, model_id) -> float:
+    """Greedy pass@1 on the test problems."""
+    h = settings_hash(model_id, cfg.task, cfg.data_dir, cfg.eval_size, cfg.max_completion_length)
+
+    def work(keys, examples):
+        gen = sample(model, tok, [chat_ids(tok, ex.messages) for ex in examples], cfg, temperature=0)
+        verdicts = task.check_batch([tok.decode(t, skip_special_tokens=True) for t in gen.tokens], examples)
+        return [solution_row(tok, k, t, v) for k, t, v in zip(keys, gen.tokens, verdicts)]
+
+    rows = run_cached(out / f"eval-{name}-{h}.jsonl", [(ex.id, ex) for ex in test], work, d, f"6 eval {name}", chunk=32)
+    return sum(r["ok"] for r in rows) / len(rows)
+
+
+@torch.no_grad()
+def self_consistency(cfg, d, model, reflector, tok, task, test, out, name, model_id) -> float:
+    """mbpp: N samples per problem; the reflector revises each from its outputs on the test inputs (no
+    expected values shown); the revised programs are grouped by those outputs and the largest group's
+    first program is scored."""
+    from verifiers import code_outputs_batch
+    N = cfg.self_consistency
+    h = settings_hash(model_id, cfg.task, cfg.data_dir, cfg.eval_size, cfg.max_completion_length, N, cfg.temperature)
+
+    def outputs(texts, exs):
+        return code_outputs_batch([(t, ex.reference["tests"], ex.reference.get("setup", "")) for t, ex in zip(texts, exs)])
+
+    def work(keys, examples):
+        gen = sample(model, tok, [chat_ids(tok, ex.messages) for ex in examples], cfg, temperature=cfg.temperature,
+                     num_samples=N, seed=int(settings_hash(cfg.seed, keys), 16))
+        exs = [ex for ex in examples for _ in range(N)]
+        texts = [tok.decode(t, skip_special_tokens=True) for t in gen.tokens]
+        seen = outputs(texts, exs)
+        notes = ["Outputs of the program on the test inputs: " + "; ".join(o) for o in seen]
+        prompts = [chat_ids(tok, reflector_messages(task, ex, t, n)) for ex, t, n in zip(exs, texts, notes)]
+        revised = [tok.decode(t, skip_special_tokens=True) for t in sample(reflector, tok, prompts, cfg, temperature=0).tokens]
+        votes = outputs(revised, exs)
+        rows = []
+        for i, (key, ex) in enumerate(zip(keys, examples)):
+            group = [tuple(v) for v in votes[i * N:(i + 1) * N]]
+            winner = Counter(group).most_common(1)[0][0]
+            chosen = revised[i * N + group.index(winner)]
+            rows.append(dict(key=key, ok=task.check(chosen, ex).ok, text=chosen))
+        return rows
+
+    rows = run_cached(out / f"sc-{name}-{h}.jsonl", [(ex.id, ex) for ex in test], work, d, f"6 self-consistency {name}")
+    return sum(r["ok"] for r in rows) / len(rows)
+
+
+def run(argv=None):
+    cfg = parse_config(Config, argv, description=__doc__)
+    for name in ("k", "train_size", "eval_size", "max_completion_length", "epochs", "batch_size",
+                 "micro_batch_size", "reflections_per_problem"):
+        if getattr(cfg, name) < 1:
+            raise BadInput(f"--{name.replace('_', '-')} must be at least 1")
+    if cfg.self_consistency and cfg.task != "mbpp":
+        raise BadInput("--self-consistency votes by program outputs: it needs --task mbpp")
+    out = Path(cfg.out or f"runs/rerest-{cfg.task}")
+    d = par.init_distributed(cfg.device)
+    try:
+        if cfg.batch_size % d.world:
+            raise BadInput(f"--batch-size {cfg.batch_size} must be a multiple of the {d.world} ranks")
+        table = run_stages(cfg, d, out)
+        if d.main:
+            print(f"\n{table}\n\nreport: {out / 'report.md'}")
+    finally:
+        par.close_distributed()
+
+
+def run_stages(cfg, d, out: Path) -> str:
+    task = get_task(cfg.task)
+    data_dir = resolve_data_dir(cfg.data_dir)
+    train = task.load("train", data_dir=data_dir, size=cfg.train_size, seed=cfg.seed)
+    test = task.load("test", data_dir=data_dir, size=cfg.eval_size, seed=cfg.seed)
+    if d.main:
+        out.mkdir(parents=True, exist_ok=True)
+        append_jsonl(out / "invocations.jsonl", [dict(asdict(cfg), time=time.time())])
+    par.barrier()
+    examples = {ex.id: ex for ex in train}
+    agent, tok = load_model(cfg.model, device=d.device)
+    reflector = agent if cfg.reflector_model is None else load_model(cfg.reflector_model, device=d.device)[0]
+    reflector_id = cfg.reflector_model or cfg.model
+    timings, rows = {}, {}
+
+    t = time.time()
+    base = evaluate(cfg, d, agent, tok, task, test, out, "base", cfg.model)
+    rows["base"] = dict(time=time.time() - t)
+    rows["base"].update(pass1=base)
+    t = time.time()
+    samples = sample_solutions(cfg, d, agent, tok, task, train, out)                              # 1-2
+    d_m = [s for s in samples if s["ok"]]
+    timings["sample"] = time.time() - t
+    t = time.time()
+    reflections = reflect(cfg, d, reflector, tok, task, examples, samples, out, "zero-shot", reflector_id)  # 3
+    d_r = [r for r in reflections if r["ok"]]
+    timings["reflect"] = time.time() - t
+
+    def agent_prompt(row):
+        return examples[row["id"] if "id" in row else row["key"]].messages
+
+    def agent_row(name, data, kind="sft", extra_time=0.0):
+        t0 = time.time()
+        if not data:
+            rows[name] = dict(pass1=None, time=extra_time, note="no training data")
+            return
+        h = settings_hash(kind, cfg.model, cfg.lora_r, cfg.lora_alpha, cfg.epochs, cfg.learning_rate, cfg.batch_size,
+                          cfg.seed, cfg.dpo_beta if kind == "dpo" else None, data)
+        folder = out / "models" / f"{name.replace(' ', '_').replace('+', 'and')}-{h}"
+        folder.mkdir(parents=True, exist_ok=True)
+        train_model(cfg, d, cfg.model, data, folder, kind)                                          # 4-5
+        model, _ = load_model(str(folder), device=d.device)
+        rows[name] = dict(pass1=evaluate(cfg, d, model, tok, task, test, out, name, str(folder)), folder=str(folder))
+        if cfg.self_consistency:
+            rows[name]["sc"] = self_consistency(cfg, d, model, reflector, tok, task, test, out, name, str(folder))
+        rows[name]["time"] = time.time() - t0 + extra_time
+
+    if cfg.self_consistency:
+        rows["base"]["sc"] = self_consistency(cfg, d, agent, reflector, tok, task, test, out, "base", cfg.model)
+    agent_row("self-training", sft_data(tok, d_m, agent_prompt), extra_time=timings["sample"])
+    agent_row("Re-ReST", sft_data(tok, d_m + d_r, agent_prompt), extra_time=timings["sample"] + timings["reflect"])
+    sizes = {"self-training": (len(d_m), 0), "Re-ReST": (len(d_m), len(d_r))}
+    if cfg.train_reflector:                                                                        # 4
+        t = time.time()
+        pairs = sft_data(tok, d_r, lambda r: reflector_messages(task, examples[r["id"]], r["failed"], r["failed_feedback"]))
+        trained_reflector, d_r2 = reflector, d_r
+        if pairs:
+            folder = out / "models" / f"reflector-{settings_hash(reflector_id, cfg.lora_r, cfg.epochs, cfg.learning_rate, cfg.seed, pairs)}"
+            folder.mkdir(parents=True, exist_ok=True)
+            train_model(cfg, d, cfg.reflector_model or cfg.model, pairs, folder)
+            trained_reflector, _ = load_model(str(folder), device=d.device)
+            d_r2 = [r for r in reflect(cfg, d, trained_reflector, tok, task, examples, samples, out, "trained", str(folder)) if r["ok"]]
+        agent_row("Re-ReST + trained reflector", sft_data(tok, d_m + d_r2, agent_prompt),
+                  extra_time=timings["sample"] + timings["reflect"] + time.time() - t)
+        sizes["Re-ReST + trained reflector"] = (len(d_m), len(d_r2))
+    if cfg.dpo:
+        passing = {}
+        for s in d_m + d_r:
+            passing.setdefault(s.get("id", s["key"]), []).append(s)
+        triples = []
+        for s in samples:
+            if not s["ok"] and passing.get(s["key"]):
+                good = passing[s["key"]][len(triples) % len(passing[s["key"]])]
+                (prompt, chosen), (_, rejected) = sft_data(tok, [good, s], agent_prompt)
+                triples.append((prompt, chosen, rejected))
+        agent_row("DPO", triples, kind="dpo", extra_time=timings["sample"] + timings["reflect"])
+        sizes["DPO"] = (len(d_m), len(d_r))
+    return write_report(cfg, out, rows, sizes, len(test))
+
+
+def write_report(cfg, out, rows, sizes, n_test) -> str:
+    header = ["row", "pass@1"] + ([f"pass@1, self-consistency {cfg.self_consistency}"] if cfg.self_consistency else []) \
+        + ["|D_M|", "|D_R|", "wall time"]
+    body = []
+    for name, r in rows.items():
+        dm, dr = sizes.get(name, ("-", "-"))
+        line = [name, pct(r.get("pass1"))] + ([pct(r.get("sc"))] if cfg.self_consistency else [])
+        body.append(line + [dm, dr, f"{r['time'] / 60:.1f} min"])
+    table = markdown_table(header, body)
+    name = cfg.model or "SmolLM2-135M-Instruct (embedded)"
+    text = (f"# Re-ReST on {cfg.task}: {name}\n\nTest problems: {n_test}. k = {cfg.k} samples per training problem; "
+            f"{'LoRA r=%d' % cfg.lora_r if cfg.lora_r else 'full fine-tuning'}, {cfg.epochs} epochs.\n\n{table}\n")
+    if any(r.get("note") for r in rows.values()):
+        text += "\nRows without a score had no training data (no passing solutions).\n"
+    if par.dist.get_rank() == 0:
+        (out / "report.md").write_text(text)
+        write_json(out / "report.json", dict(config=asdict(cfg), rows=rows, sizes=sizes))
+    return table
+
+
+if __name__ == "__main__":
+    main_guard(run)
