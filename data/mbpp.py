@@ -1,0 +1,50 @@
+"""MBPP: write a Python function that passes the given asserts; the verifier runs them in a sandbox.
+
+reference: {"tests": [assert, ...], "setup": test_setup_code, "text": the task, "code": the reference
+solution}. Splits by task_id, the standard ones: prompt 1-10, test 11-510, validation 511-600,
+train 601-974. Offline: data/samples/mbpp.jsonl (small problems written for this project, split the
+same way by their own task ids).
+"""
+
+from data import REFLECT_ANSWER, SAMPLES, DataError, Example, Task, read_jsonl
+
+SPLITS = {"prompt": (1, 10), "test": (11, 510), "validation": (511, 600), "train": (601, 974)}
+OFFLINE_SPLITS = {"prompt": (1, 2), "test": (3, 14), "validation": (15, 16), "train": (17, 40)}
+FORMAT = "Answer with the complete Python code in a ```python block."
+
+
+def prompt(text: str, tests: list[str]) -> list[dict]:
+    # The protocol of the MBPP paper and Re-ReST, plus the answer format.
+    tests_text = "\n".join(tests)
+    return [{"role": "user", "content": f"You are an expert Python programmer, and here is your task: {text} "
+                                        f"Your code should pass these tests:\n\n{tests_text}\n\n{FORMAT}"}]
+
+
+def load(split, data_dir, seed, size) -> list[Example]:
+    path = SAMPLES / "mbpp.jsonl" if data_dir is None else data_dir / "mbpp" / "mbpp.jsonl"
+    low, high = (OFFLINE_SPLITS if data_dir is None else SPLITS)[split]
+    examples = []
+    for n, row in enumerate(read_jsonl(path, required=("text", "code", "task_id", "test_list")), 1):
+        if not isinstance(row["test_list"], list) or not all(isinstance(t, str) for t in row["test_list"]):
+            raise DataError(f"{path} line {n}: 'test_list' must be a list of assert strings")
+        if low <= int(row["task_id"]) <= high:
+            examples.append(Example(f"mbpp-{row['task_id']}", prompt(row["text"], row["test_list"]),
+                                    dict(tests=row["test_list"], setup=row.get("test_setup_code", ""),
+                                         text=row["text"], code=row["code"])))
+    return examples
+
+
+def check(completion, example):
+    from verifiers import check_code
+    return check_code(completion, example.reference["tests"], example.reference["setup"])
+
+
+def check_batch(completions, examples):
+    from verifiers import check_code_batch
+    return check_code_batch([(c, ex.reference["tests"], ex.reference["setup"]) for c, ex in zip(completions, examples)])
+
+
+TASK = Task("mbpp", reflection_prompt=REFLECT_ANSWER,
+            retry_prompt="Try the task again, using your reflection. " + FORMAT,
+            answer_format=FORMAT, loader=load, checker=check, batch_checker=check_batch,
+            splits=("train", "test", "validation", "prompt"))
