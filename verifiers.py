@@ -21,8 +21,11 @@ to escape (one that digs the runner's secrets out of memory, say). Run untrusted
 or a VM.
 """
 
+import ast
+import functools
 import inspect
 import json
+import marshal
 import os
 import re
 import secrets
@@ -379,9 +382,15 @@ def check_math(completion: str, answer) -> Verdict:
 MEMORY_LIMIT = 1 << 30           # bytes of address space
 FILE_LIMIT = 16 << 20            # bytes per file written
 RESULT_LIMIT = 1 << 20           # bytes of results read back
+NOBODY = 65534                   # the user id the child switches to when started as root
+# Imported before that switch, since a Python installed under /root cannot be read by nobody: what
+# MBPP's solutions import, and a few more. Each costs start-up time, so the list is short; a program
+# that imports something else works when the Python installation is readable by everyone.
+PRELOADED_MODULES = ("re", "math", "cmath", "collections", "heapq", "itertools", "functools", "operator", "bisect",
+                     "array", "copy", "datetime", "string", "struct", "time", "random")
 BLOCKED_MODULES = ("ctypes", "_ctypes", "subprocess", "_posixsubprocess", "multiprocessing", "_multiprocessing",
                    "socket", "_socket", "pty", "shutil", "signal", "_signal", "faulthandler", "threading",
-                   "_thread", "asyncio", "concurrent", "mmap", "importlib.util")
+                   "_thread", "asyncio", "concurrent", "mmap", "posix", "_posixshmem", "importlib.util")
 
 
 def extract_program(completion: str) -> str:
@@ -399,94 +408,156 @@ def _sandbox_child():
     """Runs in the child process (its source is sent to `python -I -S -c`): reads the job from stdin,
     limits itself, disables destructive functions, runs the program and the tests, and reports each
     test on the result pipe. Only the last line, which carries the parent's secret, can say "all
-    passed"; a program that exits early never writes it."""
-    import json
+    passed"; a program that exits early never writes it. It imports as little as it can: start-up
+    time is most of the cost of a check."""
+    import builtins
+    import io
+    import marshal
     import os
     import resource
     import sys
-    job = json.loads(sys.stdin.read())
+    job = marshal.loads(sys.stdin.buffer.read())
     sys.stdin.close()
     report = os.fdopen(int(sys.argv[1]), "w", buffering=1)
     nonce = job.pop("nonce")
+    for name in job["preload"]:     # after the switch to nobody below, a root-only install is unreadable
+        try:
+            __import__(name)
+        except ImportError:
+            pass
+    if os.getuid() == 0:
+        # Root ignores the process-count limit and every file permission: run as nobody instead.
+        os.setgroups([])
+        os.setgid(job["nobody"])
+        os.setuid(job["nobody"])
+    # NPROC 1: this process is already one of the user's, so fork (and threads) fail.
     for limit, value in ((resource.RLIMIT_AS, job["memory"]), (resource.RLIMIT_FSIZE, job["file_size"]),
-                         (resource.RLIMIT_CPU, job["cpu"]), (resource.RLIMIT_NOFILE, 64)):
+                         (resource.RLIMIT_CPU, job["cpu"]), (resource.RLIMIT_NOFILE, 64),
+                         (resource.RLIMIT_NPROC, 1)):
         resource.setrlimit(limit, (value, value))
     # Private references, taken before the program can replace builtins.
     _type, _repr, _isinstance, _len, _str, _bool = type, repr, isinstance, len, str, bool
-    _dumps, _BaseException, _exit = json.dumps, BaseException, os._exit
+    _BaseException, _AssertionError, _exit, _realpath = BaseException, AssertionError, os._exit, os.path.realpath
     plain_types = (int, float, complex, str, bytes, bool, type(None))
-    containers = (list, tuple, set, frozenset, dict)
+    opaque = object()
 
     def plain(x, depth=0):
-        """Built-in values only, all the way down: no object of the program's own classes."""
+        """Built-in values all the way down."""
         t = _type(x)
         if t in plain_types:
             return True
-        if t in containers and depth < 20:
-            items = list(x.items()) if t is dict else x
-            return all(plain(i, depth + 1) if t is not dict else plain(i[0], depth + 1) and plain(i[1], depth + 1)
-                       for i in items)
+        if t in (list, tuple, set, frozenset) and depth < 20:
+            return all(plain(i, depth + 1) for i in x)
+        if t is dict and depth < 20:
+            return all(plain(k, depth + 1) and plain(v, depth + 1) for k, v in x.items())
         return False
 
+    def canon(x, depth=0):
+        """x as built-in values, read through the built-in types' own methods, so that a subclass
+        (Counter, defaultdict, or the program's own class) cannot answer for itself; anything else
+        becomes an object that equals nothing."""
+        if _type(x) in plain_types or depth > 20:
+            return x if depth <= 20 else opaque
+        for base, read in ((bool, bool.__bool__), (int, int.__int__), (float, float.__float__),
+                           (complex, complex.__complex__), (str, str.__str__), (bytes, bytes)):
+            if _isinstance(x, base):
+                return read(x)
+        if _isinstance(x, dict):
+            return {canon(k, depth + 1): canon(v, depth + 1) for k, v in dict.items(x)}
+        for base in (list, tuple, set, frozenset):
+            if _isinstance(x, base):
+                return base(canon(i, depth + 1) for i in base.__iter__(x))
+        return opaque
+
     def describe(e):
-        return f"{_type(e).__name__}: {e}"[:200]
+        return "assertion failed" if _isinstance(e, _AssertionError) else f"{_type(e).__name__}: {e}"[:200]
 
-    def send(obj):
-        report.write(_dumps(obj) + "\n")
-
-    import ast
-    import builtins
-    import shutil  # noqa: F401  (imported to be disabled below)
     for module, names in ((os, ("system", "popen", "kill", "killpg", "fork", "forkpty", "setsid", "setpgid",
                                 "remove", "unlink", "rmdir", "removedirs", "rename", "renames", "replace",
                                 "truncate", "chmod", "chown", "lchown", "putenv", "unsetenv", "execv", "execve",
                                 "execvp", "spawnv", "spawnve", "posix_spawn", "posix_spawnp", "chdir", "chroot",
                                 "link", "symlink", "mkfifo", "_exit", "abort")),
-                          (shutil, ("rmtree", "move", "chown", "copytree")),
                           (resource, ("setrlimit", "prlimit")), (builtins, ("exit", "quit", "help", "input"))):
         for name in names:
             if hasattr(module, name):
                 setattr(module, name, None)
     for name in job["blocked"]:
         sys.modules[name] = None
+    # Files may be written only inside the sandbox's own folder (the working directory).
+    here = _realpath(os.getcwd())
+    _open, _os_open = io.open, os.open
+    write_flags = os.O_WRONLY | os.O_RDWR | os.O_APPEND | os.O_CREAT | os.O_TRUNC
+
+    def inside(path):
+        full = _realpath(path if _isinstance(path, (str, bytes)) else _str(path))
+        full = full.decode() if _isinstance(full, bytes) else full
+        return full == here or full.startswith(here + "/")
+
+    def guarded_open(file, mode="r", *args, **kwargs):
+        if _isinstance(file, int) or (any(c in mode for c in "wax+") and not inside(file)):
+            raise PermissionError(f"the sandbox does not write outside its folder: {file!r}")
+        return _open(file, mode, *args, **kwargs)
+
+    def guarded_os_open(path, flags, *args, **kwargs):
+        if flags & write_flags and not inside(path):
+            raise PermissionError(f"the sandbox does not write outside its folder: {path!r}")
+        return _os_open(path, flags, *args, **kwargs)
+    builtins.open = io.open = guarded_open
+    os.open = guarded_os_open
+
     namespace = {"__name__": "solution", "__builtins__": builtins}
     try:
-        exec(compile(job["setup"] + "\n" + job["program"], "solution.py", "exec"), namespace)
+        exec(compile(job["program"], "solution.py", "exec"), namespace)
+        exec(compile(job["setup"], "setup.py", "exec"), namespace)   # MBPP's setup may use the program's classes
         failure = None
     except SyntaxError as e:
         failure = f"SyntaxError: {e.msg} (line {e.lineno})"
     except _BaseException as e:   # SystemExit included: exiting is not passing
         failure = describe(e)
     results = []
-    for test in job["tests"]:
+    for kind, first, second in job["tests"]:
         if failure is not None:
-            results.append([False, failure])
+            results.append((False, failure))
             continue
         try:
-            node = ast.parse(test).body[0]
-            if job["mode"] == "outputs":
-                expr = node.test if _isinstance(node, ast.Assert) else node.value
-                if _isinstance(expr, ast.Compare) and _len(expr.ops) == 1 and _isinstance(expr.ops[0], ast.Eq):
-                    expr = expr.left
-                value = eval(compile(ast.Expression(expr), "test", "eval"), namespace)
-                results.append([True, _repr(value)[:200]])
-            elif (_isinstance(node, ast.Assert) and _isinstance(node.test, ast.Compare) and _len(node.test.ops) == 1
-                  and _isinstance(node.test.ops[0], ast.Eq)):
-                got = eval(compile(ast.Expression(node.test.left), "test", "eval"), namespace)
-                want = eval(compile(ast.Expression(node.test.comparators[0]), "test", "eval"), namespace)
-                # Both directions must say exactly True, and a built-in expected value must be matched
-                # by built-in values: an object whose __eq__ always agrees fails here.
-                equal = (not plain(want) or plain(got)) and (got == want) is True and (want == got) is True
-                results.append([_bool(equal), _repr(got)[:200]])
+            if kind == "value":            # code_outputs_batch: what the program computes
+                results.append((True, _repr(eval(first, namespace))[:200]))
+            elif kind == "eq":             # assert <first> == <second>
+                got, want = eval(first, namespace), eval(second, namespace)
+                # A built-in expected value is compared with the built-in reading of the output, so
+                # an object whose __eq__ always agrees fails; otherwise both directions must agree.
+                if plain(want):
+                    equal = (canon(got) == want) is True
+                else:
+                    equal = (got == want) is True and (want == got) is True
+                results.append((_bool(equal), _repr(got)[:200]))
             else:
-                exec(compile(test, "test", "exec"), namespace)
-                results.append([True, ""])
+                exec(first, namespace)
+                results.append((True, ""))
         except _BaseException as e:
-            results.append([False, describe(e) if not _isinstance(e, AssertionError) else "assertion failed"])
-        send({"test": _len(results) - 1, "ok": results[-1][0], "output": results[-1][1]})
-    send({"nonce": nonce, "results": results, "failure": failure})
+            results.append((False, describe(e)))
+        report.write(_repr(("test", _len(results) - 1) + results[-1]) + "\n")
+    report.write(_repr(("done", nonce, results, failure)) + "\n")
     report.flush()
     _exit(0)
+
+
+@functools.lru_cache(maxsize=4096)
+def _split_test(test: str, mode: str) -> tuple:
+    """A test as (kind, first, second) for the child: ("eq", lhs, rhs) for `assert lhs == rhs`, so each
+    side is evaluated on its own; ("stmt", source, "") otherwise; ("value", expression, "") for outputs."""
+    try:
+        body = ast.parse(test).body
+    except SyntaxError:
+        return ("stmt", test, "")
+    node = body[0] if len(body) == 1 else None
+    expr = node.test if isinstance(node, ast.Assert) else node.value if isinstance(node, ast.Expr) else None
+    is_eq = isinstance(expr, ast.Compare) and len(expr.ops) == 1 and isinstance(expr.ops[0], ast.Eq)
+    if mode == "outputs":
+        return ("value", ast.unparse(expr.left if is_eq else expr), "") if expr is not None else ("stmt", test, "")
+    if is_eq and isinstance(node, ast.Assert):
+        return ("eq", ast.unparse(expr.left), ast.unparse(expr.comparators[0]))
+    return ("stmt", test, "")
 
 
 _CHILD_SOURCE = None
@@ -521,12 +592,14 @@ def _run(completion: str, tests, setup: str, timeout: float, mode: str) -> dict:
     """Runs one program in the sandbox. Returns {"done": bool, "results": [[ok, output], ...],
     "failure": str | None, "timed_out": bool}."""
     nonce = secrets.token_hex(16)
-    job = json.dumps(dict(nonce=nonce, program=extract_program(completion), setup=setup or "", tests=list(tests),
-                          mode=mode, memory=MEMORY_LIMIT, file_size=FILE_LIMIT, cpu=int(timeout) + 1,
-                          blocked=BLOCKED_MODULES))
+    job = marshal.dumps(dict(nonce=nonce, program=extract_program(completion), setup=setup or "",
+                             tests=[_split_test(t, mode) for t in tests], memory=MEMORY_LIMIT, file_size=FILE_LIMIT,
+                             cpu=int(timeout) + 1, blocked=BLOCKED_MODULES, preload=PRELOADED_MODULES, nobody=NOBODY))
     read_end, write_end = os.pipe()
     lines, done, timed_out = [], None, False
     with tempfile.TemporaryDirectory(prefix="rrr-sandbox-") as folder:
+        if os.getuid() == 0:
+            os.chown(folder, NOBODY, NOBODY)      # the child runs as nobody (see _sandbox_child)
         try:
             proc = subprocess.Popen([sys.executable, "-I", "-S", "-c", _child_source(), str(write_end)],
                                     stdin=subprocess.PIPE, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
@@ -537,7 +610,7 @@ def _run(completion: str, tests, setup: str, timeout: float, mode: str) -> dict:
         try:
             deadline = time.monotonic() + timeout
             try:
-                proc.stdin.write(job.encode())
+                proc.stdin.write(job)
                 proc.stdin.close()
             except BrokenPipeError:
                 pass
@@ -561,12 +634,12 @@ def _run(completion: str, tests, setup: str, timeout: float, mode: str) -> dict:
                     *complete, buffer = buffer.split(b"\n")
                     for raw in complete:
                         try:
-                            row = json.loads(raw)
-                        except ValueError:
+                            row = ast.literal_eval(raw.decode("utf-8", "replace"))
+                        except (ValueError, SyntaxError, MemoryError, RecursionError):
                             continue
-                        if isinstance(row, dict) and row.get("nonce") == nonce:
-                            done = row
-                        elif isinstance(row, dict) and "test" in row:
+                        if isinstance(row, tuple) and len(row) == 4 and row[:2] == ("done", nonce):
+                            done = dict(results=row[2], failure=row[3])
+                        elif isinstance(row, tuple) and len(row) == 4 and row[0] == "test":
                             lines.append(row)
         finally:
             _kill_session(proc.pid)
@@ -574,7 +647,7 @@ def _run(completion: str, tests, setup: str, timeout: float, mode: str) -> dict:
             os.close(read_end)
     if done is not None:
         return dict(done=True, results=done["results"], failure=done["failure"], timed_out=False)
-    partial = [[bool(r.get("ok")), str(r.get("output", ""))] for r in lines][:len(tests)]
+    partial = [[bool(r[2]), str(r[3])] for r in lines][:len(tests)]
     return dict(done=False, results=partial, failure=None, timed_out=timed_out)
 
 
@@ -593,7 +666,7 @@ def _feedback(tests, run: dict, timeout: float) -> Verdict:
     if missing:
         label = "TIMEOUT" if run["timed_out"] else "the program stopped here"
         failed += [f"{missing[0]}  # output: {label}"] + [f"{t}  # output: not run" for t in missing[1:]]
-    return Verdict(False, "Tests passed:\n" + "\n".join(passed) + "\nTests failed:\n" + "\n".join(failed))
+    return Verdict(False, "\n".join(["Tests passed:"] + (passed or ["(none)"]) + ["Tests failed:"] + failed))
 
 
 def check_code(completion: str, tests, setup: str = "", timeout: float = 5.0) -> Verdict:
