@@ -11,11 +11,16 @@ The data folder (`--data-dir`, else $RRR_DATA_DIR, else none: offline) is laid o
     function_calling/bfcl/BFCL_v4_*.json + possible_answer/   BFCL JSON Lines
     mbpp/mbpp.jsonl                                    the 974 MBPP problems
     gsm8k/{train,test}.jsonl                           {"question", "answer"}
-Offline, Countdown puzzles are generated (and checked by a solver) and the other tasks use the small
-hand-written samples in data/samples/.
+Offline (no data folder), Countdown puzzles are generated and checked by a solver, and the other tasks
+use the small samples written for this project in data/samples/: 30 function-calling rows in the xLAM
+shape (8 with two calls), 40 MBPP-style problems, 20 GSM8K-style word problems.
 
 Splits: "train" and "test" for every task; MBPP also "validation" and "prompt" (by task_id, the
-standard ranges). `size` keeps the first `size` examples of a seeded shuffle.
+standard ranges); function calling by a hash of the request (one in five is test); GSM8K and
+Countdown by file. `size` keeps the first `size` examples in a fixed order: a shuffle seeded by `seed`
+for train (and by 0 for the other splits, so every run is scored on the same examples), or the file's
+own order where it is already random (Countdown). Offline Countdown puzzles are generated with `seed`
+for train and a fixed seed for test; a hash of each puzzle keeps the two sets apart.
 """
 
 import json
@@ -40,33 +45,46 @@ class DataError(Exception):
 
 @dataclass
 class Example:
-    id: str                  # stable across runs, e.g. "mbpp-601"
-    messages: list[dict]     # the task prompt as chat messages
+    id: str                  # stable across runs, e.g. "mbpp-601", "bfcl-simple_python_3", "countdown-train-17"
+    messages: list[dict]     # the task prompt as chat messages (a system message, then the user's turn)
     reference: dict          # what the verifier needs (see each task module)
 
 
 @dataclass(frozen=True)
 class Task:
     name: str
-    reflection_prompt: str
-    retry_prompt: str
+    reflection_prompt: str                               # the RRR paper's, verbatim
+    retry_prompt: str                                    # asks for attempt 2, in the task's answer format
     answer_format: str                                   # how the reflector is asked to answer
-    loader: Callable = field(repr=False)                 # (split, data_dir, seed, size) -> list[Example]
+    loader: Callable = field(repr=False)                 # (split, data_dir, seed, size) -> examples in file order
     checker: Callable = field(repr=False)                # (completion, example) -> Verdict
     batch_checker: Callable | None = field(default=None, repr=False)
     splits: tuple = ("train", "test")
+    shuffle: bool = True                                 # False where the source is already in random order
 
     def load(self, split: str, data_dir=None, size: int | None = None, seed: int = 0) -> list[Example]:
         if split not in self.splits:
             raise DataError(f"task {self.name} has splits {', '.join(self.splits)}, not {split!r}")
+        if size is not None and (not isinstance(size, int) or size < 0):
+            raise DataError(f"size must be a non-negative integer or None, not {size!r}")
         examples = self.loader(split, Path(data_dir) if data_dir else None, seed, size)
-        random.Random(f"{self.name}/{split}/{seed}").shuffle(examples)
+        seen = set()
+        for ex in examples:
+            if ex.id in seen:
+                raise DataError(f"task {self.name}, split {split}: duplicate example id {ex.id!r}")
+            seen.add(ex.id)
+        if self.shuffle:
+            # Only the training order follows the seed: runs with different seeds are scored on the same
+            # evaluation examples.
+            random.Random(f"{self.name}/{split}/{seed if split == 'train' else 0}").shuffle(examples)
         return examples if size is None else examples[:size]
 
     def check(self, completion: str, example: Example):
         return self.checker(completion, example)
 
     def check_batch(self, completions: list[str], examples: list[Example]) -> list:
+        if len(completions) != len(examples):
+            raise ValueError(f"{len(completions)} completions for {len(examples)} examples")
         if self.batch_checker is not None:
             return self.batch_checker(completions, examples)
         return [self.checker(c, ex) for c, ex in zip(completions, examples)]
@@ -95,16 +113,18 @@ def get_task(name: str) -> Task:
 def reflector_messages(task: Task, example: Example, failed: str, feedback: str) -> list[dict]:
     """Re-ReST's reflector prompt: the problem, the failed solution and the environment's feedback
     (verbatim), asking for a corrected solution in the task's answer format."""
-    problem = "\n\n".join(m["content"] for m in example.messages if m["role"] != "assistant")
-    text = (f"Here is a task and an attempt at it that failed.\n\n### Task\n{problem}\n\n### Failed attempt\n{failed}\n\n"
-            f"### Feedback from running the attempt\n{feedback}\n\n"
-            f"Write a corrected solution. {task.answer_format}")
+    problem = "\n\n".join(m["content"] for m in example.messages)
+    text = (f"Here is a task, an attempt at it that failed, and the feedback from checking that attempt.\n\n"
+            f"### Task\n{problem}\n\n### Failed attempt\n{failed}\n\n### Feedback\n{feedback}\n\n"
+            f"Write a corrected solution to the task. {task.answer_format}")
     return [{"role": "user", "content": text}]
 
 
 # --- reading files with errors that name the file and line ------------------------------------------
 
-def read_jsonl(path: Path, required: tuple = ()) -> list[dict]:
+def read_jsonl_lines(path: Path, required: tuple = ()) -> list[tuple[int, dict]]:
+    """(line number, row) for each row of a JSON Lines file (blank lines skipped), so that later checks
+    can name the line."""
     if not path.is_file():
         raise DataError(f"{path}: file not found")
     rows = []
@@ -117,17 +137,42 @@ def read_jsonl(path: Path, required: tuple = ()) -> list[dict]:
             except json.JSONDecodeError as e:
                 raise DataError(f"{path} line {n}: not valid JSON ({e.msg})") from None
             check_fields(row, required, f"{path} line {n}")
-            rows.append(row)
+            rows.append((n, row))
     return rows
 
 
-def read_json(path: Path) -> object:
+def read_json_rows(path: Path) -> list[tuple[int, object]]:
+    """(line number, row) for each element of a file holding one JSON list. The elements are decoded
+    one at a time so that an error, or a row that fails a later check, can name its line."""
     if not path.is_file():
         raise DataError(f"{path}: file not found")
-    try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as e:
-        raise DataError(f"{path} line {e.lineno}: not valid JSON ({e.msg})") from None
+    text = path.read_text(encoding="utf-8")
+    decoder, rows = json.JSONDecoder(), []
+    line_of = lambda pos: text.count("\n", 0, pos) + 1  # noqa: E731
+    pos = _skip_space(text, 0)
+    if not text.startswith("[", pos):
+        raise DataError(f"{path} line {line_of(pos)}: expected a JSON list of rows")
+    pos = _skip_space(text, pos + 1)
+    while not text.startswith("]", pos):
+        try:
+            row, end = decoder.raw_decode(text, pos)
+        except json.JSONDecodeError as e:
+            raise DataError(f"{path} line {e.lineno}: not valid JSON ({e.msg})") from None
+        rows.append((line_of(pos), row))
+        pos = _skip_space(text, end)
+        if text.startswith(",", pos):
+            pos = _skip_space(text, pos + 1)
+        elif not text.startswith("]", pos):
+            raise DataError(f"{path} line {line_of(pos)}: expected ',' or ']' after a row")
+    if text[pos + 1:].strip():
+        raise DataError(f"{path} line {line_of(pos + 1)}: extra data after the list")
+    return rows
+
+
+def _skip_space(text: str, pos: int) -> int:
+    while pos < len(text) and text[pos] in " \t\r\n":
+        pos += 1
+    return pos
 
 
 def check_fields(row, required: tuple, where: str):

@@ -1,112 +1,141 @@
 """Countdown: combine the given numbers with + - * / (each exactly once) to reach the target.
 
-reference: {"nums": [int, ...], "target": int}. Real rows: TinyZero's Countdown-Tasks-3to4 JSONL (or
-parquet, with pyarrow). Offline: puzzles generated here with a seed, like that data set: 3 or 4 numbers
-in 1..99, target in 10..100, kept only when the solver below finds an equation.
+reference: {"nums": [int, ...], "target": int}. Real rows: TinyZero's Countdown-Tasks-3to4 as JSON Lines
+(or parquet, with pyarrow), kept in file order because that data set was generated at random. Offline:
+puzzles generated here like that data set: 3 or 4 numbers in 1..99, a target in 10..100, and only
+puzzles the solver below can solve.
 """
 
 import random
 import zlib
-from fractions import Fraction
 
-from data import REFLECT_ANSWER, DataError, Example, Task, check_fields, read_jsonl, user
+from data import REFLECT_ANSWER, DataError, Example, Task, check_fields, read_jsonl_lines, user
 
-OFFLINE_SIZE = {"train": 2000, "test": 500}   # when no size is asked for
+OFFLINE_SIZE = {"train": 2000, "test": 500}   # generated when no size is asked for
+TEST_SEED = 0                                 # offline test puzzles are the same for every run
+FORMAT = ("Think it through first, then write only the final equation between <answer> and </answer>, "
+          "for example <answer> (1 + 2) / 3 </answer>.")
 
 
 def prompt(nums, target) -> list[dict]:
     return user(f"Use the numbers {list(nums)} to write an equation whose value is {target}. You may use "
-                f"+, -, * and / and parentheses, and every number must be used exactly once. Think it "
-                f"through first, then write only the final equation between <answer> and </answer>, "
-                f"for example <answer> (1 + 2) / 3 </answer>.")
+                f"+, -, * and / and parentheses, and every number must be used exactly once. {FORMAT}")
 
+
+# --- solver ----------------------------------------------------------------------------------------
 
 def solve_countdown(nums, target) -> str | None:
-    """An equation that uses each number once and equals target exactly, or None when there is none.
-    Depth-first over pairs with every operation; floats prune, the found tree is checked exactly."""
-    tree = _search(tuple((float(n), n) for n in nums), float(target), Fraction(target))
+    """An equation that uses each number once and equals `target` exactly, or None when there is none.
+
+    Depth-first search: pick any two values, replace them by a result of + - * / (both orders for - and
+    /), and recurse until one value is left. Values are exact fractions kept as (numerator, denominator)
+    pairs of ints, never reduced, and compared by cross-multiplying: exact and much cheaper than
+    fractions.Fraction, which matters because most random puzzles are unsolvable and need the full search.
+    """
+    tree = _search([(int(n), 1, int(n)) for n in nums], int(target))
     return None if tree is None else _format(tree, top=True)
 
 
-def _search(items, target, exact):
-    # items: (float value, tree) pairs; a tree is an int or (op, left, right).
+def _search(items, t):
+    # items: (p, q, tree) with value p / q, q != 0; a tree is an int or (op, left, right).
     if len(items) == 1:
-        value, tree = items[0]
-        return tree if abs(value - target) < 1e-9 and _exact(tree) == exact else None
+        p, q, tree = items[0]
+        return tree if p == t * q else None
+    if len(items) == 2:
+        # The last step is checked directly rather than by building six one-item lists.
+        (pa, qa, ta), (pb, qb, tb) = items
+        if pa * qb + pb * qa == t * qa * qb:
+            return "+", ta, tb
+        if pa * pb == t * qa * qb:
+            return "*", ta, tb
+        if pa * qb - pb * qa == t * qa * qb:
+            return "-", ta, tb
+        if pb * qa - pa * qb == t * qa * qb:
+            return "-", tb, ta
+        if pb and pa * qb == t * qa * pb:
+            return "/", ta, tb
+        if pa and pb * qa == t * qb * pa:
+            return "/", tb, ta
+        return None
     for i in range(len(items)):
         for j in range(i + 1, len(items)):
-            (a, ta), (b, tb) = items[i], items[j]
+            (pa, qa, ta), (pb, qb, tb) = items[i], items[j]
             rest = items[:i] + items[i + 1:j] + items[j + 1:]
-            options = [(a + b, ("+", ta, tb)), (a * b, ("*", ta, tb)), (a - b, ("-", ta, tb)), (b - a, ("-", tb, ta))]
-            if b:
-                options.append((a / b, ("/", ta, tb)))
-            if a:
-                options.append((b / a, ("/", tb, ta)))
+            options = [(pa * qb + pb * qa, qa * qb, ("+", ta, tb)), (pa * pb, qa * qb, ("*", ta, tb)),
+                       (pa * qb - pb * qa, qa * qb, ("-", ta, tb)), (pb * qa - pa * qb, qa * qb, ("-", tb, ta))]
+            if pb:
+                options.append((pa * qb, qa * pb, ("/", ta, tb)))
+            if pa:
+                options.append((pb * qa, qb * pa, ("/", tb, ta)))
             for option in options:
-                found = _search(rest + (option,), target, exact)
+                found = _search(rest + [option], t)
                 if found is not None:
                     return found
     return None
 
 
-def _exact(tree) -> Fraction | None:
-    if isinstance(tree, int):
-        return Fraction(tree)
-    op, left, right = tree
-    a, b = _exact(left), _exact(right)
-    if a is None or b is None or (op == "/" and b == 0):
-        return None
-    return {"+": a + b, "-": a - b, "*": a * b, "/": a / b if b else None}[op]
-
-
 def _format(tree, top=False) -> str:
+    # Every inner operation is parenthesised, so the text evaluates exactly as the tree does.
     if isinstance(tree, int):
         return str(tree)
     text = f"{_format(tree[1])} {tree[0]} {_format(tree[2])}"
     return text if top else f"({text})"
 
 
+# --- generator -------------------------------------------------------------------------------------
+
+def puzzle_split(nums, target) -> str:
+    """One puzzle in ten (by a hash of its sorted numbers and target) belongs to the test split, so a
+    generated train set never contains a test puzzle, whatever the seeds and sizes."""
+    key = repr((sorted(nums), target)).encode()
+    return "test" if zlib.crc32(key) % 10 == 0 else "train"
+
+
 def generate_puzzles(n: int, split: str, seed: int) -> list[tuple[list[int], int]]:
-    """n solvable puzzles of `split`. A puzzle belongs to the test split when a hash of it falls in
-    one tenth of the range, so train and test never share a puzzle whatever the seeds and sizes."""
+    """n distinct solvable puzzles of `split`. As in the Stream-of-Search generator that the data set's
+    statistics match: draw the count (3 or 4) and the target first, then redraw the numbers until the
+    puzzle is solvable, which keeps the counts half and half and the targets uniform."""
     rng = random.Random(f"countdown/{split}/{seed}")
     puzzles, seen = [], set()
     while len(puzzles) < n:
-        nums = [rng.randint(1, 99) for _ in range(rng.choice((3, 4)))]
-        target = rng.randint(10, 100)
-        key = (tuple(nums), target)
-        if key in seen or (zlib.crc32(repr(key).encode()) % 10 == 0) != (split == "test"):
-            continue
-        seen.add(key)
-        if solve_countdown(nums, target) is not None:
+        count, target = rng.choice((3, 4)), rng.randint(10, 100)
+        while True:
+            nums = [rng.randint(1, 99) for _ in range(count)]
+            if puzzle_split(nums, target) == split and solve_countdown(nums, target) is not None:
+                break
+        key = (tuple(sorted(nums)), target)
+        if key not in seen:
+            seen.add(key)
             puzzles.append((nums, target))
     return puzzles
 
 
+# --- loading ---------------------------------------------------------------------------------------
+
 def load(split, data_dir, seed, size) -> list[Example]:
     if data_dir is None:
-        # Test puzzles do not depend on the run's seed, so every run is scored on the same ones.
-        seed = seed if split == "train" else 0
-        return [Example(f"countdown-{split}{seed}-{i}", prompt(nums, target), dict(nums=nums, target=target))
-                for i, (nums, target) in enumerate(generate_puzzles(size or OFFLINE_SIZE[split], split, seed))]
+        seed = seed if split == "train" else TEST_SEED
+        puzzles = generate_puzzles(OFFLINE_SIZE[split] if size is None else size, split, seed)
+        return [Example(f"countdown-gen-{split}-s{seed}-{i}", prompt(nums, target), dict(nums=nums, target=target))
+                for i, (nums, target) in enumerate(puzzles)]
     base = data_dir / "countdown"
     jsonl, parquet = base / f"countdown_3to4_{split}.jsonl", base / f"countdown_3to4_{split}.parquet"
     if jsonl.exists() or not parquet.exists():
-        rows = read_jsonl(jsonl, required=("target", "nums"))
-        where = [f"{jsonl} line {n}" for n in range(1, len(rows) + 1)]
+        rows = [(f"{jsonl} line {n}", row) for n, row in read_jsonl_lines(jsonl)]
     else:
         try:
             import pyarrow.parquet as pq
         except ImportError:
-            raise DataError(f"{parquet}: reading parquet needs pyarrow (pip install pyarrow), or convert it to JSONL") from None
-        rows = pq.read_table(parquet).to_pylist()
-        where = [f"{parquet} row {n}" for n in range(len(rows))]
+            raise DataError(f"{parquet}: reading parquet needs pyarrow (pip install pyarrow); "
+                            f"or convert the file to JSON Lines ({jsonl.name})") from None
+        rows = [(f"{parquet} row {n}", row) for n, row in enumerate(pq.read_table(parquet).to_pylist())]
     examples = []
-    for n, (row, at) in enumerate(zip(rows, where)):
-        check_fields(row, ("target", "nums"), at)
+    for n, (where, row) in enumerate(rows):
+        check_fields(row, ("target", "nums"), where)
         nums, target = row["nums"], row["target"]
-        if not (isinstance(nums, list) and nums and all(isinstance(x, int) for x in nums) and isinstance(target, int)):
-            raise DataError(f"{at}: 'nums' must be a list of integers and 'target' an integer")
+        if not (isinstance(nums, list) and nums and all(type(x) is int for x in nums) and type(target) is int):
+            raise DataError(f"{where}: 'nums' must be a list of integers and 'target' an integer")
+        # TinyZero rows carry their row number in the full data set; it keeps ids stable across subsets.
         examples.append(Example(f"countdown-{split}-{row.get('hf_row', n)}", prompt(nums, target),
                                 dict(nums=list(nums), target=target)))
     return examples
@@ -118,7 +147,5 @@ def check(completion, example):
 
 
 TASK = Task("countdown", reflection_prompt=REFLECT_ANSWER,
-            retry_prompt="Try the task again, using your reflection. Think it through, then write only the final "
-                         "equation between <answer> and </answer>.",
-            answer_format="Think it through, then write only the final equation between <answer> and </answer>.",
-            loader=load, checker=check)
+            retry_prompt="Now try the task again, using your reflection. " + FORMAT,
+            answer_format=FORMAT, loader=load, checker=check, shuffle=False)

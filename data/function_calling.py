@@ -3,38 +3,48 @@
 reference: {"answers": [...]}, either the xLAM/APIGen form [{"name", "arguments"}] or BFCL's possible-
 answer form [{function: {parameter: [acceptable values]}}] (verifiers.check_function_calls tells them apart).
 
-Sources under <data_dir>/function_calling/, all that are present are used:
+Sources under <data_dir>/function_calling/; every one that is present is used:
 - xlam_function_calling_60k.json: APIGen rows {"id", "query", "tools", "answers"} (tools and answers may be
   JSON strings). Gated on the Hugging Face hub: download it there and put it here.
-- apibank_hammer/*.json: API-Bank level 1 and 2 in the same shape; the query is a conversation.
-- bfcl/BFCL_v4_*.json with bfcl/possible_answer/: BFCL's single-turn categories that have ground truth
-  (Python only: the Java and JavaScript ones describe arguments as source text).
-Train/test: an example is in the test split when a hash of its id falls in one fifth of the range, so the
-split is the same whatever --train-size, --eval-size and the seed. Offline: data/samples/function_calling.json.
+- apibank_hammer/*.json: API-Bank levels 1 and 2 in the same shape; the query is a conversation whose
+  turns ("user", "agent" = assistant, "tool") are shown as a transcript, since it ends on the assistant's
+  side and a chat prompt must end with a user turn.
+- bfcl/BFCL_v4_*.json (JSON Lines) with answers in bfcl/possible_answer/, matched by id: the single-turn
+  categories that have ground truth (the irrelevance ones have none), Python only (the Java and
+  JavaScript ones give arguments as source text).
+Train/test: an example is in the test split when the CRC-32 of its request (the query or conversation as
+the file gives it) is divisible by 5: one in five, the same whatever the size asked for and the seed, and
+a request that appears twice (API-Bank repeats 26 rows) cannot land in both splits. Rows that repeat an
+earlier row's prompt and answers are dropped. Offline: data/samples/function_calling.json.
 """
 
 import json
 import zlib
 
-from data import REFLECT_TOOL, SAMPLES, DataError, Example, Task, check_fields, read_json, read_jsonl
+from data import REFLECT_TOOL, SAMPLES, DataError, Example, Task, check_fields, read_json_rows, read_jsonl_lines
 
 FORMAT = ('Answer with the calls as a JSON list, [{"name": "<function name>", "arguments": {<argument>: <value>}}], '
-          "and nothing else. Use [] when no function fits the request.")
+          "and nothing else.")
+ROLE_NAMES = {"user": "User", "agent": "Assistant", "assistant": "Assistant", "tool": "Tool", "system": "System"}
 
 
-def prompt(tools: list, request: str) -> list[dict]:
+def prompt(tools: list, turns: list[dict], extra_system: str = "") -> list[dict]:
+    """A system message with the tools and the answer format, then the conversation (ending with the user)."""
     system = ("You can call these functions, described as JSON schemas:\n"
               + "\n".join(json.dumps(t, ensure_ascii=False) for t in tools) + "\n\n" + FORMAT)
-    return [{"role": "system", "content": system}, {"role": "user", "content": request}]
+    if extra_system:
+        system = extra_system + "\n\n" + system
+    return [{"role": "system", "content": system}] + turns
 
 
-def in_test(example_id: str) -> bool:
-    return zlib.crc32(example_id.encode()) % 5 == 0
+def in_test(request) -> bool:
+    """The split of a request (the raw query, or BFCL's question turns), from a hash of its JSON text."""
+    return zlib.crc32(json.dumps(request, sort_keys=True).encode()) % 5 == 0
 
 
-def _json_field(row, name, where):
+def _json_list(row, name, where) -> list:
     value = row[name]
-    if isinstance(value, str):
+    if isinstance(value, str):       # APIGen stores tools and answers as JSON text
         try:
             value = json.loads(value)
         except json.JSONDecodeError as e:
@@ -44,44 +54,62 @@ def _json_field(row, name, where):
     return value
 
 
-def _request(query, where) -> str:
+def _request(query, where) -> list[dict]:
     if isinstance(query, str):
-        return query
-    if isinstance(query, list):      # API-Bank: a conversation; the calls answer its last request
-        names = {"user": "User", "agent": "Assistant", "assistant": "Assistant"}
-        return "\n".join(f"{names.get(t.get('role'), t.get('role'))}: {t.get('content', '')}" for t in query)
-    raise DataError(f"{where}: field 'query' must be a string or a list of turns")
+        return [{"role": "user", "content": query}]
+    if isinstance(query, list) and all(isinstance(t, dict) and "content" in t for t in query):
+        lines = [f"{ROLE_NAMES.get(t.get('role'), t.get('role'))}: {t['content']}" for t in query]
+        return [{"role": "user", "content": "Here is a conversation between a user and an assistant:\n\n"
+                 + "\n".join(lines) + "\n\nWrite the function call the assistant should make next."}]
+    raise DataError(f"{where}: field 'query' must be a string or a list of turns with 'role' and 'content'")
 
 
-def load_xlam_shape(path, prefix) -> list[Example]:
-    rows = read_json(path)
-    if not isinstance(rows, list):
-        raise DataError(f"{path}: expected a JSON list of rows")
+def load_xlam_shape(path, prefix) -> list[tuple[object, Example]]:
+    """(request, example) pairs; the request decides the split."""
     examples = []
-    for n, row in enumerate(rows):
-        where = f"{path} row {n}"
+    for n, (line, row) in enumerate(read_json_rows(path)):
+        where = f"{path} line {line}"
         check_fields(row, ("query", "tools", "answers"), where)
-        tools, answers = _json_field(row, "tools", where), _json_field(row, "answers", where)
-        examples.append(Example(f"{prefix}-{row.get('id', n)}", prompt(tools, _request(row["query"], where)),
-                                dict(answers=answers)))
+        tools, answers = _json_list(row, "tools", where), _json_list(row, "answers", where)
+        if not all(isinstance(a, dict) and isinstance(a.get("name"), str) and isinstance(a.get("arguments"), dict)
+                   for a in answers):
+            raise DataError(f"{where}: each answer must be {{\"name\": str, \"arguments\": {{...}}}}")
+        examples.append((row["query"], Example(f"{prefix}-{row.get('id', n)}",
+                                               prompt(tools, _request(row["query"], where)), dict(answers=answers))))
     return examples
 
 
-def load_bfcl(folder) -> list[Example]:
+def load_bfcl(folder) -> list[tuple[object, Example]]:
     examples = []
     for path in sorted(folder.glob("BFCL_v4_*.json")):
         answers_path = folder / "possible_answer" / path.name
-        if not answers_path.exists() or "java" in path.name:
+        if not answers_path.exists() or "java" in path.name:      # also skips javascript
             continue
-        truth = {r["id"]: r["ground_truth"] for r in read_jsonl(answers_path, required=("id", "ground_truth"))}
-        for n, row in enumerate(read_jsonl(path, required=("id", "question", "function")), 1):
+        truth = {row["id"]: _empty_arrays(row["ground_truth"])
+                 for _, row in read_jsonl_lines(answers_path, required=("id", "ground_truth"))}
+        for line, row in read_jsonl_lines(path, required=("id", "question", "function")):
+            where = f"{path} line {line}"
             if row["id"] not in truth:
-                raise DataError(f"{path} line {n}: no possible answer for id {row['id']!r} in {answers_path}")
-            turns = row["question"][0] if row["question"] and isinstance(row["question"][0], list) else row["question"]
-            request = "\n".join(t["content"] for t in turns if t.get("role") == "user")
-            examples.append(Example(f"bfcl-{row['id']}", prompt(row["function"], request),
-                                    dict(answers=truth[row["id"]])))
+                raise DataError(f"{where}: no possible answer for id {row['id']!r} in {answers_path}")
+            # question is a list of turns per conversation round; the single-turn categories have one.
+            question = row["question"]
+            turns = question[0] if question and isinstance(question[0], list) else question
+            if not (isinstance(turns, list) and turns and all(isinstance(t, dict) and "role" in t for t in turns)
+                    and turns[-1]["role"] == "user"):
+                raise DataError(f"{where}: 'question' must be a list of turns ending with a user turn")
+            system = "\n\n".join(t["content"] for t in turns if t["role"] == "system")
+            chat = [{"role": t["role"], "content": t["content"]} for t in turns if t["role"] != "system"]
+            examples.append((turns, Example(f"bfcl-{row['id']}", prompt(row["function"], chat, system),
+                                            dict(answers=truth[row["id"]]))))
     return examples
+
+
+def _empty_arrays(answer):
+    # Two live_simple rows write "this array parameter is []" as an empty list of acceptable values, which
+    # no call could match; read it as the one acceptable value [].
+    if isinstance(answer, dict):
+        return {k: [[]] if v == [] else _empty_arrays(v) for k, v in answer.items()}
+    return [_empty_arrays(v) for v in answer] if isinstance(answer, list) else answer
 
 
 def load(split, data_dir, seed, size) -> list[Example]:
@@ -100,7 +128,13 @@ def load(split, data_dir, seed, size) -> list[Example]:
             examples += load_bfcl(base / "bfcl")
         if not examples:
             raise DataError(f"{base}: no function-calling data found (see data/__init__.py for the layout)")
-    return [ex for ex in examples if in_test(ex.id) == (split == "test")]
+    chosen, seen = [], set()
+    for request, ex in examples:
+        key = json.dumps([ex.messages, ex.reference], sort_keys=True)
+        if key not in seen and in_test(request) == (split == "test"):
+            seen.add(key)
+            chosen.append(ex)
+    return chosen
 
 
 def check(completion, example):
@@ -109,5 +143,5 @@ def check(completion, example):
 
 
 TASK = Task("function_calling", reflection_prompt=REFLECT_TOOL,
-            retry_prompt="Try the task again, using your reflection. " + FORMAT,
+            retry_prompt="Now try the task again, using your reflection. " + FORMAT,
             answer_format=FORMAT, loader=load, checker=check)

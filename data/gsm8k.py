@@ -1,22 +1,34 @@
 """GSM8K: grade-school word problems with a numeric answer (the forgetting check).
 
-reference: {"answer": the data set's answer text, ending in "#### N"}. Offline:
-data/samples/gsm8k.jsonl, word problems written for this project in the same shape.
+reference: {"answer": the data set's answer text, ending in "#### N"}. Real rows: <data_dir>/gsm8k/
+{train,test}.jsonl. Offline: data/samples/gsm8k.jsonl, word problems written for this project in the same
+shape plus a "split" field.
 """
 
-from data import REFLECT_ANSWER, SAMPLES, DataError, Example, Task, read_jsonl
+import re
+
+from data import REFLECT_ANSWER, SAMPLES, DataError, Example, Task, read_jsonl_lines
 
 FORMAT = "Reason step by step, then give the final number on its own last line as: #### <number>"
+FINAL = re.compile(r"####\s*-?[\d,]*\.?\d+\s*$")
 
 
 def load(split, data_dir, seed, size) -> list[Example]:
     if data_dir is None:
-        rows = read_jsonl(SAMPLES / "gsm8k.jsonl", required=("question", "answer", "split"))
-        rows = [r for r in rows if r["split"] == split]
+        path = SAMPLES / "gsm8k.jsonl"
+        rows = read_jsonl_lines(path, required=("question", "answer", "split"))
+        rows = [(line, row) for line, row in rows if row["split"] == split]
     else:
-        rows = read_jsonl(data_dir / "gsm8k" / f"{split}.jsonl", required=("question", "answer"))
-    return [Example(f"gsm8k-{split}-{n}", [{"role": "user", "content": f"{r['question']}\n\n{FORMAT}"}],
-                    dict(answer=r["answer"])) for n, r in enumerate(rows)]
+        path = data_dir / "gsm8k" / f"{split}.jsonl"
+        rows = read_jsonl_lines(path, required=("question", "answer"))
+    examples = []
+    for line, row in rows:
+        # Checked here so that a bad row fails at load time, not in the middle of a run.
+        if not isinstance(row["answer"], str) or not FINAL.search(row["answer"]):
+            raise DataError(f"{path} line {line}: 'answer' must end with '#### <number>'")
+        messages = [{"role": "user", "content": f"{row['question']}\n\n{FORMAT}"}]
+        examples.append(Example(f"gsm8k-{split}-{line}", messages, dict(answer=row["answer"])))
+    return examples
 
 
 def check(completion, example):
@@ -25,5 +37,5 @@ def check(completion, example):
 
 
 TASK = Task("gsm8k", reflection_prompt=REFLECT_ANSWER,
-            retry_prompt="Try the problem again, using your reflection. " + FORMAT,
+            retry_prompt="Now try the problem again, using your reflection. " + FORMAT,
             answer_format=FORMAT, loader=load, checker=check)

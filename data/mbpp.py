@@ -3,10 +3,10 @@
 reference: {"tests": [assert, ...], "setup": test_setup_code, "text": the task, "code": the reference
 solution}. Splits by task_id, the standard ones: prompt 1-10, test 11-510, validation 511-600,
 train 601-974. Offline: data/samples/mbpp.jsonl (small problems written for this project, split the
-same way by their own task ids).
+same way by their own task ids: prompt 1-2, test 3-14, validation 15-16, train 17-40).
 """
 
-from data import REFLECT_ANSWER, SAMPLES, DataError, Example, Task, read_jsonl
+from data import REFLECT_ANSWER, SAMPLES, DataError, Example, Task, read_jsonl_lines
 
 SPLITS = {"prompt": (1, 10), "test": (11, 510), "validation": (511, 600), "train": (601, 974)}
 OFFLINE_SPLITS = {"prompt": (1, 2), "test": (3, 14), "validation": (15, 16), "train": (17, 40)}
@@ -24,13 +24,16 @@ def load(split, data_dir, seed, size) -> list[Example]:
     path = SAMPLES / "mbpp.jsonl" if data_dir is None else data_dir / "mbpp" / "mbpp.jsonl"
     low, high = (OFFLINE_SPLITS if data_dir is None else SPLITS)[split]
     examples = []
-    for n, row in enumerate(read_jsonl(path, required=("text", "code", "task_id", "test_list")), 1):
-        if not isinstance(row["test_list"], list) or not all(isinstance(t, str) for t in row["test_list"]):
-            raise DataError(f"{path} line {n}: 'test_list' must be a list of assert strings")
-        if low <= int(row["task_id"]) <= high:
-            examples.append(Example(f"mbpp-{row['task_id']}", prompt(row["text"], row["test_list"]),
-                                    dict(tests=row["test_list"], setup=row.get("test_setup_code", ""),
-                                         text=row["text"], code=row["code"])))
+    for line, row in read_jsonl_lines(path, required=("text", "code", "task_id", "test_list")):
+        where = f"{path} line {line}"
+        tests, setup = row["test_list"], row.get("test_setup_code") or ""
+        if not isinstance(tests, list) or not tests or not all(isinstance(t, str) for t in tests):
+            raise DataError(f"{where}: 'test_list' must be a non-empty list of assert strings")
+        if type(row["task_id"]) is not int or not isinstance(row["text"], str) or not isinstance(setup, str):
+            raise DataError(f"{where}: 'task_id' must be an integer, 'text' and 'test_setup_code' strings")
+        if low <= row["task_id"] <= high:
+            examples.append(Example(f"mbpp-{row['task_id']}", prompt(row["text"], tests),
+                                    dict(tests=tests, setup=setup, text=row["text"], code=row["code"])))
     return examples
 
 
@@ -40,11 +43,12 @@ def check(completion, example):
 
 
 def check_batch(completions, examples):
+    # One sandboxed process per program, run in parallel.
     from verifiers import check_code_batch
     return check_code_batch([(c, ex.reference["tests"], ex.reference["setup"]) for c, ex in zip(completions, examples)])
 
 
 TASK = Task("mbpp", reflection_prompt=REFLECT_ANSWER,
-            retry_prompt="Try the task again, using your reflection. " + FORMAT,
+            retry_prompt="Now try the task again, using your reflection. " + FORMAT,
             answer_format=FORMAT, loader=load, checker=check, batch_checker=check_batch,
             splits=("train", "test", "validation", "prompt"))

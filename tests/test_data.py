@@ -1,0 +1,360 @@
+"""The data package: the Countdown generator and solver, the loaders on the real files, the offline
+samples against their own verifiers, and the errors for bad input."""
+
+import ast
+import json
+import sys
+from fractions import Fraction
+
+import pytest
+from tiny import shared_data_dir
+
+from data import DataError, get_task, reflector_messages, resolve_data_dir
+from data.countdown import generate_puzzles, solve_countdown
+
+TASKS = ("countdown", "function_calling", "mbpp", "gsm8k")
+
+
+def evaluate(equation: str):
+    """Independent reference: (exact value, numbers used) of an equation of ints, + - * / and parentheses,
+    walking Python's own parse tree with fractions."""
+    ops = {ast.Add: lambda a, b: a + b, ast.Sub: lambda a, b: a - b, ast.Mult: lambda a, b: a * b,
+           ast.Div: lambda a, b: a / b}
+    used = []
+
+    def walk(node):
+        if isinstance(node, ast.BinOp) and type(node.op) in ops:
+            return ops[type(node.op)](walk(node.left), walk(node.right))
+        if isinstance(node, ast.Constant) and type(node.value) is int:
+            used.append(node.value)
+            return Fraction(node.value)
+        raise AssertionError(f"unexpected {ast.dump(node)} in {equation!r}")
+
+    return walk(ast.parse(equation, mode="eval").body), sorted(used)
+
+
+def assert_solves(nums, target):
+    equation = solve_countdown(nums, target)
+    assert equation is not None, (nums, target)
+    value, used = evaluate(equation)
+    assert value == target and used == sorted(nums), (equation, nums, target)
+
+
+# --- Countdown generator and solver ----------------------------------------------------------------
+
+def test_generated_puzzles_match_the_data_set_and_are_solvable():
+    puzzles = generate_puzzles(150, "train", seed=0)
+    assert all(len(nums) in (3, 4) and all(1 <= n <= 99 for n in nums) and 10 <= t <= 100 for nums, t in puzzles)
+    sizes = [len(nums) for nums, _ in puzzles]
+    assert 50 < sizes.count(3) < 100                       # about half and half, as in TinyZero's set
+    assert len({(tuple(sorted(n)), t) for n, t in puzzles}) == 150
+    for nums, target in puzzles:
+        assert_solves(nums, target)
+
+
+def test_generator_is_seeded_and_keeps_test_puzzles_out_of_train():
+    assert generate_puzzles(40, "train", seed=3) == generate_puzzles(40, "train", seed=3)
+    assert generate_puzzles(40, "train", seed=3) != generate_puzzles(40, "train", seed=4)
+    key = lambda puzzles: {(tuple(sorted(n)), t) for n, t in puzzles}  # noqa: E731
+    test = key(generate_puzzles(300, "test", seed=0))
+    for seed in range(3):
+        assert not key(generate_puzzles(300, "train", seed=seed)) & test
+    # Offline loading: train follows the seed, test does not, and a smaller size is a prefix.
+    task = get_task("countdown")
+    small, large = task.load("train", size=5, seed=1), task.load("train", size=12, seed=1)
+    assert [e.reference for e in small] == [e.reference for e in large[:5]]
+    assert [e.reference for e in task.load("train", size=5, seed=2)] != [e.reference for e in small]
+    assert [e.id for e in task.load("test", size=5, seed=1)] == [e.id for e in task.load("test", size=5, seed=2)]
+
+
+def test_solver_exact_and_unsolvable_cases():
+    assert solve_countdown([1, 1, 1], 100) is None         # by hand: the largest reachable value is 1 + 1 + 1
+    assert solve_countdown([2, 3], 7) is None              # 2+3, 2*3, 3-2, 2-3, 2/3, 3/2: none is 7
+    # No solution of these two keeps every intermediate an integer (checked by enumeration): they need
+    # 6 / (1 - 5 / 7) and 8 / (3 - 8 / 3), so the search must be exact over fractions.
+    assert_solves([1, 5, 6, 7], 21)
+    assert_solves([3, 3, 8, 8], 24)
+    assert_solves([44, 19, 35], 98)
+
+
+def test_solver_solves_the_shared_rows():
+    task = get_task("countdown")
+    for ex in task.load("train", data_dir=shared_data_dir(), size=300):
+        assert_solves(ex.reference["nums"], ex.reference["target"])
+
+
+# --- loaders on the real files ---------------------------------------------------------------------
+
+@pytest.mark.parametrize("name, counts", [
+    ("countdown", {"train": 10240, "test": 1024}),
+    ("mbpp", {"prompt": 10, "test": 500, "validation": 90, "train": 374}),
+    ("gsm8k", {"train": 7473, "test": 1319}),
+    # BFCL rows with answers (2501) less Java and JavaScript (150), plus API-Bank (399 + 127) less the 26
+    # API-Bank rows that repeat another row's conversation, tools and answer.
+    ("function_calling", {"all": 2501 - 150 + 399 + 127 - 26}),
+])
+def test_real_split_sizes_ids_and_disjointness(name, counts):
+    task, folder = get_task(name), shared_data_dir()
+    splits = {s: task.load(s, data_dir=folder) for s in task.splits}
+    if "all" in counts:
+        assert sum(len(v) for v in splits.values()) == counts["all"]
+        assert 0.15 < len(splits["test"]) / counts["all"] < 0.25
+    else:
+        assert {s: len(v) for s, v in splits.items()} == counts
+    ids = [ex.id for v in splits.values() for ex in v]
+    assert len(ids) == len(set(ids))
+    prompts = {s: {json.dumps(ex.messages) for ex in v} for s, v in splits.items()}
+    assert not prompts["train"] & prompts["test"]
+
+
+def test_function_calling_split_does_not_depend_on_size_or_seed():
+    task, folder = get_task("function_calling"), shared_data_dir()
+    test_ids = {ex.id for ex in task.load("test", data_dir=folder)}
+    for size, seed in ((30, 0), (300, 0), (300, 7)):
+        assert {ex.id for ex in task.load("test", data_dir=folder, size=size, seed=seed)} <= test_ids
+        assert not {ex.id for ex in task.load("train", data_dir=folder, size=size, seed=seed)} & test_ids
+    a = task.load("train", data_dir=folder, size=30, seed=0)
+    assert [e.id for e in a] == [e.id for e in task.load("train", data_dir=folder, size=300, seed=0)[:30]]
+    assert [e.id for e in a] != [e.id for e in task.load("train", data_dir=folder, size=30, seed=1)]
+    # A small sample mixes the sources instead of taking the first file.
+    assert len({ex.id.split("-")[0] for ex in a}) > 1
+
+
+def _find(task, folder, example_id):
+    return next(ex for s in task.splits for ex in task.load(s, data_dir=folder) if ex.id == example_id)
+
+
+def test_prompts_of_known_rows():
+    folder = shared_data_dir()
+    first = get_task("countdown").load("train", data_dir=folder, size=1)[0]
+    assert first.reference == {"nums": [44, 19, 35], "target": 98}
+    assert "[44, 19, 35]" in first.messages[-1]["content"] and "98" in first.messages[-1]["content"]
+    assert "<answer>" in first.messages[-1]["content"]
+
+    row = json.loads(next(line for line in open(folder / "mbpp" / "mbpp.jsonl") if '"task_id": 11,' in line))
+    ex = _find(get_task("mbpp"), folder, "mbpp-11")
+    content = ex.messages[-1]["content"]
+    assert content.startswith(f"You are an expert Python programmer, and here is your task: {row['text']} "
+                              "Your code should pass these tests:\n\n" + "\n".join(row["test_list"]))
+    assert "```python" in content and ex.reference["tests"] == row["test_list"]
+
+    bfcl = _find(get_task("function_calling"), folder, "bfcl-simple_python_0")
+    question = json.loads(open(folder / "function_calling" / "bfcl" / "BFCL_v4_simple_python.json").readline())
+    assert bfcl.messages[0]["role"] == "system" and question["function"][0]["name"] in bfcl.messages[0]["content"]
+    assert bfcl.messages[-1] == {"role": "user", "content": question["question"][0][0]["content"]}
+
+    apibank = _find(get_task("function_calling"), folder, "apibank_l2-0")
+    assert "User: Can you tell me what happened on October 6th in history?" in apibank.messages[-1]["content"]
+    assert "Assistant: " in apibank.messages[-1]["content"] and apibank.messages[-1]["role"] == "user"
+
+
+def gold_calls(answers) -> str:
+    """Independent of verifiers.format_calls: the calls an answer key describes. A BFCL key lists the
+    acceptable values of each parameter ("" = may be left out); a dict inside lists them per key again
+    (a bare value there is the one acceptable value)."""
+    def pick(options):
+        return value(next((o for o in options if o != ""), None))
+
+    def value(v):
+        if isinstance(v, dict):
+            return {k: pick(o if isinstance(o, list) else [o]) for k, o in v.items() if o != [""]}
+        return [value(x) for x in v] if isinstance(v, list) else v
+    if all("name" in a and "arguments" in a for a in answers):
+        return json.dumps(answers)
+    return json.dumps([{"name": name, "arguments": {p: pick(v) for p, v in params.items() if v != [""]}}
+                       for answer in answers for name, params in answer.items()])
+
+
+def test_real_references_pass_their_verifiers():
+    folder = shared_data_dir()
+    task = get_task("countdown")
+    rows = [json.loads(line) for line in open(folder / "countdown" / "countdown_3to4_test.jsonl")][:50]
+    for ex, row in zip(task.load("test", data_dir=folder, size=50), rows):
+        assert task.check(f"<answer> {row['reference_solution']} </answer>", ex).ok
+    task = get_task("function_calling")
+    for ex in task.load("train", data_dir=folder) + task.load("test", data_dir=folder):
+        assert task.check(gold_calls(ex.reference["answers"]), ex).ok, ex.id
+        assert not task.check("[]", ex).ok
+    task = get_task("gsm8k")
+    for ex in task.load("test", data_dir=folder, size=50):
+        assert task.check("So the answer is\n#### " + ex.reference["answer"].split("####")[-1].strip(), ex).ok
+
+
+# --- the offline samples ---------------------------------------------------------------------------
+
+def all_offline(name):
+    task = get_task(name)
+    return task, [ex for split in task.splits for ex in task.load(split, size=None if name != "countdown" else 30)]
+
+
+def test_offline_splits_are_disjoint_and_non_empty():
+    for name in TASKS:
+        task = get_task(name)
+        ids = {s: {ex.id for ex in task.load(s, size=None if name != "countdown" else 20)} for s in task.splits}
+        assert all(ids.values()), name
+        assert not ids["train"] & ids["test"], name
+
+
+def test_offline_mbpp_reference_code_passes_and_a_wrong_function_fails():
+    task, examples = all_offline("mbpp")
+    assert len(examples) == 40 and all(len(ex.reference["tests"]) == 3 for ex in examples)
+    right = [f"```python\n{ex.reference['code']}\n```" for ex in examples]
+    assert all(v.ok for v in task.check_batch(right, examples))
+    # The same code with the tested function replaced by one that returns None.
+    names = [next(n.name for n in ast.parse(ex.reference["code"]).body if isinstance(n, ast.FunctionDef))
+             for ex in examples]
+    wrong = [f"```python\n{ex.reference['code']}\n{name} = lambda *a, **k: None\n```"
+             for ex, name in zip(examples, names)]
+    assert not any(v.ok for v in task.check_batch(wrong, examples))
+
+
+def test_offline_function_calls_pass_and_wrong_calls_fail():
+    from verifiers import format_calls
+    task, examples = all_offline("function_calling")
+    assert len(examples) >= 30 and sum(len(ex.reference["answers"]) == 2 for ex in examples) >= 5
+    for ex in examples:
+        answers = ex.reference["answers"]
+        assert task.check(format_calls(answers), ex).ok, ex.id
+        assert task.check(json.dumps(answers), ex).ok, ex.id
+        changed = json.loads(json.dumps(answers))
+        first = changed[0]["arguments"]
+        key = sorted(first)[0]
+        first[key] = "wrong" if not isinstance(first[key], str) else first[key] + " wrong"
+        assert not task.check(json.dumps(changed), ex).ok, ex.id
+        assert not task.check(json.dumps(answers[:-1] if len(answers) > 1 else []), ex).ok, ex.id
+        # Every answer names a tool that the prompt shows.
+        assert all(f'"name": "{a["name"]}"' in ex.messages[0]["content"] for a in answers)
+
+
+def test_offline_gsm8k_and_countdown_answers():
+    task, examples = all_offline("gsm8k")
+    assert len(examples) >= 20
+    for ex in examples:
+        number = ex.reference["answer"].split("####")[-1].strip()
+        assert task.check(f"Some reasoning.\n#### {number}", ex).ok
+        assert not task.check(f"Some reasoning.\n#### {Fraction(number.replace(',', '')) + 1}", ex).ok
+        assert ex.messages[-1]["content"].endswith("#### <number>")
+    task, examples = all_offline("countdown")
+    for ex in examples:
+        nums, target = ex.reference["nums"], ex.reference["target"]
+        assert task.check(f"<answer> {solve_countdown(nums, target)} </answer>", ex).ok
+        assert not task.check("<answer> " + " + ".join(map(str, nums)) + f" + {target} </answer>", ex).ok
+
+
+# --- prompts ---------------------------------------------------------------------------------------
+
+def test_reflection_prompts_are_the_papers():
+    tool = ("You tried performing the task, but failed in generating the correct tool call. Reflect on what "
+            "went wrong and write a short explanation that will help you do better next time.")
+    answer = ("You tried solving the problem and got the wrong answer. Reflect on what went wrong and write a "
+              "short explanation that will help you do better next time.")
+    assert get_task("function_calling").reflection_prompt == tool
+    assert all(get_task(n).reflection_prompt == answer for n in ("countdown", "mbpp", "gsm8k"))
+    assert "<answer>" in get_task("countdown").retry_prompt and "```python" in get_task("mbpp").retry_prompt
+    assert "JSON list" in get_task("function_calling").retry_prompt and "####" in get_task("gsm8k").retry_prompt
+
+
+def test_reflector_messages_carry_problem_attempt_and_feedback_verbatim():
+    task = get_task("mbpp")
+    ex = task.load("test", size=1)[0]
+    feedback = "Tests passed:\nassert f(1) == 2\nTests failed:\nassert f(2) == 3  # output: 4"
+    failed = "```python\ndef f(x):\n    return x * 2\n```"
+    messages = reflector_messages(task, ex, failed, feedback)
+    text = messages[-1]["content"]
+    assert messages[-1]["role"] == "user"
+    assert feedback in text and failed in text and ex.messages[-1]["content"] in text and "```python" in text
+    fc = get_task("function_calling")
+    ex = fc.load("train", size=1)[0]
+    text = reflector_messages(fc, ex, "[]", "expected 1 call, got 0")[-1]["content"]
+    assert "expected 1 call, got 0" in text and ex.messages[0]["content"] in text
+
+
+# --- bad input -------------------------------------------------------------------------------------
+
+def write(path, text):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(text)
+    return path
+
+
+MBPP_ROW = dict(text="Add.", code="def add(a, b):\n    return a + b", task_id=11, test_setup_code="",
+                test_list=["assert add(1, 2) == 3", "assert add(0, 0) == 0", "assert add(-1, 1) == 0"])
+
+
+def test_bad_jsonl_lines_name_the_file_and_line(tmp_path):
+    good = json.dumps(MBPP_ROW)
+    write(tmp_path / "mbpp" / "mbpp.jsonl", good + "\n" + good.replace("11", "12") + "\n{not json\n")
+    with pytest.raises(DataError, match=r"mbpp\.jsonl line 3: not valid JSON"):
+        get_task("mbpp").load("test", data_dir=tmp_path)
+    missing = {k: v for k, v in MBPP_ROW.items() if k != "test_list"}
+    write(tmp_path / "mbpp" / "mbpp.jsonl", good + "\n\n" + json.dumps(missing) + "\n")
+    with pytest.raises(DataError, match=r"mbpp\.jsonl line 3: missing field 'test_list'"):
+        get_task("mbpp").load("test", data_dir=tmp_path)
+    write(tmp_path / "countdown" / "countdown_3to4_train.jsonl", '{"target": 24, "nums": [1, 2, 3]}\n'
+                                                                   '{"target": 24, "nums": "1 2 3"}\n')
+    with pytest.raises(DataError, match=r"countdown_3to4_train\.jsonl line 2: 'nums' must be"):
+        get_task("countdown").load("train", data_dir=tmp_path)
+    write(tmp_path / "gsm8k" / "test.jsonl", '{"question": "1 + 1?", "answer": "2"}\n')
+    with pytest.raises(DataError, match=r"test\.jsonl line 1: 'answer' must end with '#### <number>'"):
+        get_task("gsm8k").load("test", data_dir=tmp_path)
+
+
+def test_missing_files_and_folders_are_named(tmp_path):
+    with pytest.raises(DataError, match=r"gsm8k/train\.jsonl: file not found"):
+        get_task("gsm8k").load("train", data_dir=tmp_path)
+    with pytest.raises(DataError, match=r"mbpp/mbpp\.jsonl: file not found"):
+        get_task("mbpp").load("train", data_dir=tmp_path)
+    with pytest.raises(DataError, match=r"function_calling: folder not found"):
+        get_task("function_calling").load("train", data_dir=tmp_path)
+    with pytest.raises(DataError, match="does not exist"):
+        resolve_data_dir(str(tmp_path / "nowhere"))
+
+
+def test_bad_function_calling_rows_name_the_file_and_line(tmp_path):
+    row = {"query": "Weather in Oslo?", "tools": [{"name": "w", "parameters": {}}],
+           "answers": [{"name": "w", "arguments": {}}]}
+    bad = {k: v for k, v in row.items() if k != "answers"}
+    path = write(tmp_path / "function_calling" / "apibank_hammer" / "x.json", json.dumps([row, bad], indent=1))
+    line = [n for n, text in enumerate(path.read_text().splitlines(), 1) if text == " {"][1]   # the second row
+    with pytest.raises(DataError, match=rf"x\.json line {line}: missing field 'answers'"):
+        get_task("function_calling").load("train", data_dir=tmp_path)
+    write(path, '[\n {"query": "a", "tools": "[]", "answers": "[]"},\n {"query": oops}\n]')
+    with pytest.raises(DataError, match=r"x\.json line 3: not valid JSON"):
+        get_task("function_calling").load("train", data_dir=tmp_path)
+    write(path, json.dumps([dict(row, tools="[{not json")]))
+    with pytest.raises(DataError, match=r"x\.json line 1: field 'tools' is not valid JSON"):
+        get_task("function_calling").load("train", data_dir=tmp_path)
+    path.unlink()
+    bfcl = tmp_path / "function_calling" / "bfcl"
+    question = {"question": [[{"role": "user", "content": "hi"}]], "function": [{"name": "w"}]}
+    write(bfcl / "BFCL_v4_simple_python.json",
+          json.dumps(dict(question, id="a")) + "\n" + json.dumps(dict(question, id="b")))
+    write(bfcl / "possible_answer" / "BFCL_v4_simple_python.json", json.dumps({"id": "a", "ground_truth": [{"w": {}}]}))
+    with pytest.raises(DataError, match=r"BFCL_v4_simple_python\.json line 2: no possible answer for id 'b'"):
+        get_task("function_calling").load("train", data_dir=tmp_path)
+
+
+def test_parquet_without_pyarrow_says_what_to_do(tmp_path, monkeypatch):
+    monkeypatch.setitem(sys.modules, "pyarrow", None)          # makes `import pyarrow...` fail
+    monkeypatch.setitem(sys.modules, "pyarrow.parquet", None)
+    write(tmp_path / "countdown" / "countdown_3to4_train.parquet", "PAR1")
+    with pytest.raises(DataError, match=r"countdown_3to4_train\.parquet: reading parquet needs pyarrow.*JSON Lines"):
+        get_task("countdown").load("train", data_dir=tmp_path)
+
+
+def test_bad_names_list_the_valid_ones(monkeypatch, tmp_path):
+    with pytest.raises(DataError, match="known: countdown, function_calling, mbpp, gsm8k"):
+        get_task("apigen")
+    with pytest.raises(DataError, match="splits train, test, validation, prompt"):
+        get_task("mbpp").load("dev")
+    with pytest.raises(DataError, match="splits train, test"):
+        get_task("gsm8k").load("validation")
+    with pytest.raises(DataError, match="size"):
+        get_task("gsm8k").load("train", size=-1)
+    with pytest.raises(ValueError, match="1 completions for 0 examples"):
+        get_task("gsm8k").check_batch(["#### 1"], [])
+    monkeypatch.delenv("RRR_DATA_DIR", raising=False)
+    assert resolve_data_dir(None) is None
+    monkeypatch.setenv("RRR_DATA_DIR", str(tmp_path))
+    assert resolve_data_dir(None) == tmp_path
+    assert resolve_data_dir(str(tmp_path / "..")) == tmp_path / ".."   # the flag wins over the variable
