@@ -80,9 +80,7 @@ def token_logprobs(model, input_ids: torch.Tensor, attention_mask: torch.Tensor,
 
     Runs the model's own forward (so that FSDP gathers and frees parameters as usual) asking for the
     logits of the last position only, takes the final-norm hidden states, keeps those whose next
-    token is trained, and applies the output head + log-softmax + gather to `chunk_size` of them at a
-    time. Each chunk is checkpointed, so backward recomputes its (chunk, vocab) logits instead of
-    keeping them: peak logits memory is one chunk, whatever the batch (RESEARCH.md pitfall 8).
+    token is trained, and applies the output head through `head_logprobs`.
     """
     if mask[:, 0].any():
         raise ValueError("position 0 has no prefix and cannot be trained")
@@ -90,8 +88,17 @@ def token_logprobs(model, input_ids: torch.Tensor, attention_mask: torch.Tensor,
                 logits_to_keep=1)
     hidden = out.hidden_states[-1]                               # (B, T, H), after the final norm
     where = mask[:, 1:].bool()                                   # next token trained
-    picked = hidden[:, :-1][where]                               # (N, H)
-    targets = input_ids[:, 1:][where]                            # (N,)
+    values = head_logprobs(model, hidden[:, :-1][where], input_ids[:, 1:][where], chunk_size)
+    result = torch.zeros(mask.shape, dtype=torch.float32, device=hidden.device)
+    return result.masked_scatter(torch.nn.functional.pad(where, (1, 0)), values)
+
+
+def head_logprobs(model, hidden: torch.Tensor, targets: torch.Tensor, chunk_size: int = 1024) -> torch.Tensor:
+    """log p(targets[n] | hidden[n]) through the model's output head: hidden (N, H), targets (N,) -> (N,).
+
+    `chunk_size` rows at a time, each chunk checkpointed, so backward recomputes its (chunk, vocab)
+    logits instead of keeping them: peak logits memory is one chunk, whatever the batch (RESEARCH.md
+    pitfall 8)."""
     head = model.get_output_embeddings()
     softcap = getattr(model.config, "final_logit_softcapping", None)
 
@@ -103,15 +110,65 @@ def token_logprobs(model, input_ids: torch.Tensor, attention_mask: torch.Tensor,
         return logits.gather(-1, y[:, None])[:, 0] - logits.logsumexp(-1)
 
     pieces = []
-    for start in range(0, picked.shape[0], chunk_size):
-        h, y = picked[start:start + chunk_size], targets[start:start + chunk_size]
+    for start in range(0, hidden.shape[0], chunk_size):
+        h, y = hidden[start:start + chunk_size], targets[start:start + chunk_size]
         if torch.is_grad_enabled() and h.requires_grad:
             pieces.append(torch.utils.checkpoint.checkpoint(chunk_logprobs, h, y, use_reentrant=False))
         else:
             pieces.append(chunk_logprobs(h, y))
-    values = torch.cat(pieces) if pieces else hidden.new_zeros(0, dtype=torch.float32)
-    result = torch.zeros(mask.shape, dtype=torch.float32, device=hidden.device)
-    return result.masked_scatter(torch.nn.functional.pad(where, (1, 0)), values)
+    return torch.cat(pieces) if pieces else hidden.new_zeros(0, dtype=torch.float32)
+
+
+def packed_logprobs(model, groups: list[tuple[list[int], list[list[int]]]], device=None,
+                    chunk_size: int = 1024) -> list[torch.Tensor]:
+    """Log-probs of the continuations of shared prefixes, computing each prefix once.
+
+    groups: (prefix, [continuation, ...]) pairs; the G reflections of one failure share its prompt +
+    attempt + reflection prompt. Each group becomes one packed row, prefix then every continuation,
+    with position ids that restart each continuation where the prefix ends and a mask that lets a
+    continuation see the prefix and its own earlier tokens only. This is exactly the G separate
+    sequences, without G copies of the prefix in the forward and backward passes. The first token of
+    each continuation is predicted from the prefix's last position.
+    Returns one (len(continuation),) tensor per continuation, in order.
+    """
+    rows, width = [], 0
+    for prefix, conts in groups:
+        if not prefix:
+            raise ValueError("a continuation needs a non-empty prefix to be predicted from")
+        ids, pos, seg = list(prefix), list(range(len(prefix))), [0] * len(prefix)
+        for j, c in enumerate(conts, 1):
+            ids += c
+            pos += range(len(prefix), len(prefix) + len(c))
+            seg += [j] * len(c)
+        rows.append((ids, pos, seg))
+        width = max(width, len(ids))
+    B = len(rows)
+    ids = torch.zeros(B, width, dtype=torch.long)
+    pos = torch.zeros(B, width, dtype=torch.long)
+    seg = torch.full((B, width), -1, dtype=torch.long)          # -1: padding
+    for r, (i, p, s) in enumerate(rows):
+        ids[r, :len(i)], pos[r, :len(p)], seg[r, :len(s)] = torch.tensor(i), torch.tensor(p), torch.tensor(s)
+    t = torch.arange(width)
+    causal = t[None, :] <= t[:, None]                            # (query, key)
+    same = (seg[:, None, :] == 0) | (seg[:, None, :] == seg[:, :, None])
+    pad = (seg == -1)[:, :, None] & (t[None, :] == t[:, None])[None]   # padding sees itself: no empty rows
+    mask = ((causal[None] & same & (seg[:, :, None] >= 0)) | pad)[:, None]   # (B, 1, width, width)
+    out = model(input_ids=ids.to(device), attention_mask=mask.to(device), position_ids=pos.to(device),
+                output_hidden_states=True, logits_to_keep=1)
+    hidden = out.hidden_states[-1]                               # (B, width, H)
+    row_of, at, targets, sizes = [], [], [], []
+    for r, (prefix, conts) in enumerate(groups):
+        start = len(prefix)
+        for c in conts:
+            # predictor of token k of this continuation: the prefix's last slot, then the previous slot
+            at += [len(prefix) - 1] + list(range(start, start + len(c) - 1)) if c else []
+            row_of += [r] * len(c)
+            targets += c
+            sizes.append(len(c))
+            start += len(c)
+    index = torch.tensor(row_of, dtype=torch.long, device=hidden.device), torch.tensor(at, dtype=torch.long, device=hidden.device)
+    values = head_logprobs(model, hidden[index], torch.tensor(targets, dtype=torch.long, device=hidden.device), chunk_size)
+    return list(values.split(sizes))
 
 
 def policy_loss(logprobs: torch.Tensor, old_logprobs: torch.Tensor, advantages: torch.Tensor,

@@ -35,7 +35,7 @@ from tqdm import tqdm
 
 import parallel as par
 from data import get_task, resolve_data_dir
-from grpo import group_advantages, pad_batch, policy_loss, summarize_stats, token_logprobs, zero_variance_fraction
+from grpo import group_advantages, packed_logprobs, policy_loss, summarize_stats, zero_variance_fraction
 from model import chat_ids, load_model, next_turn_ids, stop_token_ids
 from runs import (BadInput, append_jsonl, flag, main_guard, markdown_table, parse_config, pct, plot_panels,
                   prepare_out, read_jsonl, write_json)
@@ -334,42 +334,46 @@ def advantages_of(cfg, d, rewards):
 
 
 def grpo_update(cfg, d, pol, episodes) -> dict:
-    """One optimisation step (or --num-iterations) on this rank's episodes; gradients are summed over
-    micro-batches and ranks, and each micro-batch's loss is scaled to its share of the global objective,
-    so the step does not depend on how the batch is split (RESEARCH.md pitfall 1)."""
-    spans = [(0, 0) if cfg.mask_truncated_completions and e.truncated else e.span for e in episodes]
-    local_tokens = sum(b - a for a, b in spans)
+    """One optimisation step (or --num-iterations) on this rank's episodes. The G episodes of a failure
+    share their context, which is computed once per group (grpo.packed_logprobs). Gradients are summed
+    over micro-batches and ranks, and each micro-batch's loss is scaled to its share of the global
+    objective, so the step does not depend on how the batch is split (RESEARCH.md pitfall 1)."""
+    G = cfg.num_generations
+    trained = [[] if cfg.mask_truncated_completions and e.truncated else e.ids[e.span[0]:e.span[1]] for e in episodes]
+    local_tokens = sum(map(len, trained))
     total_tokens, total_rows = par.all_sum([local_tokens, len(episodes)], d)
-    micro = [list(range(i, min(i + cfg.micro_batch_size, len(episodes))))
-             for i in range(0, len(episodes), cfg.micro_batch_size)]
+    per_micro = max(1, cfg.micro_batch_size // G)            # whole groups per forward/backward pass
     batches = []
-    for rows in micro:
-        ids, attn, mask = pad_batch([episodes[r].ids for r in rows], [spans[r] for r in rows], device=d.device)
+    for start in range(0, len(episodes), G * per_micro):
+        rows = list(range(start, min(start + G * per_micro, len(episodes))))
+        groups = [(episodes[r].ids[:episodes[r].span[0]], [trained[q] for q in rows[i:i + G]])
+                  for i, r in enumerate(rows) if i % G == 0]
         adv = torch.tensor([episodes[r].advantage for r in rows], device=d.device)
+        mask = pad_rows([torch.ones(len(trained[r])) for r in rows]).to(d.device)     # (rows, T)
         ref = None
         if cfg.beta > 0:
             with torch.no_grad():
-                ref = token_logprobs(pol.ref, ids, attn, mask).float()
-        batches.append([ids, attn, mask, adv, ref, None])
+                ref = pad_rows(packed_logprobs(pol.ref, groups, d.device)).float()
+        batches.append([groups, adv, mask, ref, None])
     if cfg.num_iterations > 1:          # the policy that sampled: fixed before the first update
         with torch.no_grad():
             for b in batches:
-                b[5] = token_logprobs(pol.model, *b[:3])
+                b[4] = pad_rows(packed_logprobs(pol.model, b[0], d.device))
     sums, loss_total, grad_norm = dict(tokens=0.0, clip_sum=0.0, ratio_sum=0.0, kl_sum=0.0), 0.0, 0.0
     if total_tokens == 0:
         return dict(loss=0.0, grad_norm=0.0, **summarize_stats(sums))
     pol.model.train()
     for _ in range(cfg.num_iterations):
-        for i, (ids, attn, mask, adv, ref, old) in enumerate(batches):
+        for i, (groups, adv, mask, ref, old) in enumerate(batches):
             pol.model.set_requires_gradient_sync(i == len(batches) - 1)
-            lp = token_logprobs(pol.model, ids, attn, mask)
+            lp = pad_rows(packed_logprobs(pol.model, groups, d.device))              # (rows, T)
             loss, st = policy_loss(lp, lp.detach() if old is None else old, adv, mask, ref_logprobs=ref,
                                    beta=cfg.beta, epsilon=cfg.epsilon, epsilon_high=cfg.epsilon_high,
                                    loss_type=cfg.loss_type, max_completion_length=cfg.max_completion_length,
                                    total_tokens=total_tokens)
             # Share of the global objective: dapo is already normalised by the global token count;
             # grpo and dr_grpo average over rows; bnpo is a token mean per rank, averaged over ranks.
-            share = {"dapo": 1.0, "grpo": len(ids) / total_rows, "dr_grpo": len(ids) / total_rows,
+            share = {"dapo": 1.0, "grpo": len(adv) / total_rows, "dr_grpo": len(adv) / total_rows,
                      "bnpo": mask.sum().item() / max(local_tokens, 1) / d.world}[cfg.loss_type]
             (loss * share * d.world).backward()     # FSDP averages over ranks: * world makes it a sum
             loss_total += loss.item() * share
@@ -385,6 +389,12 @@ def grpo_update(cfg, d, pol, episodes) -> dict:
         pol.optimizer.zero_grad(set_to_none=True)
     g = par.all_sum([loss_total / cfg.num_iterations] + [sums[k] for k in sums], d)
     return dict(loss=g[0], grad_norm=grad_norm, **summarize_stats(dict(zip(sums, g[1:]))))
+
+
+def pad_rows(rows: list[torch.Tensor]) -> torch.Tensor:
+    """Per-row 1-D tensors -> (rows, longest), zero-padded (at least one column)."""
+    width = max([len(r) for r in rows] + [1])
+    return torch.stack([torch.nn.functional.pad(r, (0, width - len(r))) for r in rows])
 
 
 def step_batch(cfg, d, failures, step) -> list[Failure]:

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from grpo import group_advantages, policy_loss, span_mask, token_logprobs, zero_variance_fraction
+from grpo import group_advantages, packed_logprobs, policy_loss, span_mask, token_logprobs, zero_variance_fraction
 from sampler import generate
 from tiny import REPO, tiny_model
 
@@ -126,6 +126,35 @@ def test_token_logprobs_equal_full_logits(arch):
         full = logits_to_logprobs(model(ids, attention_mask=attn).logits.float(), ids)
     assert torch.allclose(got, full * mask, atol=1e-5)
     assert torch.equal(got[mask == 0], torch.zeros(int((mask == 0).sum())))
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen2"])
+def test_packed_logprobs_equal_separate_sequences_with_gradients(arch):
+    """Each prefix computed once for its continuations: values and parameter gradients must equal those
+    of every prefix + continuation run as its own sequence."""
+    model = tiny_model(arch=arch, seed=5)
+    g = torch.Generator().manual_seed(6)
+    rand = lambda n: torch.randint(3, 256, (n,), generator=g).tolist()  # noqa: E731
+    groups = [(rand(9), [rand(4), rand(1), rand(6)]), (rand(3), [rand(2), [], rand(5)]), (rand(12), [rand(3)])]
+    weights = torch.randn(sum(len(c) for _, cs in groups for c in cs), generator=g)
+
+    model.zero_grad()
+    packed = packed_logprobs(model, groups, chunk_size=5)
+    (torch.cat(packed) * weights).sum().backward()
+    packed_grads = [p.grad.clone() for p in model.parameters()]
+
+    model.zero_grad()
+    separate = []
+    for prefix, conts in groups:
+        for c in conts:
+            logits = model(torch.tensor([prefix + c])).logits[0].float()
+            lp = logits.log_softmax(-1)[len(prefix) - 1:-1].gather(-1, torch.tensor(c, dtype=torch.long)[:, None])[:, 0]
+            separate.append(lp)
+    (torch.cat(separate) * weights).sum().backward()
+    assert [len(x) for x in packed] == [len(x) for x in separate]
+    assert torch.allclose(torch.cat(packed), torch.cat(separate).detach(), atol=1e-5)
+    for a, b in zip(packed_grads, (p.grad for p in model.parameters())):
+        assert torch.allclose(a, b, rtol=1e-5, atol=1e-4 * b.abs().max().item())
 
 
 def toy_batch(seed=0):

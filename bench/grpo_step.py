@@ -1,0 +1,126 @@
+"""One GRPO training step (sampling + update) of `rrr.py --method grpo` against TRL's GRPOTrainer.
+
+    pip install trl==1.16.0          # the baseline only; not a dependency of the project
+    python bench/grpo_step.py        # embedded SmolLM2-135M, fp32, CPU: 4 prompts x 8 generations x 128 tokens
+
+Same model, prompts (Countdown), group size, completion length (no early stop on either side: every
+completion is --new-tokens long), beta, learning rate and loss type. Each side runs in its own process
+(so that peak memory is its own), one warm-up step then --steps timed steps; both are run by this one
+command. Tokens/s counts the generated tokens of a step over the whole step (sampling + update).
+Peak memory is the process's peak resident set size.
+"""
+
+import argparse
+import json
+import os
+import resource
+import subprocess
+import sys
+import time
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+
+
+def ours(args):
+    import torch
+
+    import parallel as par
+    import rrr
+    from runs import parse_config
+
+    cfg = parse_config(rrr.Config, ["--method", "grpo", "--num-generations", str(args.generations),
+                                    "--max-completion-length", str(args.new_tokens), "--beta", str(args.beta),
+                                    "--learning-rate", "1e-6", "--batch-size", str(args.prompts),
+                                    "--micro-batch-size", str(args.micro_batch), "--device", "cpu"])
+    d = par.init_distributed("cpu")
+    task, train, _ = rrr.load_splits(parse_config(rrr.Config, ["--train-size", str(args.prompts), "--eval-size", "1"]))
+    pol = rrr.load_policy(cfg, d)
+    pol.stops = []                                   # no early stop: every completion is full length
+    failures = [rrr.Failure(ex.id, [], None, "", 1) for ex in train]
+    examples = {ex.id: ex for ex in train}
+    times = []
+    for step in range(args.steps + 1):
+        t = time.perf_counter()
+        par.copy_full_weights(pol.model, pol.sampler)
+        episodes = rrr.rollout(cfg, d, pol, task, failures, examples, step)
+        rrr.grpo_update(cfg, d, pol, episodes)
+        times.append(time.perf_counter() - t)
+        assert sum(e.sampled for e in episodes) == args.prompts * args.generations * args.new_tokens
+    par.close_distributed()
+    return min(times[1:])
+
+
+def trl(args):
+    from datasets import Dataset
+    from transformers import TrainerCallback
+    from trl import GRPOConfig, GRPOTrainer
+
+    import rrr
+    from model import load_model
+    from runs import parse_config
+
+    task, train, _ = rrr.load_splits(parse_config(rrr.Config, ["--train-size", str(args.prompts), "--eval-size", "1"]))
+    model, tokenizer = load_model(None, device="cpu")
+    model.train()
+    references = {ex.messages[-1]["content"]: ex for ex in train}
+
+    def reward(prompts, completions, **_):
+        exs = [references[p[-1]["content"]] for p in prompts]
+        return [float(v.ok) for v in task.check_batch([c[-1]["content"] for c in completions], exs)]
+
+    times, last = [], [None]
+
+    class Clock(TrainerCallback):
+        def on_step_begin(self, *a, **k):
+            last[0] = time.perf_counter()
+
+        def on_step_end(self, *a, **k):
+            times.append(time.perf_counter() - last[0])
+
+    config = GRPOConfig(output_dir=os.path.join(args.tmp, "trl"), use_cpu=True, bf16=False,
+                        per_device_train_batch_size=args.prompts * args.generations, num_generations=args.generations,
+                        max_completion_length=args.new_tokens, max_steps=args.steps + 1, beta=args.beta,
+                        learning_rate=1e-6, loss_type="dapo", temperature=1.0, report_to=[], logging_steps=1000,
+                        save_strategy="no", gradient_accumulation_steps=1,
+                        generation_kwargs=dict(min_new_tokens=args.new_tokens))
+    data = Dataset.from_list([{"prompt": ex.messages} for ex in train] * (args.steps + 1) * args.generations)
+    trainer = GRPOTrainer(model=model, reward_funcs=[reward], args=config, train_dataset=data,
+                          processing_class=tokenizer, callbacks=[Clock()])
+    trainer.train()
+    return min(times[1:])
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--prompts", type=int, default=4, help="prompts per step")
+    ap.add_argument("--generations", type=int, default=8, help="completions per prompt (the GRPO group)")
+    ap.add_argument("--new-tokens", type=int, default=128, help="tokens per completion (no early stop)")
+    ap.add_argument("--beta", type=float, default=0.001, help="KL coefficient (> 0 keeps a reference model on both sides)")
+    ap.add_argument("--micro-batch", type=int, default=8, help="our rows per forward/backward pass")
+    ap.add_argument("--steps", type=int, default=2, help="timed steps after one warm-up step (best is kept)")
+    ap.add_argument("--side", choices=["ours", "trl"], help=argparse.SUPPRESS)
+    ap.add_argument("--tmp", default="/tmp/grpo_step_bench", help="scratch folder for TRL's output_dir")
+    args = ap.parse_args()
+    if args.side:
+        seconds = {"ours": ours, "trl": trl}[args.side](args)
+        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+        print(json.dumps(dict(seconds=seconds, peak_mb=peak)))
+        return
+    tokens = args.prompts * args.generations * args.new_tokens
+    print(f"{args.prompts} prompts x {args.generations} generations x {args.new_tokens} tokens = {tokens} tokens/step, "
+          f"beta {args.beta}, fp32 CPU, {os.cpu_count()} cores")
+    results = {}
+    for side in ("ours", "trl"):
+        done = subprocess.run([sys.executable, __file__, "--side", side] + sys.argv[1:], capture_output=True, text=True)
+        if done.returncode:
+            sys.exit(f"{side} failed:\n{done.stderr[-3000:]}")
+        results[side] = json.loads(done.stdout.strip().splitlines()[-1])
+    print(f"{'':>5} {'step s':>8} {'tokens/s':>9} {'peak MB':>8}")
+    for side, r in results.items():
+        print(f"{side:>5} {r['seconds']:>8.1f} {tokens / r['seconds']:>9.1f} {r['peak_mb']:>8.0f}")
+    o, t = results["ours"], results["trl"]
+    print(f"throughput ratio (ours / TRL): {t['seconds'] / o['seconds']:.2f}x; peak memory ratio: {o['peak_mb'] / t['peak_mb']:.2f}x")
+
+
+if __name__ == "__main__":
+    main()
