@@ -106,8 +106,8 @@ def head_logprobs(model, hidden: torch.Tensor, targets: torch.Tensor, chunk_size
         logits = head(h).float()                                 # (chunk, vocab), fp32 for the softmax
         if softcap:
             logits = torch.tanh(logits / softcap) * softcap
-        # gather first, then subtract the normaliser: no (chunk, vocab) log-softmax tensor is kept.
-        return logits.gather(-1, y[:, None])[:, 0] - logits.logsumexp(-1)
+        # The fused log-softmax + pick of cross_entropy: no (chunk, vocab) log-softmax tensor is kept.
+        return -torch.nn.functional.cross_entropy(logits, y, reduction="none")
 
     pieces = []
     for start in range(0, hidden.shape[0], chunk_size):
@@ -124,51 +124,48 @@ def packed_logprobs(model, groups: list[tuple[list[int], list[list[int]]]], devi
     """Log-probs of the continuations of shared prefixes, computing each prefix once.
 
     groups: (prefix, [continuation, ...]) pairs; the G reflections of one failure share its prompt +
-    attempt + reflection prompt. Each group becomes one packed row, prefix then every continuation,
-    with position ids that restart each continuation where the prefix ends and a mask that lets a
-    continuation see the prefix and its own earlier tokens only. This is exactly the G separate
-    sequences, without G copies of the prefix in the forward and backward passes. The first token of
-    each continuation is predicted from the prefix's last position.
-    Returns one (len(continuation),) tensor per continuation, in order.
+    attempt + reflection prompt. A first forward runs the prefixes (right-padded) and keeps their
+    keys and values; a second runs every continuation as its own row on a copy of its prefix's cache,
+    with position ids that continue where that prefix ends. Gradients flow back through the cache
+    into the prefix pass, so this equals running each prefix + continuation on its own, without G
+    copies of the prefix in the forward and backward passes. The first token of each continuation is
+    predicted from its prefix's last position. Returns one tensor per continuation, in order.
     """
-    rows, width = [], 0
-    for prefix, conts in groups:
-        if not prefix:
-            raise ValueError("a continuation needs a non-empty prefix to be predicted from")
-        ids, pos, seg = list(prefix), list(range(len(prefix))), [0] * len(prefix)
-        for j, c in enumerate(conts, 1):
-            ids += c
-            pos += range(len(prefix), len(prefix) + len(c))
-            seg += [j] * len(c)
-        rows.append((ids, pos, seg))
-        width = max(width, len(ids))
-    B = len(rows)
-    ids = torch.zeros(B, width, dtype=torch.long)
-    pos = torch.zeros(B, width, dtype=torch.long)
-    seg = torch.full((B, width), -1, dtype=torch.long)          # -1: padding
-    for r, (i, p, s) in enumerate(rows):
-        ids[r, :len(i)], pos[r, :len(p)], seg[r, :len(s)] = torch.tensor(i), torch.tensor(p), torch.tensor(s)
-    t = torch.arange(width)
-    causal = t[None, :] <= t[:, None]                            # (query, key)
-    same = (seg[:, None, :] == 0) | (seg[:, None, :] == seg[:, :, None])
-    pad = (seg == -1)[:, :, None] & (t[None, :] == t[:, None])[None]   # padding sees itself: no empty rows
-    mask = ((causal[None] & same & (seg[:, :, None] >= 0)) | pad)[:, None]   # (B, 1, width, width)
-    out = model(input_ids=ids.to(device), attention_mask=mask.to(device), position_ids=pos.to(device),
+    if any(not prefix for prefix, _ in groups):
+        raise ValueError("a continuation needs a non-empty prefix to be predicted from")
+    sizes = [len(c) for _, conts in groups for c in conts]
+    rows = [(g, c) for g, (_, conts) in enumerate(groups) for c in conts if c]
+    if not rows:
+        return [torch.zeros(0, device=device) for _ in sizes]
+    prefix_ids, prefix_mask = _right_pad([p for p, _ in groups])
+    out = model(input_ids=prefix_ids.to(device), attention_mask=prefix_mask.to(device), use_cache=True,
                 output_hidden_states=True, logits_to_keep=1)
-    hidden = out.hidden_states[-1]                               # (B, width, H)
-    row_of, at, targets, sizes = [], [], [], []
-    for r, (prefix, conts) in enumerate(groups):
-        start = len(prefix)
-        for c in conts:
-            # predictor of token k of this continuation: the prefix's last slot, then the previous slot
-            at += [len(prefix) - 1] + list(range(start, start + len(c) - 1)) if c else []
-            row_of += [r] * len(c)
-            targets += c
-            sizes.append(len(c))
-            start += len(c)
-    index = torch.tensor(row_of, dtype=torch.long, device=hidden.device), torch.tensor(at, dtype=torch.long, device=hidden.device)
-    values = head_logprobs(model, hidden[index], torch.tensor(targets, dtype=torch.long, device=hidden.device), chunk_size)
-    return list(values.split(sizes))
+    cache, prefix_hidden = out.past_key_values, out.hidden_states[-1]      # hidden (groups, P, H)
+    owner = torch.tensor([g for g, _ in rows], device=prefix_hidden.device)
+    cache.batch_select_indices(owner)                                      # one cache row per continuation
+    cont_ids, cont_mask = _right_pad([c for _, c in rows])
+    lengths = torch.tensor([len(groups[g][0]) for g, _ in rows])
+    positions = lengths[:, None] + torch.arange(cont_ids.shape[1])
+    mask = torch.cat([prefix_mask[owner.cpu()], cont_mask], dim=1)         # (rows, P + C): keys to attend
+    out = model(input_ids=cont_ids.to(device), attention_mask=mask.to(device), position_ids=positions.to(device),
+                past_key_values=cache, output_hidden_states=True, logits_to_keep=1)
+    cont_hidden = out.hidden_states[-1]                                    # (rows, C, H)
+    # Predictor of each continuation token: its prefix's last position, then its own previous token.
+    first = prefix_hidden[owner, (lengths - 1).to(owner.device)]           # (rows, H)
+    hidden = torch.cat([torch.cat([first[r:r + 1], cont_hidden[r, :len(c) - 1]]) for r, (_, c) in enumerate(rows)])
+    targets = torch.tensor([t for _, c in rows for t in c], dtype=torch.long, device=hidden.device)
+    values = iter(head_logprobs(model, hidden, targets, chunk_size).split([len(c) for _, c in rows]))
+    return [next(values) if n else hidden.new_zeros(0, dtype=torch.float32) for n in sizes]
+
+
+def _right_pad(seqs: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor]:
+    width = max(len(s) for s in seqs)
+    ids = torch.zeros(len(seqs), width, dtype=torch.long)
+    mask = torch.zeros(len(seqs), width, dtype=torch.long)
+    for r, s in enumerate(seqs):
+        ids[r, :len(s)] = torch.tensor(s, dtype=torch.long)
+        mask[r, :len(s)] = 1
+    return ids, mask
 
 
 def policy_loss(logprobs: torch.Tensor, old_logprobs: torch.Tensor, advantages: torch.Tensor,

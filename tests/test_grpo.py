@@ -192,16 +192,50 @@ def free_port():
         return s.getsockname()[1]
 
 
-@pytest.mark.slow
-def test_dapo_gradient_same_over_two_ranks(tmp_path):
-    out = tmp_path / "grad.pt"
+def packed_toy_groups():
+    """Three groups (shared prefix, continuations) and an advantage per continuation."""
+    g = torch.Generator().manual_seed(9)
+    rand = lambda n: torch.randint(3, 256, (n,), generator=g).tolist()  # noqa: E731
+    groups = [(rand(7), [rand(3), rand(5)]), (rand(4), [rand(2), rand(6), rand(1)]), (rand(10), [rand(4), rand(2)])]
+    return groups, torch.randn(7, generator=g)
+
+
+def run_two_ranks(tmp_path, mode):
+    out = tmp_path / f"{mode}.pt"
     env = dict(os.environ, PYTHONPATH=f"{REPO}{os.pathsep}{REPO / 'tests'}")
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={free_port()}",
-           str(Path(__file__).with_name("grpo_two_ranks.py")), str(out)]
-    subprocess.run(cmd, check=True, env=env, timeout=300, capture_output=True)
+           str(Path(__file__).with_name("grpo_two_ranks.py")), mode, str(out)]
+    done = subprocess.run(cmd, env=env, timeout=300, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr[-3000:]
+    return torch.load(out)
+
+
+@pytest.mark.slow
+def test_dapo_gradient_same_over_two_ranks(tmp_path):
     model, ids, attn, mask, adv = toy_batch()
     whole = grads_of(model, ids, attn, mask, adv, [list(range(6))], mask.sum().item())
-    assert torch.allclose(torch.load(out), whole, atol=1e-6)
+    assert torch.allclose(run_two_ranks(tmp_path, "plain"), whole, atol=1e-6)
+
+
+@pytest.mark.slow
+def test_fsdp_packed_gradient_over_two_ranks_equals_plain_sequences(tmp_path):
+    """rrr.py's training path (FSDP2 over 2 ranks, shared prefixes computed once) against one ordinary
+    model that runs every prefix + continuation as its own sequence."""
+    groups, adv = packed_toy_groups()
+    model = tiny_model(seed=8).train()
+    rows, values = [], []
+    for prefix, conts in groups:
+        for c in conts:
+            logits = model(torch.tensor([prefix + c])).logits[0].float()
+            values.append(logits.log_softmax(-1)[len(prefix) - 1:-1].gather(-1, torch.tensor(c)[:, None])[:, 0])
+    width = max(len(v) for v in values)
+    lp = torch.stack([torch.nn.functional.pad(v, (0, width - len(v))) for v in values])
+    mask = torch.stack([torch.nn.functional.pad(torch.ones(len(v)), (0, width - len(v))) for v in values])
+    loss, _ = policy_loss(lp, lp.detach(), adv, mask, total_tokens=mask.sum().item())
+    loss.backward()
+    whole = torch.cat([p.grad.flatten() for p in model.parameters()])
+    got = run_two_ranks(tmp_path, "fsdp")
+    assert torch.allclose(got, whole, rtol=1e-4, atol=1e-5 * whole.abs().max().item())
 
 
 def test_kl_gradient_pulls_toward_reference():
