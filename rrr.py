@@ -39,7 +39,7 @@ from grpo import group_advantages, packed_logprobs, policy_loss, summarize_stats
 from model import chat_ids, load_model, next_turn_ids, stop_token_ids
 from runs import (BadInput, append_jsonl, flag, main_guard, markdown_table, parse_config, pct, plot_panels,
                   prepare_out, read_jsonl, write_json)
-from sampler import generate
+from sampler import generate, release
 
 GENERIC_REFLECTION = ("I made a mistake in my previous answer. I will read the task again carefully, "
                       "check every step, and then give a corrected answer.")
@@ -228,6 +228,7 @@ def evaluate(cfg, d, pol, task, examples, step, out, batch=32) -> dict:
             first += v.ok
             second += v.ok or ok2.get(i, False)
             rows.append(dict(id=ex.id, first=v.ok, second=v.ok or ok2.get(i, False), attempt=pol.decode(gen1.tokens[i])))
+    release(pol.sampler)
     first, second, n = par.all_sum([first, second, len(mine)], d)
     result = dict(step=step, first=first / n, second=second / n, n=int(n))
     all_rows = par.all_gather_objects(rows, d)
@@ -283,6 +284,7 @@ def build_failure_set(cfg, d, pol, task, train, out, chunk=16) -> list[Failure]:
             done.update((r["id"], r) for r in rs)
         if d.main:
             append_jsonl(path, [done[ex.id] for ex in todo[start:start + chunk]])
+    release(pol.sampler)
     return [Failure(r["id"], r["attempt"], r["attempt_stop"], r["feedback"], r["samples"])
             for ex in train if (r := done[ex.id])["failed"]]
 
@@ -307,6 +309,7 @@ def rollout(cfg, d, pol, task, failures, examples, step) -> list[Episode]:
             contexts, trained = prefixes, refl
         else:                           # generic reflection: the retry is all the model wrote
             contexts, trained = [p + generic_turn(pol, task) for p in prefixes], retries
+    release(pol.sampler)     # the sampler's weight copies are stale after the update anyway
     verdicts = task.check_batch([pol.decode(t) for t in retries.tokens], [exs[r // G] for r in range(len(retries.tokens))])
     rewards = torch.tensor([float(v.ok) for v in verdicts])
     advantages = advantages_of(cfg, d, rewards)

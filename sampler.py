@@ -189,6 +189,13 @@ def _prepare(model) -> _Weights:
     return weights
 
 
+def release(model):
+    """Frees the fused (and on CPU transposed) weight copies kept for `model`, about 1.7x its size.
+    They are rebuilt on the next `generate`; a training loop whose weights change every step anyway
+    calls this after sampling so that the copies do not sit in memory during the update."""
+    _prepared.pop(model, None)
+
+
 def _forward_chunk(model, weights: _Weights, cache: KVCache, tokens: torch.Tensor,
                    chunk_lens: torch.Tensor) -> torch.Tensor:
     """Appends `tokens` (rows, C), right-padded to C with row r's real length chunk_lens[r], to the
