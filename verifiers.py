@@ -217,9 +217,18 @@ def format_calls(calls: list[dict]) -> str:
     """A list of calls written as the completion the task prompt asks for. BFCL possible answers
     become calls with the first acceptable value of each parameter (optional ones left out)."""
     if calls and not _is_xlam(calls):
-        calls = [{"name": name, "arguments": {p: v[0] for p, v in params.items() if v and v[0] != ""}}
+        calls = [{"name": name, "arguments": {p: _first(v) for p, v in params.items() if v and v[0] != ""}}
                  for entry in calls for name, params in entry.items()]
     return json.dumps(calls, ensure_ascii=False)
+
+
+def _first(acceptable):
+    # BFCL writes a dict argument as a dict of acceptable-value lists, also inside lists.
+    def pick(value):
+        if isinstance(value, dict):
+            return {k: _first(v) for k, v in value.items() if not (isinstance(v, list) and v and v[0] == "")}
+        return [pick(v) for v in value] if isinstance(value, list) else value
+    return pick(acceptable[0] if isinstance(acceptable, list) and acceptable else acceptable)
 
 
 def _is_xlam(answers) -> bool:

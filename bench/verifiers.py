@@ -1,0 +1,49 @@
+"""MBPP programs checked per second with verifiers.check_code_batch (a fresh process per program).
+
+    python bench/verifiers.py                          # ../shared/data/mbpp/mbpp.jsonl, all 974 reference programs
+    python bench/verifiers.py --data-dir DIR --workers 2 --repeats 3
+
+Three sets: the reference solutions (typical passing programs); the same programs with their body
+broken so that every assert fails (typical failing programs, with feedback); and a mix of half and half.
+"""
+
+import argparse
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+from verifiers import check_code_batch  # noqa: E402
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--data-dir", default=os.environ.get("RRR_DATA_DIR", str(Path(__file__).resolve().parents[2] / "shared" / "data")),
+                    help="folder holding mbpp/mbpp.jsonl (default $RRR_DATA_DIR, else ../shared/data)")
+    ap.add_argument("--workers", type=int, default=None, help="parallel sandboxes (default: one per CPU core)")
+    ap.add_argument("--repeats", type=int, default=2, help="timed repeats per set (best is kept)")
+    args = ap.parse_args()
+    path = Path(args.data_dir) / "mbpp" / "mbpp.jsonl"
+    if not path.exists():
+        sys.exit(f"error: {path} not found (pass --data-dir)")
+    rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    passing = [(r["code"], r["test_list"], r["test_setup_code"]) for r in rows]
+    # Every function returns None: the asserts run and fail, with feedback.
+    failing = [("\n".join(line if not line.lstrip().startswith("return") else line[:len(line) - len(line.lstrip())] + "return None"
+                          for line in code.splitlines()), tests, setup) for code, tests, setup in passing]
+    mixed = [p if i % 2 else f for i, (p, f) in enumerate(zip(passing, failing))]
+    print(f"{len(rows)} programs, {args.workers or os.cpu_count()} workers, {os.cpu_count()} cores")
+    for name, items in (("passing", passing), ("failing", failing), ("mixed", mixed)):
+        best, ok = 0.0, 0
+        for _ in range(args.repeats):
+            start = time.perf_counter()
+            verdicts = check_code_batch(items, workers=args.workers)
+            best = max(best, len(items) / (time.perf_counter() - start))
+            ok = sum(v.ok for v in verdicts)
+        print(f"{name:>8}: {best:6.1f} programs/s ({ok} of {len(items)} pass)")
+
+
+if __name__ == "__main__":
+    main()
