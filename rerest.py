@@ -432,12 +432,17 @@ def run_stages(cfg, d, out: Path) -> str:
                 triples.append((prompt, chosen, rejected))
         agent_row("DPO", triples, kind="dpo", extra_time=timings["sample"] + timings["reflect"])
         sizes["DPO"] = (len(d_m), len(d_r))
+    if d.main and rows["Re-ReST"].get("folder"):       # the method's agent, as <out>/final
+        link = out / "final.tmp"
+        link.unlink(missing_ok=True)
+        link.symlink_to(Path(rows["Re-ReST"]["folder"]).resolve(), target_is_directory=True)
+        link.replace(out / "final")
     return write_report(cfg, out, rows, sizes, len(test))
 
 
 def write_report(cfg, out, rows, sizes, n_test) -> str:
     header = ["row", "pass@1"] + ([f"pass@1, self-consistency {cfg.self_consistency}"] if cfg.self_consistency else []) \
-        + ["|D_M|", "|D_R|", "wall time"]
+        + ["D_M size", "D_R size", "wall time"]
     body = []
     for name, r in rows.items():
         dm, dr = sizes.get(name, ("-", "-"))

@@ -1,6 +1,6 @@
 """Reflect, Retry, Reward (Bensal et al. 2025): GRPO that rewards only the self-reflection.
 
-    python rrr.py --task countdown                                  # embedded SmolLM2-135M, CPU, ~15 min
+    python rrr.py --task countdown                                  # embedded SmolLM2-135M, 2-core CPU, ~8 min
     torchrun --nproc_per_node=8 rrr.py --task countdown --model Qwen/Qwen2.5-1.5B-Instruct ...
     torchrun --nproc_per_node=2 rrr.py --task countdown             # 2 CPU processes (gloo)
 
@@ -264,9 +264,9 @@ def build_failure_set(cfg, d, pol, task, train, out, chunk=16) -> list[Failure]:
         gen = generator(cfg, d, 1, k + len(done))
         found = {}
         used = {ex.id: 0 for ex in part}
-        pending = list(part)
-        while pending:          # rounds: a few attempts for each query that has not failed yet
-            n = min(4, cfg.failure_samples - used[pending[0].id])
+        pending, n = list(part), 1
+        while pending:   # rounds of 1, 2, 4, ... attempts for each query that has not failed yet
+            n = min(n, cfg.failure_samples - used[pending[0].id])
             prompts = [chat_ids(pol.tokenizer, ex.messages) for ex in pending]
             g = sample(pol, prompts, cfg, max_new_tokens=cfg.max_completion_length, num_samples=n,
                        temperature=cfg.temperature, gen=gen)
@@ -279,6 +279,7 @@ def build_failure_set(cfg, d, pol, task, train, out, chunk=16) -> list[Failure]:
                                             attempt_stop=stop_of(g.tokens[r], g.finished[r]), samples=used[ex.id] + j + 1)
                 used[ex.id] += n
             pending = [ex for ex in pending if ex.id not in found and used[ex.id] < cfg.failure_samples]
+            n *= 2
         new = [found.get(ex.id, dict(id=ex.id, failed=False, samples=used[ex.id])) for ex in part]
         for rs in par.all_gather_objects(new, d):
             done.update((r["id"], r) for r in rs)
@@ -457,8 +458,7 @@ def run(argv=None):
         if cfg.batch_size % d.world:
             raise BadInput(f"--batch-size {cfg.batch_size} must be a multiple of the {d.world} ranks")
         task, train, test = load_splits(cfg)                                         # 1
-        saved = prepare_out(out, asdict(cfg), cfg.resume, d.main)
-        par.barrier()
+        saved = on_rank0(d, lambda: prepare_out(out, asdict(cfg), cfg.resume))
         pol = load_policy(cfg, d)
         state = par.load_checkpoint(out / "checkpoints", pol.model, pol.optimizer, d) if saved else None
         start = state["step"] if state else 0
@@ -500,6 +500,21 @@ def run(argv=None):
         par.export_hf(pol.model, pol.tokenizer, out / "final", d)
     finally:
         par.close_distributed()
+
+
+def on_rank0(d, work):
+    """work() on rank 0 only (it reads and writes the run folder); its result, or its BadInput, on every
+    rank. Every rank checking the folder itself would race with rank 0 creating it."""
+    outcome = None
+    if d.main:
+        try:
+            outcome = ("ok", work())
+        except BadInput as e:
+            outcome = ("bad", str(e))
+    outcome = par.broadcast_object(outcome, d)
+    if outcome[0] == "bad":
+        raise BadInput(outcome[1])
+    return outcome[1]
 
 
 def step_metrics(cfg, d, step, episodes, stats, t0, t1, t2) -> dict:

@@ -46,7 +46,7 @@ def parse_config(cls, argv=None, description: str = ""):
 RESUMABLE_CHANGES = {"steps", "eval_every", "save_every", "resume", "log_episodes", "device"}
 
 
-def prepare_out(out: Path, config: dict, resume: bool, main: bool) -> dict | None:
+def prepare_out(out: Path, config: dict, resume: bool) -> dict | None:
     """Creates the run folder, or checks that --resume continues the same run. Returns the saved config
     of the run being resumed (None for a new run). Never deletes or overwrites anything."""
     saved_file = out / "config.json"
@@ -62,9 +62,8 @@ def prepare_out(out: Path, config: dict, resume: bool, main: bool) -> dict | Non
         return saved
     if resume:
         raise BadInput(f"--resume: no run to continue in {out} (no config.json)")
-    if main:
-        out.mkdir(parents=True, exist_ok=True)
-        write_json(saved_file, config)
+    out.mkdir(parents=True, exist_ok=True)
+    write_json(saved_file, config)
     return None
 
 

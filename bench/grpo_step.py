@@ -22,8 +22,6 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 
 
 def ours(args):
-    import torch
-
     import parallel as par
     import rrr
     from runs import parse_config

@@ -223,7 +223,7 @@ def test_fsdp_packed_gradient_over_two_ranks_equals_plain_sequences(tmp_path):
     model that runs every prefix + continuation as its own sequence."""
     groups, adv = packed_toy_groups()
     model = tiny_model(seed=8).train()
-    rows, values = [], []
+    values = []
     for prefix, conts in groups:
         for c in conts:
             logits = model(torch.tensor([prefix + c])).logits[0].float()

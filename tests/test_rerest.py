@@ -4,7 +4,6 @@ reflector's prompt and D_R, and a tiny end-to-end run on 1 and 2 processes."""
 import math
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 import torch
@@ -146,7 +145,8 @@ def test_reflector_sees_feedback_verbatim_and_d_r_only_passes(tmp_path, one_proc
 def test_tiny_end_to_end_prints_the_table(tmp_path, tiny_chat, nproc):
     out = tmp_path / "run"
     args = [f"--model={tiny_chat}", "--task=mbpp", f"--out={out}", "--k=2", "--train-size=4", "--eval-size=4",
-            "--max-completion-length=16", "--dpo", "--train-reflector", "--device=cpu", "--batch-size=2"]
+            "--max-completion-length=16", "--dpo", "--train-reflector", "--self-consistency=2", "--device=cpu",
+            "--batch-size=2"]
     if nproc == 1:
         cmd = [sys.executable, str(REPO / "rerest.py")]
     else:
@@ -156,6 +156,7 @@ def test_tiny_end_to_end_prints_the_table(tmp_path, tiny_chat, nproc):
     assert done.returncode == 0, done.stderr[-3000:]
     for row in ("| base |", "| self-training |", "| Re-ReST |", "| Re-ReST + trained reflector |", "| DPO |"):
         assert row in done.stdout
+    assert "self-consistency 2" in done.stdout and list(out.glob("sc-base-*.jsonl"))
     assert (out / "report.md").exists()
     # A second run with the same flags redoes nothing: every stage comes from the cache.
     again = subprocess.run(cmd[:1] + [str(REPO / "rerest.py")] + args, env=ENV, capture_output=True, text=True,
@@ -163,3 +164,15 @@ def test_tiny_end_to_end_prints_the_table(tmp_path, tiny_chat, nproc):
     assert again.returncode == 0 and "sample + verify:" not in again.stderr
     samples = read_jsonl(next(out.glob("samples-*.jsonl")))
     assert len(samples) == 4 * 2
+
+
+@pytest.mark.parametrize("extra, message", [
+    (["--task", "nope"], "invalid choice"),
+    (["--k", "0"], "--k must be at least 1"),
+    (["--task", "countdown", "--self-consistency", "3"], "needs --task mbpp"),
+    (["--data-dir", "/no/such/folder"], "does not exist"),
+])
+def test_bad_input_exits_2_with_one_line(tmp_path, extra, message):
+    done = subprocess.run([sys.executable, str(REPO / "rerest.py"), f"--out={tmp_path / 'x'}"] + extra, env=ENV,
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 2 and message in done.stderr and "Traceback" not in done.stderr, done.stderr
