@@ -2,7 +2,8 @@
 processes (gloo) and N GPUs (NCCL).
 
 - `init_distributed`: a process group always exists; without torchrun it is a 1-process group, so
-  single-process runs exercise the same FSDP code as 8-GPU runs.
+  single-process runs exercise the same FSDP code as 8-GPU runs. On CPU it sets the thread count
+  per process and `keep_freed_memory`.
 - `shard_model`: FSDP2 (`fully_shard`) per decoder layer, then the root. On CUDA the parameters
   stay fp32 (the master weights) and compute runs in bf16 (`MixedPrecisionPolicy`).
 - `copy_full_weights`: all-gathers the sharded weights into an ordinary module that each rank
@@ -66,7 +67,24 @@ def init_distributed(device: str | None = None) -> Dist:
         # N processes on one CPU share its cores; more threads than cores only adds contention.
         local = int(os.environ.get("LOCAL_WORLD_SIZE", 1))
         torch.set_num_threads(max(1, (os.cpu_count() or 1) // local))
+        keep_freed_memory()
     return Dist(dist.get_rank(), dist.get_world_size(), dev)
+
+
+def keep_freed_memory() -> bool:
+    """Makes glibc keep freed memory for reuse instead of handing it back to the OS (Linux only).
+
+    By default every freed block over 32 MB (a chunk of output-head logits, the embedding's gradient)
+    goes back to the OS, and the next one faults in fresh zeroed pages: about 10 GB of page faults per
+    GRPO step of the benchmark, a quarter of the update's time on the 2-core CPU (BENCHMARKS.md). The
+    cost is that the process keeps its high-water mark of memory. Returns whether it took effect."""
+    try:
+        import ctypes
+        libc = ctypes.CDLL("libc.so.6")
+        M_TRIM_THRESHOLD, M_MMAP_MAX = -1, -4
+        return bool(libc.mallopt(M_MMAP_MAX, 0)) and bool(libc.mallopt(M_TRIM_THRESHOLD, 2**31 - 1))
+    except (OSError, AttributeError):            # not glibc: leave the allocator alone
+        return False
 
 
 def close_distributed():

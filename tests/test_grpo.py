@@ -109,6 +109,22 @@ def test_gradient_only_at_masked_positions_including_span_end():
         assert grad_norm[b, e - 2] > 0               # the logit predicting the span's last token
 
 
+def test_loss_is_zero_at_the_first_step_but_its_gradient_is_not():
+    """Pitfall 10: with old == current log-probs every ratio is 1, so a row's token mean is its
+    advantage, and a group's advantages sum to 0: the loss is 0 (by hand) while the gradient is not."""
+    g = torch.Generator().manual_seed(2)
+    B, T, V = 4, 6, 13
+    logits = torch.randn(B, T, V, generator=g, requires_grad=True)
+    ids = torch.randint(0, V, (B, T), generator=g)
+    lp = logits_to_logprobs(logits, ids)
+    adv = group_advantages(torch.tensor([1.0, 0.0, 0.0, 1.0]), 4)
+    assert adv.sum().abs() < 1e-6
+    loss, stats = policy_loss(lp, lp.detach(), adv, span_mask([(1, 4)] * B, T), loss_type="grpo")
+    assert abs(loss.item()) < 1e-6 and stats["ratio_sum"] == pytest.approx(stats["tokens"])
+    loss.backward()
+    assert logits.grad.abs().sum() > 1e-3
+
+
 @pytest.mark.parametrize("arch", ["llama", "qwen2"])
 def test_token_logprobs_equal_full_logits(arch):
     model = tiny_model(arch=arch, seed=2)
