@@ -101,9 +101,14 @@ def head_logprobs(model, hidden: torch.Tensor, targets: torch.Tensor, chunk_size
     pitfall 8)."""
     head = model.get_output_embeddings()
     softcap = getattr(model.config, "final_logit_softcapping", None)
+    # The head runs in fp32 whatever the compute dtype: bf16 logits are off by up to ~0.06 at a logit
+    # of 16, which goes straight into the log-probs, the ratio and the KL. Under FSDP with bf16
+    # compute the head's gathered weight is bf16; it is widened once per call (a no-op in fp32).
+    weight = head.weight.float()
+    bias = head.bias.float() if getattr(head, "bias", None) is not None else None
 
     def chunk_logprobs(h, y):
-        logits = head(h).float()                                 # (chunk, vocab), fp32 for the softmax
+        logits = torch.nn.functional.linear(h.float(), weight, bias)          # (chunk, vocab), fp32
         if softcap:
             logits = torch.tanh(logits / softcap) * softcap
         # The fused log-softmax + pick of cross_entropy: no (chunk, vocab) log-softmax tensor is kept.

@@ -18,6 +18,7 @@ FSDP averages gradients over ranks; losses that are already normalised by a glob
 "dapo" token count) are multiplied by the world size first, so the result is the global sum.
 """
 
+import datetime
 import json
 import os
 import random
@@ -63,12 +64,24 @@ def init_distributed(device: str | None = None) -> Dist:
         else:
             dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1,
                                     device_id=dev if use_cuda else None)
+    global _SLOW_GROUP
+    # Waiting while rank 0 alone writes a large export can take longer than NCCL's 10-minute
+    # timeout: those waits go through a CPU (gloo) group of their own with a long timeout.
+    _SLOW_GROUP = dist.new_group(backend="gloo", timeout=datetime.timedelta(hours=4))
     if not use_cuda:
         # N processes on one CPU share its cores; more threads than cores only adds contention.
-        local = int(os.environ.get("LOCAL_WORLD_SIZE", 1))
-        torch.set_num_threads(max(1, (os.cpu_count() or 1) // local))
+        torch.set_num_threads(local_share_of_cores())
         keep_freed_memory()
     return Dist(dist.get_rank(), dist.get_world_size(), dev)
+
+
+_SLOW_GROUP = None
+
+
+def local_share_of_cores() -> int:
+    """This process's share of the machine's cores: torchrun starts LOCAL_WORLD_SIZE processes per node."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    return max(1, cores // int(os.environ.get("LOCAL_WORLD_SIZE", 1)))
 
 
 def keep_freed_memory() -> bool:
@@ -96,31 +109,136 @@ def decoder_layers(model):
     return (model.get_decoder() if hasattr(model, "get_decoder") else model.model).layers
 
 
-def shard_model(model, d: Dist):
+def shard_model(model, d: Dist, bf16: bool = False, checkpointing: bool = False):
     """FSDP2 over the world: each decoder layer is one unit (gathered for its forward and backward only),
-    the root holds the rest (embeddings, final norm, tied head)."""
+    the root holds the rest (embeddings, final norm, head). The model may sit on the CPU: each unit is
+    moved to the device as it is sharded, so no rank ever holds the whole model there.
+
+    bf16: parameters stay fp32 (the master weights, and what the optimizer updates); each unit is
+    gathered in bf16 for compute and its gradients are reduced in fp32 (TRL's `--bf16`).
+    checkpointing: decoder layers keep only their input for backward (`checkpoint_layers`)."""
     # The outputs read here (logits, hidden states) are never modified in place, which is the case
     # this warning is about; it would otherwise print on every forward.
     warnings.filterwarnings("ignore", message="FSDP2-wrapped module .* returned a view tensor")
+    if checkpointing:
+        checkpoint_layers(model)        # before fully_shard: FSDP's gathers stay outside the recompute
     mesh = init_device_mesh(d.device.type, (d.world,))
-    policy = (MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
-              if d.device.type == "cuda" else MixedPrecisionPolicy())
+    policy = (MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) if bf16
+              else MixedPrecisionPolicy())
     for layer in decoder_layers(model):
         fully_shard(layer, mesh=mesh, mp_policy=policy)
     fully_shard(model, mesh=mesh, mp_policy=policy)
     return model
 
 
+def checkpoint_layers(model):
+    """Activation checkpointing per decoder layer: a layer keeps only its input for backward and
+    recomputes the rest (about 6 MB of activations per token for a 7B model otherwise).
+
+    Hugging Face's own gradient checkpointing drops the KV cache, which grpo.packed_logprobs needs
+    (its prefix pass fills a cache that the continuation pass reads). Here the layer runs with the
+    cache, and the cache entries as they were before the layer's first run are put back around the
+    recompute, then those it left behind: the recompute sees exactly what the forward saw, and the
+    cache is never appended to twice."""
+    from transformers.cache_utils import Cache
+
+    for layer in decoder_layers(model):
+        forward = layer.forward
+
+        def checkpointed(*args, _forward=forward, _layer=layer, **kwargs):
+            if not (torch.is_grad_enabled() and _layer.training):
+                return _forward(*args, **kwargs)
+            caches = [v for v in kwargs.values() if isinstance(v, Cache)]
+            before, after = [_cache_entries(c) for c in caches], []
+
+            def run(*a):
+                if after:                        # the recompute in backward
+                    for c, s in zip(caches, before):
+                        _set_cache_entries(c, s)
+                out = _forward(*a, **kwargs)
+                if after:
+                    for c, s in zip(caches, after):
+                        _set_cache_entries(c, s)
+                else:
+                    after.extend(_cache_entries(c) for c in caches)
+                return out
+
+            return torch.utils.checkpoint.checkpoint(run, *args, use_reentrant=False)
+
+        layer.forward = checkpointed
+
+
+def _cache_entries(cache) -> list[dict]:
+    return [dict(vars(layer)) for layer in cache.layers]
+
+
+def _set_cache_entries(cache, entries: list[dict]):
+    for layer, saved in zip(cache.layers, entries):
+        layer.__dict__.update(saved)
+
+
 def full_tensor(t):
     return t.full_tensor() if hasattr(t, "full_tensor") else t
 
 
+def cast_parameters(module, dtype):
+    """Casts parameters only. `module.to(dtype)` would also cast buffers such as the rotary
+    `inv_freq`, which models keep in fp32: in bf16 its angles are off by 0.14 rad at position 100
+    and 1.4 rad at position 1000, so the copy would no longer compute what the model computes."""
+    for p in module.parameters():
+        p.data = p.data.to(dtype)
+    return module
+
+
+def empty_copy(model, dtype, device):
+    """A model of the same architecture with uninitialised parameters in `dtype` on `device` and the
+    model's own buffers (in their own dtypes), built without ever holding a second set of weights."""
+    with torch.device("meta"):
+        copy = type(model)(model.config)
+    cast_parameters(copy, dtype)
+    copy.to_empty(device=device)
+    buffers = dict(model.named_buffers())
+    for name, b in copy.named_buffers():
+        b.copy_(buffers[name])
+    return copy.eval().requires_grad_(False)
+
+
 @torch.no_grad()
 def copy_full_weights(sharded, plain):
-    """plain <- the full weights of the sharded model. A collective: every rank calls it."""
+    """plain <- the full weights of the sharded model, one FSDP unit at a time (a decoder layer, then
+    the root), gathered in the compute dtype: with bf16, half the traffic and a transient of one
+    layer. Storage freed by `free_weights` is allocated again. A collective: every rank calls it."""
+    allocate_weights(plain)
     target = dict(plain.named_parameters())
-    for name, p in sharded.named_parameters():
-        target[name].copy_(full_tensor(p.detach()))
+    names = {id(m): n for n, m in sharded.named_modules()}
+    for unit in [*decoder_layers(sharded), sharded]:
+        gathered = hasattr(unit, "unshard")
+        if gathered:
+            unit.unshard()
+        prefix = names[id(unit)] + "." if names[id(unit)] else ""
+        for name, p in unit.named_parameters():
+            if not hasattr(p, "full_tensor"):     # the root's walk also meets the layers' shards: skip
+                target[prefix + name].copy_(p)
+        if gathered:
+            unit.reshard()
+
+
+def free_weights(plain):
+    """Frees the parameters' memory but keeps their shapes; `copy_full_weights` fills them again.
+    The sampler's full copy exists only while sampling."""
+    for p in plain.parameters():
+        p.untyped_storage().resize_(0)
+
+
+def allocate_weights(plain):
+    need = {}                  # storage -> bytes its views need (tied or fused weights share one)
+    for p in plain.parameters():
+        s = p.untyped_storage()
+        end = (p.storage_offset() + p.numel()) * p.element_size()
+        need[s._cdata] = (s, max(end, need.get(s._cdata, (s, 0))[1]))
+    for s, nbytes in need.values():
+        if s.nbytes() < nbytes:
+            s.resize_(nbytes)
 
 
 def all_sum(values, d: Dist) -> list[float]:
@@ -141,8 +259,45 @@ def broadcast_object(obj, d: Dist):
     return box[0]
 
 
-def barrier():
-    dist.barrier()
+def barrier(slow: bool = False):
+    """slow: for waits on one rank's long file writing (an export), with a timeout of hours."""
+    dist.barrier(group=_SLOW_GROUP if slow else None)
+
+
+def my_chunks(items: list, per_rank: int, d: Dist):
+    """Splits `items` into chunks of per_rank x world (every rank gets per_rank of each, the last chunk
+    aside) and yields (chunk, this rank's share of it). Sizing chunks by the world keeps every rank
+    busy however many there are."""
+    size = per_rank * d.world
+    for start in range(0, len(items), size):
+        chunk = items[start:start + size]
+        yield chunk, chunk[d.rank::d.world]
+
+
+def check_shared_folder(folder: Path, d: Dist):
+    """Every rank must see the files rank 0 writes in `folder` (checkpoints, logs, the failure set):
+    rank 0 writes a file with a fresh token and each rank reads it back. Raises SharedFolderError on
+    every rank, naming the ranks that cannot see it, rather than letting them hang or diverge later."""
+    token = broadcast_object(os.urandom(8).hex() if d.main else None, d)
+    probe = Path(folder) / f".rank0-{token}"
+    if d.main:
+        probe.write_text(token)
+    barrier()
+    try:
+        seen = probe.read_text() == token
+    except OSError:
+        seen = False
+    blind = [r for r, ok in enumerate(all_gather_objects(seen, d)) if not ok]
+    barrier()
+    if d.main:
+        probe.unlink()
+    if blind:
+        raise SharedFolderError(f"ranks {blind} cannot see {folder} as rank 0 wrote it: with several nodes, "
+                                "--out must be on a filesystem that every node shares")
+
+
+class SharedFolderError(RuntimeError):
+    pass
 
 
 # --- checkpoints -----------------------------------------------------------------------------------
@@ -186,11 +341,18 @@ def save_checkpoint(folder: Path, step: int, model, optimizer, state: dict, d: D
 
 def load_checkpoint(folder: Path, model, optimizer, d: Dist) -> dict | None:
     """Restores the latest checkpoint in `folder` into model and optimizer; returns its state or None."""
-    pointer = Path(folder) / "latest"
-    if not pointer.exists():
+    def read():
+        pointer = Path(folder) / "latest"
+        if not pointer.exists():
+            return None
+        path = Path(folder) / pointer.read_text().strip()
+        return str(path), json.loads((path / "state.json").read_text())
+
+    # Rank 0 decides, so that every rank enters dcp.load (a collective) or none does.
+    found = broadcast_object(read() if d.main else None, d)
+    if found is None:
         return None
-    path = Path(folder) / pointer.read_text().strip()
-    state = json.loads((path / "state.json").read_text())
+    path, state = Path(found[0]), found[1]
     model_sd, optim_sd = get_state_dict(model, optimizer)
     loaded = {"model": model_sd, "optim": optim_sd}
     dcp.load(loaded, checkpoint_id=str(path))
@@ -207,20 +369,35 @@ def _write_atomic(path: Path, text: str):
     os.replace(tmp, path)
 
 
-def export_hf(model, tokenizer, folder: Path, d: Dist):
-    """Writes the full model (fp32 master weights) in Hugging Face format; a collective."""
+def full_state_on_rank0(model) -> dict:
+    """The full state dict on rank 0's CPU, gathered one parameter at a time (empty on other ranks)."""
+    return get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+
+
+def export_hf(model, tokenizer, folder: Path, d: Dist, state: dict | None = None):
+    """Writes the model in Hugging Face format (fp32 master weights, or `state`, a full state dict on
+    rank 0, for instance with LoRA merged); a collective. Rank 0 builds the model on the meta device
+    and puts the gathered tensors in place: no random initialisation, no second copy. The others wait
+    in the slow barrier while it writes. Written to a temporary folder and renamed."""
     from transformers import AutoModelForCausalLM
 
-    full = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    state = full_state_on_rank0(model) if state is None else state
     if d.main:
         folder = Path(folder)
-        plain = AutoModelForCausalLM.from_config(model.config, dtype=torch.float32)
-        plain.load_state_dict(full)
+        with torch.device("meta"):
+            plain = AutoModelForCausalLM.from_config(model.config, dtype=torch.float32)
+        missing, unexpected = plain.load_state_dict(state, strict=False, assign=True)
+        tied = {k for k, v in plain.named_parameters(remove_duplicate=False)} - {k for k, v in plain.named_parameters()}
+        if unexpected or set(missing) - tied:
+            raise RuntimeError(f"export: missing {missing}, unexpected {unexpected}")
+        plain.tie_weights()
         plain.generation_config = model.generation_config
         tmp = folder.with_name(folder.name + ".tmp")
         shutil.rmtree(tmp, ignore_errors=True)
         plain.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
+        for f in tmp.iterdir():
+            f.chmod(0o644)
         shutil.rmtree(folder, ignore_errors=True)
         tmp.rename(folder)
-    barrier()
+    barrier(slow=True)

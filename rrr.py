@@ -23,10 +23,10 @@ text in place of the model's and, having no reflection to train, trains the retr
 is plain GRPO on first attempts of the same failure set (the usual RLVR baseline).
 """
 
-import copy
 import functools
 import json
 import time
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -39,7 +39,7 @@ from grpo import group_advantages, packed_logprobs, policy_loss, summarize_stats
 from model import chat_ids, load_model, next_turn_ids, stop_token_ids
 from runs import (BadInput, append_jsonl, flag, main_guard, markdown_table, parse_config, pct, plot_panels,
                   prepare_out, read_jsonl, write_json)
-from sampler import generate, release
+from sampler import fuse_projections, generate, release
 
 GENERIC_REFLECTION = ("I made a mistake in my previous answer. I will read the task again carefully, "
                       "check every step, and then give a corrected answer.")
@@ -77,6 +77,12 @@ class Config:
     num_iterations: int = flag(1, "updates per rollout batch (PPO epochs); >1 uses the clipped ratio")
     mask_truncated_completions: bool = flag(False, "give no loss to reflections cut at --max-reflection-length")
     micro_batch_size: int = flag(8, "rows per forward/backward pass")
+    sampling_batch_size: int = flag(16, "training queries per rank in one sampling call of the failure set (a call "
+                                    "covers this x ranks queries, so every rank has work)")
+    bf16: bool | None = flag(None, "compute in bf16 with fp32 master weights and fp32 log-probs for the loss "
+                             "(TRL's name); default: on with CUDA, off on CPU (--no-bf16 turns it off)")
+    gradient_checkpointing: bool | None = flag(None, "recompute each decoder layer's activations in backward "
+                                               "instead of keeping them; default: on above 1B parameters")
     eval_every: int = flag(0, "evaluate every N steps (0: only before and after training)")
     save_every: int = flag(4, "checkpoint every N steps (0: never)")
     resume: bool = flag(False, "continue the run in --out from its last checkpoint")
@@ -110,8 +116,9 @@ class Episode:
 @dataclass
 class Policy:
     model: torch.nn.Module          # FSDP-sharded, fp32 master weights: trained
-    sampler: torch.nn.Module        # an ordinary full copy that each rank samples from
-    ref: torch.nn.Module | None     # the frozen initial model for the KL term
+    sampler: torch.nn.Module        # a full copy in the compute dtype that each rank samples from alone;
+                                    # its weights exist only inside `sampling(pol)`
+    ref: torch.nn.Module | None     # the frozen initial model for the KL term, sharded like the model
     tokenizer: object
     stops: list[int]
     optimizer: torch.optim.Optimizer
@@ -147,19 +154,41 @@ def load_splits(cfg):
 
 
 def load_policy(cfg, d) -> Policy:
-    model, tokenizer = load_model(cfg.model, device=d.device, dtype=torch.float32)
+    """The trained model (sharded), the sampler (an empty full copy) and the reference model (sharded,
+    compute dtype). Loaded on the CPU: sharding moves one layer at a time to the device, so no rank
+    ever holds a whole fp32 model there."""
+    model, tokenizer = load_model(cfg.model, device="cpu", dtype=torch.float32)
     try:
         from sampler import _layers
         _layers(model)
     except ValueError as e:
         raise BadInput(str(e)) from None
-    sample_dtype = torch.bfloat16 if d.device.type == "cuda" else torch.float32
-    sampler = copy.deepcopy(model).to(sample_dtype).eval().requires_grad_(False)
-    ref = copy.deepcopy(sampler) if cfg.beta > 0 else None
+    if cfg.gradient_checkpointing is None:
+        cfg.gradient_checkpointing = sum(p.numel() for p in model.parameters()) > 1e9
+    compute = torch.bfloat16 if cfg.bf16 else torch.float32
+    sampler = fuse_projections(par.empty_copy(model, compute, d.device))
+    par.free_weights(sampler)
+    ref = None
+    if cfg.beta > 0:     # loaded in the compute dtype: parameters cast, the rotary table kept in fp32
+        ref, _ = load_model(cfg.model, device="cpu", dtype=compute)
+        par.shard_model(ref.requires_grad_(False), d, bf16=cfg.bf16)
+    stops = stop_token_ids(tokenizer, model)
     model.train()
-    par.shard_model(model, d)
+    par.shard_model(model, d, bf16=cfg.bf16, checkpointing=cfg.gradient_checkpointing)
     optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.learning_rate, weight_decay=cfg.weight_decay)
-    return Policy(model, sampler, ref, tokenizer, stop_token_ids(tokenizer, model), optimizer)
+    return Policy(model, sampler, ref, tokenizer, stops, optimizer)
+
+
+@contextmanager
+def sampling(pol):
+    """The sampler's full weights exist inside this block only: gathered from the shards (a layer at a
+    time, in the compute dtype) on entry, freed on exit, so they never sit beside the update."""
+    par.copy_full_weights(pol.model, pol.sampler)
+    try:
+        yield
+    finally:
+        release(pol.sampler)
+        par.free_weights(pol.sampler)
 
 
 # --- sampling pieces shared by evaluation, the failure set and training ---------------------------
@@ -207,28 +236,27 @@ def reflection_prefix(pol, task, prompt_ids, attempt, stop):
 def evaluate(cfg, d, pol, task, examples, step, out, batch=32) -> dict:
     """Greedy first try on each example; for the failures, greedy reflection and retry. A first-try
     success counts as a second-try success. Each rank takes its share; counts are summed."""
-    par.copy_full_weights(pol.model, pol.sampler)
     mine = examples[d.rank::d.world]
     first = second = 0
     rows = []
-    for start in tqdm(range(0, len(mine), batch), desc=f"eval step {step}", disable=not d.main, leave=False):
-        part = mine[start:start + batch]
-        prompts = [chat_ids(pol.tokenizer, ex.messages) for ex in part]
-        gen1 = sample(pol, prompts, cfg, max_new_tokens=cfg.max_completion_length, temperature=0)
-        verdicts = task.check_batch([pol.decode(t) for t in gen1.tokens], part)
-        failed = [i for i, v in enumerate(verdicts) if not v.ok]
-        ok2 = {}
-        if failed:
-            prefixes = [reflection_prefix(pol, task, prompts[i], gen1.tokens[i], stop_of(gen1.tokens[i], gen1.finished[i]))
-                        for i in failed]
-            refl, retries = reflect_and_retry(cfg, pol, task, prefixes, 1, 0.0, None)
-            again = task.check_batch([pol.decode(t) for t in retries.tokens], [part[i] for i in failed])
-            ok2 = {i: v.ok for i, v in zip(failed, again)}
-        for i, (ex, v) in enumerate(zip(part, verdicts)):
-            first += v.ok
-            second += v.ok or ok2.get(i, False)
-            rows.append(dict(id=ex.id, first=v.ok, second=v.ok or ok2.get(i, False), attempt=pol.decode(gen1.tokens[i])))
-    release(pol.sampler)
+    with sampling(pol):
+        for start in tqdm(range(0, len(mine), batch), desc=f"eval step {step}", disable=not d.main, leave=False):
+            part = mine[start:start + batch]
+            prompts = [chat_ids(pol.tokenizer, ex.messages) for ex in part]
+            gen1 = sample(pol, prompts, cfg, max_new_tokens=cfg.max_completion_length, temperature=0)
+            verdicts = task.check_batch([pol.decode(t) for t in gen1.tokens], part)
+            failed = [i for i, v in enumerate(verdicts) if not v.ok]
+            ok2 = {}
+            if failed:
+                prefixes = [reflection_prefix(pol, task, prompts[i], gen1.tokens[i], stop_of(gen1.tokens[i], gen1.finished[i]))
+                            for i in failed]
+                refl, retries = reflect_and_retry(cfg, pol, task, prefixes, 1, 0.0, None)
+                again = task.check_batch([pol.decode(t) for t in retries.tokens], [part[i] for i in failed])
+                ok2 = {i: v.ok for i, v in zip(failed, again)}
+            for i, (ex, v) in enumerate(zip(part, verdicts)):
+                first += v.ok
+                second += v.ok or ok2.get(i, False)
+                rows.append(dict(id=ex.id, first=v.ok, second=v.ok or ok2.get(i, False), attempt=pol.decode(gen1.tokens[i])))
     first, second, n = par.all_sum([first, second, len(mine)], d)
     result = dict(step=step, first=first / n, second=second / n, n=int(n))
     all_rows = par.all_gather_objects(rows, d)
@@ -241,15 +269,15 @@ def evaluate(cfg, d, pol, task, examples, step, out, batch=32) -> dict:
 # --- 3. the failure set ----------------------------------------------------------------------------
 
 @torch.no_grad()
-def build_failure_set(cfg, d, pol, task, train, out, chunk=16) -> list[Failure]:
+def build_failure_set(cfg, d, pol, task, train, out) -> list[Failure]:
     """Samples first attempts per training query until one fails (at most --failure-samples) and keeps
-    the queries that failed, with that attempt. Appended to failures.jsonl chunk by chunk, so an
-    interrupted run resumes where it stopped."""
+    the queries that failed, with that attempt. Appended to failures.jsonl chunk by chunk (a chunk is
+    --sampling-batch-size queries per rank), so an interrupted run resumes where it stopped."""
     path = Path(cfg.failure_set) if cfg.failure_set else out / "failures.jsonl"
     meta = dict(task=cfg.task, model=cfg.model, data_dir=cfg.data_dir, train_size=cfg.train_size, seed=cfg.seed,
                 failure_samples=cfg.failure_samples, max_completion_length=cfg.max_completion_length,
                 temperature=cfg.temperature)
-    rows = read_jsonl(path)
+    rows = par.broadcast_object(read_jsonl(path) if d.main else None, d)     # rank 0 reads for all
     if rows and rows[0].get("meta") != meta:
         raise BadInput(f"{path} was built with other settings: {rows[0].get('meta')}")
     if not rows and d.main:
@@ -258,34 +286,33 @@ def build_failure_set(cfg, d, pol, task, train, out, chunk=16) -> list[Failure]:
     todo = [ex for ex in train if ex.id not in done]
     if todo and cfg.failure_set:
         raise BadInput(f"{path} lacks {len(todo)} of this run's training queries")
-    par.copy_full_weights(pol.model, pol.sampler)
-    for k, start in enumerate(tqdm(range(0, len(todo), chunk), desc="failure set", disable=not d.main)):
-        part = todo[start:start + chunk][d.rank::d.world]
-        gen = generator(cfg, d, 1, k + len(done))
-        found = {}
-        used = {ex.id: 0 for ex in part}
-        pending, n = list(part), 1
-        while pending:   # rounds of 1, 2, 4, ... attempts for each query that has not failed yet
-            n = min(n, cfg.failure_samples - used[pending[0].id])
-            prompts = [chat_ids(pol.tokenizer, ex.messages) for ex in pending]
-            g = sample(pol, prompts, cfg, max_new_tokens=cfg.max_completion_length, num_samples=n,
-                       temperature=cfg.temperature, gen=gen)
-            verdicts = task.check_batch([pol.decode(t) for t in g.tokens], [ex for ex in pending for _ in range(n)])
-            for i, ex in enumerate(pending):
-                for j in range(n):
-                    r = i * n + j
-                    if not verdicts[r].ok and ex.id not in found:
-                        found[ex.id] = dict(id=ex.id, failed=True, attempt=g.tokens[r], feedback=verdicts[r].feedback,
-                                            attempt_stop=stop_of(g.tokens[r], g.finished[r]), samples=used[ex.id] + j + 1)
-                used[ex.id] += n
-            pending = [ex for ex in pending if ex.id not in found and used[ex.id] < cfg.failure_samples]
-            n *= 2
-        new = [found.get(ex.id, dict(id=ex.id, failed=False, samples=used[ex.id])) for ex in part]
-        for rs in par.all_gather_objects(new, d):
-            done.update((r["id"], r) for r in rs)
-        if d.main:
-            append_jsonl(path, [done[ex.id] for ex in todo[start:start + chunk]])
-    release(pol.sampler)
+    with sampling(pol):
+        chunks = list(par.my_chunks(todo, cfg.sampling_batch_size, d))
+        for k, (chunk, part) in enumerate(tqdm(chunks, desc="failure set", disable=not d.main)):
+            gen = generator(cfg, d, 1, k + len(done))
+            found = {}
+            used = {ex.id: 0 for ex in part}
+            pending, n = list(part), 1
+            while pending:   # rounds of 1, 2, 4, ... attempts for each query that has not failed yet
+                n = min(n, cfg.failure_samples - used[pending[0].id])
+                prompts = [chat_ids(pol.tokenizer, ex.messages) for ex in pending]
+                g = sample(pol, prompts, cfg, max_new_tokens=cfg.max_completion_length, num_samples=n,
+                           temperature=cfg.temperature, gen=gen)
+                verdicts = task.check_batch([pol.decode(t) for t in g.tokens], [ex for ex in pending for _ in range(n)])
+                for i, ex in enumerate(pending):
+                    for j in range(n):
+                        r = i * n + j
+                        if not verdicts[r].ok and ex.id not in found:
+                            found[ex.id] = dict(id=ex.id, failed=True, attempt=g.tokens[r], feedback=verdicts[r].feedback,
+                                                attempt_stop=stop_of(g.tokens[r], g.finished[r]), samples=used[ex.id] + j + 1)
+                    used[ex.id] += n
+                pending = [ex for ex in pending if ex.id not in found and used[ex.id] < cfg.failure_samples]
+                n *= 2
+            new = [found.get(ex.id, dict(id=ex.id, failed=False, samples=used[ex.id])) for ex in part]
+            for rs in par.all_gather_objects(new, d):
+                done.update((r["id"], r) for r in rs)
+            if d.main:
+                append_jsonl(path, [done[ex.id] for ex in chunk])
     return [Failure(r["id"], r["attempt"], r["attempt_stop"], r["feedback"], r["samples"])
             for ex in train if (r := done[ex.id])["failed"]]
 
@@ -294,7 +321,8 @@ def build_failure_set(cfg, d, pol, task, train, out, chunk=16) -> list[Failure]:
 
 @torch.no_grad()
 def rollout(cfg, d, pol, task, failures, examples, step) -> list[Episode]:
-    """This rank's failures -> num_generations episodes each, with rewards and advantages."""
+    """This rank's failures -> num_generations episodes each, with rewards and advantages. Samples
+    from pol.sampler: call it inside `sampling(pol)`."""
     G = cfg.num_generations
     gen = generator(cfg, d, 2, step)
     exs = [examples[f.id] for f in failures]
@@ -310,7 +338,6 @@ def rollout(cfg, d, pol, task, failures, examples, step) -> list[Episode]:
             contexts, trained = prefixes, refl
         else:                           # generic reflection: the retry is all the model wrote
             contexts, trained = [p + generic_turn(pol, task) for p in prefixes], retries
-    release(pol.sampler)     # the sampler's weight copies are stale after the update anyway
     verdicts = task.check_batch([pol.decode(t) for t in retries.tokens], [exs[r // G] for r in range(len(retries.tokens))])
     rewards = torch.tensor([float(v.ok) for v in verdicts])
     advantages = advantages_of(cfg, d, rewards)
@@ -343,8 +370,12 @@ def grpo_update(cfg, d, pol, episodes) -> dict:
     over micro-batches and ranks, and each micro-batch's loss is scaled to its share of the global
     objective, so the step does not depend on how the batch is split (RESEARCH.md pitfall 1)."""
     G = cfg.num_generations
-    trained = [[] if cfg.mask_truncated_completions and e.truncated else e.ids[e.span[0]:e.span[1]] for e in episodes]
-    local_tokens = sum(map(len, trained))
+    trained = [e.ids[e.span[0]:e.span[1]] for e in episodes]
+    # --mask-truncated-completions zeroes a cut row's mask but keeps its tokens in the forward pass:
+    # every rank then runs the same forward and backward calls whatever its data (FSDP's collectives
+    # must line up), and a micro-batch whose rows were all cut still has a graph to run backward on.
+    kept = [0.0 if cfg.mask_truncated_completions and e.truncated else 1.0 for e in episodes]
+    local_tokens = sum(len(t) * k for t, k in zip(trained, kept))
     total_tokens, total_rows = par.all_sum([local_tokens, len(episodes)], d)
     per_micro = max(1, cfg.micro_batch_size // G)            # whole groups per forward/backward pass
     batches = []
@@ -353,11 +384,12 @@ def grpo_update(cfg, d, pol, episodes) -> dict:
         groups = [(episodes[r].ids[:episodes[r].span[0]], [trained[q] for q in rows[i:i + G]])
                   for i, r in enumerate(rows) if i % G == 0]
         adv = torch.tensor([episodes[r].advantage for r in rows], device=d.device)
-        mask = pad_rows([torch.ones(len(trained[r])) for r in rows]).to(d.device)     # (rows, T)
+        mask = pad_rows([torch.full((len(trained[r]),), kept[r]) for r in rows]).to(d.device)     # (rows, T)
         ref = None
         if cfg.beta > 0:
             with torch.no_grad():
                 ref = pad_rows(packed_logprobs(pol.ref, groups, d.device)).float()
+            pol.ref.reshard()       # the root's gathered weights (embeddings, head) are not needed until next time
         batches.append([groups, adv, mask, ref, None])
     if cfg.num_iterations > 1:          # the policy that sampled: fixed before the first update
         with torch.no_grad():
@@ -369,7 +401,6 @@ def grpo_update(cfg, d, pol, episodes) -> dict:
     pol.model.train()
     for _ in range(cfg.num_iterations):
         for i, (groups, adv, mask, ref, old) in enumerate(batches):
-            pol.model.set_requires_gradient_sync(i == len(batches) - 1)
             lp = pad_rows(packed_logprobs(pol.model, groups, d.device))              # (rows, T)
             loss, st = policy_loss(lp, lp.detach() if old is None else old, adv, mask, ref_logprobs=ref,
                                    beta=cfg.beta, epsilon=cfg.epsilon, epsilon_high=cfg.epsilon_high,
@@ -379,6 +410,8 @@ def grpo_update(cfg, d, pol, episodes) -> dict:
             # grpo and dr_grpo average over rows; bnpo is a token mean per rank, averaged over ranks.
             share = {"dapo": 1.0, "grpo": len(adv) / total_rows, "dr_grpo": len(adv) / total_rows,
                      "bnpo": mask.sum().item() / max(local_tokens, 1) / d.world}[cfg.loss_type]
+            # Gradients are reduce-scattered after every micro-batch: skipping that for all but the last
+            # would keep a full unsharded fp32 gradient on every rank (30 GB for a 7B model).
             (loss * share * d.world).backward()     # FSDP averages over ranks: * world makes it a sum
             loss_total += loss.item() * share
             for k in sums:
@@ -457,13 +490,18 @@ def run(argv=None):
     try:
         if cfg.batch_size % d.world:
             raise BadInput(f"--batch-size {cfg.batch_size} must be a multiple of the {d.world} ranks")
+        if cfg.bf16 is None:
+            cfg.bf16 = d.device.type == "cuda"
         task, train, test = load_splits(cfg)                                         # 1
         saved = on_rank0(d, lambda: prepare_out(out, asdict(cfg), cfg.resume))
+        par.check_shared_folder(out, d)
         pol = load_policy(cfg, d)
         state = par.load_checkpoint(out / "checkpoints", pol.model, pol.optimizer, d) if saved else None
         start = state["step"] if state else 0
-        evals = [e for e in read_jsonl(out / "evals.jsonl") if e["step"] <= start]
-        metrics = [m for m in read_jsonl(out / "metrics.jsonl") if m["step"] <= start]
+        # Rank 0 reads the run folder for everyone: on several nodes only the shared folder is certain.
+        evals, metrics = par.broadcast_object(
+            [[r for r in read_jsonl(out / name) if r["step"] <= start] for name in ("evals.jsonl", "metrics.jsonl")]
+            if d.main else None, d)
         if d.main:   # drop what a crash left after the checkpoint; it is recomputed identically
             for name, rows in (("evals.jsonl", evals), ("metrics.jsonl", metrics)):
                 (out / name).write_text("".join(json.dumps(r) + "\n" for r in rows))
@@ -476,8 +514,8 @@ def run(argv=None):
         bar = tqdm(range(start, cfg.steps), desc="train", disable=not d.main, initial=start, total=cfg.steps)
         for step in bar:                                                                # 4
             t0 = time.time()
-            par.copy_full_weights(pol.model, pol.sampler)
-            episodes = rollout(cfg, d, pol, task, step_batch(cfg, d, failures, step), examples, step)
+            with sampling(pol):
+                episodes = rollout(cfg, d, pol, task, step_batch(cfg, d, failures, step), examples, step)
             t1 = time.time()
             stats = grpo_update(cfg, d, pol, episodes)
             t2 = time.time()

@@ -32,8 +32,8 @@ def parse_config(cls, argv=None, description: str = ""):
         name = "--" + f.name.replace("_", "-")
         meta, default = f.metadata, f.default
         kind = f.type if isinstance(f.type, str) else str(f.type)   # e.g. "<class 'int'>", "float | None"
-        if "bool" in kind:
-            parser.add_argument(name, action="store_true", help=meta["help"])
+        if "bool" in kind:      # --name and --no-name
+            parser.add_argument(name, action=argparse.BooleanOptionalAction, default=default, help=meta["help"])
             continue
         convert = float if "float" in kind else int if "int" in kind else str
         shown = "" if default is None else f" (default: {default})"
@@ -43,7 +43,7 @@ def parse_config(cls, argv=None, description: str = ""):
 
 
 # Flags that may change when a run is resumed; any other difference means it is another run.
-RESUMABLE_CHANGES = {"steps", "eval_every", "save_every", "resume", "log_episodes", "device"}
+RESUMABLE_CHANGES = {"steps", "eval_every", "save_every", "resume", "log_episodes", "device", "gradient_checkpointing"}
 
 
 def prepare_out(out: Path, config: dict, resume: bool) -> dict | None:
@@ -111,9 +111,10 @@ def main_guard(run, argv=None):
     """Runs `run()`; bad input ends with one line on stderr and exit code 2 (rank 0 prints it)."""
     from data import DataError
     from model import ModelError
+    from parallel import SharedFolderError
     try:
         run(argv)
-    except (BadInput, DataError, ModelError) as e:
+    except (BadInput, DataError, ModelError, SharedFolderError) as e:
         if int(os.environ.get("RANK", 0)) == 0:
             print(f"error: {e}", file=sys.stderr)
         sys.exit(2)

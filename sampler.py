@@ -82,42 +82,48 @@ def _new_cache(model, rows, capacity, device, dtype) -> KVCache:
                    last_token=torch.zeros(rows, dtype=torch.long, device=device))
 
 
+# The cache is the largest thing the sampler holds, so every operation on it below works one layer
+# at a time and drops the old layer before the next: the transient is one layer's buffer, never a
+# second copy of the whole cache.
+
 def _grow(cache: KVCache, capacity: int) -> KVCache:
-    """A copy of `cache` with room for `capacity` slots per row."""
-    if cache.keys[0].shape[2] >= capacity:
+    """Gives every row of `cache` room for `capacity` slots, in place."""
+    rows, kv_heads, old, head_dim = cache.keys[0].shape
+    if old >= capacity:
         return cache
     used = int(cache.lengths.max())
-    rows, kv_heads, _, head_dim = cache.keys[0].shape
-    out = KVCache([], [], cache.lengths.clone(), cache.last_token.clone())
-    for k, v in zip(cache.keys, cache.values):
-        nk = k.new_zeros(rows, kv_heads, capacity, head_dim)
-        nv = v.new_zeros(rows, kv_heads, capacity, head_dim)
-        nk[:, :, :used] = k[:, :, :used]
-        nv[:, :, :used] = v[:, :, :used]
-        out.keys.append(nk)
-        out.values.append(nv)
-    return out
+    for layers in (cache.keys, cache.values):
+        for i, t in enumerate(layers):
+            grown = t.new_zeros(rows, kv_heads, capacity, head_dim)
+            grown[:, :, :used] = t[:, :, :used]
+            layers[i] = grown
+    return cache
 
 
-def _select_rows(cache: KVCache, index: torch.Tensor) -> KVCache:
-    """Rows `index` of the cache (a copy); index may repeat rows (sharing a prefill)."""
-    used = int(cache.lengths[index].max()) if index.numel() else 0
-    # Only the used slots are copied; the rest of the new buffer stays zero.
-    out = _new_cache_like(cache, index.numel())
-    for dst, src in ((out.keys, cache.keys), (out.values, cache.values)):
-        for d, s in zip(dst, src):
-            d[:, :, :used] = s[index, :, :used]
-    out.lengths = cache.lengths[index].clone()
-    out.last_token = cache.last_token[index].clone()
-    return out
+def _take_rows(cache: KVCache, index: torch.Tensor) -> KVCache:
+    """Keeps rows `index` of `cache`, in that order, in place; index may repeat rows (one prefill
+    shared by the samples of a prompt) or permute them."""
+    for layers in (cache.keys, cache.values):
+        for i, t in enumerate(layers):
+            layers[i] = t[index]
+    cache.lengths, cache.last_token = cache.lengths[index], cache.last_token[index]
+    return cache
 
 
-def _new_cache_like(cache: KVCache, rows: int) -> KVCache:
-    _, kv_heads, capacity, head_dim = cache.keys[0].shape
-    like = cache.keys[0]
-    zeros = lambda: like.new_zeros(rows, kv_heads, capacity, head_dim)  # noqa: E731
-    return KVCache([zeros() for _ in cache.keys], [zeros() for _ in cache.values],
-                   cache.lengths.new_zeros(rows), cache.last_token.new_zeros(rows))
+def _reorder_front(cache: KVCache, index: torch.Tensor):
+    """Rows [0, len(index)) of `cache` <- rows `index` (distinct), in place."""
+    m = index.numel()
+    for layers in (cache.keys, cache.values):
+        for t in layers:
+            t[:m] = t[index]
+    cache.lengths[:m] = cache.lengths[index]
+    cache.last_token[:m] = cache.last_token[index]
+
+
+def _front(cache: KVCache, n: int) -> KVCache:
+    """The working batch: views of rows [0, n), so decoding writes straight into `cache`."""
+    return KVCache([k[:n] for k in cache.keys], [v[:n] for v in cache.values],
+                   cache.lengths[:n].clone(), cache.last_token[:n].clone())
 
 
 @dataclass
@@ -129,7 +135,9 @@ class _Linear:
 
     @staticmethod
     def of(*modules) -> "_Linear":
-        weight = torch.cat([m.weight for m in modules]) if len(modules) > 1 else modules[0].weight
+        weight = _joined([m.weight for m in modules])
+        if weight is None:
+            weight = torch.cat([m.weight for m in modules])
         biases = [m.bias for m in modules]
         bias = torch.cat(biases) if all(b is not None for b in biases) else None
         # On CPU, MKL's matrix-vector product runs about 2x faster with the weight stored (in, out):
@@ -153,6 +161,39 @@ class _Linear:
         if self.bias is not None:
             y = y + self.bias
         return y.reshape(*x.shape[:-1], y.shape[-1])
+
+
+def _joined(weights: list[torch.Tensor]) -> torch.Tensor | None:
+    """The (sum of outs, in) matrix that `weights` form when they lie back to back in one buffer (see
+    `fuse_projections`), as a view; None when they do not."""
+    first, offset = weights[0], weights[0].storage_offset()
+    for w in weights:
+        if (w.untyped_storage()._cdata != first.untyped_storage()._cdata or w.storage_offset() != offset
+                or not w.is_contiguous() or w.shape[1:] != first.shape[1:]):
+            return None
+        offset += w.numel()
+    return first.as_strided((sum(w.shape[0] for w in weights), *first.shape[1:]), first.stride())
+
+
+@torch.no_grad()
+def fuse_projections(model):
+    """Moves each layer's q/k/v and gate/up weights (and biases) into one buffer each, back to back,
+    leaving the module's parameters as views into it: decoding then multiplies by q/k/v (and by
+    gate/up) as one matrix without keeping a fused copy beside the weights. The module computes
+    exactly as before."""
+    for layer in _layers(model).layers:
+        attn, mlp = layer.self_attn, layer.mlp
+        for group in ((attn.q_proj, attn.k_proj, attn.v_proj), (mlp.gate_proj, mlp.up_proj)):
+            for name in ("weight", "bias"):
+                params = [getattr(m, name) for m in group]
+                if any(p is None for p in params):
+                    continue
+                fused = torch.cat([p.detach() for p in params])
+                start = 0
+                for p in params:
+                    p.data = fused[start:start + p.shape[0]]
+                    start += p.shape[0]
+    return model
 
 
 # Set by `generate` while a one-row working batch decodes on CPU with torch limited to one thread:
@@ -346,7 +387,6 @@ def generate(model, prompts: list[list[int]], *, max_new_tokens: int, num_sample
     if cache is None:
         chunks = [list(p) for p in prompts]
         start = [0] * len(prompts)
-        cache = _new_cache(model, len(prompts), 0, device, model.lm_head.weight.dtype)
     else:  # the last sampled token of each row was never fed: it opens the row's chunk
         last = cache.last_token.tolist()
         chunks = [[last[r]] + list(p) for r, p in enumerate(prompts)]
@@ -354,7 +394,10 @@ def generate(model, prompts: list[list[int]], *, max_new_tokens: int, num_sample
     widest = max(len(c) for c in chunks)
     capacity = max(max(s + len(c) for s, c in zip(start, chunks)) + max_new_tokens,
                    max(start) + widest)
-    cache = _grow(cache, capacity)
+    if cache is None:
+        cache = _new_cache(model, len(prompts), capacity, device, model.lm_head.weight.dtype)
+    else:
+        _grow(cache, capacity)
 
     tokens_in, chunk_lens = _pad(chunks, device)
     weights = _prepare(model)
@@ -362,7 +405,7 @@ def generate(model, prompts: list[list[int]], *, max_new_tokens: int, num_sample
     logits = _logits(model, weights, hidden)
     if num_samples > 1:
         share = torch.arange(cache.rows, device=device).repeat_interleave(num_samples)
-        cache = _select_rows(cache, share)
+        _take_rows(cache, share)
         logits = logits[share]
 
     rows = cache.rows
@@ -371,14 +414,16 @@ def generate(model, prompts: list[list[int]], *, max_new_tokens: int, num_sample
     n_new = torch.zeros(rows, dtype=torch.long, device=device)
     finished = torch.zeros(rows, dtype=torch.bool, device=device)
     stop = torch.tensor(sorted(set(stop_token_ids)), dtype=torch.long, device=device)
-    active = torch.arange(rows, device=device)     # rows of the full batch still in the working batch
-    done_store = None                               # keep_cache: caches of rows dropped early
+    # The working batch is cache rows [0, n); cache row i holds row order[i] of the result.
+    order, n = torch.arange(rows, device=device), rows
+    work = _front(cache, n)
     threads = torch.get_num_threads()
     one_row_blas = device.type == "cpu" and threads > 1
 
     try:
         for step in range(max_new_tokens):
-            token, logprob = _sample(logits, temperature, top_k, top_p, generator)   # (active,)
+            active = order[:n]
+            token, logprob = _sample(logits, temperature, top_k, top_p, generator)   # (n,)
             running = ~finished[active]
             # Rows that already finished stay in the working batch until the next compaction; their
             # draws are ignored.
@@ -386,33 +431,37 @@ def generate(model, prompts: list[list[int]], *, max_new_tokens: int, num_sample
             out_tokens[rows_now, step] = token[running]
             out_logprobs[rows_now, step] = logprob[running]
             n_new[rows_now] += 1
-            cache.last_token = torch.where(running, token, cache.last_token)
+            work.last_token = torch.where(running, token, work.last_token)
             if stop.numel():
                 finished[rows_now] = torch.isin(token[running], stop)
             still = ~finished[active]
             n_still = int(still.sum())
             if n_still == 0 or step == max_new_tokens - 1:
                 break
-            if n_still <= active.numel() // 2:          # drop finished rows from the working batch
-                if keep_cache:
-                    done_store = _store_rows(done_store, cache, active, ~still, rows)
+            if n_still <= n // 2:    # the running rows move to the front; the working batch shrinks to them
                 keep = still.nonzero()[:, 0]
-                cache, active, token = _select_rows(cache, keep), active[keep], token[keep]
-                still = still[keep]
-            feed = torch.where(still, token, cache.last_token)[:, None]
-            before = cache.lengths.clone()
-            if one_row_blas and active.numel() == 1 and not _ONE_ROW_BLAS[0]:
+                moved = torch.cat([keep, (~still).nonzero()[:, 0]])
+                cache.lengths[:n], cache.last_token[:n] = work.lengths, work.last_token
+                # With keep_cache the finished rows' caches are kept too, behind the working batch.
+                _reorder_front(cache, moved if keep_cache else keep)
+                order[:n] = order[:n][moved]
+                n, token, still = keep.numel(), token[keep], still[keep]
+                work = _front(cache, n)
+            feed = torch.where(still, token, work.last_token)[:, None]
+            before = work.lengths.clone()
+            if one_row_blas and n == 1 and not _ONE_ROW_BLAS[0]:
                 _ONE_ROW_BLAS[0] = True          # see _Linear; undone in `finally`
                 torch.set_num_threads(1)
-            hidden = _forward_chunk(model, weights, cache, feed, torch.ones_like(before))
+            hidden = _forward_chunk(model, weights, work, feed, torch.ones_like(before))
             logits = _logits(model, weights, hidden)
-            cache.lengths = torch.where(still, cache.lengths, before)    # finished rows do not grow
+            work.lengths = torch.where(still, work.lengths, before)    # finished rows do not grow
     finally:
         _restore_threads(threads)
 
     final_cache = None
     if keep_cache:
-        final_cache = _store_rows(done_store, cache, active, torch.ones_like(active, dtype=torch.bool), rows)
+        cache.lengths[:n], cache.last_token[:n] = work.lengths, work.last_token
+        final_cache = _take_rows(cache, torch.argsort(order))       # back in the order of the result
     counts = n_new.tolist()
     toks, lps = out_tokens.tolist(), out_logprobs.tolist()
     return Generation(tokens=[t[:n] for t, n in zip(toks, counts)],
@@ -424,21 +473,6 @@ def _restore_threads(threads):
     if _ONE_ROW_BLAS[0]:
         _ONE_ROW_BLAS[0] = False
         torch.set_num_threads(threads)
-
-
-def _store_rows(store: KVCache | None, cache: KVCache, active, which, total_rows) -> KVCache:
-    """Copies working-batch rows `which` (bool over the working batch) into `store`, a full-batch
-    cache of `total_rows` rows created on first use."""
-    if store is None:
-        store = _new_cache_like(cache, total_rows)
-    src = which.nonzero()[:, 0]
-    dst = active[src]
-    for s_list, c_list in ((store.keys, cache.keys), (store.values, cache.values)):
-        for s, c in zip(s_list, c_list):
-            s[dst] = c[src]
-    store.lengths[dst] = cache.lengths[src]
-    store.last_token[dst] = cache.last_token[src]
-    return store
 
 
 def main():
