@@ -24,6 +24,7 @@ import os
 import random
 import shutil
 import warnings
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -35,6 +36,8 @@ from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model
                                                      set_state_dict)
 from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+
+from sandbox import local_share_of_cores
 
 
 @dataclass
@@ -76,12 +79,6 @@ def init_distributed(device: str | None = None) -> Dist:
 
 
 _SLOW_GROUP = None
-
-
-def local_share_of_cores() -> int:
-    """This process's share of the machine's cores: torchrun starts LOCAL_WORLD_SIZE processes per node."""
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-    return max(1, cores // int(os.environ.get("LOCAL_WORLD_SIZE", 1)))
 
 
 def keep_freed_memory() -> bool:
@@ -197,6 +194,8 @@ def empty_copy(model, dtype, device):
         copy = type(model)(model.config)
     cast_parameters(copy, dtype)
     copy.to_empty(device=device)
+    if hasattr(copy, "tie_weights"):     # to_empty gives every module its own tensor: tied ones are untied
+        copy.tie_weights()
     buffers = dict(model.named_buffers())
     for name, b in copy.named_buffers():
         b.copy_(buffers[name])
@@ -262,6 +261,21 @@ def broadcast_object(obj, d: Dist):
 def barrier(slow: bool = False):
     """slow: for waits on one rank's long file writing (an export), with a timeout of hours."""
     dist.barrier(group=_SLOW_GROUP if slow else None)
+
+
+@contextmanager
+def off_device(*modules):
+    """Moves the modules' weights to host memory for the duration of the block (on a GPU, a model
+    being trained should not share it with idle copies of others); a no-op on the CPU."""
+    moved = list({id(m): m for m in modules if next(m.parameters()).device.type != "cpu"}.values())
+    devices = [next(m.parameters()).device for m in moved]
+    for m in moved:
+        m.to("cpu")
+    try:
+        yield
+    finally:
+        for m, device in zip(moved, devices):
+            m.to(device)
 
 
 def my_chunks(items: list, per_rank: int, d: Dist):

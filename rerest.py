@@ -26,7 +26,6 @@ corrected; the reflector is prompted zero-shot unless --train-reflector; D_M kee
 duplicates included.
 """
 
-import copy
 import hashlib
 import json
 import time
@@ -69,6 +68,12 @@ class Config:
     learning_rate: float = flag(1e-4, "AdamW learning rate")
     batch_size: int = flag(8, "sequences (DPO: pairs) per optimizer step over all ranks (a multiple of the ranks)")
     micro_batch_size: int = flag(4, "sequences (DPO: pairs) per forward/backward pass")
+    sampling_batch_size: int = flag(16, "problems per rank in one sampling call of a stage (a call covers this x "
+                                    "ranks problems, so every rank has work)")
+    bf16: bool | None = flag(None, "compute in bf16 with fp32 master weights when training (TRL's name); default: "
+                             "on with CUDA, off on CPU (--no-bf16 turns it off)")
+    gradient_checkpointing: bool | None = flag(None, "recompute each decoder layer's activations in backward "
+                                               "instead of keeping them; default: on above 1B parameters")
     self_consistency: int = flag(0, "mbpp: also sample N solutions per test problem, let the reflector revise each "
                                  "from its outputs on the test inputs, and majority-vote by those outputs (0: off)")
     seed: int = flag(0, "seed for sampling, data order and LoRA init")
@@ -85,17 +90,16 @@ def sample(model, tok, prompts, cfg, *, temperature, num_samples=1, seed=0):
                     temperature=temperature, stop_token_ids=stop_token_ids(tok, model), generator=gen)
 
 
-def run_cached(path: Path, items: list[tuple[str, object]], work, d, desc: str, chunk: int = 8) -> list[dict]:
+def run_cached(path: Path, items: list[tuple[str, object]], work, d, desc: str, per_rank: int) -> list[dict]:
     """A resumable stage. items are (key, payload); work(keys, payloads) returns result rows, each
     carrying its item's "key". Items whose key is in `path` already are not redone; new rows are
-    appended chunk by chunk (rank 0 writes, every rank works on its share). Returns the rows of all
-    items in item order."""
+    appended chunk by chunk, a chunk being `per_rank` items per rank (rank 0 reads and writes, every
+    rank works on its share). Returns the rows of all items in item order."""
     done = {}
     for row in par.broadcast_object(read_jsonl(path) if d.main else None, d):
         done.setdefault(row["key"], []).append(row)
     todo = [(k, p) for k, p in items if k not in done]
-    for start in tqdm(range(0, len(todo), chunk), desc=desc, disable=not d.main or not todo):
-        mine = todo[start:start + chunk][d.rank::d.world]
+    for _, mine in tqdm(list(par.my_chunks(todo, per_rank, d)), desc=desc, disable=not d.main or not todo):
         rows = work([k for k, _ in mine], [p for _, p in mine]) if mine else []
         new = [r for part in par.all_gather_objects(rows, d) for r in part]
         for r in new:
@@ -125,7 +129,8 @@ def sample_solutions(cfg, d, agent, tok, task, train, out) -> list[dict]:
         verdicts = task.check_batch([tok.decode(t, skip_special_tokens=True) for t in gen.tokens], repeated)
         return [solution_row(tok, ex.id, t, v, j=r % cfg.k) for r, (ex, t, v) in enumerate(zip(repeated, gen.tokens, verdicts))]
 
-    return run_cached(out / f"samples-{h}.jsonl", [(ex.id, ex) for ex in train], work, d, "1-2 sample + verify")
+    return run_cached(out / f"samples-{h}.jsonl", [(ex.id, ex) for ex in train], work, d, "1-2 sample + verify",
+                      cfg.sampling_batch_size)
 
 
 # --- 3. reflect ---------------------------------------------------------------------------------------
@@ -149,7 +154,8 @@ def reflect(cfg, d, reflector, tok, task, examples, samples, out, name, reflecto
                 for k, f, t, v in zip(keys, fails, gen.tokens, verdicts)]
 
     items = [(f"{f['key']}/{f['j']}", f) for f in failed]
-    return run_cached(out / f"reflections-{name}-{h}.jsonl", items, work, d, f"3 reflect ({name})")
+    return run_cached(out / f"reflections-{name}-{h}.jsonl", items, work, d, f"3 reflect ({name})",
+                      cfg.sampling_batch_size)
 
 
 # --- 4-5. training: SFT (full or LoRA) and DPO --------------------------------------------------------
@@ -179,8 +185,9 @@ def add_lora(model, r: int, alpha: float, seed: int, targets=("q_proj", "v_proj"
 
 
 def merged_state(model) -> dict:
-    """The full weights with every LoRA update merged: plain Hugging Face names. A collective."""
-    full = {n: par.full_tensor(p.detach()) for n, p in model.named_parameters()}
+    """The full weights with every LoRA update merged, in plain Hugging Face names, on rank 0 (gathered
+    one parameter at a time to its CPU; empty on the other ranks). A collective."""
+    full = par.full_state_on_rank0(model)
     out = {}
     for name, t in full.items():
         if name.endswith((".lora_a", ".lora_b")):
@@ -210,12 +217,19 @@ def train_model(cfg, d, init: str | None, data: list, folder: Path, kind: str = 
     (prompt_ids, target_ids) pairs; for "dpo", (prompt_ids, chosen_ids, rejected_ids) triples."""
     if (folder / "config.json").exists():
         return folder
-    model, tok = load_model(init, device=d.device, dtype=torch.float32)
-    ref = copy.deepcopy(model).eval().requires_grad_(False) if kind == "dpo" else None
+    # Loaded on the CPU: sharding moves one layer at a time to the device.
+    model, tok = load_model(init, device="cpu", dtype=torch.float32)
+    ref = None
+    if kind == "dpo":    # the base model, frozen, sharded like the trained one, in the compute dtype
+        ref, _ = load_model(init, device="cpu", dtype=torch.bfloat16 if cfg.bf16 else torch.float32)
+        par.shard_model(ref.requires_grad_(False), d, bf16=cfg.bf16)
+    checkpointing = cfg.gradient_checkpointing
+    if checkpointing is None:
+        checkpointing = sum(p.numel() for p in model.parameters()) > 1e9
     if cfg.lora_r:
         add_lora(model, cfg.lora_r, cfg.lora_alpha, cfg.seed)
     model.train()
-    par.shard_model(model, d)
+    par.shard_model(model, d, bf16=cfg.bf16, checkpointing=checkpointing)
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=cfg.learning_rate)
     per_rank = cfg.batch_size // d.world
     steps_per_epoch = max(1, -(-len(data) // cfg.batch_size))
@@ -243,6 +257,7 @@ def train_model(cfg, d, init: str | None, data: list, folder: Path, kind: str = 
                 sums = token_logprobs(model, ids, attn, mask).sum(1)
                 with torch.no_grad():
                     ref_sums = token_logprobs(ref, ids, attn, mask).sum(1)
+                ref.reshard()      # its root stays gathered after a forward that has no backward
                 n = len(part)
                 loss = dpo_loss(sums[:n], sums[n:], ref_sums[:n], ref_sums[n:], cfg.dpo_beta).sum() / cfg.batch_size
                 (loss * d.world).backward()
@@ -251,27 +266,8 @@ def train_model(cfg, d, init: str | None, data: list, folder: Path, kind: str = 
         optimizer.zero_grad(set_to_none=True)
         if (step + 1) % steps_per_epoch == 0 and step + 1 < total:
             par.save_checkpoint(folder / "checkpoints", step + 1, model, optimizer, {}, d)
-    export(model, tok, merged_state(model), folder, d)
+    par.export_hf(model, tok, folder, d, state=merged_state(model))
     return folder
-
-
-def export(model, tok, state: dict, folder: Path, d):
-    if d.main:
-        from transformers import AutoModelForCausalLM
-        plain = AutoModelForCausalLM.from_config(model.config, dtype=torch.float32)
-        missing, unexpected = plain.load_state_dict(state, strict=False)
-        if unexpected or any(m != "lm_head.weight" for m in missing):
-            raise RuntimeError(f"export: missing {missing}, unexpected {unexpected}")
-        plain.tie_weights()
-        tmp = folder / "export.tmp"
-        plain.save_pretrained(tmp)
-        tok.save_pretrained(tmp)
-        for f in tmp.iterdir():          # config.json last: its presence marks a finished export
-            if f.name != "config.json":
-                f.rename(folder / f.name)
-        (tmp / "config.json").rename(folder / "config.json")
-        tmp.rmdir()
-    par.barrier()
 
 
 def sft_data(tok, rows, prompt_of) -> list[tuple[list[int], list[int]]]:
@@ -297,7 +293,8 @@ def evaluate(cfg, d, model, tok, task, test, out, name, model_id) -> float:
         verdicts = task.check_batch([tok.decode(t, skip_special_tokens=True) for t in gen.tokens], examples)
         return [solution_row(tok, k, t, v) for k, t, v in zip(keys, gen.tokens, verdicts)]
 
-    rows = run_cached(out / f"eval-{name}-{h}.jsonl", [(ex.id, ex) for ex in test], work, d, f"6 eval {name}", chunk=32)
+    rows = run_cached(out / f"eval-{name}-{h}.jsonl", [(ex.id, ex) for ex in test], work, d, f"6 eval {name}",
+                      cfg.sampling_batch_size)
     return sum(r["ok"] for r in rows) / len(rows)
 
 
@@ -331,7 +328,8 @@ def self_consistency(cfg, d, model, reflector, tok, task, test, out, name, model
             rows.append(dict(key=key, ok=task.check(chosen, ex).ok, text=chosen))
         return rows
 
-    rows = run_cached(out / f"sc-{name}-{h}.jsonl", [(ex.id, ex) for ex in test], work, d, f"6 self-consistency {name}")
+    rows = run_cached(out / f"sc-{name}-{h}.jsonl", [(ex.id, ex) for ex in test], work, d, f"6 self-consistency {name}",
+                      cfg.sampling_batch_size)
     return sum(r["ok"] for r in rows) / len(rows)
 
 
@@ -346,6 +344,8 @@ def run(argv=None):
     out = Path(cfg.out or f"runs/rerest-{cfg.task}")
     d = par.init_distributed(cfg.device)
     try:
+        if cfg.bf16 is None:
+            cfg.bf16 = d.device.type == "cuda"
         if cfg.batch_size % d.world:
             raise BadInput(f"--batch-size {cfg.batch_size} must be a multiple of the {d.world} ranks")
         table = run_stages(cfg, d, out)
@@ -363,7 +363,7 @@ def run_stages(cfg, d, out: Path) -> str:
     if d.main:
         out.mkdir(parents=True, exist_ok=True)
         append_jsonl(out / "invocations.jsonl", [dict(asdict(cfg), time=time.time())])
-    par.barrier()
+    par.check_shared_folder(out, d)
     examples = {ex.id: ex for ex in train}
     agent, tok = load_model(cfg.model, device=d.device)
     reflector = agent if cfg.reflector_model is None else load_model(cfg.reflector_model, device=d.device)[0]
@@ -395,7 +395,8 @@ def run_stages(cfg, d, out: Path) -> str:
                           cfg.seed, cfg.dpo_beta if kind == "dpo" else None, data)
         folder = out / "models" / f"{name.replace(' ', '_').replace('+', 'and')}-{h}"
         folder.mkdir(parents=True, exist_ok=True)
-        train_model(cfg, d, cfg.model, data, folder, kind)                                          # 4-5
+        with par.off_device(agent, reflector):     # one model at a time on the device
+            train_model(cfg, d, cfg.model, data, folder, kind)                                      # 4-5
         model, _ = load_model(str(folder), device=d.device)
         rows[name] = dict(pass1=evaluate(cfg, d, model, tok, task, test, out, name, str(folder)), folder=str(folder))
         if cfg.self_consistency:
@@ -414,7 +415,8 @@ def run_stages(cfg, d, out: Path) -> str:
         if pairs:
             folder = out / "models" / f"reflector-{settings_hash(reflector_id, cfg.lora_r, cfg.epochs, cfg.learning_rate, cfg.seed, pairs)}"
             folder.mkdir(parents=True, exist_ok=True)
-            train_model(cfg, d, cfg.reflector_model or cfg.model, pairs, folder)
+            with par.off_device(agent, reflector):
+                train_model(cfg, d, cfg.reflector_model or cfg.model, pairs, folder)
             trained_reflector, _ = load_model(str(folder), device=d.device)
             d_r2 = [r for r in reflect(cfg, d, trained_reflector, tok, task, examples, samples, out, "trained", str(folder)) if r["ok"]]
         agent_row("Re-ReST + trained reflector", sft_data(tok, d_m + d_r2, agent_prompt),

@@ -300,12 +300,21 @@ def run_program(completion: str, tests, setup: str, timeout: float, mode: str) -
     return dict(done=False, results=partial, failure=None, timed_out=timed_out)
 
 
+def local_share_of_cores() -> int:
+    """This process's share of the machine's cores, the default number of programs run at once (and
+    of torch threads on CPU). torchrun starts LOCAL_WORLD_SIZE ranks on a node, each checking its
+    own part of a batch; every rank taking all the cores would oversubscribe the node 8x on 8 GPUs
+    and turn correct programs into timeouts."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    return max(1, cores // int(os.environ.get("LOCAL_WORLD_SIZE", 1)))
+
+
 def run_batch(items, workers, timeout, mode) -> list[tuple[list, dict]]:
     """items: (completion, tests, setup); mode "check" (run the asserts) or "outputs" (evaluate what
     each test's left-hand side computes). Returns (tests, run_program's result) per item, in order."""
     if timeout <= 0:
         raise ValueError("timeout must be positive")
     items = [(c if isinstance(c, str) else str(c), list(t), s or "") for c, t, s in items]
-    workers = max(1, min(workers or os.cpu_count() or 1, len(items) or 1))
+    workers = max(1, min(workers or local_share_of_cores(), len(items) or 1))
     with ThreadPoolExecutor(workers) as pool:
         return list(pool.map(lambda item: (item[1], run_program(*item, timeout, mode)), items))

@@ -4,6 +4,7 @@ by the GLOBAL trained-token count, and the gradients are combined over ranks (gl
     grpo_two_ranks.py plain OUT   an ordinary model, gradients summed with all_reduce
     grpo_two_ranks.py fsdp OUT    the training path of rrr.py: FSDP2 shards, packed_logprobs (two
                                   forwards per backward), loss * world because FSDP averages
+    grpo_two_ranks.py fsdp-checkpointing OUT    the same with activation checkpointing
 """
 
 import sys
@@ -27,7 +28,7 @@ if mode == "plain":
 else:
     groups, adv = packed_toy_groups()
     model = tiny_model(seed=8).train()
-    par.shard_model(model, d)
+    par.shard_model(model, d, checkpointing=mode == "fsdp-checkpointing")
     mine = [0, 1] if d.rank == 0 else [2]             # groups of different sizes on each rank
     total = sum(len(c) for _, cs in groups for c in cs)
     rows = [r for g in mine for r in range(sum(len(groups[k][1]) for k in range(g)),

@@ -234,9 +234,11 @@ def test_dapo_gradient_same_over_two_ranks(tmp_path):
 
 
 @pytest.mark.slow
-def test_fsdp_packed_gradient_over_two_ranks_equals_plain_sequences(tmp_path):
-    """rrr.py's training path (FSDP2 over 2 ranks, shared prefixes computed once) against one ordinary
-    model that runs every prefix + continuation as its own sequence."""
+@pytest.mark.parametrize("mode", ["fsdp", "fsdp-checkpointing"])
+def test_fsdp_packed_gradient_over_two_ranks_equals_plain_sequences(tmp_path, mode):
+    """rrr.py's training path (FSDP2 over 2 ranks, shared prefixes computed once; with activation
+    checkpointing, which must put back the KV cache around its recompute) against one ordinary model
+    that runs every prefix + continuation as its own sequence."""
     groups, adv = packed_toy_groups()
     model = tiny_model(seed=8).train()
     values = []
@@ -250,7 +252,7 @@ def test_fsdp_packed_gradient_over_two_ranks_equals_plain_sequences(tmp_path):
     loss, _ = policy_loss(lp, lp.detach(), adv, mask, total_tokens=mask.sum().item())
     loss.backward()
     whole = torch.cat([p.grad.flatten() for p in model.parameters()])
-    got = run_two_ranks(tmp_path, "fsdp")
+    got = run_two_ranks(tmp_path, mode)
     assert torch.allclose(got, whole, rtol=1e-4, atol=1e-5 * whole.abs().max().item())
 
 

@@ -202,3 +202,27 @@ def test_bad_arguments():
     first = generate(model, [[1, 2]], max_new_tokens=2, keep_cache=True)
     with pytest.raises(ValueError):
         generate(model, [[1], [2]], max_new_tokens=2, cache=first.cache)
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen2"])
+def test_fused_projections_are_views_and_change_nothing(arch):
+    """fuse_projections lays q/k/v and gate/up back to back so that decoding multiplies by them as one
+    matrix with no fused copy beside the weights; the module and the samples stay the same."""
+    from sampler import _prepare, fuse_projections, release
+
+    model = tiny_model(arch=arch, seed=5)
+    prompts = [[3, 4, 5], [9, 8, 7, 6, 5, 4]]
+    ids = torch.tensor([prompts[1]])
+    with torch.no_grad():
+        logits = model(ids).logits
+    before = generate(model, prompts, max_new_tokens=10, temperature=0)
+    release(model)
+    fuse_projections(model)
+    with torch.no_grad():
+        assert torch.equal(model(ids).logits, logits)
+    assert generate(model, prompts, max_new_tokens=10, temperature=0).tokens == before.tokens
+    attn, mlp = model.model.layers[0].self_attn, model.model.layers[0].mlp
+    prepared = _prepare(model).layers[0]
+    assert prepared["qkv"].weight.untyped_storage()._cdata == attn.q_proj.weight.untyped_storage()._cdata
+    assert prepared["gate_up"].weight.untyped_storage()._cdata == mlp.up_proj.weight.untyped_storage()._cdata
+    assert torch.equal(prepared["qkv"].weight, torch.cat([attn.q_proj.weight, attn.k_proj.weight, attn.v_proj.weight]))

@@ -49,3 +49,35 @@ def save_tiny_chat_model(folder: Path, seed=0) -> Path:
     model.save_pretrained(folder)
     tokenizer.save_pretrained(folder)
     return Path(folder)
+
+
+def save_coin_flip_chat_model(folder: Path, seed=0) -> Path:
+    """A tiny chat model that ends its turn at each token with probability 1/2, whatever the context: its
+    layers add nothing (zero output projections), every embedding is dominated by one large coordinate,
+    so the final hidden state is the same for every token, and the untied head scores only EOS, at
+    log(V - 1), against 0 for the V - 1 other tokens."""
+    import math
+
+    from model import load_tokenizer
+
+    tokenizer = load_tokenizer(None)
+    torch.manual_seed(seed)
+    vocab = len(tokenizer)
+    config = LlamaConfig(vocab_size=vocab, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=False,
+                         bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+                         pad_token_id=tokenizer.eos_token_id)
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    with torch.no_grad():
+        for layer in model.model.layers:
+            layer.self_attn.o_proj.weight.zero_()
+            layer.mlp.down_proj.weight.zero_()
+        model.model.embed_tokens.weight.normal_(0, 0.01)[:, 0] = 100.0
+        model.model.norm.weight.fill_(1.0)
+        model.lm_head.weight.zero_()
+        # After the final RMSNorm the first coordinate is sqrt(hidden) = 8 (up to 1e-6).
+        model.lm_head.weight[tokenizer.eos_token_id, 0] = math.log(vocab - 1) / 8
+    model.generation_config.eos_token_id = tokenizer.eos_token_id
+    model.save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return Path(folder)
