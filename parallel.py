@@ -278,7 +278,7 @@ def off_device(*modules):
             m.to(device)
 
 
-def my_chunks(items: list, per_rank: int, d: Dist):
+def rank_chunks(items: list, per_rank: int, d: Dist):
     """Splits `items` into chunks of per_rank x world (every rank gets per_rank of each, the last chunk
     aside) and yields (chunk, this rank's share of it). Sizing chunks by the world keeps every rank
     busy however many there are."""
@@ -400,8 +400,8 @@ def export_hf(model, tokenizer, folder: Path, d: Dist, state: dict | None = None
         folder = Path(folder)
         with torch.device("meta"):
             plain = AutoModelForCausalLM.from_config(model.config, dtype=torch.float32)
+        tied = {k for k, _ in plain.named_parameters(remove_duplicate=False)} - {k for k, _ in plain.named_parameters()}
         missing, unexpected = plain.load_state_dict(state, strict=False, assign=True)
-        tied = {k for k, v in plain.named_parameters(remove_duplicate=False)} - {k for k, v in plain.named_parameters()}
         if unexpected or set(missing) - tied:
             raise RuntimeError(f"export: missing {missing}, unexpected {unexpected}")
         plain.tie_weights()

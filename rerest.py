@@ -99,7 +99,7 @@ def run_cached(path: Path, items: list[tuple[str, object]], work, d, desc: str, 
     for row in par.broadcast_object(read_jsonl(path) if d.main else None, d):
         done.setdefault(row["key"], []).append(row)
     todo = [(k, p) for k, p in items if k not in done]
-    for _, mine in tqdm(list(par.my_chunks(todo, per_rank, d)), desc=desc, disable=not d.main or not todo):
+    for _, mine in tqdm(list(par.rank_chunks(todo, per_rank, d)), desc=desc, disable=not d.main or not todo):
         rows = work([k for k, _ in mine], [p for _, p in mine]) if mine else []
         new = [r for part in par.all_gather_objects(rows, d) for r in part]
         for r in new:

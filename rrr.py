@@ -168,13 +168,13 @@ def load_policy(cfg, d) -> Policy:
     compute = torch.bfloat16 if cfg.bf16 else torch.float32
     sampler = fuse_projections(par.empty_copy(model, compute, d.device))
     par.free_weights(sampler)
+    stops = stop_token_ids(tokenizer, model)
+    model.train()
+    par.shard_model(model, d, bf16=cfg.bf16, checkpointing=cfg.gradient_checkpointing)
     ref = None
     if cfg.beta > 0:     # loaded in the compute dtype: parameters cast, the rotary table kept in fp32
         ref, _ = load_model(cfg.model, device="cpu", dtype=compute)
         par.shard_model(ref.requires_grad_(False), d, bf16=cfg.bf16)
-    stops = stop_token_ids(tokenizer, model)
-    model.train()
-    par.shard_model(model, d, bf16=cfg.bf16, checkpointing=cfg.gradient_checkpointing)
     optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.learning_rate, weight_decay=cfg.weight_decay)
     return Policy(model, sampler, ref, tokenizer, stops, optimizer)
 
@@ -287,7 +287,7 @@ def build_failure_set(cfg, d, pol, task, train, out) -> list[Failure]:
     if todo and cfg.failure_set:
         raise BadInput(f"{path} lacks {len(todo)} of this run's training queries")
     with sampling(pol):
-        chunks = list(par.my_chunks(todo, cfg.sampling_batch_size, d))
+        chunks = list(par.rank_chunks(todo, cfg.sampling_batch_size, d))
         for k, (chunk, part) in enumerate(tqdm(chunks, desc="failure set", disable=not d.main)):
             gen = generator(cfg, d, 1, k + len(done))
             found = {}

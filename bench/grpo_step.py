@@ -39,8 +39,8 @@ def ours(args):
     times = []
     for step in range(args.steps + 1):
         t = time.perf_counter()
-        par.copy_full_weights(pol.model, pol.sampler)
-        episodes = rrr.rollout(cfg, d, pol, task, failures, examples, step)
+        with rrr.sampling(pol):
+            episodes = rrr.rollout(cfg, d, pol, task, failures, examples, step)
         rrr.grpo_update(cfg, d, pol, episodes)
         times.append(time.perf_counter() - t)
         assert sum(e.sampled for e in episodes) == args.prompts * args.generations * args.new_tokens

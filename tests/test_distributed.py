@@ -203,7 +203,7 @@ def test_chunks_keep_every_rank_busy():
     """A chunk is per_rank x world items: on 16 ranks each has work, where fixed chunks of 8 left 8 idle."""
     items = list(range(40))
     for world in (1, 2, 8, 16):
-        shares = [list(par.my_chunks(items, 2, par.Dist(r, world, torch.device("cpu")))) for r in range(world)]
+        shares = [list(par.rank_chunks(items, 2, par.Dist(r, world, torch.device("cpu")))) for r in range(world)]
         for k, chunk in enumerate(shares[0]):
             assert chunk[0] == items[k * 2 * world:(k + 1) * 2 * world]
             parts = [s[k][1] for s in shares]

@@ -110,6 +110,25 @@ def test_training_moves_the_model_toward_its_data(tmp_path, tiny_chat, one_proce
     assert score(trained) > score(base) + 1.0, (score(base), score(trained))
 
 
+def test_dpo_reference_is_sharded_in_the_compute_dtype(tmp_path, tiny_chat, one_process, monkeypatch):
+    """With --bf16 the DPO reference is a frozen bf16 copy sharded like the trained model (2/N bytes
+    per parameter per rank), not a full fp32 model on every rank; the trained model keeps fp32 masters."""
+    seen = []
+    real = rerest.token_logprobs
+
+    def spy(model, *args, **kwargs):
+        seen.append({(type(p).__name__, p.dtype, p.requires_grad) for p in model.parameters()})
+        return real(model, *args, **kwargs)
+
+    monkeypatch.setattr(rerest, "token_logprobs", spy)
+    data = [([5, 6, 7], [8, 9], [10, 11, 12])] * 2
+    cfg = parse_config(rerest.Config, ["--epochs", "1", "--batch-size", "2", "--micro-batch-size", "2",
+                                       "--lora-r", "0", "--bf16"])
+    rerest.train_model(cfg, one_process, str(tiny_chat), data, tmp_path / "m", "dpo")
+    assert seen[0] == {("DTensor", torch.float32, True)}          # the trained model
+    assert seen[1] == {("DTensor", torch.bfloat16, False)}        # the reference
+
+
 def test_reflector_sees_feedback_verbatim_and_d_r_only_passes(tmp_path, one_process, monkeypatch):
     """The reflector is a stub that answers with the reference program on odd calls: D_R must hold
     exactly the corrections the verifier accepts, and every prompt must carry its feedback verbatim."""
