@@ -128,6 +128,12 @@ def shard_model(model, d: Dist, bf16: bool = False, checkpointing: bool = False)
     return model
 
 
+def checkpointing_by_default(model) -> bool:
+    """Activation checkpointing pays for itself above about 1B parameters, where activations (about
+    6 MB per token for a 7B model) rather than weights fill a GPU during the update."""
+    return sum(p.numel() for p in model.parameters()) > 1e9
+
+
 def checkpoint_layers(model):
     """Activation checkpointing per decoder layer: a layer keeps only its input for backward and
     recomputes the rest (about 6 MB of activations per token for a 7B model otherwise).

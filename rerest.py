@@ -225,7 +225,7 @@ def train_model(cfg, d, init: str | None, data: list, folder: Path, kind: str = 
         par.shard_model(ref.requires_grad_(False), d, bf16=cfg.bf16)
     checkpointing = cfg.gradient_checkpointing
     if checkpointing is None:
-        checkpointing = sum(p.numel() for p in model.parameters()) > 1e9
+        checkpointing = par.checkpointing_by_default(model)
     if cfg.lora_r:
         add_lora(model, cfg.lora_r, cfg.lora_alpha, cfg.seed)
     model.train()

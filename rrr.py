@@ -164,7 +164,7 @@ def load_policy(cfg, d) -> Policy:
     except ValueError as e:
         raise BadInput(str(e)) from None
     if cfg.gradient_checkpointing is None:
-        cfg.gradient_checkpointing = sum(p.numel() for p in model.parameters()) > 1e9
+        cfg.gradient_checkpointing = par.checkpointing_by_default(model)
     compute = torch.bfloat16 if cfg.bf16 else torch.float32
     sampler = fuse_projections(par.empty_copy(model, compute, d.device))
     par.free_weights(sampler)

@@ -40,6 +40,10 @@ SHAPE = (dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_at
               num_key_value_heads=2, vocab_size=151936))
 INIT_STD = 0.2 if ON_CPU else 0.02
 NEW = 24
+# The tiny chat model never earns a reward, so the KL to the reference is the whole loss. Stronger than
+# test_rrr's defaults: weight decay moves the weights x0.9 at step 1 and beta 1 makes the step-2
+# gradients large against bf16 noise.
+TRAINING = dict(weight_decay=100.0, beta=1.0)
 
 
 @pytest.fixture(scope="module")
@@ -80,15 +84,16 @@ def tie_tolerance(logits):
 def test_sampler_greedy_equals_hf_generate_on_mixed_length_prompts():
     """6 prompts of 5..60 tokens, batched through the sampler, each alone through HF generate.
     fp32: every prompt identical. bf16: random-init logits over a 152k vocabulary have a top-2 pair
-    within one bf16 unit at about one position in ten (measured), so two correct kernels may part
-    there; each prompt must agree up to its first near-tie, and every token the sampler chose must
-    be an argmax of HF's teacher-forced logits up to that tolerance."""
+    within one bf16 unit at 10-16% of positions, so two correct kernels part in most prompts (2 to 4
+    of 6 were identical, measured in bf16 on a CPU over 5 seeds): each prompt must agree up to its first
+    near-tie, with a quarter of all tokens agreed at least, and every token the sampler chose must be
+    an argmax of HF's teacher-forced logits up to that tolerance."""
     model = fuse_projections(qwen2_model())
     g = torch.Generator().manual_seed(1)
     lengths = [5, 16, 27, 38, 49, 60]
     prompts = [torch.randint(3, SHAPE["vocab_size"], (k,), generator=g).tolist() for k in lengths]
     ours = generate(model, prompts, max_new_tokens=NEW, temperature=0)
-    exact = 0
+    exact = agreed = 0
     for i, p in enumerate(prompts):
         ids = torch.tensor([p], device=DEVICE)
         with torch.no_grad():
@@ -96,10 +101,9 @@ def test_sampler_greedy_equals_hf_generate_on_mixed_length_prompts():
                                 eos_token_id=None, pad_token_id=0)[0, len(p):].tolist()
         assert len(ours.tokens[i]) == len(hf) == NEW and not ours.finished[i]
         assert len(set(hf)) >= NEW // 2, f"prompt {i}: degenerate reference {hf}"
-        if ours.tokens[i] == hf:
-            exact += 1
-        else:
-            j = next(j for j, (a, b) in enumerate(zip(ours.tokens[i], hf)) if a != b)
+        j = next((j for j, (a, b) in enumerate(zip(ours.tokens[i], hf)) if a != b), NEW)
+        exact, agreed = exact + (j == NEW), agreed + j
+        if j < NEW:
             ref = teacher_forced_logits(model, p, hf)
             top2 = ref[j].topk(2).values
             assert DTYPE != torch.float32, f"prompt {i} differs at {j} in fp32"
@@ -115,7 +119,7 @@ def test_sampler_greedy_equals_hf_generate_on_mixed_length_prompts():
         got = torch.tensor(ours.logprobs[i], device=DEVICE)
         tol = tie_tolerance(tf).clamp(min=1e-4 if DTYPE == torch.float32 else 2e-2)
         assert ((got - want).abs() <= tol).all(), f"prompt {i}: log-probs off by {(got - want).abs().max():.4f}"
-    assert exact == len(prompts) if DTYPE == torch.float32 else exact >= 1
+    assert exact == len(prompts) if DTYPE == torch.float32 else agreed >= len(prompts) * NEW // 4
 
 
 def nprocs():
@@ -131,11 +135,12 @@ def test_rrr_run_equals_one_process_replay(tmp_path, tiny_chat, nproc):
     (1 rank): each step's loss and gradient norm, and the exported weights, must match. bf16 compute
     differs with the batch split, hence the tolerances (fp32: those of tests/test_rrr.py)."""
     out = tmp_path / "run"
-    args = common_args(tiny_chat, out, device=DEVICE) + [PRECISION]
+    args = common_args(tiny_chat, out, device=DEVICE, **TRAINING) + [PRECISION]
     done = run_rrr(args, nproc=nproc)
     assert done.returncode == 0, done.stderr[-3000:]
     metrics = read_jsonl(out / "metrics.jsonl")
     assert [m["step"] for m in metrics] == [1, 2]
+    assert metrics[1]["loss"] > 1e-3 and metrics[1]["grad_norm"] > 0.1, metrics[1]
     rel, abs_, atol = (1e-4, 1e-7, 1e-5) if ON_CPU else (2e-2, 1e-4, 1e-3)
 
     cfg = parse_config(rrr.Config, args)
@@ -153,9 +158,17 @@ def test_rrr_run_equals_one_process_replay(tmp_path, tiny_chat, nproc):
             stats = rrr.grpo_update(cfg, d, pol, eps)
             assert stats["loss"] == pytest.approx(m["loss"], rel=rel, abs=abs_), m["step"]
             assert stats["grad_norm"] == pytest.approx(m["grad_norm"], rel=rel), m["step"]
+        # Adam moves every weight by about lr * sign(gradient) at its first nonzero step, so an element
+        # whose gradient is ~0 moves by +-lr on the sign of its rounding error: with ranks summing in
+        # another order, a few in a million did (measured on CPU: 15 of 3.2M in bf16, 1 in fp32).
+        # A wrong gradient would flip a sizeable fraction.
         exported = final_weights(out)
+        off = total = 0
         for name, p in pol.model.named_parameters():
-            assert torch.allclose(par.full_tensor(p.detach()).cpu(), exported[name], atol=atol), name
+            diff = (par.full_tensor(p.detach()).cpu() - exported[name]).abs()
+            off, total = off + int((diff > atol).sum()), total + diff.numel()
+            assert diff.max() <= 4 * cfg.learning_rate, name
+        assert off <= 1e-4 * total, f"{off} of {total} weights off by more than {atol}"
     finally:
         par.close_distributed()
 
@@ -164,7 +177,7 @@ def test_rrr_run_equals_one_process_replay(tmp_path, tiny_chat, nproc):
 def test_kill_and_resume_gives_identical_weights(tmp_path, tiny_chat):
     """As tests/test_rrr.py, on the device: killed after its second checkpoint and resumed, the run
     must end with exactly the weights of a run that was never interrupted."""
-    extra = dict(steps=5, save_every=1, train_size=6, device=DEVICE)
+    extra = dict(steps=5, save_every=1, train_size=6, device=DEVICE, **TRAINING)
     straight = run_rrr(common_args(tiny_chat, tmp_path / "a", **extra) + [PRECISION])
     assert straight.returncode == 0, straight.stderr[-3000:]
 
@@ -189,4 +202,6 @@ def test_kill_and_resume_gives_identical_weights(tmp_path, tiny_chat):
     assert a.keys() == b.keys()
     for name in a:
         assert torch.equal(a[name], b[name]), name
-    assert [m["step"] for m in read_jsonl(out / "metrics.jsonl")] == [1, 2, 3, 4, 5]
+    metrics = read_jsonl(out / "metrics.jsonl")
+    assert [m["step"] for m in metrics] == [1, 2, 3, 4, 5]
+    assert all(m["grad_norm"] > 0 for m in metrics[1:]), metrics       # the weights did move

@@ -28,9 +28,13 @@ def tiny_chat(tmp_path_factory):
 
 
 def common_args(model, out, **extra):
+    # The tiny model never earns a reward, so every advantage is 0 and the KL to the reference is the
+    # whole gradient; weight decay moves the weights off the reference after step 1, so that later
+    # steps have a nonzero gradient and the replay and resume tests compare real updates.
     args = dict(model=model, task="countdown", out=out, steps=2, train_size=4, eval_size=4, batch_size=2,
                 num_generations=2, failure_samples=1, max_completion_length=12, max_reflection_length=8,
-                learning_rate=1e-3, micro_batch_size=8, log_episodes=100, save_every=0, device="cpu", seed=5)
+                learning_rate=1e-3, weight_decay=10, beta=0.01, micro_batch_size=8, log_episodes=100,
+                save_every=0, device="cpu", seed=5)
     args.update(extra)
     return [f"--{k.replace('_', '-')}={v}" for k, v in args.items()]
 
@@ -79,6 +83,7 @@ def test_two_ranks_equal_one_process_and_write_everything(tmp_path, tiny_chat):
             stats = rrr.grpo_update(cfg, d, pol, eps)
             assert stats["loss"] == pytest.approx(m["loss"], rel=1e-4, abs=1e-7)
             assert stats["grad_norm"] == pytest.approx(m["grad_norm"], rel=1e-4)
+        assert metrics[-1]["grad_norm"] > 1e-4 and metrics[-1]["mean_kl"] > 0     # a real update was compared
         exported = final_weights(out)
         for name, p in pol.model.named_parameters():
             assert torch.allclose(par.full_tensor(p.detach()), exported[name], atol=1e-5), name
