@@ -336,7 +336,7 @@ def self_consistency(cfg, d, model, reflector, tok, task, test, out, name, model
 def run(argv=None):
     cfg = parse_config(Config, argv, description=__doc__)
     for name in ("k", "train_size", "eval_size", "max_completion_length", "epochs", "batch_size",
-                 "micro_batch_size", "reflections_per_problem"):
+                 "micro_batch_size", "reflections_per_problem", "sampling_batch_size"):
         if getattr(cfg, name) < 1:
             raise BadInput(f"--{name.replace('_', '-')} must be at least 1")
     if cfg.self_consistency and cfg.task != "mbpp":

@@ -479,7 +479,8 @@ def write_report(cfg, out, evals, metrics, wall):
 def run(argv=None):
     cfg = parse_config(Config, argv, description=__doc__)
     for name in ("steps", "train_size", "eval_size", "batch_size", "num_generations", "failure_samples",
-                 "max_completion_length", "max_reflection_length", "micro_batch_size", "num_iterations"):
+                 "max_completion_length", "max_reflection_length", "micro_batch_size", "num_iterations",
+                 "sampling_batch_size"):
         if getattr(cfg, name) < 1:
             raise BadInput(f"--{name.replace('_', '-')} must be at least 1")
     if cfg.method == "grpo" and cfg.reflection == "generic":
