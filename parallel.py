@@ -19,6 +19,7 @@ FSDP averages gradients over ranks; losses that are already normalised by a glob
 """
 
 import datetime
+import gc
 import json
 import os
 import random
@@ -37,6 +38,7 @@ from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model
 from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
+from sampler import release
 from sandbox import local_share_of_cores
 
 
@@ -140,9 +142,9 @@ def checkpoint_layers(model):
 
     Hugging Face's own gradient checkpointing drops the KV cache, which grpo.packed_logprobs needs
     (its prefix pass fills a cache that the continuation pass reads). Here the layer runs with the
-    cache, and the cache entries as they were before the layer's first run are put back around the
-    recompute, then those it left behind: the recompute sees exactly what the forward saw, and the
-    cache is never appended to twice."""
+    cache, and before the recompute in backward the layer's cache entries are put back as they were
+    before its forward: the recompute sees exactly what the forward saw, whatever was appended since
+    (the keys and values themselves stay alive until backward, as any cache does)."""
     from transformers.cache_utils import Cache
 
     for layer in decoder_layers(model):
@@ -152,19 +154,14 @@ def checkpoint_layers(model):
             if not (torch.is_grad_enabled() and _layer.training):
                 return _forward(*args, **kwargs)
             caches = [v for v in kwargs.values() if isinstance(v, Cache)]
-            before, after = [_cache_entries(c) for c in caches], []
+            before, ran = [_cache_entries(c) for c in caches], []
 
             def run(*a):
-                if after:                        # the recompute in backward
+                if ran:                          # the recompute in backward
                     for c, s in zip(caches, before):
                         _set_cache_entries(c, s)
-                out = _forward(*a, **kwargs)
-                if after:
-                    for c, s in zip(caches, after):
-                        _set_cache_entries(c, s)
-                else:
-                    after.extend(_cache_entries(c) for c in caches)
-                return out
+                ran.append(True)
+                return _forward(*a, **kwargs)
 
             return torch.utils.checkpoint.checkpoint(run, *args, use_reentrant=False)
 
@@ -200,12 +197,19 @@ def empty_copy(model, dtype, device):
         copy = type(model)(model.config)
     cast_parameters(copy, dtype)
     copy.to_empty(device=device)
-    if hasattr(copy, "tie_weights"):     # to_empty gives every module its own tensor: tied ones are untied
-        copy.tie_weights()
+    if _head_is_embedding(model):        # to_empty gives every module its own tensor: tie them again
+        copy.get_output_embeddings().weight = copy.get_input_embeddings().weight
     buffers = dict(model.named_buffers())
     for name, b in copy.named_buffers():
         b.copy_(buffers[name])
     return copy.eval().requires_grad_(False)
+
+
+def _head_is_embedding(model) -> bool:
+    """Whether the head is the input embedding (what the model does, which a checkpoint can make differ
+    from what its config says)."""
+    head, embedding = model.get_output_embeddings(), model.get_input_embeddings()
+    return head is not None and head.weight is embedding.weight
 
 
 @torch.no_grad()
@@ -272,14 +276,17 @@ def barrier(slow: bool = False):
 @contextmanager
 def off_device(*modules):
     """Moves the modules' weights to host memory for the duration of the block (on a GPU, a model
-    being trained should not share it with idle copies of others); a no-op on the CPU."""
+    being trained should not share it with idle copies of others); a no-op on the CPU. The sampler's
+    prepared weights of those modules are dropped too: they would keep the weights on the device."""
     moved = list({id(m): m for m in modules if next(m.parameters()).device.type != "cpu"}.values())
     devices = [next(m.parameters()).device for m in moved]
     for m in moved:
+        release(m)
         m.to("cpu")
     try:
         yield
     finally:
+        gc.collect()         # what the block trained holds reference cycles (FSDP's hooks): free it first
         for m, device in zip(moved, devices):
             m.to(device)
 
@@ -300,9 +307,15 @@ def check_shared_folder(folder: Path, d: Dist):
     every rank, naming the ranks that cannot see it, rather than letting them hang or diverge later."""
     token = broadcast_object(os.urandom(8).hex() if d.main else None, d)
     probe = Path(folder) / f".rank0-{token}"
+    problem = None
     if d.main:
-        probe.write_text(token)
-    barrier()
+        try:
+            probe.write_text(token)
+        except OSError as e:
+            problem = f"rank 0 cannot write to {folder}: {e}"
+    problem = broadcast_object(problem, d)
+    if problem:
+        raise SharedFolderError(problem)
     try:
         seen = probe.read_text() == token
     except OSError:
@@ -410,7 +423,8 @@ def export_hf(model, tokenizer, folder: Path, d: Dist, state: dict | None = None
         missing, unexpected = plain.load_state_dict(state, strict=False, assign=True)
         if unexpected or set(missing) - tied:
             raise RuntimeError(f"export: missing {missing}, unexpected {unexpected}")
-        plain.tie_weights()
+        if _head_is_embedding(model):      # assign=True gave the head and the embedding a tensor each
+            plain.get_output_embeddings().weight = plain.get_input_embeddings().weight
         plain.generation_config = model.generation_config
         tmp = folder.with_name(folder.name + ".tmp")
         shutil.rmtree(tmp, ignore_errors=True)

@@ -219,10 +219,6 @@ def train_model(cfg, d, init: str | None, data: list, folder: Path, kind: str = 
         return folder
     # Loaded on the CPU: sharding moves one layer at a time to the device.
     model, tok = load_model(init, device="cpu", dtype=torch.float32)
-    ref = None
-    if kind == "dpo":    # the base model, frozen, sharded like the trained one, in the compute dtype
-        ref, _ = load_model(init, device="cpu", dtype=torch.bfloat16 if cfg.bf16 else torch.float32)
-        par.shard_model(ref.requires_grad_(False), d, bf16=cfg.bf16)
     checkpointing = cfg.gradient_checkpointing
     if checkpointing is None:
         checkpointing = par.checkpointing_by_default(model)
@@ -230,6 +226,10 @@ def train_model(cfg, d, init: str | None, data: list, folder: Path, kind: str = 
         add_lora(model, cfg.lora_r, cfg.lora_alpha, cfg.seed)
     model.train()
     par.shard_model(model, d, bf16=cfg.bf16, checkpointing=checkpointing)
+    ref = None
+    if kind == "dpo":    # the base model, frozen, sharded like the trained one, in the compute dtype
+        ref, _ = load_model(init, device="cpu", dtype=torch.bfloat16 if cfg.bf16 else torch.float32)
+        par.shard_model(ref.requires_grad_(False), d, bf16=cfg.bf16)
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=cfg.learning_rate)
     per_rank = cfg.batch_size // d.world
     steps_per_epoch = max(1, -(-len(data) // cfg.batch_size))
@@ -368,6 +368,7 @@ def run_stages(cfg, d, out: Path) -> str:
     agent, tok = load_model(cfg.model, device=d.device)
     reflector = agent if cfg.reflector_model is None else load_model(cfg.reflector_model, device=d.device)[0]
     reflector_id = cfg.reflector_model or cfg.model
+    idle = [agent, reflector]              # models kept for sampling, moved off the device while one trains
     timings, rows = {}, {}
 
     t = time.time()
@@ -395,7 +396,7 @@ def run_stages(cfg, d, out: Path) -> str:
                           cfg.seed, cfg.dpo_beta if kind == "dpo" else None, data)
         folder = out / "models" / f"{name.replace(' ', '_').replace('+', 'and')}-{h}"
         folder.mkdir(parents=True, exist_ok=True)
-        with par.off_device(agent, reflector):     # one model at a time on the device
+        with par.off_device(*idle):     # one model at a time on the device
             train_model(cfg, d, cfg.model, data, folder, kind)                                      # 4-5
         model, _ = load_model(str(folder), device=d.device)
         rows[name] = dict(pass1=evaluate(cfg, d, model, tok, task, test, out, name, str(folder)), folder=str(folder))
@@ -415,9 +416,10 @@ def run_stages(cfg, d, out: Path) -> str:
         if pairs:
             folder = out / "models" / f"reflector-{settings_hash(reflector_id, cfg.lora_r, cfg.epochs, cfg.learning_rate, cfg.seed, pairs)}"
             folder.mkdir(parents=True, exist_ok=True)
-            with par.off_device(agent, reflector):
+            with par.off_device(*idle):
                 train_model(cfg, d, cfg.reflector_model or cfg.model, pairs, folder)
             trained_reflector, _ = load_model(str(folder), device=d.device)
+            idle.append(trained_reflector)
             d_r2 = [r for r in reflect(cfg, d, trained_reflector, tok, task, examples, samples, out, "trained", str(folder)) if r["ok"]]
         agent_row("Re-ReST + trained reflector", sft_data(tok, d_m + d_r2, agent_prompt),
                   extra_time=timings["sample"] + timings["reflect"] + time.time() - t)

@@ -223,6 +223,7 @@ def reflect_and_retry(cfg, pol, task, prefixes, num_samples, temperature, gen):
     chunks = [list(turn(pol.tokenizer, task.retry_prompt, stop_of(t, f))) for t, f in zip(refl.tokens, refl.finished)]
     retries = sample(pol, chunks, cfg, max_new_tokens=cfg.max_completion_length, temperature=temperature,
                      gen=gen, cache=refl.cache)
+    refl.cache = None        # consumed by the retry, which grew it in place: free it now
     return refl, retries
 
 

@@ -369,7 +369,8 @@ def generate(model, prompts: list[list[int]], *, max_new_tokens: int, num_sample
     """Samples `num_samples` continuations of each prompt; rows are prompt-major (row i*n + j).
 
     prompts: token-id lists. With `cache` (from a previous `keep_cache=True` call), prompts[r] is the
-    chunk to append to cache row r, and len(prompts) must equal cache.rows.
+    chunk to append to cache row r, and len(prompts) must equal cache.rows. That cache is consumed:
+    it is grown and written in place, so it cannot be continued twice.
     temperature == 0 means greedy (then logprobs are of the raw logits).
     """
     if max_new_tokens < 1 or num_samples < 1:
