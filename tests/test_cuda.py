@@ -21,7 +21,7 @@ import parallel as par
 import rrr
 from runs import parse_config, read_jsonl
 from sampler import fuse_projections, generate
-from test_rrr import ENV, common_args, final_weights, run_rrr
+from test_rrr import ENV, common_args, final_weights, replay, run_rrr
 from tiny import REPO, save_tiny_chat_model
 
 ON_CPU = os.environ.get("RRR_TEST_CUDA_ON_CPU") == "1"
@@ -148,16 +148,7 @@ def test_rrr_run_equals_one_process_replay(tmp_path, tiny_chat, nproc):
     d = par.init_distributed(DEVICE)
     try:
         pol = rrr.load_policy(cfg, d)
-        episodes = read_jsonl(out / "episodes.jsonl")
-        for m in metrics:
-            rows = [e for e in episodes if e["step"] == m["step"]]
-            assert len(rows) == cfg.batch_size * cfg.num_generations
-            eps = [rrr.Episode(**{k: v for k, v in e.items() if k != "step"}) for e in rows]
-            for e in eps:
-                e.span = tuple(e.span)
-            stats = rrr.grpo_update(cfg, d, pol, eps)
-            assert stats["loss"] == pytest.approx(m["loss"], rel=rel, abs=abs_), m["step"]
-            assert stats["grad_norm"] == pytest.approx(m["grad_norm"], rel=rel), m["step"]
+        replay(cfg, d, pol, out, metrics, rel=rel, abs=abs_)
         # Adam moves every weight by about lr * sign(gradient) at its first nonzero step, so an element
         # whose gradient is ~0 moves by +-lr on the sign of its rounding error: with ranks summing in
         # another order, a few in a million did (measured on CPU: 15 of 3.2M in bf16, 1 in fp32).
