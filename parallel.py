@@ -108,17 +108,20 @@ def decoder_layers(model):
     return (model.get_decoder() if hasattr(model, "get_decoder") else model.model).layers
 
 
-def shard_model(model, d: Dist, bf16: bool = False, checkpointing: bool = False):
+def shard_model(model, d: Dist, bf16: bool = False, checkpointing: bool | None = False):
     """FSDP2 over the world: each decoder layer is one unit (gathered for its forward and backward only),
     the root holds the rest (embeddings, final norm, head). The model may sit on the CPU: each unit is
     moved to the device as it is sharded, so no rank ever holds the whole model there.
 
     bf16: parameters stay fp32 (the master weights, and what the optimizer updates); each unit is
     gathered in bf16 for compute and its gradients are reduced in fp32 (TRL's `--bf16`).
-    checkpointing: decoder layers keep only their input for backward (`checkpoint_layers`)."""
+    checkpointing: decoder layers keep only their input for backward (`checkpoint_layers`); None
+    decides by size (`checkpointing_by_default`)."""
     # The outputs read here (logits, hidden states) are never modified in place, which is the case
     # this warning is about; it would otherwise print on every forward.
     warnings.filterwarnings("ignore", message="FSDP2-wrapped module .* returned a view tensor")
+    if checkpointing is None:
+        checkpointing = checkpointing_by_default(model)
     if checkpointing:
         checkpoint_layers(model)        # before fully_shard: FSDP's gathers stay outside the recompute
     mesh = init_device_mesh(d.device.type, (d.world,))

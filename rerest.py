@@ -219,13 +219,10 @@ def train_model(cfg, d, init: str | None, data: list, folder: Path, kind: str = 
         return folder
     # Loaded on the CPU: sharding moves one layer at a time to the device.
     model, tok = load_model(init, device="cpu", dtype=torch.float32)
-    checkpointing = cfg.gradient_checkpointing
-    if checkpointing is None:
-        checkpointing = par.checkpointing_by_default(model)
     if cfg.lora_r:
         add_lora(model, cfg.lora_r, cfg.lora_alpha, cfg.seed)
     model.train()
-    par.shard_model(model, d, bf16=cfg.bf16, checkpointing=checkpointing)
+    par.shard_model(model, d, bf16=cfg.bf16, checkpointing=cfg.gradient_checkpointing)
     ref = None
     if kind == "dpo":    # the base model, frozen, sharded like the trained one, in the compute dtype
         ref, _ = load_model(init, device="cpu", dtype=torch.bfloat16 if cfg.bf16 else torch.float32)

@@ -401,7 +401,7 @@ def grpo_update(cfg, d, pol, episodes) -> dict:
         return dict(loss=0.0, grad_norm=0.0, **summarize_stats(sums))
     pol.model.train()
     for _ in range(cfg.num_iterations):
-        for i, (groups, adv, mask, ref, old) in enumerate(batches):
+        for groups, adv, mask, ref, old in batches:
             lp = pad_rows(packed_logprobs(pol.model, groups, d.device))              # (rows, T)
             loss, st = policy_loss(lp, lp.detach() if old is None else old, adv, mask, ref_logprobs=ref,
                                    beta=cfg.beta, epsilon=cfg.epsilon, epsilon_high=cfg.epsilon_high,

@@ -8,10 +8,6 @@ on a machine without a GPU; it says nothing about CUDA kernels or bf16.
 """
 
 import os
-import signal
-import subprocess
-import sys
-import time
 
 import pytest
 import torch
@@ -21,8 +17,8 @@ import parallel as par
 import rrr
 from runs import parse_config, read_jsonl
 from sampler import fuse_projections, generate
-from test_rrr import ENV, common_args, final_weights, replay, run_rrr
-from tiny import REPO, save_tiny_chat_model
+from test_rrr import common_args, final_weights, kill_and_resume, replay, run_rrr
+from tiny import save_tiny_chat_model
 
 ON_CPU = os.environ.get("RRR_TEST_CUDA_ON_CPU") == "1"
 pytestmark = pytest.mark.skipif(not (ON_CPU or torch.cuda.is_available()),
@@ -169,30 +165,7 @@ def test_kill_and_resume_gives_identical_weights(tmp_path, tiny_chat):
     """As tests/test_rrr.py, on the device: killed after its second checkpoint and resumed, the run
     must end with exactly the weights of a run that was never interrupted."""
     extra = dict(steps=5, save_every=1, train_size=6, device=DEVICE, **TRAINING)
-    straight = run_rrr(common_args(tiny_chat, tmp_path / "a", **extra) + [PRECISION])
-    assert straight.returncode == 0, straight.stderr[-3000:]
-
-    out = tmp_path / "b"
-    args = common_args(tiny_chat, out, **extra) + [PRECISION]
-    proc = subprocess.Popen([sys.executable, str(REPO / "rrr.py")] + args, env=ENV,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    latest = out / "checkpoints" / "latest"
-    deadline = time.time() + 300
-    while time.time() < deadline and proc.poll() is None:
-        if latest.exists() and latest.read_text().strip() >= "step_000002":
-            break
-        time.sleep(0.02)
-    assert proc.poll() is None, "the run ended before it could be killed"
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
-    assert not (out / "final").exists()
-
-    resumed = run_rrr(args + ["--resume"])
-    assert resumed.returncode == 0, resumed.stderr[-3000:]
-    a, b = final_weights(tmp_path / "a"), final_weights(out)
-    assert a.keys() == b.keys()
-    for name in a:
-        assert torch.equal(a[name], b[name]), name
+    out = kill_and_resume(tmp_path, lambda o: common_args(tiny_chat, o, **extra) + [PRECISION])
     metrics = read_jsonl(out / "metrics.jsonl")
     assert [m["step"] for m in metrics] == [1, 2, 3, 4, 5]
     assert all(m["grad_norm"] > 0 for m in metrics[1:]), metrics       # the weights did move

@@ -105,14 +105,15 @@ def replay(cfg, d, pol, out, metrics, rel, abs):
         assert stats["grad_norm"] == pytest.approx(m["grad_norm"], rel=rel), m["step"]
 
 
-@pytest.mark.slow
-def test_kill_and_resume_gives_identical_weights(tmp_path, tiny_chat):
-    extra = dict(steps=5, save_every=1, train_size=6)
-    straight = run_rrr(common_args(tiny_chat, tmp_path / "a", **extra))
+def kill_and_resume(tmp_path, args_for):
+    """Runs rrr.py straight to the end in tmp_path/a, and in tmp_path/b kills it (SIGKILL) after its
+    second checkpoint and resumes it: both must end with exactly the same weights. args_for(out) gives
+    the command-line flags. Returns tmp_path/b."""
+    straight = run_rrr(args_for(tmp_path / "a"))
     assert straight.returncode == 0, straight.stderr[-3000:]
 
     out = tmp_path / "b"
-    proc = subprocess.Popen([sys.executable, str(REPO / "rrr.py")] + common_args(tiny_chat, out, **extra),
+    proc = subprocess.Popen([sys.executable, str(REPO / "rrr.py")] + args_for(out),
                             env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     latest = out / "checkpoints" / "latest"
     deadline = time.time() + 300
@@ -125,12 +126,18 @@ def test_kill_and_resume_gives_identical_weights(tmp_path, tiny_chat):
     proc.wait()
     assert not (out / "final").exists()
 
-    resumed = run_rrr(common_args(tiny_chat, out, **extra) + ["--resume"])
+    resumed = run_rrr(args_for(out) + ["--resume"])
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     a, b = final_weights(tmp_path / "a"), final_weights(out)
     assert a.keys() == b.keys()
     for name in a:
         assert torch.equal(a[name], b[name]), name
+    return out
+
+
+@pytest.mark.slow
+def test_kill_and_resume_gives_identical_weights(tmp_path, tiny_chat):
+    out = kill_and_resume(tmp_path, lambda o: common_args(tiny_chat, o, steps=5, save_every=1, train_size=6))
     # The failure set was built once: a header and one row per training query, no repeats.
     rows = read_jsonl(out / "failures.jsonl")
     assert "meta" in rows[0] and len(rows) == 1 + 6 and len({r["id"] for r in rows[1:]}) == 6
