@@ -38,7 +38,6 @@ from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model
 from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
-from sampler import release
 from sandbox import local_share_of_cores
 
 
@@ -279,12 +278,10 @@ def barrier(slow: bool = False):
 @contextmanager
 def off_device(*modules):
     """Moves the modules' weights to host memory for the duration of the block (on a GPU, a model
-    being trained should not share it with idle copies of others); a no-op on the CPU. The sampler's
-    prepared weights of those modules are dropped too: they would keep the weights on the device."""
+    being trained should not share it with idle copies of others); a no-op on the CPU."""
     moved = list({id(m): m for m in modules if next(m.parameters()).device.type != "cpu"}.values())
     devices = [next(m.parameters()).device for m in moved]
     for m in moved:
-        release(m)
         m.to("cpu")
     try:
         yield

@@ -74,6 +74,8 @@ class Config:
                              "on with CUDA, off on CPU (--no-bf16 turns it off)")
     gradient_checkpointing: bool | None = flag(None, "recompute each decoder layer's activations in backward "
                                                "instead of keeping them; default: on above 1B parameters")
+    cuda_graphs: bool = flag(True, "on CUDA, capture each decode-step shape as a CUDA graph and replay it "
+                             "(--no-cuda-graphs decodes eagerly, with the same kernels)")
     self_consistency: int = flag(0, "mbpp: also sample N solutions per test problem, let the reflector revise each "
                                  "from its outputs on the test inputs, and majority-vote by those outputs (0: off)")
     seed: int = flag(0, "seed for sampling, data order and LoRA init")
@@ -87,7 +89,8 @@ def settings_hash(*parts) -> str:
 def sample(model, tok, prompts, cfg, *, temperature, num_samples=1, seed=0):
     gen = torch.Generator(model.lm_head.weight.device).manual_seed(seed)
     return generate(model, prompts, max_new_tokens=cfg.max_completion_length, num_samples=num_samples,
-                    temperature=temperature, stop_token_ids=stop_token_ids(tok, model), generator=gen)
+                    temperature=temperature, stop_token_ids=stop_token_ids(tok, model), generator=gen,
+                    cuda_graphs=cfg.cuda_graphs)
 
 
 def run_cached(path: Path, items: list[tuple[str, object]], work, d, desc: str, per_rank: int) -> list[dict]:

@@ -39,7 +39,7 @@ from grpo import group_advantages, packed_logprobs, policy_loss, summarize_stats
 from model import chat_ids, load_model, next_turn_ids, stop_token_ids
 from runs import (BadInput, append_jsonl, flag, main_guard, markdown_table, parse_config, pct, plot_panels,
                   prepare_out, read_jsonl, write_json)
-from sampler import fuse_projections, generate, release
+from sampler import fuse_projections, generate
 
 GENERIC_REFLECTION = ("I made a mistake in my previous answer. I will read the task again carefully, "
                       "check every step, and then give a corrected answer.")
@@ -83,6 +83,8 @@ class Config:
                              "(TRL's name); default: on with CUDA, off on CPU (--no-bf16 turns it off)")
     gradient_checkpointing: bool | None = flag(None, "recompute each decoder layer's activations in backward "
                                                "instead of keeping them; default: on above 1B parameters")
+    cuda_graphs: bool = flag(True, "on CUDA, capture each decode-step shape as a CUDA graph and replay it "
+                             "(--no-cuda-graphs decodes eagerly, with the same kernels)")
     eval_every: int = flag(0, "evaluate every N steps (0: only before and after training)")
     save_every: int = flag(4, "checkpoint every N steps (0: never)")
     resume: bool = flag(False, "continue the run in --out from its last checkpoint")
@@ -187,7 +189,6 @@ def sampling(pol):
     try:
         yield
     finally:
-        release(pol.sampler)
         par.free_weights(pol.sampler)
 
 
@@ -196,7 +197,7 @@ def sampling(pol):
 def sample(pol, prompts, cfg, *, max_new_tokens, num_samples=1, temperature, gen=None, cache=None, keep_cache=False):
     return generate(pol.sampler, prompts, max_new_tokens=max_new_tokens, num_samples=num_samples,
                     temperature=temperature, stop_token_ids=pol.stops, generator=gen, cache=cache,
-                    keep_cache=keep_cache)
+                    keep_cache=keep_cache, cuda_graphs=cfg.cuda_graphs)
 
 
 def stop_of(tokens, finished):

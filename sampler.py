@@ -24,17 +24,30 @@ samples on from there. RRR uses this twice: prompt + attempt 1 + reflection prom
 and shared by the G reflections, then each reflection row is continued with the retry instruction,
 so no token of the shared prefix is ever recomputed.
 
-Rows that end stop costing compute: when at most half of the batch is still running, the finished
-rows are dropped from the working batch (their caches are set aside when `keep_cache` is on).
+A decode step has fixed shapes and never waits for the device. The cache is allocated once per
+call; the step attends over a window of it that grows in blocks of slots (the host knows that no
+row is longer than the longest prompt plus the steps taken, so it needs no look at the lengths);
+lengths, masks and the "has this row stopped" flags are updated with tensor ops. Only every
+`CHECK_EVERY` steps does the host read how many rows still run, its one sync: it stops when none
+do, and when at most half do, the running rows move to the front of the cache and the working
+batch shrinks to them (finished rows' caches are set aside behind them with `keep_cache`). A call
+therefore makes at most one host sync per `CHECK_EVERY` decode steps plus a constant number (the
+prefill, the results), which tests/test_sampler.py counts.
+
+On CUDA each shape of the step (working batch x window) is captured once as a CUDA graph and then
+replayed, one launch instead of some 30 kernels per layer (`cuda_graphs=False` runs it eagerly, with
+the same kernels and so the same samples). Sampling runs eagerly after each step, from the caller's
+generator either way.
 
 The model must be an ordinary (unsharded) module; under FSDP, sample from an unsharded copy.
 """
 
-import weakref
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
+
+CHECK_EVERY = 8   # decode steps between the host's looks at how many rows still run (k >= 4)
 
 
 @dataclass
@@ -86,12 +99,11 @@ def _new_cache(model, rows, capacity, device, dtype) -> KVCache:
 # at a time and drops the old layer before the next: the transient is one layer's buffer, never a
 # second copy of the whole cache.
 
-def _grow(cache: KVCache, capacity: int) -> KVCache:
-    """Gives every row of `cache` room for `capacity` slots, in place."""
+def _grow(cache: KVCache, capacity: int, used: int) -> KVCache:
+    """Gives every row of `cache` room for `capacity` slots, in place; `used` >= every row's length."""
     rows, kv_heads, old, head_dim = cache.keys[0].shape
     if old >= capacity:
         return cache
-    used = int(cache.lengths.max())
     for layers in (cache.keys, cache.values):
         for i, t in enumerate(layers):
             grown = t.new_zeros(rows, kv_heads, capacity, head_dim)
@@ -111,56 +123,17 @@ def _take_rows(cache: KVCache, index: torch.Tensor) -> KVCache:
 
 
 def _reorder_front(cache: KVCache, index: torch.Tensor):
-    """Rows [0, len(index)) of `cache` <- rows `index` (distinct), in place."""
+    """Rows [0, len(index)) of `cache` <- rows `index` (distinct), in place: the buffers keep their
+    addresses, which captured steps rely on."""
     m = index.numel()
-    for layers in (cache.keys, cache.values):
-        for t in layers:
-            t[:m] = t[index]
-    cache.lengths[:m] = cache.lengths[index]
-    cache.last_token[:m] = cache.last_token[index]
+    for t in (*cache.keys, *cache.values, cache.lengths, cache.last_token):
+        t[:m] = t[index]
 
 
 def _front(cache: KVCache, n: int) -> KVCache:
-    """The working batch: views of rows [0, n), so decoding writes straight into `cache`."""
+    """The working batch: views of rows [0, n), so decoding reads and writes `cache` itself."""
     return KVCache([k[:n] for k in cache.keys], [v[:n] for v in cache.values],
-                   cache.lengths[:n].clone(), cache.last_token[:n].clone())
-
-
-@dataclass
-class _Linear:
-    """A projection prepared for decoding: q/k/v and gate/up are fused into one matrix each."""
-    weight: torch.Tensor                 # (out, in)
-    bias: torch.Tensor | None = None
-    weight_t: torch.Tensor | None = None  # (in, out) contiguous copy, CPU only: see _apply
-
-    @staticmethod
-    def of(*modules) -> "_Linear":
-        weight = _joined([m.weight for m in modules])
-        if weight is None:
-            weight = torch.cat([m.weight for m in modules])
-        biases = [m.bias for m in modules]
-        bias = torch.cat(biases) if all(b is not None for b in biases) else None
-        # On CPU, MKL's matrix-vector product runs about 2x faster with the weight stored (in, out):
-        # one extra copy of the weights buys batch-1 decoding close to memory bandwidth
-        # (bench/sampler.py, BENCHMARKS.md).
-        weight_t = weight.t().contiguous() if weight.device.type == "cpu" else None
-        return _Linear(weight, bias, weight_t)
-
-    def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        if self.weight_t is None:
-            return F.linear(x, self.weight, self.bias)
-        flat = x.reshape(-1, x.shape[-1])
-        if flat.shape[0] == 1 and _ONE_ROW_BLAS[0] and flat.dtype == torch.float32:
-            # One row is a matrix-vector product bound by reading the weights. MKL's (torch) runs
-            # it on one core at ~16 GB/s here; OpenBLAS's (numpy) splits it over all cores and
-            # reaches ~27 GB/s, close to the machine's read bandwidth (BENCHMARKS.md).
-            y = torch.from_numpy(flat.numpy() @ self.weight_t.numpy())
-        else:
-            # For more rows (W @ x^T)^T beats F.linear by 1.2-1.8x (measured, fp32).
-            y = (self.weight @ flat.t()).t()
-        if self.bias is not None:
-            y = y + self.bias
-        return y.reshape(*x.shape[:-1], y.shape[-1])
+                   cache.lengths[:n], cache.last_token[:n])
 
 
 def _joined(weights: list[torch.Tensor]) -> torch.Tensor | None:
@@ -196,74 +169,69 @@ def fuse_projections(model):
     return model
 
 
-# Set by `generate` while a one-row working batch decodes on CPU with torch limited to one thread:
-# torch's idle OpenMP threads spin-wait and would take the cores from OpenBLAS's.
-_ONE_ROW_BLAS = [False]
-
-
 @dataclass
 class _Weights:
+    """What decoding reads besides the modules, built per call: q/k/v and gate/up as one matrix each
+    (views when `fuse_projections` laid them out so, else copies that live for the call) and the
+    rotary tables for every position the call can reach."""
     layers: list[dict]
-    lm_head: _Linear
-    rope: tuple[torch.Tensor, torch.Tensor] | None = None   # cos, sin tables by position
+    cos: torch.Tensor   # (capacity, head_dim)
+    sin: torch.Tensor
 
 
-_prepared = weakref.WeakKeyDictionary()   # model -> (parameter versions, _Weights)
+def _prepare(model, capacity: int, like: torch.Tensor) -> _Weights:
+    def fused(*modules):
+        weights, biases = [m.weight for m in modules], [m.bias for m in modules]
+        weight = _joined(weights)
+        if weight is None:
+            weight = torch.cat(weights)
+        if any(b is None for b in biases):
+            return weight, None
+        bias = _joined(biases)
+        return weight, torch.cat(biases) if bias is None else bias
 
-
-def _prepare(model) -> _Weights:
-    """Fused (and on CPU transposed) copies of the weights, rebuilt only when a parameter changed:
-    optimizer steps and load_state_dict update parameters in place, which bumps their version."""
-    versions = tuple((p.data_ptr(), p._version) for p in model.parameters())
-    hit = _prepared.get(model)
-    if hit is not None and hit[0] == versions:
-        return hit[1]
     body = _layers(model)
-    layers = []
-    for layer in body.layers:
-        attn, mlp = layer.self_attn, layer.mlp
-        layers.append(dict(
-            qkv=_Linear.of(attn.q_proj, attn.k_proj, attn.v_proj), o=_Linear.of(attn.o_proj),
-            gate_up=_Linear.of(mlp.gate_proj, mlp.up_proj), down=_Linear.of(mlp.down_proj)))
-    weights = _Weights(layers, _Linear.of(model.lm_head))
-    _prepared[model] = (versions, weights)
-    return weights
+    layers = [dict(qkv=fused(layer.self_attn.q_proj, layer.self_attn.k_proj, layer.self_attn.v_proj),
+                   gate_up=fused(layer.mlp.gate_proj, layer.mlp.up_proj)) for layer in body.layers]
+    cos, sin = body.rotary_emb(like, torch.arange(capacity, device=like.device)[None])
+    return _Weights(layers, cos[0], sin[0])
 
 
-def release(model):
-    """Frees the fused (and on CPU transposed) weight copies kept for `model`, about 1.7x its size.
-    They are rebuilt on the next `generate`; a training loop whose weights change every step anyway
-    calls this after sampling so that the copies do not sit in memory during the update."""
-    _prepared.pop(model, None)
+def _linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    flat = x.reshape(-1, x.shape[-1])
+    if x.device.type == "cpu" and flat.shape[0] <= 64:
+        # Decoding on CPU: MKL runs (W @ x^T)^T up to 1.2x faster than F.linear for 8-32 rows (fp32,
+        # a step's projections measured: BENCHMARKS.md). A prefill's many rows keep F.linear: there
+        # the transposed result would slow every op after it.
+        y = (weight @ flat.t()).t().reshape(*x.shape[:-1], weight.shape[0])
+        return y if bias is None else y + bias
+    return F.linear(x, weight, bias)
 
 
-def _forward_chunk(model, weights: _Weights, cache: KVCache, tokens: torch.Tensor,
-                   chunk_lens: torch.Tensor) -> torch.Tensor:
-    """Appends `tokens` (rows, C), right-padded to C with row r's real length chunk_lens[r], to the
-    cache and returns the final-norm hidden state at each row's last real token: (rows, hidden)."""
+def _forward(model, w: _Weights, cache: KVCache, tokens: torch.Tensor, window: int) -> torch.Tensor:
+    """Writes `tokens` (rows, C) to row r's cache slots lengths[r] .. lengths[r] + C - 1 and returns the
+    final-norm hidden states (rows, C, hidden). Attention reads slots [0, window) up to each query's own
+    position; `window` comes from the host, so nothing here waits for the device. Lengths are not
+    advanced: the caller knows which tokens count."""
     body = _layers(model)
     heads, kv_heads, head_dim = _attention_geometry(model)
     groups = heads // kv_heads
     rows, C = tokens.shape
-    start = cache.lengths                                         # (rows,)
-    positions = start[:, None] + torch.arange(C, device=tokens.device)  # (rows, C)
-    used = int((start + C).max())
-    slots = torch.arange(used, device=tokens.device)
+    positions = cache.lengths[:, None] + torch.arange(C, device=tokens.device)   # (rows, C)
     # Query at position p sees key slots <= p. The grouped query heads are folded into the query
-    # axis below, so a chunk's mask is repeated per group: (rows, 1, groups * C, used). A decoding
-    # step's single query row is the same for every group and broadcasts: (rows, 1, 1, used).
-    mask = (slots[None, None, :] <= positions[:, :, None]).unsqueeze(1)
+    # axis below, so a chunk's mask is repeated per group: (rows, 1, groups * C, window). A decoding
+    # step's single query row is the same for every group and broadcasts: (rows, 1, 1, window).
+    mask = (torch.arange(window, device=tokens.device) <= positions[:, :, None]).unsqueeze(1)
     if groups > 1 and C > 1:
         mask = mask.repeat(1, 1, groups, 1)
     row_index = torch.arange(rows, device=tokens.device)[:, None]   # (rows, 1)
     q_size, kv_size = heads * head_dim, kv_heads * head_dim
+    cos, sin = w.cos[positions].unsqueeze(2), w.sin[positions].unsqueeze(2)   # (rows, C, 1, head_dim)
 
     h = body.embed_tokens(tokens)                                # (rows, C, hidden)
-    cos, sin = _rope_table(body, weights, h, used)
-    cos, sin = cos[positions].unsqueeze(2), sin[positions].unsqueeze(2)   # (rows, C, 1, head_dim)
-    for i, (layer, w) in enumerate(zip(body.layers, weights.layers)):
-        attn = layer.self_attn
-        qkv = w["qkv"](_norm(layer.input_layernorm, h))          # (rows, C, q_size + 2 * kv_size)
+    for i, (layer, lw) in enumerate(zip(body.layers, w.layers)):
+        attn, mlp = layer.self_attn, layer.mlp
+        qkv = _linear(_norm(layer.input_layernorm, h), *lw["qkv"])   # (rows, C, q_size + 2 * kv_size)
         v = qkv[..., q_size + kv_size:].reshape(rows, C, kv_heads, head_dim)
         qk = qkv[..., :q_size + kv_size].reshape(rows, C, heads + kv_heads, head_dim)
         if hasattr(attn, "q_norm"):  # Qwen3 normalises q and k per head before the rotation
@@ -272,31 +240,28 @@ def _forward_chunk(model, weights: _Weights, cache: KVCache, tokens: torch.Tenso
         q, k = qk[:, :, :heads].transpose(1, 2), qk[:, :, heads:]
         cache.keys[i][row_index, :, positions] = k                # slots (rows, C)
         cache.values[i][row_index, :, positions] = v
-        # Fold the `groups` query heads that share a kv head into the query axis, so SDPA sees
+        # Fold the `groups` query heads that share a kv head into the query axis, so attention sees
         # one kv head per query block and the cache is never expanded: (rows, kv_heads, groups*C, d).
-        q = q.reshape(rows, kv_heads, groups * C, head_dim)
-        keys, values = cache.keys[i][:, :, :used], cache.values[i][:, :, :used]
-        if C == 1:  # decoding: two small matmuls beat SDPA's fallback for a boolean mask on CPU
-            scores = (q @ keys.transpose(-1, -2)) * attn.scaling         # (rows, kv_heads, groups, used)
-            out = scores.masked_fill_(~mask, float("-inf")).softmax(-1) @ values
-        else:
-            out = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, scale=attn.scaling)
+        # (Contiguous, or SDPA on CPU takes its slow generic path: the rotation can leave the head
+        # axis strided.)
+        q = q.reshape(rows, kv_heads, groups * C, head_dim).contiguous()
+        keys, values = cache.keys[i][:, :, :window], cache.values[i][:, :, :window]
+        out = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, scale=attn.scaling)
         out = out.view(rows, heads, C, head_dim).transpose(1, 2).reshape(rows, C, heads * head_dim)
-        h = h + w["o"](out)
-        gate, up = w["gate_up"](_norm(layer.post_attention_layernorm, h)).chunk(2, dim=-1)
-        h = h + w["down"](layer.mlp.act_fn(gate) * up)
-    cache.lengths = start + chunk_lens
-    last = h[torch.arange(rows, device=h.device), chunk_lens - 1]   # (rows, hidden)
-    return _norm(body.norm, last)
+        h = h + _linear(out, attn.o_proj.weight, attn.o_proj.bias)
+        gate, up = _linear(_norm(layer.post_attention_layernorm, h), *lw["gate_up"]).chunk(2, dim=-1)
+        h = h + _linear(mlp.act_fn(gate) * up, mlp.down_proj.weight, mlp.down_proj.bias)
+    return _norm(body.norm, h)
 
 
 _PLAIN_RMS_NORMS = {"LlamaRMSNorm", "Qwen2RMSNorm", "Qwen3RMSNorm", "MistralRMSNorm"}
 
 
 def _norm(module, x):
-    """The module's RMSNorm in fewer ops where it is the plain formula. In float32 the fused kernel
-    with the weight is bit-identical to the module; in lower precision the module rounds the
-    normalised value before the weight multiply, which is kept."""
+    """The module's RMSNorm in one op where it is the plain formula: HF's takes six, and 61 norms a
+    step made eager decoding 5-8% slower (BENCHMARKS.md). In float32 the fused kernel is bit-identical
+    to the module; in lower precision the module rounds the normalised value before the weight
+    multiply, which is kept."""
     if type(module).__name__ not in _PLAIN_RMS_NORMS:
         return module(x)
     if x.dtype == torch.float32:
@@ -305,28 +270,44 @@ def _norm(module, x):
     return module.weight * y.to(x.dtype)
 
 
-def _rope_table(body, weights: "_Weights", like: torch.Tensor, length: int):
-    """cos, sin for positions 0..length-1 from the model's own rotary embedding, (length, head_dim),
-    computed once per generate call and extended when a row outgrows it."""
-    if weights.rope is None or weights.rope[0].shape[0] < length:
-        size = max(length, 2 * (weights.rope[0].shape[0] if weights.rope else 0), 256)
-        positions = torch.arange(size, device=like.device)[None]
-        cos, sin = body.rotary_emb(like, positions)
-        weights.rope = (cos[0], sin[0])
-    return weights.rope
-
-
 def _rotate_half(x):
     half = x.shape[-1] // 2
     return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
 
 
-def _logits(model, weights: _Weights, hidden: torch.Tensor) -> torch.Tensor:
-    logits = weights.lm_head(hidden).float()
+def _logits(model, hidden: torch.Tensor) -> torch.Tensor:
+    logits = _linear(hidden, model.lm_head.weight, model.lm_head.bias).float()
     softcap = getattr(model.config, "final_logit_softcapping", None)
     if softcap:
         logits = torch.tanh(logits / softcap) * softcap
     return logits
+
+
+def _decode_step(model, w: _Weights, work: KVCache, window: int) -> torch.Tensor:
+    """Feeds every working row's last sampled token: (rows, vocab) logits. Fixed shapes for a given
+    working batch and window, no host sync: this is what a CUDA graph captures."""
+    return _logits(model, _forward(model, w, work, work.last_token[:, None], window)[:, 0])
+
+
+def _step_function(model, w: _Weights, work: KVCache, window: int, capture: bool):
+    """A function running one decode step of this shape; with `capture`, a replay of it as a CUDA
+    graph. The graph reads the working rows' tokens and lengths from the cache's own buffers, which
+    decoding updates in place, and writes its logits to one output buffer that each replay reuses."""
+    if not capture:
+        return lambda: _decode_step(model, w, work, window)
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):   # capture needs one warm-up run off the main stream; it writes
+        _decode_step(model, w, work, window)   # the same cache slots that the replay writes again
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        logits = _decode_step(model, w, work, window)
+
+    def replay():
+        graph.replay()
+        return logits
+    return replay
 
 
 def _sample(logits, temperature, top_k, top_p, generator):
@@ -361,17 +342,22 @@ def _pad(chunks: list[list[int]], device) -> tuple[torch.Tensor, torch.Tensor]:
     return tokens.to(device), torch.tensor([len(c) for c in chunks], device=device)
 
 
+def _round_up(n: int, block: int) -> int:
+    return -(-n // block) * block
+
+
 @torch.inference_mode()
 def generate(model, prompts: list[list[int]], *, max_new_tokens: int, num_samples: int = 1,
              temperature: float = 1.0, top_p: float = 1.0, top_k: int = 0, stop_token_ids=(),
              generator: torch.Generator | None = None, cache: KVCache | None = None,
-             keep_cache: bool = False) -> Generation:
+             keep_cache: bool = False, cuda_graphs: bool = True) -> Generation:
     """Samples `num_samples` continuations of each prompt; rows are prompt-major (row i*n + j).
 
     prompts: token-id lists. With `cache` (from a previous `keep_cache=True` call), prompts[r] is the
     chunk to append to cache row r, and len(prompts) must equal cache.rows. That cache is consumed:
     it is grown and written in place, so it cannot be continued twice.
     temperature == 0 means greedy (then logprobs are of the raw logits).
+    cuda_graphs: on CUDA, replay each decode-step shape as a captured graph; False decodes eagerly.
     """
     if max_new_tokens < 1 or num_samples < 1:
         raise ValueError("max_new_tokens and num_samples must be >= 1")
@@ -384,26 +370,28 @@ def generate(model, prompts: list[list[int]], *, max_new_tokens: int, num_sample
     device = model.lm_head.weight.device
     if not prompts:
         return Generation([], [], [], cache)
+    capture = cuda_graphs and device.type == "cuda"
+    # Eager steps read exactly what they need; every new window of a captured step is a new capture.
+    window_block = 256 if capture else 16
 
     if cache is None:
-        chunks = [list(p) for p in prompts]
-        start = [0] * len(prompts)
+        chunks, start = [list(p) for p in prompts], [0] * len(prompts)
     else:  # the last sampled token of each row was never fed: it opens the row's chunk
         last = cache.last_token.tolist()
-        chunks = [[last[r]] + list(p) for r, p in enumerate(prompts)]
-        start = cache.lengths.tolist()
-    widest = max(len(c) for c in chunks)
-    capacity = max(max(s + len(c) for s, c in zip(start, chunks)) + max_new_tokens,
-                   max(start) + widest)
+        chunks, start = [[last[r]] + list(p) for r, p in enumerate(prompts)], cache.lengths.tolist()
+    longest = max(s + len(c) for s, c in zip(start, chunks))    # the longest row after the prefill
+    prefill_window = max(start) + max(len(c) for c in chunks)    # right padding writes up to here
+    capacity = _round_up(max(longest + max_new_tokens, prefill_window), window_block)
     if cache is None:
         cache = _new_cache(model, len(prompts), capacity, device, model.lm_head.weight.dtype)
     else:
-        _grow(cache, capacity)
+        _grow(cache, capacity, max(start))
+    w = _prepare(model, capacity, cache.keys[0])
 
     tokens_in, chunk_lens = _pad(chunks, device)
-    weights = _prepare(model)
-    hidden = _forward_chunk(model, weights, cache, tokens_in, chunk_lens)       # one prefill per unique prompt
-    logits = _logits(model, weights, hidden)
+    hidden = _forward(model, w, cache, tokens_in, prefill_window)   # one prefill per unique prompt
+    cache.lengths += chunk_lens
+    logits = _logits(model, hidden[torch.arange(len(chunks), device=device), chunk_lens - 1])
     if num_samples > 1:
         share = torch.arange(cache.rows, device=device).repeat_interleave(num_samples)
         _take_rows(cache, share)
@@ -412,68 +400,54 @@ def generate(model, prompts: list[list[int]], *, max_new_tokens: int, num_sample
     rows = cache.rows
     out_tokens = torch.full((rows, max_new_tokens), -1, dtype=torch.long, device=device)
     out_logprobs = torch.zeros(rows, max_new_tokens, dtype=torch.float32, device=device)
-    n_new = torch.zeros(rows, dtype=torch.long, device=device)
     finished = torch.zeros(rows, dtype=torch.bool, device=device)
     stop = torch.tensor(sorted(set(stop_token_ids)), dtype=torch.long, device=device)
-    # The working batch is cache rows [0, n); cache row i holds row order[i] of the result.
+    # The working batch is cache rows [0, n); cache row i holds row order[i] of the result, and
+    # running[i] says it has not sampled a stop token yet.
     order, n = torch.arange(rows, device=device), rows
-    work = _front(cache, n)
-    threads = torch.get_num_threads()
-    one_row_blas = device.type == "cpu" and threads > 1
-
-    try:
-        for step in range(max_new_tokens):
-            active = order[:n]
-            token, logprob = _sample(logits, temperature, top_k, top_p, generator)   # (n,)
-            running = ~finished[active]
-            # Rows that already finished stay in the working batch until the next compaction; their
-            # draws are ignored.
-            rows_now = active[running]
-            out_tokens[rows_now, step] = token[running]
-            out_logprobs[rows_now, step] = logprob[running]
-            n_new[rows_now] += 1
-            work.last_token = torch.where(running, token, work.last_token)
-            if stop.numel():
-                finished[rows_now] = torch.isin(token[running], stop)
-            still = ~finished[active]
-            n_still = int(still.sum())
-            if n_still == 0 or step == max_new_tokens - 1:
+    running = torch.ones(rows, dtype=torch.bool, device=device)
+    work, step_key, step_fn = _front(cache, n), None, None
+    for step in range(max_new_tokens):
+        token, logprob = _sample(logits, temperature, top_k, top_p, generator)   # (n,)
+        active = order[:n]
+        # Rows that already stopped stay in the working batch until the next check: their draws
+        # are not recorded and they feed their stop token again without growing.
+        out_tokens[active, step] = torch.where(running, token, -1)
+        out_logprobs[active, step] = logprob
+        work.last_token.copy_(torch.where(running, token, work.last_token))
+        if stop.numel():
+            running &= ~(token[:, None] == stop).any(-1)
+        if step == max_new_tokens - 1:
+            break
+        if (step + 1) % CHECK_EVERY == 0:
+            still = int(running.sum())     # the host sync of these CHECK_EVERY steps
+            if still == 0:
                 break
-            if n_still <= n // 2:    # the running rows move to the front; the working batch shrinks to them
-                keep = still.nonzero()[:, 0]
-                moved = torch.cat([keep, (~still).nonzero()[:, 0]])
-                cache.lengths[:n], cache.last_token[:n] = work.lengths, work.last_token
+            if still <= n // 2:     # the running rows move to the front; the working batch shrinks to them
+                moved = torch.argsort(running.to(torch.int8), descending=True, stable=True)
+                finished[active] = ~running
                 # With keep_cache the finished rows' caches are kept too, behind the working batch.
-                _reorder_front(cache, moved if keep_cache else keep)
-                order[:n] = order[:n][moved]
-                n, token, still = keep.numel(), token[keep], still[keep]
+                _reorder_front(cache, moved if keep_cache else moved[:still])
+                order[:n] = active[moved]
+                n, running = still, running[moved[:still]]
                 work = _front(cache, n)
-            feed = torch.where(still, token, work.last_token)[:, None]
-            before = work.lengths.clone()
-            if one_row_blas and n == 1 and not _ONE_ROW_BLAS[0]:
-                _ONE_ROW_BLAS[0] = True          # see _Linear; undone in `finally`
-                torch.set_num_threads(1)
-            hidden = _forward_chunk(model, weights, work, feed, torch.ones_like(before))
-            logits = _logits(model, weights, hidden)
-            work.lengths = torch.where(still, work.lengths, before)    # finished rows do not grow
-    finally:
-        _restore_threads(threads)
+        # No row is longer than the longest after the prefill plus the tokens fed since.
+        window = min(capacity, _round_up(longest + step + 1, window_block))
+        if step_key != (n, window):
+            step_key, step_fn = (n, window), None     # drop the old graph before capturing the next
+            step_fn = _step_function(model, w, work, window, capture)
+        logits = step_fn()
+        work.lengths += running                  # stopped rows do not grow
+    finished[order[:n]] = ~running
 
     final_cache = None
     if keep_cache:
-        cache.lengths[:n], cache.last_token[:n] = work.lengths, work.last_token
         final_cache = _take_rows(cache, torch.argsort(order))       # back in the order of the result
-    counts = n_new.tolist()
+    counts = (out_tokens >= 0).sum(1).tolist()
     toks, lps = out_tokens.tolist(), out_logprobs.tolist()
-    return Generation(tokens=[t[:n] for t, n in zip(toks, counts)],
-                      logprobs=[lp[:n] for lp, n in zip(lps, counts)],
+    return Generation(tokens=[t[:k] for t, k in zip(toks, counts)],
+                      logprobs=[lp[:k] for lp, k in zip(lps, counts)],
                       finished=finished.tolist(), cache=final_cache)
-
-
-def _restore_threads(threads):
-    if _ONE_ROW_BLAS[0]:
-        _ONE_ROW_BLAS[0] = False
-        torch.set_num_threads(threads)
 
 
 def main():

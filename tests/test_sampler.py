@@ -179,7 +179,7 @@ def test_continue_with_num_samples_shares_each_row():
 
 
 def test_updated_weights_are_used():
-    """The sampler caches prepared weight copies; an optimizer step must invalidate them."""
+    """Nothing the sampler prepares outlives a call: an in-place update between calls is seen."""
     model = tiny_model(vocab_size=32, seed=6)
     prompt = random_prompts(1, 32, seed=4)
     before = generate(model, prompt, max_new_tokens=8, temperature=0)
@@ -208,7 +208,7 @@ def test_bad_arguments():
 def test_fused_projections_are_views_and_change_nothing(arch):
     """fuse_projections lays q/k/v and gate/up back to back so that decoding multiplies by them as one
     matrix with no fused copy beside the weights; the module and the samples stay the same."""
-    from sampler import _prepare, fuse_projections, release
+    from sampler import _prepare, fuse_projections
 
     model = tiny_model(arch=arch, seed=5)
     prompts = [[3, 4, 5], [9, 8, 7, 6, 5, 4]]
@@ -216,13 +216,58 @@ def test_fused_projections_are_views_and_change_nothing(arch):
     with torch.no_grad():
         logits = model(ids).logits
     before = generate(model, prompts, max_new_tokens=10, temperature=0)
-    release(model)
+    unfused = _prepare(model, 8, model.lm_head.weight).layers[0]
+    assert unfused["qkv"][0].untyped_storage()._cdata != model.model.layers[0].self_attn.q_proj.weight.untyped_storage()._cdata
     fuse_projections(model)
     with torch.no_grad():
         assert torch.equal(model(ids).logits, logits)
     assert generate(model, prompts, max_new_tokens=10, temperature=0).tokens == before.tokens
     attn, mlp = model.model.layers[0].self_attn, model.model.layers[0].mlp
-    prepared = _prepare(model).layers[0]
-    assert prepared["qkv"].weight.untyped_storage()._cdata == attn.q_proj.weight.untyped_storage()._cdata
-    assert prepared["gate_up"].weight.untyped_storage()._cdata == mlp.up_proj.weight.untyped_storage()._cdata
-    assert torch.equal(prepared["qkv"].weight, torch.cat([attn.q_proj.weight, attn.k_proj.weight, attn.v_proj.weight]))
+    prepared = _prepare(model, 8, model.lm_head.weight).layers[0]
+    assert prepared["qkv"][0].untyped_storage()._cdata == attn.q_proj.weight.untyped_storage()._cdata
+    assert prepared["gate_up"][0].untyped_storage()._cdata == mlp.up_proj.weight.untyped_storage()._cdata
+    assert torch.equal(prepared["qkv"][0], torch.cat([attn.q_proj.weight, attn.k_proj.weight, attn.v_proj.weight]))
+
+
+# --- host syncs: the decode loop waits for the device only once per CHECK_EVERY steps --------------
+
+def test_the_counter_sees_each_kind_of_host_sync():
+    from bench.op_counts import count_ops
+
+    t = torch.tensor([0.0, 1.0, 2.0])
+    with count_ops() as c:
+        int(t.sum())
+        t[t > 0]
+        t.nonzero()
+        t.tolist()
+        (t * 2).add_(1)[1:]
+    assert (c.syncs, c.compute, c.views) == (4, 4, 1)
+
+
+@pytest.mark.parametrize("stops", [[], [4, 9]])
+def test_decoding_syncs_the_host_once_per_check(stops):
+    """At most one host sync per CHECK_EVERY decode steps plus a constant (the results: tokens,
+    log-probs, finished flags, lengths; a continuation also reads the kept cache's lengths and last
+    tokens), whether rows stop at different steps and the working batch is compacted or not."""
+    from bench.op_counts import count_ops
+    from sampler import CHECK_EVERY
+
+    assert CHECK_EVERY >= 4
+    model = tiny_model(vocab_size=16, seed=3)
+    prompts = random_prompts(5, 16, seed=1)
+    syncs = {}
+    for new in (16, 48):
+        with count_ops() as first:
+            gen = generate(model, prompts, max_new_tokens=new, num_samples=4, stop_token_ids=stops,
+                           generator=torch.Generator().manual_seed(0), keep_cache=True)
+        with count_ops() as second:
+            generate(model, [[3]] * 20, max_new_tokens=new, stop_token_ids=stops, cache=gen.cache,
+                     generator=torch.Generator().manual_seed(1))
+        syncs[new] = first.syncs
+        assert first.syncs <= (new - 1) // CHECK_EVERY + 4, new
+        assert second.syncs <= (new - 1) // CHECK_EVERY + 6, new
+    if stops:   # rows ended at different steps, so the working batch shrank
+        lengths = {len(t) for t in gen.tokens}
+        assert any(gen.finished) and len(lengths) > 3
+    else:       # one sync per check, however long the call
+        assert syncs[48] - syncs[16] == 47 // CHECK_EVERY - 15 // CHECK_EVERY

@@ -1,0 +1,71 @@
+"""Counts what a block of PyTorch code asks of the device, op by op:
+
+- compute ops: on a GPU each is about one kernel launch;
+- view ops: reshapes, slices and transposes, which launch nothing;
+- host syncs: the host waits for the device's result (reading a value with `int`/`item`/`bool`,
+  `nonzero`, boolean-mask indexing, output sizes that depend on values, `tolist`, `numpy`).
+
+    with count_ops() as counts:
+        generate(...)
+    print(counts.compute, counts.views, counts.syncs)
+
+On a CPU nothing waits, but the same calls are the ones that would; so tests count syncs on CPU.
+"""
+
+from contextlib import contextmanager
+from dataclasses import dataclass
+
+import torch
+from torch.overrides import TorchFunctionMode
+from torch.utils._python_dispatch import TorchDispatchMode
+
+aten = torch.ops.aten
+# Ops whose result (or its size) the host must read before it can go on.
+_SYNCING = {aten._local_scalar_dense.default, aten.item.default, aten.nonzero.default,
+            aten.masked_select.default, aten.equal.default, aten.repeat_interleave.Tensor,
+            aten._unique2.default, aten.unique_dim.default, aten.unique_consecutive.default}
+# Indexing syncs when an index is a boolean mask (it runs `nonzero` inside).
+_INDEXING = {aten.index.Tensor, aten.index_put.default, aten.index_put_.default, aten._index_put_impl_.default}
+
+
+@dataclass
+class OpCounts:
+    compute: int = 0
+    views: int = 0
+    syncs: int = 0
+
+
+class _CountDispatch(TorchDispatchMode):
+    def __init__(self, counts: OpCounts):
+        super().__init__()
+        self.counts = counts
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if func in _SYNCING or (func in _INDEXING and any(
+                isinstance(i, torch.Tensor) and i.dtype == torch.bool for i in args[1])):
+            self.counts.syncs += 1
+        elif func._schema.is_mutable or not func.is_view:
+            self.counts.compute += 1
+        else:
+            self.counts.views += 1
+        return func(*args, **(kwargs or {}))
+
+
+class _CountFunctions(TorchFunctionMode):
+    """`tolist` and `numpy` read a tensor without an aten op (on CPU), so they are counted here."""
+
+    def __init__(self, counts: OpCounts):
+        super().__init__()
+        self.counts = counts
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        if func in (torch.Tensor.tolist, torch.Tensor.numpy):
+            self.counts.syncs += 1
+        return func(*args, **(kwargs or {}))
+
+
+@contextmanager
+def count_ops():
+    counts = OpCounts()
+    with _CountFunctions(counts), _CountDispatch(counts):
+        yield counts
