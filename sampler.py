@@ -1,7 +1,7 @@
 """Batched sampling with a KV cache, for Llama-family decoders (Llama, SmolLM, Qwen2, Qwen3, Mistral).
 
     gen = generate(model, prompts, max_new_tokens=256, num_samples=8, temperature=1.0,
-                   stop_token_ids=[eos], generator=torch.Generator().manual_seed(0))
+                   stop_token_ids=[eos], generator=torch.Generator(model.device).manual_seed(0))
     gen.tokens[i * 8 + j]   # sample j of prompt i, ending with the stop token when one ended it
 
 The transformer body is the Hugging Face module's own (its norms, projections, MLPs and rotary
@@ -231,7 +231,7 @@ def _forward(model, w: _Weights, cache: KVCache, tokens: torch.Tensor, window: i
     h = body.embed_tokens(tokens)                                # (rows, C, hidden)
     for i, (layer, lw) in enumerate(zip(body.layers, w.layers)):
         attn, mlp = layer.self_attn, layer.mlp
-        qkv = _linear(_norm(layer.input_layernorm, h), *lw["qkv"])   # (rows, C, q_size + 2 * kv_size)
+        qkv = _linear(layer.input_layernorm(h), *lw["qkv"])   # (rows, C, q_size + 2 * kv_size)
         v = qkv[..., q_size + kv_size:].reshape(rows, C, kv_heads, head_dim)
         qk = qkv[..., :q_size + kv_size].reshape(rows, C, heads + kv_heads, head_dim)
         if hasattr(attn, "q_norm"):  # Qwen3 normalises q and k per head before the rotation
@@ -247,27 +247,11 @@ def _forward(model, w: _Weights, cache: KVCache, tokens: torch.Tensor, window: i
         q = q.reshape(rows, kv_heads, groups * C, head_dim).contiguous()
         keys, values = cache.keys[i][:, :, :window], cache.values[i][:, :, :window]
         out = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, scale=attn.scaling)
-        out = out.view(rows, heads, C, head_dim).transpose(1, 2).reshape(rows, C, heads * head_dim)
+        out = out.reshape(rows, heads, C, head_dim).transpose(1, 2).reshape(rows, C, heads * head_dim)
         h = h + _linear(out, attn.o_proj.weight, attn.o_proj.bias)
-        gate, up = _linear(_norm(layer.post_attention_layernorm, h), *lw["gate_up"]).chunk(2, dim=-1)
+        gate, up = _linear(layer.post_attention_layernorm(h), *lw["gate_up"]).chunk(2, dim=-1)
         h = h + _linear(mlp.act_fn(gate) * up, mlp.down_proj.weight, mlp.down_proj.bias)
-    return _norm(body.norm, h)
-
-
-_PLAIN_RMS_NORMS = {"LlamaRMSNorm", "Qwen2RMSNorm", "Qwen3RMSNorm", "MistralRMSNorm"}
-
-
-def _norm(module, x):
-    """The module's RMSNorm in one op where it is the plain formula: HF's takes six, and 61 norms a
-    step made eager decoding 5-8% slower (BENCHMARKS.md). In float32 the fused kernel is bit-identical
-    to the module; in lower precision the module rounds the normalised value before the weight
-    multiply, which is kept."""
-    if type(module).__name__ not in _PLAIN_RMS_NORMS:
-        return module(x)
-    if x.dtype == torch.float32:
-        return F.rms_norm(x, (x.shape[-1],), module.weight, eps=module.variance_epsilon)
-    y = F.rms_norm(x.float(), (x.shape[-1],), eps=module.variance_epsilon)
-    return module.weight * y.to(x.dtype)
+    return body.norm(h)
 
 
 def _rotate_half(x):
@@ -289,20 +273,25 @@ def _decode_step(model, w: _Weights, work: KVCache, window: int) -> torch.Tensor
     return _logits(model, _forward(model, w, work, work.last_token[:, None], window)[:, 0])
 
 
-def _step_function(model, w: _Weights, work: KVCache, window: int, capture: bool):
-    """A function running one decode step of this shape; with `capture`, a replay of it as a CUDA
-    graph. The graph reads the working rows' tokens and lengths from the cache's own buffers, which
-    decoding updates in place, and writes its logits to one output buffer that each replay reuses."""
-    if not capture:
+def _step_function(model, w: _Weights, work: KVCache, window: int, side: "torch.cuda.Stream | None"):
+    """A function running one decode step of this shape: eagerly, or with a CUDA stream `side`, as a
+    replay of the step captured on that stream as a CUDA graph. The graph reads the working rows'
+    tokens and lengths from the cache's own buffers, which decoding updates in place, and writes its
+    logits to one output buffer that each replay reuses."""
+    if side is None:
         return lambda: _decode_step(model, w, work, window)
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):   # capture needs one warm-up run off the main stream; it writes
-        _decode_step(model, w, work, window)   # the same cache slots that the replay writes again
-    torch.cuda.current_stream().wait_stream(side)
+    main = torch.cuda.current_stream(side.device)
+    side.wait_stream(main)
     graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
+    with torch.cuda.stream(side):
+        # Capture needs one warm-up run first; it writes the cache slots that the replay writes again.
+        _decode_step(model, w, work, window)
+        # capture_begin/end rather than the torch.cuda.graph context, which synchronizes the device
+        # and empties the allocator's cache at every capture.
+        graph.capture_begin()
         logits = _decode_step(model, w, work, window)
+        graph.capture_end()
+    main.wait_stream(side)
 
     def replay():
         graph.replay()
@@ -342,6 +331,13 @@ def _pad(chunks: list[list[int]], device) -> tuple[torch.Tensor, torch.Tensor]:
     return tokens.to(device), torch.tensor([len(c) for c in chunks], device=device)
 
 
+def window_block_for(device: torch.device) -> int:
+    """Cache capacity and attention windows are multiples of this. On CPU a step reads little more
+    than the slots it needs; on CUDA every new window of a captured step is a new capture (the block
+    is the same without capture, so that the kernels, and the samples, are too)."""
+    return 256 if device.type == "cuda" else 16
+
+
 def _round_up(n: int, block: int) -> int:
     return -(-n // block) * block
 
@@ -370,9 +366,8 @@ def generate(model, prompts: list[list[int]], *, max_new_tokens: int, num_sample
     device = model.lm_head.weight.device
     if not prompts:
         return Generation([], [], [], cache)
-    capture = cuda_graphs and device.type == "cuda"
-    # Eager steps read exactly what they need; every new window of a captured step is a new capture.
-    window_block = 256 if capture else 16
+    side = torch.cuda.Stream(device) if cuda_graphs and device.type == "cuda" else None
+    window_block = window_block_for(device)
 
     if cache is None:
         chunks, start = [list(p) for p in prompts], [0] * len(prompts)
@@ -434,11 +429,12 @@ def generate(model, prompts: list[list[int]], *, max_new_tokens: int, num_sample
         # No row is longer than the longest after the prefill plus the tokens fed since.
         window = min(capacity, _round_up(longest + step + 1, window_block))
         if step_key != (n, window):
-            step_key, step_fn = (n, window), None     # drop the old graph before capturing the next
-            step_fn = _step_function(model, w, work, window, capture)
+            step_key, step_fn, logits = (n, window), None, None   # the old graph goes before the next is captured
+            step_fn = _step_function(model, w, work, window, side)
         logits = step_fn()
         work.lengths += running                  # stopped rows do not grow
     finished[order[:n]] = ~running
+    work = step_fn = logits = w = None   # views, a graph's pool and fused copies would outlive the old cache
 
     final_cache = None
     if keep_cache:

@@ -8,7 +8,11 @@
 2. Sampler throughput: `sampler.generate` against HF `model.generate` on random-init bf16 models of the
    Qwen2.5-1.5B-Instruct and 7B-Instruct shapes (from their configs: no download); temperature 1, no
    stop tokens, distinct random prompts of 100-200 tokens (left-padded with a mask for HF). Generated
-   tokens/s over the whole call, best of --repeats, warm, both sides in this process.
+   tokens/s over the whole call, best of --repeats, warm, both sides in this process. Then, per decode
+   step (a call of --new-tokens less a call of 1, over the steps between): ours with CUDA graphs and
+   without, HF; the memory-bandwidth bound (weights + the KV windows read per step over the card's
+   read bandwidth, measured by a large sum); kernel launches per step from the profiler (a graph
+   replay is one) and host syncs per step (bench/op_counts.py).
 3. Memory per phase on one process (N = 1, no torchrun), each shape in a subprocess of its own, against
    the formula printed with the results; phases that the formula says would not fit are skipped.
 """
@@ -70,9 +74,9 @@ def prompts_for(batch, vocab, seed=0):
     return [torch.randint(3, vocab, (int(n),), generator=g).tolist() for n in torch.randint(100, 201, (batch,), generator=g)]
 
 
-def time_ours(model, prompts, new, dev):
+def time_ours(model, prompts, new, dev, graphs=True):
     from sampler import generate
-    g, seconds = timed(dev, lambda: generate(model, prompts, max_new_tokens=new, temperature=1.0,
+    g, seconds = timed(dev, lambda: generate(model, prompts, max_new_tokens=new, temperature=1.0, cuda_graphs=graphs,
                                              generator=torch.Generator(dev).manual_seed(0)))
     assert all(len(x) == new for x in g.tokens)
     return len(prompts) * new / seconds
@@ -109,10 +113,69 @@ def throughput(shape, args, dev, dtype) -> list[dict]:
         time_hf(model, prompts[:2], 4, dev)
         ours = max(time_ours(model, prompts, args.new_tokens, dev) for _ in range(args.repeats))
         hf = max(time_hf(model, prompts, args.new_tokens, dev) for _ in range(args.repeats))
-        rows.append(dict(shape=shape, batch=batch, new_tokens=args.new_tokens, ours_tok_s=ours, hf_tok_s=hf,
-                         ratio=ours / hf))
+        row = dict(shape=shape, batch=batch, new_tokens=args.new_tokens, ours_tok_s=ours, hf_tok_s=hf, ratio=ours / hf)
         print(f"{shape:>5} {batch:>6} {ours:>11.0f} {hf:>9.0f} {ours / hf:>6.2f}x", flush=True)
+        row.update(per_step(model, prompts, args, dev))
+        rows.append(row)
+        print(f"      per decode step: ours {row['ours_ms']:.2f} ms ({row['ours_launches']:.0f} launches, "
+              f"{row['ours_syncs']:.2f} syncs), eager {row['eager_ms']:.2f} ms ({row['eager_launches']:.0f}, "
+              f"{row['eager_syncs']:.2f}), HF {row['hf_ms']:.2f} ms ({row['hf_launches']:.0f}, {row['hf_syncs']:.2f}); "
+              f"bandwidth bound {row['bound_ms']:.2f} ms ({row['step_bytes'] / GB:.2f} GB at {row['read_gb_s']:.0f} GB/s): "
+              f"ours at {row['ours_ms'] / row['bound_ms']:.2f}x of it", flush=True)
     return rows
+
+
+def read_bandwidth(dev) -> float:
+    """Bytes/s a large reduction reads."""
+    x = torch.ones(2**30 if dev == "cuda" else 2**26, dtype=torch.bfloat16, device=dev)
+    x.sum()
+    best = min(timed(dev, lambda: x.sum())[1] for _ in range(5))
+    return x.numel() * x.element_size() / best
+
+
+def per_step(model, prompts, args, dev) -> dict:
+    """Milliseconds, kernel launches and host syncs per decode step, and the bandwidth bound."""
+    from bench.op_counts import count_ops
+    from sampler import window_block_for
+
+    new = args.new_tokens
+    if dev == "cuda":
+        torch.cuda.synchronize()
+
+    def launches(work):
+        if dev != "cuda":
+            return float("nan")
+        from torch.profiler import ProfilerActivity, profile
+        with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+            work()
+            torch.cuda.synchronize()
+        names = ("cudaLaunchKernel", "cudaLaunchKernelExC", "cuLaunchKernel", "cuLaunchKernelEx", "cudaGraphLaunch")
+        return sum(e.count for e in prof.key_averages() if e.key in names)
+
+    out = {}
+    sides = dict(ours=lambda n: time_ours(model, prompts, n, dev), eager=lambda n: time_ours(model, prompts, n, dev, False),
+                 hf=lambda n: time_hf(model, prompts, n, dev))
+    for name, run in sides.items():
+        one = min(len(prompts) / run(1) for _ in range(args.repeats))          # seconds of a 1-token call
+        full = min(len(prompts) * new / run(new) for _ in range(args.repeats))
+        out[f"{name}_ms"] = (full - one) / (new - 1) * 1e3
+        short = 9
+        with count_ops() as a:
+            run(1)
+        with count_ops() as b:
+            run(short)
+        out[f"{name}_syncs"] = (b.syncs - a.syncs) / (short - 1)
+        out[f"{name}_launches"] = (launches(lambda: run(short)) - launches(lambda: run(1))) / (short - 1)
+    cfg = model.config
+    weights = sum(p.numel() * p.element_size() for p in model.parameters())
+    kv_heads, head_dim = cfg.num_key_value_heads, cfg.hidden_size // cfg.num_attention_heads
+    block, longest = window_block_for(torch.device(dev)), max(len(p) for p in prompts)
+    windows = [-(-(longest + s + 1) // block) * block for s in range(new - 1)]
+    kv = 2 * cfg.num_hidden_layers * kv_heads * head_dim * model.dtype.itemsize * len(prompts) * sum(windows) / len(windows)
+    out["step_bytes"] = weights + kv
+    out["read_gb_s"] = read_bandwidth(dev) / GB
+    out["bound_ms"] = out["step_bytes"] / (out["read_gb_s"] * GB) * 1e3
+    return out
 
 
 # --- memory per phase (run in a subprocess per shape: --memory-shape) --------------------------------
@@ -149,6 +212,7 @@ def memory(shape, args, dev) -> dict:
     import parallel as par
     import rrr
     from model import load_tokenizer
+    from sampler import window_block_for
     from runs import parse_config
     tok = load_tokenizer(None)
     cfg_m = config(shape, args.dry_run, vocab=len(tok))   # the tokenizer's vocabulary: 49152
@@ -180,7 +244,8 @@ def memory(shape, args, dev) -> dict:
         m = dict(load=allocated(dev) - base)
         rows, new = args.batches[0], args.new_tokens
         prompts = prompts_for(rows, cfg_m.vocab_size)
-        capacity = max(len(p) for p in prompts) + new
+        block = window_block_for(torch.device(dev))       # the sampler rounds its cache up to this
+        capacity = -(-(max(len(p) for p in prompts) + new) // block) * block
         f["sampling_with_cache"] = f["sampling_weights"] + 2 * L * kv * hd * low * rows * capacity
         pol.stops = []                            # every row runs to --new-tokens
         with rrr.sampling(pol):
@@ -303,7 +368,7 @@ def main():
             torch.cuda.empty_cache()
     report["memory"] = {}
     print(LEGEND if not args.dry_run else "\nmemory per phase (dry run: live CPU tensor bytes at each reading, no peaks; "
-          "the CPU sampler also keeps transposed weight copies)")
+          "no CUDA graphs)")
     for s in shapes:
         cmd = [sys.executable, __file__, "--memory-shape", s, "--batches", ",".join(map(str, args.batches)),
                "--new-tokens", str(args.new_tokens)] + (["--dry-run"] if args.dry_run else [])

@@ -6,6 +6,8 @@
 
 Settings: temperature 1, no early stop (no stop tokens), `--new-tokens` per row, distinct prompts of
 mixed length (chat-formatted Countdown-like questions). Both sides run in the same process, warm.
+Also printed per decode step, for each side (a 9-token call less a 1-token call, over 8 steps): compute
+ops (on a GPU about one kernel launch each), view ops and host syncs, counted by bench/op_counts.py.
 """
 
 import argparse
@@ -17,6 +19,7 @@ import torch
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 from model import load_model, load_tokenizer  # noqa: E402
+from bench.op_counts import count_ops  # noqa: E402
 from sampler import generate  # noqa: E402
 
 QWEN25_15B = dict(vocab_size=151936, hidden_size=1536, intermediate_size=8960, num_hidden_layers=28,
@@ -69,6 +72,15 @@ def time_hf(model, prompts, new_tokens, device, pad_id):
     return len(prompts) * new_tokens / (time.perf_counter() - t)
 
 
+def per_step(run):
+    """Ops per decode step: a 9-token call less a 1-token call, over the 8 steps between."""
+    with count_ops() as one:
+        run(1)
+    with count_ops() as nine:
+        run(9)
+    return type(one)(*((getattr(nine, k) - getattr(one, k)) / 8 for k in ("compute", "views", "syncs")))
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default=None, help="HF model path or id (default: embedded SmolLM2-135M)")
@@ -94,14 +106,18 @@ def main():
     params = sum(p.numel() for p in model.parameters())
     print(f"device={device} dtype={next(model.parameters()).dtype} params={params / 1e6:.0f}M "
           f"threads={torch.get_num_threads()} new_tokens={args.new_tokens}")
-    print(f"{'batch':>5} {'ours tok/s':>11} {'HF tok/s':>9} {'ratio':>6}")
+    print(f"{'batch':>5} {'ours tok/s':>11} {'HF tok/s':>9} {'ratio':>6}   per decode step: compute ops, views, syncs "
+          f"(ours | HF)")
     for bs in args.batch_sizes:
         prompts = make_prompts(tokenizer, bs)
         time_ours(model, prompts[:1], 4, device)            # warm-up
         time_hf(model, prompts[:1], 4, device, pad_id)
         ours = max(time_ours(model, prompts, args.new_tokens, device) for _ in range(args.repeats))
         hf = max(time_hf(model, prompts, args.new_tokens, device, pad_id) for _ in range(args.repeats))
-        print(f"{bs:>5} {ours:>11.1f} {hf:>9.1f} {ours / hf:>5.2f}x", flush=True)
+        counts = [per_step(lambda n: run(model, prompts, n, device)) for run in
+                  (time_ours, lambda *a: time_hf(*a, pad_id))]
+        print(f"{bs:>5} {ours:>11.1f} {hf:>9.1f} {ours / hf:>5.2f}x   "
+              + " | ".join(f"{c.compute:.0f}, {c.views:.0f}, {c.syncs:.2f}" for c in counts), flush=True)
 
 
 if __name__ == "__main__":

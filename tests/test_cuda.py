@@ -1,4 +1,5 @@
-"""The CUDA path: the sampler in bf16 against HF `generate` and a teacher-forced HF forward, `rrr.py
+"""The CUDA path: the sampler in bf16 against HF `generate` and a teacher-forced HF forward, the same
+samples with and without CUDA graphs, host syncs while decoding counted by CUDA itself, `rrr.py
 --device cuda --bf16` on 1 GPU (and 2 when there are) against a 1-process replay of its episodes, and
 kill + resume on CUDA giving bit-identical weights.
 
@@ -116,6 +117,58 @@ def test_sampler_greedy_equals_hf_generate_on_mixed_length_prompts():
         tol = tie_tolerance(tf).clamp(min=1e-4 if DTYPE == torch.float32 else 2e-2)
         assert ((got - want).abs() <= tol).all(), f"prompt {i}: log-probs off by {(got - want).abs().max():.4f}"
     assert exact == len(prompts) if DTYPE == torch.float32 else agreed >= len(prompts) * NEW // 4
+
+
+def stopping_prompts(model, batch, new):
+    """Prompts of 150-230 tokens, so the window crosses a 256-slot block, and stop tokens taken from
+    an unstopped greedy run, so rows end at different steps and the working batch shrinks."""
+    g = torch.Generator().manual_seed(4)
+    prompts = [torch.randint(3, SHAPE["vocab_size"], (int(k),), generator=g).tolist()
+               for k in torch.randint(150, 231, (batch,), generator=g)]
+    free = generate(model, prompts, max_new_tokens=new, temperature=0)
+    return prompts, sorted({free.tokens[r][4 + 5 * r] for r in range(batch // 2)})
+
+
+@pytest.mark.parametrize("dtype", [DTYPE, torch.float32], ids=["compute-dtype", "fp32"])
+def test_captured_steps_sample_what_eager_steps_sample(dtype):
+    """Same seed, same samples (tokens, log-probs, stops) with and without CUDA graphs, at temperature
+    1 with stop tokens, across a window block and several shrinks of the working batch (each a new
+    capture), and in a continuation of the kept cache. fp32 takes the memory-efficient attention kernel,
+    whose output layout differs from the CPU's."""
+    model = fuse_projections(qwen2_model()).to(dtype)
+    prompts, stops = stopping_prompts(model, 8, 40)
+    runs = []
+    for graphs in (False, True):
+        first = generate(model, prompts, max_new_tokens=40, num_samples=2, temperature=1.0, stop_token_ids=stops,
+                         generator=torch.Generator(DEVICE).manual_seed(0), keep_cache=True, cuda_graphs=graphs)
+        second = generate(model, [[5, 6, 7]] * 16, max_new_tokens=12, temperature=1.0, cache=first.cache,
+                          generator=torch.Generator(DEVICE).manual_seed(1), cuda_graphs=graphs)
+        runs.append([(g.tokens, g.logprobs, g.finished) for g in (first, second)])
+    assert runs[0] == runs[1]
+    finished = runs[0][0][2]
+    assert any(finished) and not all(finished)
+
+
+@pytest.mark.skipif(ON_CPU, reason="CUDA's own sync detector")
+def test_decoding_syncs_once_per_check_by_cuda_count():
+    """CUDA's sync debug mode warns at every synchronizing call; while decoding there may be one per
+    CHECK_EVERY steps plus a constant (the results; the prefill's own)."""
+    import warnings
+
+    from sampler import CHECK_EVERY
+    model = fuse_projections(qwen2_model())
+    prompts, stops = stopping_prompts(model, 8, 64)
+    for new in (16, 64):
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            torch.cuda.set_sync_debug_mode("warn")
+            try:
+                generate(model, prompts, max_new_tokens=new, num_samples=2, temperature=1.0, stop_token_ids=stops,
+                         generator=torch.Generator(DEVICE).manual_seed(0))
+            finally:
+                torch.cuda.set_sync_debug_mode("default")
+        syncs = [w for w in caught if "synchroniz" in str(w.message)]
+        assert len(syncs) <= (new - 1) // CHECK_EVERY + 8, [str(w.message)[:120] for w in syncs]
 
 
 def nprocs():
