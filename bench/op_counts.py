@@ -21,8 +21,8 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 aten = torch.ops.aten
 # Ops whose result (or its size) the host must read before it can go on.
-_SYNCING = {aten._local_scalar_dense.default, aten.item.default, aten.nonzero.default,
-            aten.masked_select.default, aten.equal.default, aten.repeat_interleave.Tensor,
+_SYNCING = {aten._local_scalar_dense.default, aten.item.default, aten.is_nonzero.default, aten.nonzero.default,
+            aten.masked_select.default, aten.equal.default, aten.allclose.default, aten.repeat_interleave.Tensor,
             aten._unique2.default, aten.unique_dim.default, aten.unique_consecutive.default}
 # Indexing syncs when an index is a boolean mask (it runs `nonzero` inside).
 _INDEXING = {aten.index.Tensor, aten.index_put.default, aten.index_put_.default, aten._index_put_impl_.default}

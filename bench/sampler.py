@@ -3,6 +3,7 @@
     python bench/sampler.py                       # embedded SmolLM2-135M, fp32, CPU, batch 1 8 32
     python bench/sampler.py --batch-sizes 32 --new-tokens 64
     python bench/sampler.py --random-init Qwen/Qwen2.5-1.5B-Instruct-shape --dtype bfloat16   # on a GPU
+    python bench/sampler.py --compile --batch-sizes 8 32   # ours with the decode step torch.compile'd
 
 Settings: temperature 1, no early stop (no stop tokens), `--new-tokens` per row, distinct prompts of
 mixed length (chat-formatted Countdown-like questions). Both sides run in the same process, warm.
@@ -20,6 +21,7 @@ import torch
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 from model import load_model, load_tokenizer  # noqa: E402
 from bench.op_counts import count_ops  # noqa: E402
+import sampler  # noqa: E402
 from sampler import generate  # noqa: E402
 
 QWEN25_15B = dict(vocab_size=151936, hidden_size=1536, intermediate_size=8960, num_hidden_layers=28,
@@ -91,6 +93,9 @@ def main():
     ap.add_argument("--repeats", type=int, default=2, help="timed repeats per setting (best is kept)")
     ap.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"],
                     help="model dtype (default: float32 on CPU, bfloat16 on CUDA)")
+    ap.add_argument("--compile", action="store_true",
+                    help="time ours with its decode step compiled by torch.compile(dynamic=True); the first call, "
+                         "which compiles, is timed and printed apart (its rounding differs from eager's)")
     args = ap.parse_args()
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -102,22 +107,30 @@ def main():
         model = AutoModelForCausalLM.from_config(Qwen2Config(**QWEN25_15B), dtype=dtype).to(device).eval()
     else:
         model, tokenizer = load_model(args.model, device=device, dtype=dtype)
+    # As rrr.py's sampler: q/k/v and gate/up back to back, which HF's modules compute with unchanged.
+    sampler.fuse_projections(model)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     params = sum(p.numel() for p in model.parameters())
     print(f"device={device} dtype={next(model.parameters()).dtype} params={params / 1e6:.0f}M "
           f"threads={torch.get_num_threads()} new_tokens={args.new_tokens}")
+    if args.compile:
+        sampler._decode_step = torch.compile(sampler._decode_step, dynamic=True)
+        t = time.perf_counter()
+        time_ours(model, make_prompts(tokenizer, 8), 40, device)
+        print(f"compiled the decode step: first call {time.perf_counter() - t:.0f} s")
     print(f"{'batch':>5} {'ours tok/s':>11} {'HF tok/s':>9} {'ratio':>6}   per decode step: compute ops, views, syncs "
           f"(ours | HF)")
     for bs in args.batch_sizes:
         prompts = make_prompts(tokenizer, bs)
-        time_ours(model, prompts[:1], 4, device)            # warm-up
+        time_ours(model, prompts, 4, device)                # warm-up (with --compile: these shapes)
         time_hf(model, prompts[:1], 4, device, pad_id)
         ours = max(time_ours(model, prompts, args.new_tokens, device) for _ in range(args.repeats))
         hf = max(time_hf(model, prompts, args.new_tokens, device, pad_id) for _ in range(args.repeats))
-        counts = [per_step(lambda n: run(model, prompts, n, device)) for run in
-                  (time_ours, lambda *a: time_hf(*a, pad_id))]
-        print(f"{bs:>5} {ours:>11.1f} {hf:>9.1f} {ours / hf:>5.2f}x   "
-              + " | ".join(f"{c.compute:.0f}, {c.views:.0f}, {c.syncs:.2f}" for c in counts), flush=True)
+        counts = "-"          # a dispatch mode around compiled code would make it recompile
+        if not args.compile:
+            counts = " | ".join(f"{c.compute:.0f}, {c.views:.0f}, {c.syncs:.2f}" for c in (
+                per_step(lambda n: run(model, prompts, n, device)) for run in (time_ours, lambda *a: time_hf(*a, pad_id))))
+        print(f"{bs:>5} {ours:>11.1f} {hf:>9.1f} {ours / hf:>5.2f}x   {counts}", flush=True)
 
 
 if __name__ == "__main__":
