@@ -31,8 +31,8 @@ lengths, masks and the "has this row stopped" flags are updated with tensor ops.
 `CHECK_EVERY` steps does the host read how many rows still run, its one sync: it stops when none
 do, and when at most half do, the running rows move to the front of the cache and the working
 batch shrinks to them (finished rows' caches are set aside behind them with `keep_cache`). A call
-therefore makes at most one host sync per `CHECK_EVERY` decode steps plus a constant number (the
-prefill, the results), which tests/test_sampler.py counts.
+therefore makes at most one host sync per `CHECK_EVERY` decode steps plus a constant number (reading
+a kept cache, the results), which tests/test_sampler.py counts.
 
 On CUDA each shape of the step (working batch x window) is captured once as a CUDA graph and then
 replayed, one launch instead of some 30 kernels per layer (`cuda_graphs=False` runs it eagerly, with
