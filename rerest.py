@@ -42,7 +42,7 @@ from data import get_task, reflector_messages, resolve_data_dir
 from grpo import pad_batch, token_logprobs
 from model import chat_ids, load_model, stop_token_ids
 from runs import BadInput, append_jsonl, flag, main_guard, markdown_table, parse_config, pct, read_jsonl, write_json
-from sampler import generate
+from sampler import fuse_projections, generate
 
 
 @dataclass
@@ -87,6 +87,9 @@ def settings_hash(*parts) -> str:
 
 
 def sample(model, tok, prompts, cfg, *, temperature, num_samples=1, seed=0):
+    # The sampler multiplies by q/k/v and gate/up as one matrix each: laid back to back here, they are
+    # views, not per-call copies. Done on every call, as off_device's moves undo it; a no-op otherwise.
+    fuse_projections(model)
     gen = torch.Generator(model.lm_head.weight.device).manual_seed(seed)
     return generate(model, prompts, max_new_tokens=cfg.max_completion_length, num_samples=num_samples,
                     temperature=temperature, stop_token_ids=stop_token_ids(tok, model), generator=gen,

@@ -153,13 +153,13 @@ def fuse_projections(model):
     """Moves each layer's q/k/v and gate/up weights (and biases) into one buffer each, back to back,
     leaving the module's parameters as views into it: decoding then multiplies by q/k/v (and by
     gate/up) as one matrix without keeping a fused copy beside the weights. The module computes
-    exactly as before."""
+    exactly as before. Works a layer at a time, and skips what is already laid out so."""
     for layer in _layers(model).layers:
         attn, mlp = layer.self_attn, layer.mlp
         for group in ((attn.q_proj, attn.k_proj, attn.v_proj), (mlp.gate_proj, mlp.up_proj)):
             for name in ("weight", "bias"):
                 params = [getattr(m, name) for m in group]
-                if any(p is None for p in params):
+                if any(p is None for p in params) or _joined(params) is not None:
                     continue
                 fused = torch.cat([p.detach() for p in params])
                 start = 0

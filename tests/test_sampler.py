@@ -227,6 +227,8 @@ def test_fused_projections_are_views_and_change_nothing(arch):
     assert prepared["qkv"][0].untyped_storage()._cdata == attn.q_proj.weight.untyped_storage()._cdata
     assert prepared["gate_up"][0].untyped_storage()._cdata == mlp.up_proj.weight.untyped_storage()._cdata
     assert torch.equal(prepared["qkv"][0], torch.cat([attn.q_proj.weight, attn.k_proj.weight, attn.v_proj.weight]))
+    fuse_projections(model)      # again: what is laid out already is left as it is, not copied
+    assert attn.q_proj.weight.untyped_storage()._cdata == prepared["qkv"][0].untyped_storage()._cdata
 
 
 # --- host syncs: the decode loop waits for the device only once per CHECK_EVERY steps --------------
