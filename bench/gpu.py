@@ -9,8 +9,8 @@
    Qwen2.5-1.5B-Instruct and 7B-Instruct shapes (from their configs: no download); temperature 1, no
    stop tokens, distinct random prompts of 100-200 tokens (left-padded with a mask for HF). Generated
    tokens/s over the whole call, best of --repeats, warm, both sides in this process. Then, per decode
-   step (a call of --new-tokens less a call of 1, over the steps between): ours with CUDA graphs and
-   without, HF; the memory-bandwidth bound (weights + the KV windows read per step over the card's
+   step (a call of --new-tokens less a call of 1, over the steps between; captures included): ours with
+   CUDA graphs and without, HF; the memory-bandwidth bound (weights + the KV windows read per step over the card's
    read bandwidth, measured by a large sum); kernel launches per step from the profiler (a graph
    replay is one) and host syncs per step (bench/op_counts.py).
 3. Memory per phase on one process (N = 1, no torchrun), each shape in a subprocess of its own, against
@@ -159,13 +159,14 @@ def per_step(model, prompts, args, dev) -> dict:
         one = min(len(prompts) / run(1) for _ in range(args.repeats))          # seconds of a 1-token call
         full = min(len(prompts) * new / run(new) for _ in range(args.repeats))
         out[f"{name}_ms"] = (full - one) / (new - 1) * 1e3
-        short = 9
+        # 17-token calls less 9-token ones: both capture the same step shapes (prompts of at most 200
+        # tokens stay in the first 256-slot window), so the 8 steps between are replays only.
         with count_ops() as a:
-            run(1)
+            run(9)
         with count_ops() as b:
-            run(short)
-        out[f"{name}_syncs"] = (b.syncs - a.syncs) / (short - 1)
-        out[f"{name}_launches"] = (launches(lambda: run(short)) - launches(lambda: run(1))) / (short - 1)
+            run(17)
+        out[f"{name}_syncs"] = (b.syncs - a.syncs) / 8
+        out[f"{name}_launches"] = (launches(lambda: run(17)) - launches(lambda: run(9))) / 8
     cfg = model.config
     weights = sum(p.numel() * p.element_size() for p in model.parameters())
     kv_heads, head_dim = cfg.num_key_value_heads, cfg.hidden_size // cfg.num_attention_heads
