@@ -180,15 +180,14 @@ class _Weights:
 
 
 def _prepare(model, capacity: int, like: torch.Tensor) -> _Weights:
-    def fused(*modules):
-        weights, biases = [m.weight for m in modules], [m.bias for m in modules]
-        weight = _joined(weights)
-        if weight is None:
-            weight = torch.cat(weights)
-        if any(b is None for b in biases):
-            return weight, None
-        bias = _joined(biases)
-        return weight, torch.cat(biases) if bias is None else bias
+    def one_matrix(tensors):
+        joined = _joined(tensors)
+        return torch.cat(tensors) if joined is None else joined
+
+    def fused(*modules):      # (weight, bias) of the modules as one projection
+        biases = [m.bias for m in modules]
+        bias = None if any(b is None for b in biases) else one_matrix(biases)
+        return one_matrix([m.weight for m in modules]), bias
 
     body = _layers(model)
     layers = [dict(qkv=fused(layer.self_attn.q_proj, layer.self_attn.k_proj, layer.self_attn.v_proj),
@@ -210,7 +209,7 @@ def _linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = N
 
 def _forward(model, w: _Weights, cache: KVCache, tokens: torch.Tensor, window: int) -> torch.Tensor:
     """Writes `tokens` (rows, C) to row r's cache slots lengths[r] .. lengths[r] + C - 1 and returns the
-    final-norm hidden states (rows, C, hidden). Attention reads slots [0, window) up to each query's own
+    last layer's hidden states (rows, C, hidden), before the final norm. Attention reads slots [0, window) up to each query's own
     position; `window` comes from the host, so nothing here waits for the device. Lengths are not
     advanced: the caller knows which tokens count."""
     body = _layers(model)
@@ -251,7 +250,7 @@ def _forward(model, w: _Weights, cache: KVCache, tokens: torch.Tensor, window: i
         h = h + _linear(out, attn.o_proj.weight, attn.o_proj.bias)
         gate, up = _linear(layer.post_attention_layernorm(h), *lw["gate_up"]).chunk(2, dim=-1)
         h = h + _linear(mlp.act_fn(gate) * up, mlp.down_proj.weight, mlp.down_proj.bias)
-    return body.norm(h)
+    return h
 
 
 def _rotate_half(x):
@@ -260,7 +259,8 @@ def _rotate_half(x):
 
 
 def _logits(model, hidden: torch.Tensor) -> torch.Tensor:
-    logits = _linear(hidden, model.lm_head.weight, model.lm_head.bias).float()
+    """(rows, hidden) last-layer states -> (rows, vocab) fp32 logits: the final norm, then the head."""
+    logits = _linear(_layers(model).norm(hidden), model.lm_head.weight, model.lm_head.bias).float()
     softcap = getattr(model.config, "final_logit_softcapping", None)
     if softcap:
         logits = torch.tanh(logits / softcap) * softcap
@@ -439,8 +439,8 @@ def generate(model, prompts: list[list[int]], *, max_new_tokens: int, num_sample
     final_cache = None
     if keep_cache:
         final_cache = _take_rows(cache, torch.argsort(order))       # back in the order of the result
-    counts = (out_tokens >= 0).sum(1).tolist()
     toks, lps = out_tokens.tolist(), out_logprobs.tolist()
+    counts = [t.index(-1) if -1 in t else len(t) for t in toks]    # -1 marks a step after the row stopped
     return Generation(tokens=[t[:k] for t, k in zip(toks, counts)],
                       logprobs=[lp[:k] for lp, k in zip(lps, counts)],
                       finished=finished.tolist(), cache=final_cache)

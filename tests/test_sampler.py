@@ -251,7 +251,7 @@ def test_the_counter_sees_each_kind_of_host_sync():
 @pytest.mark.parametrize("stops", [[], [4, 9]])
 def test_decoding_syncs_the_host_once_per_check(stops):
     """At most one host sync per CHECK_EVERY decode steps plus a constant (the results: tokens,
-    log-probs, finished flags, lengths; a continuation also reads the kept cache's lengths and last
+    log-probs, finished flags; a continuation also reads the kept cache's lengths and last
     tokens), whether rows stop at different steps and the working batch is compacted or not."""
     from bench.op_counts import count_ops
     from sampler import CHECK_EVERY
