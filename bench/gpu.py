@@ -135,8 +135,8 @@ def read_bandwidth(dev) -> float:
 
 def per_step(model, prompts, args, dev) -> dict:
     """Milliseconds, kernel launches and host syncs per decode step, and the bandwidth bound."""
-    from bench.op_counts import count_ops
-    from sampler import window_block_for
+    from bench.op_counts import per_step as ops_per_step
+    from sampler import _round_up, window_block_for
 
     new = args.new_tokens
     if dev == "cuda":
@@ -159,19 +159,15 @@ def per_step(model, prompts, args, dev) -> dict:
         one = min(len(prompts) / run(1) for _ in range(args.repeats))          # seconds of a 1-token call
         full = min(len(prompts) * new / run(new) for _ in range(args.repeats))
         out[f"{name}_ms"] = (full - one) / (new - 1) * 1e3
-        # 17-token calls less 9-token ones: both capture the same step shapes (prompts of at most 200
-        # tokens stay in the first 256-slot window), so the 8 steps between are replays only.
-        with count_ops() as a:
-            run(9)
-        with count_ops() as b:
-            run(17)
-        out[f"{name}_syncs"] = (b.syncs - a.syncs) / 8
+        # As ops_per_step: prompts of at most 200 tokens stay in the first 256-slot window, so the 8
+        # steps between a 9-token and a 17-token call are replays only.
+        out[f"{name}_syncs"] = ops_per_step(run).syncs
         out[f"{name}_launches"] = (launches(lambda: run(17)) - launches(lambda: run(9))) / 8
     cfg = model.config
     weights = sum(p.numel() * p.element_size() for p in model.parameters())
     kv_heads, head_dim = cfg.num_key_value_heads, cfg.hidden_size // cfg.num_attention_heads
     block, longest = window_block_for(torch.device(dev)), max(len(p) for p in prompts)
-    windows = [-(-(longest + s + 1) // block) * block for s in range(new - 1)]
+    windows = [_round_up(longest + s + 1, block) for s in range(new - 1)]
     kv = 2 * cfg.num_hidden_layers * kv_heads * head_dim * model.dtype.itemsize * len(prompts) * sum(windows) / len(windows)
     out["step_bytes"] = weights + kv
     out["read_gb_s"] = read_bandwidth(dev) / GB
@@ -213,7 +209,7 @@ def memory(shape, args, dev) -> dict:
     import parallel as par
     import rrr
     from model import load_tokenizer
-    from sampler import window_block_for
+    from sampler import _round_up, window_block_for
     from runs import parse_config
     tok = load_tokenizer(None)
     cfg_m = config(shape, args.dry_run, vocab=len(tok))   # the tokenizer's vocabulary: 49152
@@ -246,7 +242,7 @@ def memory(shape, args, dev) -> dict:
         rows, new = args.batches[0], args.new_tokens
         prompts = prompts_for(rows, cfg_m.vocab_size)
         block = window_block_for(torch.device(dev))       # the sampler rounds its cache up to this
-        capacity = -(-(max(len(p) for p in prompts) + new) // block) * block
+        capacity = _round_up(max(len(p) for p in prompts) + new, block)
         f["sampling_with_cache"] = f["sampling_weights"] + 2 * L * kv * hd * low * rows * capacity
         pol.stops = []                            # every row runs to --new-tokens
         with rrr.sampling(pol):

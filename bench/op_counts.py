@@ -69,3 +69,14 @@ def count_ops():
     counts = OpCounts()
     with _CountFunctions(counts), _CountDispatch(counts):
         yield counts
+
+
+def per_step(run) -> OpCounts:
+    """Ops per decode step of `run(n)`, a call that generates n tokens: a 17-token call less a 9-token
+    one, over the 8 steps between. On CUDA both calls capture the same step shapes when their windows
+    agree (prompts and 17 tokens within one 256-slot block), so the 8 steps count replays only."""
+    with count_ops() as nine:
+        run(9)
+    with count_ops() as seventeen:
+        run(17)
+    return OpCounts(*((getattr(seventeen, k) - getattr(nine, k)) / 8 for k in ("compute", "views", "syncs")))

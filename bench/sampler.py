@@ -7,7 +7,7 @@
 
 Settings: temperature 1, no early stop (no stop tokens), `--new-tokens` per row, distinct prompts of
 mixed length (chat-formatted Countdown-like questions). Both sides run in the same process, warm.
-Also printed per decode step, for each side (a 9-token call less a 1-token call, over 8 steps): compute
+Also printed per decode step, for each side (a 17-token call less a 9-token call, over 8 steps): compute
 ops (on a GPU about one kernel launch each), view ops and host syncs, counted by bench/op_counts.py.
 """
 
@@ -20,7 +20,7 @@ import torch
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 from model import load_model, load_tokenizer  # noqa: E402
-from bench.op_counts import count_ops  # noqa: E402
+from bench.op_counts import per_step  # noqa: E402
 import sampler  # noqa: E402
 from sampler import generate  # noqa: E402
 
@@ -72,15 +72,6 @@ def time_hf(model, prompts, new_tokens, device, pad_id):
     sync(device)
     assert out.shape[1] == width + new_tokens
     return len(prompts) * new_tokens / (time.perf_counter() - t)
-
-
-def per_step(run):
-    """Ops per decode step: a 9-token call less a 1-token call, over the 8 steps between."""
-    with count_ops() as one:
-        run(1)
-    with count_ops() as nine:
-        run(9)
-    return type(one)(*((getattr(nine, k) - getattr(one, k)) / 8 for k in ("compute", "views", "syncs")))
 
 
 def main():
