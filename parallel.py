@@ -99,6 +99,10 @@ def keep_freed_memory() -> bool:
 
 
 def close_distributed():
+    # Drop the last reference to the slow group first, so that every process group is torn down here,
+    # while the interpreter is whole, and none at interpreter exit, where gloo's threads can abort it.
+    global _SLOW_GROUP
+    _SLOW_GROUP = None
     if dist.is_initialized():
         dist.destroy_process_group()
 
