@@ -1,7 +1,8 @@
 """Function calling: given tools (JSON schemas) and a request, answer with the JSON list of calls.
 
 reference: {"answers": [...]}, either the xLAM/APIGen form [{"name", "arguments"}] or BFCL's possible-
-answer form [{function: {parameter: [acceptable values]}}] (verifiers.check_function_calls tells them apart).
+answer form [{function: {parameter: [acceptable values]}}] (verifiers.check_function_calls tells them apart);
+BFCL examples also carry "tools", the row's function docs, whose declared types BFCL's rules check against.
 
 Sources under <data_dir>/function_calling/; every one that is present is used:
 - xlam_function_calling_60k.json: APIGen rows {"id", "query", "tools", "answers"} (tools and answers may be
@@ -10,8 +11,13 @@ Sources under <data_dir>/function_calling/; every one that is present is used:
   turns ("user", "agent" = assistant, "tool") are shown as a transcript, since it ends on the assistant's
   side and a chat prompt must end with a user turn.
 - bfcl/BFCL_v4_*.json (JSON Lines) with answers in bfcl/possible_answer/, matched by id: the single-turn
-  categories that have ground truth (the irrelevance ones have none), Python only (the Java and
-  JavaScript ones give arguments as source text).
+  categories that have ground truth (the irrelevance ones have none), Python only: the Java and
+  JavaScript ones give arguments as source text, which BFCL converts with rules of its own, and are skipped.
+  Rows that no call can pass under BFCL's rules are skipped, since BFCL's AST checker fails every answer
+  to them (their answers are not rewritten): live_simple 106-63-0 and 112-68-0 list no acceptable value
+  for required array parameters (omitted, the parameter is missing; given, even [] fails the item-type
+  check, which has no acceptable value to pass against), and live_multiple 862-181-3 and 964-207-0
+  expect a parameter that the function's doc does not declare (given, it is unexpected; omitted, missing).
 Train/test: an example is in the test split when the CRC-32 of its request (the query or conversation as
 the file gives it) is divisible by 5: one in five, the same whatever the size asked for and the seed, and
 a request that appears twice (API-Bank repeats 26 rows) cannot land in both splits. Rows that repeat an
@@ -85,7 +91,7 @@ def load_bfcl(folder) -> list[tuple[object, Example]]:
         answers_path = folder / "possible_answer" / path.name
         if not answers_path.exists() or "java" in path.name:      # also skips javascript
             continue
-        truth = {row["id"]: _empty_arrays(row["ground_truth"])
+        truth = {row["id"]: row["ground_truth"]
                  for _, row in read_jsonl_lines(answers_path, required=("id", "ground_truth"))}
         for line, row in read_jsonl_lines(path, required=("id", "question", "function")):
             where = f"{path} line {line}"
@@ -99,17 +105,24 @@ def load_bfcl(folder) -> list[tuple[object, Example]]:
                 raise DataError(f"{where}: 'question' must be a list of turns ending with a user turn")
             system = "\n\n".join(t["content"] for t in turns if t["role"] == "system")
             chat = [{"role": t["role"], "content": t["content"]} for t in turns if t["role"] != "system"]
+            if not _passable(truth[row["id"]], row["function"]):
+                continue
             examples.append((turns, Example(f"bfcl-{row['id']}", prompt(row["function"], chat, system),
-                                            dict(answers=truth[row["id"]]))))
+                                            dict(answers=truth[row["id"]], tools=row["function"]))))
     return examples
 
 
-def _empty_arrays(answer):
-    # Two live_simple rows write "this array parameter is []" as an empty list of acceptable values, which
-    # no call could match; read it as the one acceptable value [].
-    if isinstance(answer, dict):
-        return {k: [[]] if v == [] else _empty_arrays(v) for k, v in answer.items()}
-    return [_empty_arrays(v) for v in answer] if isinstance(answer, list) else answer
+def _passable(answers, tools) -> bool:
+    """False when some expected call cannot pass BFCL's checks whatever its arguments: a parameter with no
+    acceptable value, or one that must be given (no "" among its values) but is not in the function's doc."""
+    docs = {t.get("name"): (t.get("parameters") or {}).get("properties") or {} for t in tools if isinstance(t, dict)}
+    for answer in answers:
+        for name, params in answer.items():
+            declared = docs.get(name, {})
+            if any(acceptable == [] or ("" not in acceptable and key not in declared)
+                   for key, acceptable in params.items()):
+                return False
+    return True
 
 
 def load(split, data_dir, seed, size) -> list[Example]:
@@ -139,7 +152,7 @@ def load(split, data_dir, seed, size) -> list[Example]:
 
 def check(completion, example):
     from verifiers import check_function_calls
-    return check_function_calls(completion, example.reference["answers"])
+    return check_function_calls(completion, example.reference["answers"], example.reference.get("tools"))
 
 
 TASK = Task("function_calling", reflection_prompt=REFLECT_TOOL,
