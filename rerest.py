@@ -28,6 +28,7 @@ duplicates included.
 
 import hashlib
 import json
+import os
 import time
 from collections import Counter
 from dataclasses import asdict, dataclass
@@ -38,6 +39,7 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 import parallel as par
+import sandbox
 from data import get_task, reflector_messages, resolve_data_dir
 from grpo import pad_batch, token_logprobs
 from model import chat_ids, load_model, stop_token_ids
@@ -78,6 +80,8 @@ class Config:
                              "(--no-cuda-graphs decodes eagerly, with the same kernels)")
     self_consistency: int = flag(0, "mbpp: also sample N solutions per test problem, let the reflector revise each "
                                  "from its outputs on the test inputs, and majority-vote by those outputs (0: off)")
+    require_isolation: bool = flag(False, "mbpp: refuse to start when the code sandbox cannot isolate programs "
+                                   "(bubblewrap missing or no namespaces) instead of running them with process limits only")
     seed: int = flag(0, "seed for sampling, data order and LoRA init")
     device: str | None = flag(None, "cpu or cuda (default: cuda when available)", choices=["cpu", "cuda"])
 
@@ -344,6 +348,12 @@ def run(argv=None):
             raise BadInput(f"--{name.replace('_', '-')} must be at least 1")
     if cfg.self_consistency and cfg.task != "mbpp":
         raise BadInput("--self-consistency votes by program outputs: it needs --task mbpp")
+    if cfg.task == "mbpp":
+        isolated, line = sandbox.isolation()
+        if not isolated and cfg.require_isolation:
+            raise BadInput(line + " (--require-isolation)")
+        if os.environ.get("RANK", "0") == "0":
+            print(line, flush=True)
     out = Path(cfg.out or f"runs/rerest-{cfg.task}")
     d = par.init_distributed(cfg.device)
     try:

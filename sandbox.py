@@ -1,45 +1,67 @@
-"""A fresh, limited process per program: what verifiers.check_code runs MBPP-style programs in.
+"""A fresh, isolated process per program: what verifiers.check_code runs MBPP-style programs in.
 
-NOT a security boundary. Each program runs in its own process and session, as user nobody when
-started as root, with limits on memory, CPU time, file size, open files and processes (so fork
-fails), in a fresh temporary folder outside which it cannot write, with stdout and stderr sent to
-/dev/null, and with destructive functions (deleting or renaming files, os.system, fork, kill,
-subprocess, ctypes, ...) disabled before it starts. A wall-clock timeout kills the whole process group
-and any process left in the session. That stops accidents and the reward hacks a policy model
-stumbles on: exiting early, printing a fake success, objects whose __eq__ always says True, forking,
-sleeping past the timeout, flooding the output. It does not stop a program written to escape (one
-that digs the runner's secret out of its memory, say). Run untrusted code in a container or a VM.
+    run_batch(items, workers, timeout, mode) -> [(tests, {"done", "results", "failure", "timed_out"}), ...]
 
-    run_batch(items, workers, timeout, mode) -> [{"done", "results", "failure", "timed_out"}, ...]
+The verdict is decided where the program cannot reach. The parent splits each assert (`_plan`): the
+parts that need the program (for `assert f(3) == 9`, the call `f(3)`) go to the child; the expected
+value and the comparison stay here. The child sends back each part's value as built-in data, read
+through the built-in types' own methods (anything else is an object that equals nothing), and the
+parent compares. Everything the child writes is the program's claim: it may walk frames, scan `gc`,
+read tracebacks, patch builtins, define classes whose `__eq__` always agrees, or forge lines on every
+descriptor. None of it makes a failing test pass: the expected values and the verdict are not in its
+process, and claiming a value is no different from returning it.
+
+What this cannot stop: a program that special-cases the inputs of the tests it is shown (MBPP's prompt
+lists its asserts, expected values included). An expected value the parent cannot keep (one written
+with a name the program defines, or inside an expression with the call, as in `abs(f(x) - 3.1) < 1e-6`,
+split only at the `<`) is computed by the child; MBPP's 2,935 asserts are all `call == literal`. A
+test that is not an assert passes when the program says it ran.
+
+Isolation (Linux, bubblewrap): each program gets no network (its own network namespace), its own PID
+namespace, and a filesystem with only the system's /usr, the Python installation (both read-only) and
+its scratch folder: no project files, no data (MBPP's solutions are the answer key), no home. Where bwrap
+is missing or cannot make namespaces, `isolation()` says so in one line and programs run with the limits
+below only; `require_isolation()` refuses instead.
+
+Limits, isolated or not: a new session, as user nobody when started as root, limits on memory, CPU
+time, file size, open files and processes (fork fails), writes only inside its folder, no stdout or
+stderr, destructive functions (os.system, deleting files, fork, kill, subprocess, ctypes, sockets, ...)
+disabled. A wall-clock timeout kills the process group and anything left in the session. Without
+isolation, a program written to undo those Python-level blocks can read what user nobody can read.
 """
 
 import ast
+import builtins
+import cmath
 import functools
-import inspect
 import marshal
+import math
 import os
 import re
-import secrets
 import selectors
+import shutil
 import signal
 import subprocess
 import sys
 import tempfile
 import time
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 
 MEMORY_LIMIT = 1 << 30           # bytes of address space
 FILE_LIMIT = 16 << 20            # bytes per file written
-RESULT_LIMIT = 1 << 20           # bytes of results read back
+VALUE_LIMIT = 1 << 20            # bytes of one value sent back (an output larger than this fails its test)
+RESULT_LIMIT = 8 << 20           # bytes read back from one program in all
 NOBODY = 65534                   # the user id the child switches to when started as root
-# Imported before that switch, since a Python installed under /root cannot be read by nobody: what
-# MBPP's solutions import, and a few more. Each costs start-up time, so the list is short; a program
-# that imports something else works when the Python installation is readable by everyone.
+# Imported before that switch, since a Python installed under /root cannot be read by nobody without
+# isolation: what MBPP's solutions import, and a few more. Each costs start-up time.
 PRELOADED_MODULES = ("re", "math", "cmath", "collections", "heapq", "itertools", "functools", "operator", "bisect",
                      "array", "copy", "datetime", "string", "struct", "time", "random")
 BLOCKED_MODULES = ("ctypes", "_ctypes", "subprocess", "_posixsubprocess", "multiprocessing", "_multiprocessing",
                    "socket", "_socket", "pty", "shutil", "signal", "_signal", "faulthandler", "threading",
                    "_thread", "asyncio", "concurrent", "mmap", "posix", "_posixshmem", "importlib.util")
+# Names an assert may use that the parent evaluates itself: the builtins and these modules.
+JUDGE_MODULES = {"math": math, "cmath": cmath}
 
 
 def extract_program(completion: str) -> str:
@@ -53,170 +75,252 @@ def extract_program(completion: str) -> str:
     return completion
 
 
-def _sandbox_child():
-    """Runs in the child process (its source is sent to `python -I -S -c`): reads the job from stdin,
-    limits itself, disables destructive functions, runs the program and the tests, and reports each
-    test on the result pipe. Only the last line, which carries the parent's secret, can say "all
-    passed"; a program that exits early never writes it. It imports as little as it can: start-up
-    time is most of the cost of a check."""
-    import builtins
-    import io
-    import marshal
-    import os
-    import resource
-    import sys
-    job = marshal.loads(sys.stdin.buffer.read())
-    sys.stdin.close()
-    report = os.fdopen(int(sys.argv[1]), "w", buffering=1)
-    nonce = job.pop("nonce")
-    for name in job["preload"]:     # after the switch to nobody below, a root-only install is unreadable
-        try:
-            __import__(name)
-        except ImportError:
-            pass
-    if os.getuid() == 0:
-        # Root ignores the process-count limit and every file permission: run as nobody instead.
-        os.setgroups([])
-        os.setgid(job["nobody"])
-        os.setuid(job["nobody"])
-    # NPROC 1: this process is already one of the user's, so fork (and threads) fail.
-    for limit, value in ((resource.RLIMIT_AS, job["memory"]), (resource.RLIMIT_FSIZE, job["file_size"]),
-                         (resource.RLIMIT_CPU, job["cpu"]), (resource.RLIMIT_NOFILE, 64),
-                         (resource.RLIMIT_NPROC, 1)):
-        resource.setrlimit(limit, (value, value))
-    # Private references, taken before the program can replace builtins.
-    _type, _repr, _isinstance, _len, _str, _bool = type, repr, isinstance, len, str, bool
-    _BaseException, _AssertionError, _exit, _realpath = BaseException, AssertionError, os._exit, os.path.realpath
-    plain_types = (int, float, complex, str, bytes, bool, type(None))
-    opaque = object()
+# --- the parent: splits each test, decides each verdict -------------------------------------------------
 
-    def plain(x, depth=0):
-        """Built-in values all the way down."""
-        t = _type(x)
-        if t in plain_types:
-            return True
-        if t in (list, tuple, set, frozenset) and depth < 20:
-            return all(plain(i, depth + 1) for i in x)
-        if t is dict and depth < 20:
-            return all(plain(k, depth + 1) and plain(v, depth + 1) for k, v in x.items())
-        return False
+_JUDGED_HERE = (ast.Compare, ast.BoolOp, ast.Tuple, ast.List, ast.Set, ast.Dict)
+_BUILTIN_NAMES = frozenset(dir(builtins)) | frozenset(JUDGE_MODULES)
 
-    def canon(x, depth=0):
-        """x as built-in values, read through the built-in types' own methods, so that a subclass
-        (Counter, defaultdict, or the program's own class) cannot answer for itself; anything else
-        becomes an object that equals nothing."""
-        if _type(x) in plain_types or depth > 20:
-            return x if depth <= 20 else opaque
-        for base, read in ((bool, bool.__bool__), (int, int.__int__), (float, float.__float__),
-                           (complex, complex.__complex__), (str, str.__str__), (bytes, bytes)):
-            if _isinstance(x, base):
-                return read(x)
-        if _isinstance(x, dict):
-            return {canon(k, depth + 1): canon(v, depth + 1) for k, v in dict.items(x)}
-        for base in (list, tuple, set, frozenset):
-            if _isinstance(x, base):
-                return base(canon(i, depth + 1) for i in base.__iter__(x))
-        return opaque
 
-    def describe(e):
-        return "assertion failed" if _isinstance(e, _AssertionError) else f"{_type(e).__name__}: {e}"[:200]
-
-    for module, names in ((os, ("system", "popen", "kill", "killpg", "fork", "forkpty", "setsid", "setpgid",
-                                "remove", "unlink", "rmdir", "removedirs", "rename", "renames", "replace",
-                                "truncate", "chmod", "chown", "lchown", "putenv", "unsetenv", "execv", "execve",
-                                "execvp", "spawnv", "spawnve", "posix_spawn", "posix_spawnp", "chdir", "chroot",
-                                "link", "symlink", "mkfifo", "_exit", "abort")),
-                          (resource, ("setrlimit", "prlimit")), (builtins, ("exit", "quit", "help", "input"))):
-        for name in names:
-            if hasattr(module, name):
-                setattr(module, name, None)
-    for name in job["blocked"]:
-        sys.modules[name] = None
-    # Files may be written only inside the sandbox's own folder (the working directory).
-    here = _realpath(os.getcwd())
-    _open, _os_open = io.open, os.open
-    write_flags = os.O_WRONLY | os.O_RDWR | os.O_APPEND | os.O_CREAT | os.O_TRUNC
-
-    def inside(path):
-        full = _realpath(path if _isinstance(path, (str, bytes)) else _str(path))
-        full = full.decode() if _isinstance(full, bytes) else full
-        return full == here or full.startswith(here + "/")
-
-    def guarded_open(file, mode="r", *args, **kwargs):
-        if _isinstance(file, int) or (any(c in mode for c in "wax+") and not inside(file)):
-            raise PermissionError(f"the sandbox does not write outside its folder: {file!r}")
-        return _open(file, mode, *args, **kwargs)
-
-    def guarded_os_open(path, flags, *args, **kwargs):
-        if flags & write_flags and not inside(path):
-            raise PermissionError(f"the sandbox does not write outside its folder: {path!r}")
-        return _os_open(path, flags, *args, **kwargs)
-    builtins.open = io.open = guarded_open
-    os.open = guarded_os_open
-
-    namespace = {"__name__": "solution", "__builtins__": builtins}
+def _names_bound(program: str) -> frozenset:
+    """Every name the program binds anywhere (more than its globals, which only sends more to the
+    child): a test's `sum(10, 15)` means the program's `sum` when it defines one, the builtin otherwise."""
     try:
-        exec(compile(job["program"], "solution.py", "exec"), namespace)
-        exec(compile(job["setup"], "setup.py", "exec"), namespace)   # MBPP's setup may use the program's classes
-        failure = None
-    except SyntaxError as e:
-        failure = f"SyntaxError: {e.msg} (line {e.lineno})"
-    except _BaseException as e:   # SystemExit included: exiting is not passing
-        failure = describe(e)
-    results = []
-    for kind, first, second in job["tests"]:
-        if failure is not None:
-            results.append((False, failure))
-            continue
-        try:
-            if kind == "value":            # code_outputs_batch: what the program computes
-                results.append((True, _repr(eval(first, namespace))[:200]))
-            elif kind == "eq":             # assert <first> == <second>
-                got, want = eval(first, namespace), eval(second, namespace)
-                # A built-in expected value is compared with the built-in reading of the output, so
-                # an object whose __eq__ always agrees fails; otherwise both directions must agree.
-                if plain(want):
-                    equal = (canon(got) == want) is True
-                else:
-                    equal = (got == want) is True and (want == got) is True
-                results.append((_bool(equal), _repr(got)[:200]))
-            else:
-                exec(first, namespace)
-                results.append((True, ""))
-        except _BaseException as e:
-            results.append((False, describe(e)))
-        report.write(_repr(("test", _len(results) - 1) + results[-1]) + "\n")
-    report.write(_repr(("done", nonce, results, failure)) + "\n")
-    report.flush()
-    _exit(0)
+        tree = ast.parse(program)
+    except (SyntaxError, ValueError, RecursionError, MemoryError):
+        return frozenset()
+    names = set()
+    for n in ast.walk(tree):
+        if isinstance(n, ast.Name) and not isinstance(n.ctx, ast.Load):
+            names.add(n.id)
+        elif isinstance(n, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)):
+            names.add(n.name)
+        elif isinstance(n, ast.alias):
+            names.add((n.asname or n.name).split(".")[0])
+        elif isinstance(n, (ast.Global, ast.Nonlocal)):
+            names.update(n.names)
+    return frozenset(names)
 
 
 @functools.lru_cache(maxsize=4096)
-def _split_test(test: str, mode: str) -> tuple:
-    """A test as (kind, first, second) for the child: ("eq", lhs, rhs) for `assert lhs == rhs`, so each
-    side is evaluated on its own; ("stmt", source, "") otherwise; ("value", expression, "") for outputs."""
+def _plan(test: str, mode: str, program_names: frozenset = frozenset()) -> tuple:
+    """A test as (kind, parts, judge). kind "assert": `parts` are the sub-expressions the child evaluates
+    (the smallest that use a name other than a builtin the program does not redefine, below
+    comparisons, and/or/not, containers and math.isclose) and `judge` is the assert's expression with
+    them replaced by _part0, _part1, ..., evaluated here. Literals never leave the parent. kind
+    "value" (mode "outputs"): one part, an assert's left-hand side or the expression itself. kind
+    "stmt": anything else, run whole by the child."""
     try:
         body = ast.parse(test).body
     except SyntaxError:
-        return ("stmt", test, "")
+        return ("stmt", (test,), None)
     node = body[0] if len(body) == 1 else None
     expr = node.test if isinstance(node, ast.Assert) else node.value if isinstance(node, ast.Expr) else None
-    is_eq = isinstance(expr, ast.Compare) and len(expr.ops) == 1 and isinstance(expr.ops[0], ast.Eq)
+    if expr is None or (mode == "check" and not isinstance(node, ast.Assert)):
+        return ("stmt", (test,), None)
     if mode == "outputs":
-        return ("value", ast.unparse(expr.left if is_eq else expr), "") if expr is not None else ("stmt", test, "")
-    if is_eq and isinstance(node, ast.Assert):
-        return ("eq", ast.unparse(expr.left), ast.unparse(expr.comparators[0]))
-    return ("stmt", test, "")
+        is_eq = isinstance(expr, ast.Compare) and len(expr.ops) == 1 and isinstance(expr.ops[0], ast.Eq)
+        return ("value", (ast.unparse(expr.left if is_eq else expr),), None)
+    parts = []
+
+    def split(n):
+        if not any(isinstance(x, ast.Name) and (x.id not in _BUILTIN_NAMES or x.id in program_names)
+                   for x in ast.walk(n)):
+            return n
+        isclose = (isinstance(n, ast.Call) and isinstance(n.func, ast.Attribute) and n.func.attr == "isclose"
+                   and isinstance(n.func.value, ast.Name) and n.func.value.id in JUDGE_MODULES)
+        if isinstance(n, _JUDGED_HERE) or isclose or (isinstance(n, ast.UnaryOp) and isinstance(n.op, ast.Not)):
+            for field, value in ast.iter_fields(n):
+                if isinstance(value, ast.expr):
+                    setattr(n, field, split(value))
+                elif isinstance(value, list):
+                    setattr(n, field, [split(v) if isinstance(v, ast.expr) else v for v in value])
+            for keyword in getattr(n, "keywords", []):
+                keyword.value = split(keyword.value)
+            return n
+        parts.append(ast.unparse(n))
+        return ast.Name(f"_part{len(parts) - 1}", ast.Load())
+    judge = ast.unparse(split(expr))
+    return ("assert", tuple(parts), judge)
 
 
-_CHILD_SOURCE = None
+@functools.lru_cache(maxsize=4096)
+def _compiled(judge: str):
+    return compile(judge, "<test>", "eval")
 
 
+class _Object:
+    """What the parent sees of a value that is not built-in data: equal to nothing, not even itself,
+    and with no truth value, so `assert f(x)` cannot pass on an object either."""
+    __hash__ = object.__hash__
+
+    def __eq__(self, other):
+        return False
+
+    def __bool__(self):
+        raise TypeError("the output is not built-in data (the program's own class?)")
+
+    def __repr__(self):
+        return "<object>"
+
+
+_BUILTIN_TYPES = {t.__name__: t for t in (bool, int, float, complex, str, bytes, list, tuple, dict, set, frozenset,
+                                          type(None))}
+
+
+def _decode(x):
+    tag = x[0]
+    if tag in ("N", "B"):
+        return None if tag == "N" else bool(x[1])
+    if tag == "i":
+        return int(x[1], 16)
+    if tag == "f":
+        return float.fromhex(x[1])
+    if tag == "c":
+        return complex(float.fromhex(x[1]), float.fromhex(x[2]))
+    if tag in ("s", "b"):
+        if type(x[1]) is not (str if tag == "s" else bytes):
+            raise ValueError("malformed value")
+        return x[1]
+    if tag == "d":
+        return {_decode(k): _decode(v) for k, v in x[1]}
+    if tag in ("l", "t", "S", "F"):
+        return {"l": list, "t": tuple, "S": set, "F": frozenset}[tag](_decode(i) for i in x[1])
+    if tag == "T" and x[1] in _BUILTIN_TYPES:
+        return _BUILTIN_TYPES[x[1]]
+    if tag == "o":
+        return _Object()
+    raise ValueError("malformed value")
+
+
+class _PartFailed(Exception):
+    pass
+
+
+class _Parts(dict):
+    """The judge's local names: a part is decoded when the judge reads it, and a part that raised in the
+    child raises here, at the same point, so `f(1) == 2 or g(1)` passes without g, as in Python."""
+    def __getitem__(self, name):
+        ok, value, _ = dict.__getitem__(self, name)
+        if not ok:
+            raise _PartFailed(str(value))
+        return _decode(value)
+
+
+def _describe(e: BaseException) -> str:
+    return "assertion failed" if isinstance(e, AssertionError) else f"{type(e).__name__}: {e}"[:200]
+
+
+def _verdicts(plans, claims: dict) -> list:
+    """[ok, output] per test, in order, up to the first test the child never answered. `claims` maps
+    (test, part) to the child's first line about it."""
+    results = []
+    for t, (kind, parts, judge) in enumerate(plans):
+        if kind == "stmt":
+            if (t, -1) not in claims:
+                break
+            ok, error, _ = claims[t, -1]
+            results.append([ok, "" if ok else str(error)])
+            continue
+        lines = [claims.get((t, p)) for p in range(len(parts))]
+        if None in lines:
+            break
+        shown = str(lines[0][2]) if lines and lines[0][0] else ""
+        if kind == "value":
+            results.append([lines[0][0], shown or str(lines[0][1])])
+            continue
+        try:
+            values = _Parts({f"_part{p}": c for p, c in enumerate(lines)})
+            results.append([bool(eval(_compiled(judge), {"__builtins__": builtins, **JUDGE_MODULES}, values)), shown])
+        except _PartFailed as e:
+            results.append([False, str(e)])
+        except Exception as e:      # a malformed claim, or the assert raising, as a failing assert would
+            results.append([False, shown or _describe(e)])
+    return results
+
+
+# --- isolation ------------------------------------------------------------------------------------------
+
+USE_ISOLATION = True             # False: never isolate (bench/verifiers.py measures both ways)
+_ISOLATION = None                # (available, line) once probed
+
+
+def _bwrap_command(folder: str) -> list[str]:
+    """bwrap's arguments: new network, PID, IPC and UTS namespaces; a filesystem with only /usr (the
+    system's libraries), the Python installation, both read-only, a fresh /proc and /dev, and `folder`
+    as /sandbox. The parents of the Python installation are made traversable (0755): a Python under
+    /root must be readable by the user nobody the child becomes."""
+    command = ["bwrap", "--unshare-net", "--unshare-pid", "--unshare-ipc", "--unshare-uts", "--die-with-parent",
+               "--ro-bind", "/usr", "/usr"]
+    for top in ("/bin", "/sbin", "/lib", "/lib32", "/lib64"):
+        if os.path.islink(top):                 # merged /usr: /lib -> usr/lib
+            command += ["--symlink", os.readlink(top), top]
+        elif os.path.isdir(top):
+            command += ["--ro-bind", top, top]
+    roots = {os.path.realpath(p) for p in (sys.base_prefix, sys.prefix, os.path.dirname(sys.executable),
+                                           os.path.dirname(os.path.realpath(sys.executable)))}
+    roots = sorted(r for r in roots if not any(r.startswith(top + "/") for top in ("/usr", "/bin", "/lib", "/lib64")))
+    made = set()
+    for root in roots:
+        parents = [p for p in reversed(list(_parents(root))) if p not in made]
+        for parent in parents:
+            command += ["--perms", "0755", "--dir", parent]
+            made.add(parent)
+        command += ["--ro-bind", root, root]
+    return command + ["--proc", "/proc", "--dev", "/dev", "--bind", folder, "/sandbox", "--chdir", "/sandbox", "--"]
+
+
+def _parents(path: str):
+    while True:
+        path = os.path.dirname(path)
+        if path == "/":
+            return
+        yield path
+
+
+def isolation() -> tuple[bool, str]:
+    """(whether programs run isolated, one line saying so or why not). Probed once per process by
+    running a trivial program the way every program will run."""
+    global _ISOLATION
+    if _ISOLATION is None:
+        why = None
+        if not sys.platform.startswith("linux"):
+            why = f"this is {sys.platform}, and isolation needs Linux namespaces"
+        elif shutil.which("bwrap") is None:
+            why = "bubblewrap is not installed (Debian/Ubuntu: apt install bubblewrap)"
+        else:
+            with tempfile.TemporaryDirectory(prefix="rrr-sandbox-") as folder:
+                os.chmod(folder, 0o755)
+                try:
+                    probe = subprocess.run(_bwrap_command(folder) + [sys.executable, "-I", "-S", "-c", "print(1 + 1)"],
+                                           capture_output=True, text=True, timeout=30)
+                    if probe.stdout.strip() != "2":
+                        last = (probe.stderr.strip().splitlines() or ["no output"])[-1]
+                        why = f"bwrap cannot create the namespaces here ({last})"
+                except (OSError, subprocess.TimeoutExpired) as e:
+                    why = f"bwrap cannot run here ({e})"
+        _ISOLATION = (why is None, "code sandbox: isolated by bubblewrap (no network, own PID namespace, only the Python "
+                      "installation and its own folder visible)" if why is None else
+                      f"code sandbox: NOT isolated, {why}: programs run with process limits only")
+    return _ISOLATION
+
+
+def require_isolation():
+    """Raises SandboxError with isolation()'s line when programs cannot be isolated."""
+    available, line = isolation()
+    if not available:
+        raise SandboxError(line + " (isolation was required)")
+
+
+class SandboxError(RuntimeError):
+    pass
+
+
+# --- running programs -----------------------------------------------------------------------------------
+
+@functools.lru_cache(maxsize=1)
 def _child_source() -> str:
-    global _CHILD_SOURCE
-    if _CHILD_SOURCE is None:
-        _CHILD_SOURCE = inspect.getsource(_sandbox_child) + "\n_sandbox_child()\n"
-    return _CHILD_SOURCE
+    # Sent as text: with isolation, the project's files are not in the child's view.
+    return Path(__file__).with_name("sandbox_child.py").read_text()
 
 
 def _kill_session(sid: int):
@@ -239,21 +343,27 @@ def _kill_session(sid: int):
 
 def run_program(completion: str, tests, setup: str, timeout: float, mode: str) -> dict:
     """Runs one program in the sandbox. Returns {"done": bool, "results": [[ok, output], ...],
-    "failure": str | None, "timed_out": bool}."""
-    nonce = secrets.token_hex(16)
-    job = marshal.dumps(dict(nonce=nonce, program=extract_program(completion), setup=setup or "",
-                             tests=[_split_test(t, mode) for t in tests], memory=MEMORY_LIMIT, file_size=FILE_LIMIT,
-                             cpu=int(timeout) + 1, blocked=BLOCKED_MODULES, preload=PRELOADED_MODULES, nobody=NOBODY))
+    "failure": str | None, "timed_out": bool}; results stop at the first test the child never answered."""
+    program = extract_program(completion)
+    names = _names_bound(program) | _names_bound(setup or "")
+    plans = [_plan(t, mode, names) for t in tests]
+    job = marshal.dumps(dict(program=program, setup=setup or "",
+                             tests=[(kind, parts) for kind, parts, _ in plans], memory=MEMORY_LIMIT,
+                             file_size=FILE_LIMIT, cpu=int(timeout) + 1, value_limit=VALUE_LIMIT,
+                             blocked=BLOCKED_MODULES, preload=PRELOADED_MODULES, nobody=NOBODY))
+    isolated = USE_ISOLATION and isolation()[0]
     read_end, write_end = os.pipe()
-    lines, done, timed_out = [], None, False
+    claims, failure, done, timed_out = {}, None, False, False
     with tempfile.TemporaryDirectory(prefix="rrr-sandbox-") as folder:
         if os.getuid() == 0:
-            os.chown(folder, NOBODY, NOBODY)      # the child runs as nobody (see _sandbox_child)
+            os.chown(folder, NOBODY, NOBODY)      # the child runs as nobody (see sandbox_child.py)
+        prefix = _bwrap_command(folder) if isolated else []
+        home = "/sandbox" if isolated else folder
         try:
-            proc = subprocess.Popen([sys.executable, "-I", "-S", "-c", _child_source(), str(write_end)],
+            proc = subprocess.Popen(prefix + [sys.executable, "-I", "-S", "-c", _child_source(), str(write_end)],
                                     stdin=subprocess.PIPE, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                                     cwd=folder, pass_fds=(write_end,), start_new_session=True,
-                                    env={"PATH": "/usr/bin:/bin", "HOME": folder, "TMPDIR": folder, "LC_ALL": "C.UTF-8"})
+                                    env={"PATH": "/usr/bin:/bin", "HOME": home, "TMPDIR": home, "LC_ALL": "C.UTF-8"})
         finally:
             os.close(write_end)
         try:
@@ -266,7 +376,7 @@ def run_program(completion: str, tests, setup: str, timeout: float, mode: str) -
             buffer, size = b"", 0
             with selectors.DefaultSelector() as sel:
                 sel.register(read_end, selectors.EVENT_READ)
-                while done is None:
+                while not done:
                     left = deadline - time.monotonic()
                     if left <= 0:
                         timed_out = True
@@ -284,20 +394,23 @@ def run_program(completion: str, tests, setup: str, timeout: float, mode: str) -
                     for raw in complete:
                         try:
                             row = ast.literal_eval(raw.decode("utf-8", "replace"))
-                        except (ValueError, SyntaxError, MemoryError, RecursionError):
+                        except (ValueError, SyntaxError, TypeError, MemoryError, RecursionError):
                             continue
-                        if isinstance(row, tuple) and len(row) == 4 and row[:2] == ("done", nonce):
-                            done = dict(results=row[2], failure=row[3])
-                        elif isinstance(row, tuple) and len(row) == 4 and row[0] == "test":
-                            lines.append(row)
+                        if row == ("end",):
+                            done = True
+                        elif isinstance(row, tuple) and len(row) == 2 and row[0] == "failure" and failure is None:
+                            failure, done = str(row[1]), True
+                        elif (isinstance(row, tuple) and len(row) == 5 and type(row[0]) is int and type(row[1]) is int
+                              and type(row[2]) is bool):
+                            claims.setdefault((row[0], row[1]), row[2:])   # the first claim about a part stands
         finally:
             _kill_session(proc.pid)
             proc.wait()
             os.close(read_end)
-    if done is not None:
-        return dict(done=True, results=done["results"], failure=done["failure"], timed_out=False)
-    partial = [[bool(r[2]), str(r[3])] for r in lines][:len(tests)]
-    return dict(done=False, results=partial, failure=None, timed_out=timed_out)
+    if failure is not None:
+        return dict(done=True, results=[[False, failure]] * len(tests), failure=failure, timed_out=False)
+    results = _verdicts(plans, claims)
+    return dict(done=done and len(results) == len(tests), results=results, failure=None, timed_out=timed_out)
 
 
 def local_share_of_cores() -> int:

@@ -10,7 +10,7 @@ feedback is one short, specific sentence a reflector can act on. No checker rais
     code_outputs_batch(items, workers, timeout)      what each program returns on the tests' inputs
     check_math(completion, answer)                   GSM8K: the final number
 
-Code runs in sandbox.py's fresh, limited processes, which are NOT a security boundary: see there.
+Code runs in sandbox.py's fresh, isolated processes; the parent, not the program, decides each test: see there.
 """
 
 import json

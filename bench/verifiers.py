@@ -5,6 +5,7 @@
 
 Three sets: the reference solutions (typical passing programs); the same programs with their body
 broken so that every assert fails (typical failing programs, with feedback); and a mix of half and half.
+Each set runs isolated (bubblewrap, when sandbox.isolation() finds it) and with process limits only.
 """
 
 import argparse
@@ -15,6 +16,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+import sandbox  # noqa: E402
 from verifiers import check_code_batch  # noqa: E402
 
 
@@ -34,16 +36,19 @@ def main():
     failing = [("\n".join(line if not line.lstrip().startswith("return") else line[:len(line) - len(line.lstrip())] + "return None"
                           for line in code.splitlines()), tests, setup) for code, tests, setup in passing]
     mixed = [p if i % 2 else f for i, (p, f) in enumerate(zip(passing, failing))]
-    print(f"{len(rows)} programs, {args.workers or os.cpu_count()} workers, {os.cpu_count()} cores")
-    for name, items in (("passing", passing), ("failing", failing), ("mixed", mixed)):
-        best, ok = 0.0, 0
-        for _ in range(args.repeats):
-            start = time.perf_counter()
-            verdicts = check_code_batch(items, workers=args.workers)
-            best = max(best, len(items) / (time.perf_counter() - start))
-            ok = sum(v.ok for v in verdicts)
-        print(f"{name:>8}: {best:6.1f} programs/s ({ok} of {len(items)} pass)")
-
+    print(f"{len(rows)} programs, {args.workers or sandbox.local_share_of_cores()} workers, {os.cpu_count()} cores")
+    print(sandbox.isolation()[1])
+    for isolated in (True, False) if sandbox.isolation()[0] else (False,):
+        sandbox.USE_ISOLATION = isolated
+        for name, items in (("passing", passing), ("failing", failing), ("mixed", mixed)):
+            best, ok = 0.0, 0
+            for _ in range(args.repeats):
+                start = time.perf_counter()
+                verdicts = check_code_batch(items, workers=args.workers)
+                best = max(best, len(items) / (time.perf_counter() - start))
+                ok = sum(v.ok for v in verdicts)
+            label = "isolated" if isolated else "limits only"
+            print(f"{label:>11} {name:>8}: {best:6.1f} programs/s ({ok} of {len(items)} pass)")
 
 if __name__ == "__main__":
     main()

@@ -195,3 +195,11 @@ def test_bad_input_exits_2_with_one_line(tmp_path, extra, message):
     done = subprocess.run([sys.executable, str(REPO / "rerest.py"), f"--out={tmp_path / 'x'}"] + extra, env=ENV,
                           capture_output=True, text=True, timeout=120)
     assert done.returncode == 2 and message in done.stderr and "Traceback" not in done.stderr, done.stderr
+
+
+def test_require_isolation_refuses_without_bubblewrap_and_writes_nothing(tmp_path):
+    env = dict(ENV, PATH=str(tmp_path))          # no bwrap on the PATH
+    done = subprocess.run([sys.executable, str(REPO / "rerest.py"), f"--out={tmp_path / 'x'}", "--require-isolation"],
+                          env=env, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 2 and "bubblewrap is not installed" in done.stderr, done.stderr
+    assert len(done.stderr.strip().splitlines()) == 1 and not (tmp_path / "x").exists()

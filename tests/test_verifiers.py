@@ -123,7 +123,7 @@ def sandbox_processes() -> int:
                 cmdline = Path(f"/proc/{entry}/cmdline").read_bytes()
             except OSError:
                 continue
-            count += b"_sandbox_child" in cmdline
+            count += b"What runs inside the sandbox's process" in cmdline     # sandbox_child.py's text
     return count
 
 
