@@ -1,5 +1,6 @@
 """verifiers.py against the real data sets' reference answers, hand-made cases, reward hacks and fuzzing."""
 
+import ast
 import json
 import os
 import random
@@ -73,6 +74,16 @@ def test_mbpp_reference_programs_pass():
     verdicts = check_code_batch([(r["code"], r["test_list"], r["test_setup_code"]) for r in rows], timeout=30)
     failed = {r["task_id"]: v.feedback for r, v in zip(rows, verdicts) if not v.ok}
     assert failed == {}, failed
+    # Stubs: the same programs with every function's body replaced by `return None`.
+    stubs = []
+    for r in rows:
+        tree = ast.parse(r["code"])
+        for node in ast.walk(tree):
+            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
+                node.body = [ast.Return(ast.Constant(None))]
+        stubs.append((ast.unparse(tree), r["test_list"], r["test_setup_code"]))
+    passed = [r["task_id"] for r, v in zip(rows, check_code_batch(stubs, timeout=30)) if v.ok]
+    assert passed == [], passed
 
 
 def test_empty_body_fails_naming_the_assert_and_the_output():
