@@ -270,28 +270,70 @@ def evaluate(cfg, d, pol, task, examples, step, out, batch=32) -> dict:
 
 # --- 3. the failure set ----------------------------------------------------------------------------
 
+def failure_set_meta(cfg) -> dict:
+    """The settings a failure set depends on: its first line, which a run reusing or resuming it must match."""
+    return dict(task=cfg.task, model=cfg.model, data_dir=cfg.data_dir, train_size=cfg.train_size, seed=cfg.seed,
+                failure_samples=cfg.failure_samples, max_completion_length=cfg.max_completion_length,
+                temperature=cfg.temperature)
+
+
+def check_failure_set(cfg, train):
+    """--failure-set must name a finished failure set built with this run's settings. Checked before the run
+    folder is created, and only read: a refused run creates and changes nothing."""
+    path = Path(cfg.failure_set)
+    if not path.is_file():
+        raise BadInput(f"--failure-set {path}: no such file")
+    try:
+        rows = read_jsonl(path)
+    except (OSError, UnicodeDecodeError) as e:
+        raise BadInput(f"--failure-set {path}: cannot be read ({type(e).__name__})") from None
+    theirs, ours = rows[0].get("meta") if rows and isinstance(rows[0], dict) else None, failure_set_meta(cfg)
+    if not isinstance(theirs, dict):
+        raise BadInput(f"--failure-set {path}: not a failure set (its first line is not a meta line)")
+    changed = sorted(k for k in set(theirs) | set(ours) if theirs.get(k) != ours.get(k))
+    if changed:
+        what = ", ".join(f"{k}: {theirs.get(k)!r} there, {ours.get(k)!r} here" for k in changed)
+        raise BadInput(f"--failure-set {path} was built with other settings ({what})")
+    have = {r.get("id") for r in rows[1:] if isinstance(r, dict)}
+    missing = sum(ex.id not in have for ex in train)
+    if missing:      # a run killed while building it: resume that run, or let this one build its own
+        raise BadInput(f"--failure-set {path} lacks {missing} of this run's {len(train)} training queries")
+
+
 @torch.no_grad()
 def build_failure_set(cfg, d, pol, task, train, out) -> list[Failure]:
     """Samples first attempts per training query until one fails (at most --failure-samples) and keeps
     the queries that failed, with that attempt. Appended to failures.jsonl chunk by chunk (a chunk is
     --sampling-batch-size queries per rank), so an interrupted run resumes where it stopped."""
     path = Path(cfg.failure_set) if cfg.failure_set else out / "failures.jsonl"
-    meta = dict(task=cfg.task, model=cfg.model, data_dir=cfg.data_dir, train_size=cfg.train_size, seed=cfg.seed,
-                failure_samples=cfg.failure_samples, max_completion_length=cfg.max_completion_length,
-                temperature=cfg.temperature)
+    meta = failure_set_meta(cfg)
     rows = par.broadcast_object(read_jsonl(path) if d.main else None, d)     # rank 0 reads for all
     if rows and rows[0].get("meta") != meta:
         raise BadInput(f"{path} was built with other settings: {rows[0].get('meta')}")
-    if not rows and d.main:
-        append_jsonl(path, [dict(meta=meta)])
-    done = {r["id"]: r for r in rows[1:]}
-    todo = [ex for ex in train if ex.id not in done]
-    if todo and cfg.failure_set:
-        raise BadInput(f"{path} lacks {len(todo)} of this run's training queries")
+    on_disk = {r["id"]: r for r in rows[1:]}
+    missing = sum(ex.id not in on_disk for ex in train)
+    if missing and cfg.failure_set:        # another run's, used as it is: it must hold every query
+        raise BadInput(f"{path} lacks {missing} of this run's training queries")
+    # Chunks of the whole training list, numbered the same way in every run, and a chunk's sampling seed
+    # is its number: a resumed run samples each chunk exactly as an uninterrupted run does. A chunk with a
+    # row missing (a crash can cut its write short) is redone whole: its rows were sampled together, and
+    # redoing only the missing ones would draw them in a smaller batch, with other random numbers.
+    chunks = list(par.rank_chunks(train, cfg.sampling_batch_size, d))
+    whole = [all(ex.id in on_disk for ex in chunk) for chunk, _ in chunks]
+    done = {ex.id: on_disk[ex.id] for (chunk, _), w in zip(chunks, whole) if w for ex in chunk}
+    todo = [k for k, w in enumerate(whole) if not w]
+    if todo and d.main:
+        # The file starts again from the header and the whole chunks: a redone chunk's old rows and a cut
+        # line go, so it ends as an uninterrupted run's. Written aside and renamed: a crash here leaves
+        # the old file or the new one.
+        tmp = path.with_name(path.name + ".tmp")
+        kept = [dict(meta=meta)] + [done[ex.id] for ex in train if ex.id in done]
+        tmp.write_text("".join(json.dumps(r) + "\n" for r in kept))
+        tmp.replace(path)
     with sampling(pol):
-        chunks = list(par.rank_chunks(todo, cfg.sampling_batch_size, d))
-        for k, (chunk, part) in enumerate(tqdm(chunks, desc="failure set", disable=not d.main)):
-            gen = generator(cfg, d, 1, k + len(done))
+        for k in tqdm(todo, desc="failure set", disable=not d.main):
+            chunk, part = chunks[k]
+            gen = generator(cfg, d, 1, k)
             found = {}
             used = {ex.id: 0 for ex in part}
             pending, n = list(part), 1
@@ -379,6 +421,9 @@ def grpo_update(cfg, d, pol, episodes) -> dict:
     kept = [0.0 if cfg.mask_truncated_completions and e.truncated else 1.0 for e in episodes]
     local_tokens = sum(len(t) * k for t, k in zip(trained, kept))
     total_tokens, total_rows = par.all_sum([local_tokens, len(episodes)], d)
+    # dr_grpo divides by the length limit of what is trained: the reflection's in RRR; with a generic
+    # reflection the retry is trained, and in plain GRPO the first attempt, both --max-completion-length.
+    limit = cfg.max_reflection_length if cfg.method == "rrr" and cfg.reflection == "model" else cfg.max_completion_length
     per_micro = max(1, cfg.micro_batch_size // G)            # whole groups per forward/backward pass
     batches = []
     for start in range(0, len(episodes), G * per_micro):
@@ -406,7 +451,7 @@ def grpo_update(cfg, d, pol, episodes) -> dict:
             lp = pad_rows(packed_logprobs(pol.model, groups, d.device))              # (rows, T)
             loss, st = policy_loss(lp, lp.detach() if old is None else old, adv, mask, ref_logprobs=ref,
                                    beta=cfg.beta, epsilon=cfg.epsilon, epsilon_high=cfg.epsilon_high,
-                                   loss_type=cfg.loss_type, max_completion_length=cfg.max_completion_length,
+                                   loss_type=cfg.loss_type, max_completion_length=limit,
                                    total_tokens=total_tokens)
             # Share of the global objective: dapo is already normalised by the global token count;
             # grpo and dr_grpo average over rows; bnpo is a token mean per rank, averaged over ranks.
@@ -496,6 +541,8 @@ def run(argv=None):
         if cfg.bf16 is None:
             cfg.bf16 = d.device.type == "cuda"
         task, train, test = load_splits(cfg)                                         # 1
+        if cfg.failure_set:     # before the run folder exists: a refused run leaves nothing behind
+            on_rank0(d, lambda: check_failure_set(cfg, train))
         saved = on_rank0(d, lambda: prepare_out(out, asdict(cfg), cfg.resume))
         par.check_shared_folder(out, d)
         pol = load_policy(cfg, d)

@@ -7,6 +7,7 @@ import signal
 import subprocess
 import sys
 import time
+from dataclasses import asdict
 from pathlib import Path
 
 import pytest
@@ -155,6 +156,87 @@ def test_failure_set_is_reused_by_another_run(tmp_path, tiny_chat):
     # grpo trains first attempts: its episodes' context is the bare prompt.
     ep = read_jsonl(tmp_path / "g" / "episodes.jsonl")[0]
     assert ep["text"]["reflection"] is None and ep["span"][1] - ep["span"][0] <= 12
+
+
+def test_failure_set_resumed_after_a_kill_equals_an_uninterrupted_one(tmp_path, tiny_chat):
+    """A run killed while appending a chunk of the failure set leaves the earlier chunks and a cut line:
+    resumed, it must end with the failures (and the file) of a run never interrupted. Several chunks, so
+    that a chunk's seed counted from the rows already on disk, or a chunk redone only in part, differs."""
+    cfg = parse_config(rrr.Config, common_args(tiny_chat, tmp_path, train_size=7, sampling_batch_size=2,
+                                               failure_samples=2, beta=0))
+    cfg.bf16 = False
+    d = par.init_distributed("cpu")
+    try:
+        pol = rrr.load_policy(cfg, d)
+        task, train, _ = rrr.load_splits(cfg)
+        (tmp_path / "a").mkdir()
+        straight = rrr.build_failure_set(cfg, d, pol, task, train, tmp_path / "a")
+        text = (tmp_path / "a" / "failures.jsonl").read_text()
+        lines = text.splitlines(keepends=True)
+        assert len(lines) == 1 + 7 and len(straight) >= 4
+        assert len({tuple(f.attempt) for f in straight}) == len(straight)      # sampled, not all alike
+        # Killed within chunk 1 (rows 3 and 4 of the file): on its first line, or after its first line.
+        for name, cut in (("b", 3), ("c", 4)):
+            out = tmp_path / name
+            out.mkdir()
+            (out / "failures.jsonl").write_text("".join(lines[:cut]) + lines[cut][:len(lines[cut]) // 2])
+            resumed = rrr.build_failure_set(cfg, d, pol, task, train, out)
+            assert [asdict(f) for f in resumed] == [asdict(f) for f in straight], name
+            assert (out / "failures.jsonl").read_text() == text, name
+    finally:
+        par.close_distributed()
+
+
+@pytest.mark.parametrize("case", ["missing", "foreign", "unfinished"])
+def test_failure_set_missing_or_foreign_is_refused_and_nothing_created(tmp_path, tiny_chat, case):
+    args = common_args(tiny_chat, tmp_path / "out")
+    meta = rrr.failure_set_meta(parse_config(rrr.Config, args))
+    shared = tmp_path / "failures.jsonl"
+    rows = [dict(id=f"countdown-gen-train-s5-{i}", failed=False, samples=1) for i in range(4)]
+    if case == "foreign":       # another run's: a seed and a model other than this run's
+        rows = [dict(meta=dict(meta, seed=9, model="other/model"))] + rows
+    elif case == "unfinished":  # this run's settings, killed after its first chunk
+        rows = [dict(meta=meta)] + rows[:1]
+    if case != "missing":
+        shared.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    before = shared.read_bytes() if case != "missing" else None
+    done = run_rrr(args + [f"--failure-set={shared}"])
+    assert done.returncode == 2, done.stderr[-3000:]
+    assert len(done.stderr.strip().splitlines()) == 1 and "Traceback" not in done.stderr, done.stderr
+    expected = {"missing": ["no such file"], "foreign": ["other settings", "seed: 9 there, 5 here", "model:"],
+                "unfinished": ["lacks 3 of this run's 4 training queries"]}[case]
+    assert all(m in done.stderr for m in expected), done.stderr
+    assert not (tmp_path / "out").exists()
+    assert (shared.read_bytes() if case != "missing" else None) == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ([] if case == "missing" else ["failures.jsonl"])
+
+
+@pytest.mark.parametrize("method, reflection, limit", [
+    ("rrr", "model", 8),        # the reflection is trained: --max-reflection-length
+    ("rrr", "generic", 12),     # the retry is trained: --max-completion-length
+    ("grpo", "model", 12),      # the first attempt is trained: --max-completion-length
+])
+def test_dr_grpo_divides_by_the_trained_parts_length_limit(tiny_chat, tmp_path, method, reflection, limit):
+    """dr_grpo's loss is sum(per-token loss) / (rows x the trained part's max length). At the first update
+    the ratio is exactly 1, so each token's loss is -advantage; two groups in two micro-batches."""
+    cfg = parse_config(rrr.Config, common_args(tiny_chat, tmp_path, method=method, reflection=reflection,
+                                               loss_type="dr_grpo", beta=0, micro_batch_size=2))
+    cfg.bf16 = False
+    assert (cfg.max_completion_length, cfg.max_reflection_length) == (12, 8)
+    lengths, advantages = [3, 5, 4, 2], [1.0, -1.0, 0.5, -0.5]
+    context = [[11, 12, 13], [21, 22]]
+    episodes = [rrr.Episode("q", context[r // 2] + list(range(100, 100 + n)), (len(context[r // 2]), len(context[r // 2]) + n),
+                            0.0, False, n, advantage=a) for r, (n, a) in enumerate(zip(lengths, advantages))]
+    # -(3 - 5 + 2 - 1) / (4 rows x limit)
+    expected = -sum(n * a for n, a in zip(lengths, advantages)) / (len(episodes) * limit)
+    d = par.init_distributed("cpu")
+    try:
+        pol = rrr.load_policy(cfg, d)
+        stats = rrr.grpo_update(cfg, d, pol, episodes)
+    finally:
+        par.close_distributed()
+    assert stats["loss"] == pytest.approx(expected, rel=1e-5)
+    assert stats["mean_ratio"] == pytest.approx(1.0)
 
 
 @pytest.mark.parametrize("extra, message", [
