@@ -6,6 +6,7 @@ and a PNG plot written with numpy + zlib, so no plotting package is needed).
 import argparse
 import dataclasses
 import json
+import math
 import os
 import struct
 import sys
@@ -25,9 +26,13 @@ def flag(default, help: str, choices=None):
 
 
 def parse_config(cls, argv=None, description: str = ""):
-    """Builds an argparse parser from the fields of dataclass `cls` and returns an instance."""
+    """Builds an argparse parser from the fields of dataclass `cls` and returns an instance. `--config
+    FILE` reads flag values from a JSON object (keys are flag names; keys starting with "_" are notes);
+    flags on the command line override it."""
     parser = argparse.ArgumentParser(description=description,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--config", metavar="FILE", help="JSON object of flag values, e.g. a file in recipes/ "
+                        "({\"steps\": 200, \"model\": \"Qwen/Qwen2.5-1.5B-Instruct\"}); flags given here override it")
     for f in dataclasses.fields(cls):
         name = "--" + f.name.replace("_", "-")
         meta, default = f.metadata, f.default
@@ -35,11 +40,62 @@ def parse_config(cls, argv=None, description: str = ""):
         if "bool" in kind:      # --name and --no-name
             parser.add_argument(name, action=argparse.BooleanOptionalAction, default=default, help=meta["help"])
             continue
+        if "list" in kind:      # repeatable: --name a --name b
+            parser.add_argument(name, action="append", default=None, choices=meta.get("choices"),
+                                help=meta["help"] + " (repeatable)")
+            continue
         convert = float if "float" in kind else int if "int" in kind else str
         shown = "" if default is None else f" (default: {default})"
         parser.add_argument(name, type=convert, default=default, choices=meta.get("choices"),
                             help=meta["help"] + shown, metavar=None if meta.get("choices") else f.name.upper())
-    return cls(**vars(parser.parse_args(argv)))
+    argv = sys.argv[1:] if argv is None else list(argv)
+    config_file = parser.parse_known_args(argv)[0].config
+    if config_file:
+        # The file's values become flags placed before the command line's, so that the latter win and
+        # argparse checks both the same way.
+        argv = config_flags(Path(config_file), cls) + argv
+    values = vars(parser.parse_args(argv))
+    values.pop("config")
+    return cls(**values)
+
+
+def config_flags(path: Path, cls) -> list[str]:
+    """A --config file as command-line flags; unknown keys and values of the wrong kind are refused."""
+    try:
+        config = json.loads(path.read_text())
+    except OSError as e:
+        raise BadInput(f"--config {path}: {e.strerror}") from None
+    except json.JSONDecodeError as e:
+        raise BadInput(f"--config {path}: not valid JSON ({e.msg}, line {e.lineno})") from None
+    if not isinstance(config, dict):
+        raise BadInput(f"--config {path}: must be a JSON object of flag values")
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    flags = []
+    for key, value in config.items():
+        name = key.replace("-", "_")
+        if key.startswith("_"):
+            continue
+        if name not in fields:
+            raise BadInput(f"--config {path}: unknown flag {key!r}")
+        kind = str(fields[name].type)
+        if value is None:
+            if fields[name].default is not None:
+                raise BadInput(f"--config {path}: {key!r} cannot be null")
+            continue
+        if "list" in kind:
+            if not (isinstance(value, list) and all(isinstance(v, str) for v in value)):
+                raise BadInput(f"--config {path}: {key!r} must be a list of strings")
+            flags += [x for v in value for x in (f"--{name.replace('_', '-')}", v)]
+        elif "bool" in kind:
+            if not isinstance(value, bool):
+                raise BadInput(f"--config {path}: {key!r} must be true or false")
+            flags.append(f"--{'' if value else 'no-'}{name.replace('_', '-')}")
+        else:
+            want = (int,) if "int" in kind else (int, float) if "float" in kind else (str,)
+            if not isinstance(value, want) or isinstance(value, bool):
+                raise BadInput(f"--config {path}: {key!r} must be {'an integer' if want == (int,) else 'a number' if int in want else 'a string'}")
+            flags += [f"--{name.replace('_', '-')}", str(value)]
+    return flags
 
 
 # Flags that may change when a run is resumed; any other difference means it is another run.
@@ -105,6 +161,54 @@ def markdown_table(header: list[str], rows: list[list]) -> str:
 
 def pct(x) -> str:
     return "-" if x is None else f"{100 * x:.1f}%"
+
+
+# --- uncertainty ---------------------------------------------------------------------------------------
+
+Z95 = 1.959963984540054          # the standard normal's 97.5% quantile
+
+
+def wilson_interval(k: int, n: int, z: float = Z95) -> tuple[float, float]:
+    """The 95% Wilson score interval of a rate, k successes in n (Wilson 1927). Unlike the normal
+    approximation it stays inside [0, 1] and is not a single point at 0 or n."""
+    if n == 0:
+        return (0.0, 1.0)
+    p, z2 = k / n, z * z
+    center, half = (p + z2 / (2 * n)) / (1 + z2 / n), z * math.sqrt(p * (1 - p) / n + z2 / (4 * n * n)) / (1 + z2 / n)
+    return (0.0 if k == 0 else center - half, 1.0 if k == n else center + half)
+
+
+def mcnemar_exact(b: int, c: int) -> float:
+    """Two-sided exact McNemar p-value for paired outcomes: b items right only before, c right only
+    after. With no change each of the b + c discordant items goes either way with probability 1/2, so
+    this is the binomial test of b in b + c (the items both got right or both got wrong say nothing)."""
+    n = b + c
+    if n == 0:
+        return 1.0
+    return min(1.0, 2 * sum(math.comb(n, i) for i in range(min(b, c) + 1)) / 2 ** n)
+
+
+def paired_change(before: dict, after: dict) -> dict:
+    """before, after: {item id: solved} on the same items. The change in accuracy and its exact McNemar
+    test, with a plain-words verdict at the 5% level."""
+    if set(before) != set(after):
+        raise ValueError("a paired test needs the same items before and after")
+    b = sum(before[i] and not after[i] for i in before)
+    c = sum(after[i] and not before[i] for i in before)
+    p = mcnemar_exact(b, c)
+    return dict(n=len(before), change=(c - b) / max(len(before), 1), lost=b, gained=c, p_value=p,
+                verdict="significant at 5%" if p < 0.05 else "within noise (p >= 0.05)")
+
+
+def with_interval(k: int, n: int) -> str:
+    """'41.2% [30.1, 52.3]': a rate with its 95% Wilson interval, in percent."""
+    lo, hi = wilson_interval(k, n)
+    return f"{pct(k / n if n else None)} [{100 * lo:.1f}, {100 * hi:.1f}]"
+
+
+def change_text(change: dict) -> str:
+    return (f"{100 * change['change']:+.1f} pts (gained {change['gained']}, lost {change['lost']}; "
+            f"McNemar p = {change['p_value']:.3g}, {change['verdict']})")
 
 
 def main_guard(run, argv=None):

@@ -1,0 +1,88 @@
+"""The paper's table for several rrr.py runs side by side: RRR, its controls, other seeds or models.
+
+    python compare.py runs/rrr-countdown runs/generic-countdown runs/grpo-countdown [--out runs/comparison.md]
+
+Each run contributes its last evaluation: first-try and second-try accuracy with 95% Wilson intervals,
+and the change from the vanilla model on the same test items with an exact McNemar test. Runs must
+share the task, the test items and the vanilla model (one line and exit 2 otherwise); when their
+vanilla evaluations agree item by item (greedy decoding of the same model) they are shown once and
+every run is paired with it, else each run is paired with its own.
+"""
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from runs import BadInput, change_text, main_guard, markdown_table, paired_change, read_jsonl, with_interval, write_json
+
+
+def load_run(folder: Path) -> dict:
+    """A finished run: its settings, and its per-item results at the vanilla and the last evaluation."""
+    report = folder / "report.json"
+    if not report.exists():
+        raise BadInput(f"{folder}: no report.json (not an rrr.py run folder, or not finished)")
+    data = json.loads(report.read_text())
+    cfg, last = data["config"], data["trained"]["step"]
+    answers = read_jsonl(folder / "eval_answers.jsonl")
+    at = {step: {r["id"]: r for r in answers if r["step"] == step} for step in (0, last)}
+    if not at[0] or not at[last]:
+        raise BadInput(f"{folder}: eval_answers.jsonl lacks the evaluation at step 0 or {last}")
+    method = {"grpo": "GRPO on first attempts"}.get(cfg["method"], f"RRR, {cfg['reflection']} reflection")
+    return dict(folder=str(folder), cfg=cfg, steps=last, method=method, vanilla=at[0], trained=at[last])
+
+
+def compare(folders: list[Path]) -> tuple[str, dict]:
+    runs = [load_run(f) for f in folders]
+    first = runs[0]
+    for run in runs[1:]:
+        for what, key in (("task", lambda r: r["cfg"]["task"]), ("test items", lambda r: sorted(r["vanilla"])),
+                          ("vanilla model", lambda r: r["cfg"]["model"])):
+            if key(run) != key(first):
+                raise BadInput(f"{run['folder']} has another {what} than {first['folder']}: not comparable")
+    outcome = {kind: lambda rows, kind=kind: {i: bool(r[kind]) for i, r in rows.items()} for kind in ("first", "second")}
+    shared = all(outcome[k](r["vanilla"]) == outcome[k](first["vanilla"]) for r in runs for k in outcome)
+    n = len(first["vanilla"])
+    header = ["run", "method", "steps", "first try", "second try", "first try vs vanilla", "second try vs vanilla"]
+    rows, results = [], []
+    if shared:
+        v = {k: outcome[k](first["vanilla"]) for k in outcome}
+        rows.append(["vanilla", "-", 0, with_interval(sum(v["first"].values()), n),
+                     with_interval(sum(v["second"].values()), n), "", ""])
+    for run in runs:
+        base = {k: outcome[k](first["vanilla"] if shared else run["vanilla"]) for k in outcome}
+        after = {k: outcome[k](run["trained"]) for k in outcome}
+        change = {k: paired_change(base[k], after[k]) for k in outcome}
+        if not shared:
+            rows.append([run["folder"] + " (its vanilla)", "-", 0, with_interval(sum(base["first"].values()), n),
+                         with_interval(sum(base["second"].values()), n), "", ""])
+        rows.append([run["folder"], run["method"], run["steps"], with_interval(sum(after["first"].values()), n),
+                     with_interval(sum(after["second"].values()), n), change_text(change["first"]),
+                     change_text(change["second"])])
+        results.append(dict(folder=run["folder"], method=run["method"], steps=run["steps"],
+                            first=sum(after["first"].values()) / n, second=sum(after["second"].values()) / n,
+                            change_first=change["first"], change_second=change["second"]))
+    cfg = first["cfg"]
+    title = (f"# {cfg['task']}: {n} test items, vanilla model {cfg['model'] or 'SmolLM2-135M-Instruct (embedded)'}\n\n"
+             "Accuracy with its 95% Wilson interval; changes from the vanilla model on the same items with the "
+             "exact McNemar test" + ("" if shared else " (the vanilla evaluations differ item by item: each run "
+                                     "is paired with its own)") + ".")
+    table = title + "\n\n" + markdown_table(header, rows)
+    return table, dict(task=cfg["task"], n=n, shared_vanilla=shared, runs=results)
+
+
+def run(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("runs", nargs="+", type=Path, help="rrr.py run folders (each with report.json and eval_answers.jsonl)")
+    ap.add_argument("--out", type=Path, default=Path("runs/comparison.md"),
+                    help="where to write the table (markdown; the numbers go beside it as .json)")
+    args = ap.parse_args(argv)
+    table, data = compare(args.runs)
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(table + "\n")
+    write_json(args.out.with_suffix(".json"), data)
+    print(table + f"\n\nwritten: {args.out}", file=sys.stdout)
+
+
+if __name__ == "__main__":
+    main_guard(run)

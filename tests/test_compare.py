@@ -1,0 +1,87 @@
+"""compare.py on hand-built run folders, against hand-computed intervals and McNemar p-values, and
+--config (runs.parse_config) with a command-line flag overriding it."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+import compare
+import runs
+from rrr import Config
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def fake_run(folder: Path, *, task="countdown", model=None, method="rrr", reflection="model", ids=range(10),
+             vanilla_first=(0, 1, 2), vanilla_second=(0, 1, 2, 3), first=(), second=(), steps=8):
+    """A finished run as compare.py reads it: report.json and eval_answers.jsonl (items by index)."""
+    folder.mkdir(parents=True)
+    cfg = dict(task=task, model=model, method=method, reflection=reflection)
+    (folder / "report.json").write_text(json.dumps(dict(config=cfg, trained=dict(step=steps))))
+    rows = [dict(id=f"q{i}", step=0, first=i in vanilla_first, second=i in vanilla_second) for i in ids]
+    rows += [dict(id=f"q{i}", step=steps, first=i in first, second=i in second) for i in ids]
+    (folder / "eval_answers.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return folder
+
+
+def test_hand_computed_intervals_and_paired_tests():
+    assert runs.wilson_interval(0, 10) == pytest.approx((0.0, 0.27753), abs=1e-5)       # z^2/(n+z^2)
+    assert runs.wilson_interval(7, 10) == pytest.approx((0.39678, 0.89221), abs=1e-5)
+    assert runs.wilson_interval(10, 10)[1] == 1.0 and runs.wilson_interval(10, 10)[0] == pytest.approx(0.72247, abs=1e-5)
+    # 10 discordant pairs, 1 against 9: two-sided binomial tail 2 (1 + 10) / 2^10.
+    assert runs.mcnemar_exact(1, 9) == pytest.approx(22 / 1024) and runs.mcnemar_exact(9, 1) == runs.mcnemar_exact(1, 9)
+    assert runs.mcnemar_exact(5, 5) == 1.0 and runs.mcnemar_exact(0, 0) == 1.0
+    assert runs.mcnemar_exact(0, 4) == pytest.approx(2 / 16)
+
+
+def test_three_runs_side_by_side_and_a_refusal(tmp_path):
+    a = fake_run(tmp_path / "rrr", first=range(7), second=range(8))
+    b = fake_run(tmp_path / "generic", reflection="generic", first=(0, 1, 5), second=(0, 1, 2, 3))
+    c = fake_run(tmp_path / "grpo", method="grpo", first=range(10), second=range(10))
+    out = tmp_path / "cmp" / "table.md"
+    done = subprocess.run([sys.executable, str(REPO / "compare.py"), str(a), str(b), str(c), "--out", str(out)],
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    data = json.loads(out.with_suffix(".json").read_text())
+    assert data["shared_vanilla"] and data["n"] == 10
+    rrr, generic, grpo = data["runs"]
+    assert (rrr["first"], rrr["change_first"]["gained"], rrr["change_first"]["lost"]) == (0.7, 4, 0)
+    assert rrr["change_first"]["p_value"] == pytest.approx(2 / 16)                        # 4 vs 0
+    assert (generic["change_first"]["gained"], generic["change_first"]["lost"], generic["change_first"]["p_value"]) == (1, 1, 1.0)
+    assert grpo["change_first"]["p_value"] == pytest.approx(2 / 2 ** 7)                    # 7 vs 0
+    text = out.read_text()
+    assert "70.0% [39.7, 89.2]" in text and "within noise" in text and "significant at 5%" in text
+    assert "| vanilla |" in text and text.count("McNemar") == 7        # the caption, then 2 per run
+    # Another task: refused in one line, nothing written.
+    d = fake_run(tmp_path / "other", task="function_calling")
+    refused = subprocess.run([sys.executable, str(REPO / "compare.py"), str(a), str(d), "--out", str(tmp_path / "x.md")],
+                             capture_output=True, text=True, timeout=120)
+    assert refused.returncode == 2 and "another task" in refused.stderr and len(refused.stderr.splitlines()) == 1
+    assert not (tmp_path / "x.md").exists()
+    e = fake_run(tmp_path / "fewer", ids=range(9))
+    with pytest.raises(runs.BadInput, match="another test items"):
+        compare.compare([a, e])
+
+
+def test_config_file_with_a_flag_overriding_it(tmp_path):
+    path = tmp_path / "recipe.json"
+    path.write_text(json.dumps({"_note": "notes are skipped", "steps": 20, "max-completion-length": 64,
+                                "bf16": True, "temperature": 0.7, "model": None}))
+    cfg = runs.parse_config(Config, ["--config", str(path), "--steps", "3", "--no-bf16"])
+    assert (cfg.steps, cfg.max_completion_length, cfg.bf16, cfg.temperature, cfg.model) == (3, 64, False, 0.7, None)
+    for bad, message in [({"stepz": 1}, "unknown flag 'stepz'"), ({"steps": "x"}, "'steps' must be an integer"),
+                         ({"bf16": 1}, "must be true or false"), ([1], "JSON object")]:
+        path.write_text(json.dumps(bad))
+        with pytest.raises(runs.BadInput, match=message):
+            runs.parse_config(Config, ["--config", str(path)])
+
+
+def test_every_recipe_parses():
+    recipes = sorted((REPO / "recipes").glob("*.json"))
+    assert len(recipes) == 9
+    for path in recipes:
+        cfg = runs.parse_config(Config, ["--config", str(path)])
+        assert cfg.model and cfg.out and cfg.beta == 0.001 and cfg.failure_samples == 64, path
