@@ -319,7 +319,8 @@ class SandboxError(RuntimeError):
 
 @functools.lru_cache(maxsize=1)
 def _child_source() -> str:
-    # Sent as text: with isolation, the project's files are not in the child's view.
+    # Sent as text: with isolation, the project's files are not in the child's view. The child's
+    # arguments are the report descriptor and this process's id (which says, in `ps`, who started it).
     return Path(__file__).with_name("sandbox_child.py").read_text()
 
 
@@ -360,7 +361,7 @@ def run_program(completion: str, tests, setup: str, timeout: float, mode: str) -
         prefix = _bwrap_command(folder) if isolated else []
         home = "/sandbox" if isolated else folder
         try:
-            proc = subprocess.Popen(prefix + [sys.executable, "-I", "-S", "-c", _child_source(), str(write_end)],
+            proc = subprocess.Popen(prefix + [sys.executable, "-I", "-S", "-c", _child_source(), str(write_end), str(os.getpid())],
                                     stdin=subprocess.PIPE, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                                     cwd=folder, pass_fds=(write_end,), start_new_session=True,
                                     env={"PATH": "/usr/bin:/bin", "HOME": home, "TMPDIR": home, "LC_ALL": "C.UTF-8"})

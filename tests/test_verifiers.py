@@ -125,16 +125,16 @@ def test_reward_hacks_fail(program):
 
 
 def sandbox_processes() -> int:
-    """Processes of the sandbox's user right now (nobody when the tests run as root, else ours,
-    counted by their command line)."""
+    """Sandbox processes (bwrap's and the child's) that this test process started and that still exist,
+    known by their command line: sandbox_child.py's text, then the report descriptor and our pid."""
     count = 0
     for entry in os.listdir("/proc"):
         if entry.isdigit():
             try:
-                cmdline = Path(f"/proc/{entry}/cmdline").read_bytes()
+                args = Path(f"/proc/{entry}/cmdline").read_bytes().split(b"\0")
             except OSError:
                 continue
-            count += b"What runs inside the sandbox's process" in cmdline     # sandbox_child.py's text
+            count += any(b"What runs inside the sandbox's process" in a for a in args) and str(os.getpid()).encode() in args
     return count
 
 
