@@ -14,7 +14,13 @@ import json
 import sys
 from pathlib import Path
 
-from runs import BadInput, change_text, main_guard, markdown_table, paired_change, read_jsonl, with_interval, write_json
+from runs import (BadInput, change_text, main_guard, markdown_table, paired_change, read_jsonl, wilson_interval,
+                  with_interval, write_json)
+
+
+def outcomes(rows: dict) -> dict:
+    """{item id: eval_answers row} -> {"first": {id: solved}, "second": {id: solved}}."""
+    return {kind: {i: bool(r[kind]) for i, r in rows.items()} for kind in ("first", "second")}
 
 
 def load_run(folder: Path) -> dict:
@@ -28,47 +34,61 @@ def load_run(folder: Path) -> dict:
     at = {step: {r["id"]: r for r in answers if r["step"] == step} for step in (0, last)}
     if not at[0] or not at[last]:
         raise BadInput(f"{folder}: eval_answers.jsonl lacks the evaluation at step 0 or {last}")
-    method = {"grpo": "GRPO on first attempts"}.get(cfg["method"], f"RRR, {cfg['reflection']} reflection")
-    return dict(folder=str(folder), cfg=cfg, steps=last, method=method, vanilla=at[0], trained=at[last])
+    return dict(name=str(folder), cfg=cfg, steps=last, method=method_name(cfg), vanilla=outcomes(at[0]),
+                trained=outcomes(at[last]))
+
+
+def method_name(cfg: dict) -> str:
+    return {"grpo": "GRPO on first attempts"}.get(cfg["method"], f"RRR, {cfg['reflection']} reflection")
+
+
+def paper_table(runs: list[dict], shared: bool) -> tuple[list, list, list]:
+    """The paper's table (first and second try) with intervals and paired tests: a vanilla row (shared:
+    the first run's, else each run's own) and a row per trained run. Returns (header, rows, numbers)."""
+    n = len(runs[0]["vanilla"]["first"])
+    header = ["run", "method", "steps", "first try", "second try", "first try vs vanilla", "second try vs vanilla"]
+    rows, numbers = [], []
+
+    def vanilla_row(name, v):
+        return [name, "-", 0, with_interval(sum(v["first"].values()), n), with_interval(sum(v["second"].values()), n), "", ""]
+    if shared:
+        rows.append(vanilla_row("vanilla", runs[0]["vanilla"]))
+    for run in runs:
+        base, after = (runs[0] if shared else run)["vanilla"], run["trained"]
+        change = {k: paired_change(base[k], after[k]) for k in ("first", "second")}
+        if not shared:
+            rows.append(vanilla_row(run["name"] + " (its vanilla)", base))
+        rows.append([run["name"], run["method"], run["steps"], with_interval(sum(after["first"].values()), n),
+                     with_interval(sum(after["second"].values()), n), change_text(change["first"]),
+                     change_text(change["second"])])
+        numbers.append(dict(name=run["name"], method=run["method"], steps=run["steps"],
+                            first=sum(after["first"].values()) / n, second=sum(after["second"].values()) / n,
+                            interval_first=wilson_interval(sum(after["first"].values()), n),
+                            interval_second=wilson_interval(sum(after["second"].values()), n),
+                            change_first=change["first"], change_second=change["second"]))
+    return header, rows, numbers
+
+
+CAPTION = ("Accuracy with its 95% Wilson interval; changes from the vanilla model on the same items with the exact "
+           "McNemar test (only items one model solves and the other does not count).")
 
 
 def compare(folders: list[Path]) -> tuple[str, dict]:
     runs = [load_run(f) for f in folders]
     first = runs[0]
     for run in runs[1:]:
-        for what, key in (("task", lambda r: r["cfg"]["task"]), ("test items", lambda r: sorted(r["vanilla"])),
+        for what, key in (("task", lambda r: r["cfg"]["task"]), ("test items", lambda r: sorted(r["vanilla"]["first"])),
                           ("vanilla model", lambda r: r["cfg"]["model"])):
             if key(run) != key(first):
-                raise BadInput(f"{run['folder']} has another {what} than {first['folder']}: not comparable")
-    outcome = {kind: lambda rows, kind=kind: {i: bool(r[kind]) for i, r in rows.items()} for kind in ("first", "second")}
-    shared = all(outcome[k](r["vanilla"]) == outcome[k](first["vanilla"]) for r in runs for k in outcome)
-    n = len(first["vanilla"])
-    header = ["run", "method", "steps", "first try", "second try", "first try vs vanilla", "second try vs vanilla"]
-    rows, results = [], []
-    if shared:
-        v = {k: outcome[k](first["vanilla"]) for k in outcome}
-        rows.append(["vanilla", "-", 0, with_interval(sum(v["first"].values()), n),
-                     with_interval(sum(v["second"].values()), n), "", ""])
-    for run in runs:
-        base = {k: outcome[k](first["vanilla"] if shared else run["vanilla"]) for k in outcome}
-        after = {k: outcome[k](run["trained"]) for k in outcome}
-        change = {k: paired_change(base[k], after[k]) for k in outcome}
-        if not shared:
-            rows.append([run["folder"] + " (its vanilla)", "-", 0, with_interval(sum(base["first"].values()), n),
-                         with_interval(sum(base["second"].values()), n), "", ""])
-        rows.append([run["folder"], run["method"], run["steps"], with_interval(sum(after["first"].values()), n),
-                     with_interval(sum(after["second"].values()), n), change_text(change["first"]),
-                     change_text(change["second"])])
-        results.append(dict(folder=run["folder"], method=run["method"], steps=run["steps"],
-                            first=sum(after["first"].values()) / n, second=sum(after["second"].values()) / n,
-                            change_first=change["first"], change_second=change["second"]))
-    cfg = first["cfg"]
+                raise BadInput(f"{run['name']} has another {what} than {first['name']}: not comparable")
+    # Greedy decoding of one model gives one vanilla evaluation; if the runs' differ (other max lengths,
+    # say), each is paired with its own.
+    shared = all(r["vanilla"] == first["vanilla"] for r in runs)
+    header, rows, numbers = paper_table(runs, shared)
+    cfg, n = first["cfg"], len(first["vanilla"]["first"])
     title = (f"# {cfg['task']}: {n} test items, vanilla model {cfg['model'] or 'SmolLM2-135M-Instruct (embedded)'}\n\n"
-             "Accuracy with its 95% Wilson interval; changes from the vanilla model on the same items with the "
-             "exact McNemar test" + ("" if shared else " (the vanilla evaluations differ item by item: each run "
-                                     "is paired with its own)") + ".")
-    table = title + "\n\n" + markdown_table(header, rows)
-    return table, dict(task=cfg["task"], n=n, shared_vanilla=shared, runs=results)
+             + CAPTION + ("" if shared else " The vanilla evaluations differ item by item: each run is paired with its own."))
+    return title + "\n\n" + markdown_table(header, rows), dict(task=cfg["task"], n=n, shared_vanilla=shared, runs=numbers)
 
 
 def run(argv=None):

@@ -10,7 +10,8 @@ The algorithm, one function per step (the README lists the same steps):
   3. build_failure_set    up to --failure-samples first attempts per training query; keep the failures
   4. rollout + grpo_update  per step: G reflections per failure, one retry each, reward = the verifier on
                           the retry; advantages per group; only the reflection tokens are trained
-  5. evaluate + write_report  every --eval-every steps and at the end; report.md/.json, plot.png, final/
+  5. evaluate + write_report  every --eval-every steps and at the end; report.md/.json (95% intervals, paired
+                          tests; --forgetting-eval adds another task's first try), plot.png, final/
 
 Where to change things: the reward is `task.check_batch` (verifiers.py via data/); the prompts are the
 task's `reflection_prompt` / `retry_prompt` (data/); the loss is grpo.policy_loss; which tokens are trained
@@ -37,8 +38,9 @@ import parallel as par
 from data import get_task, resolve_data_dir
 from grpo import group_advantages, packed_logprobs, policy_loss, summarize_stats, zero_variance_fraction
 from model import chat_ids, load_model, next_turn_ids, stop_token_ids
-from runs import (BadInput, append_jsonl, flag, main_guard, markdown_table, parse_config, pct, plot_panels,
-                  prepare_out, read_jsonl, write_json)
+from runs import (BadInput, append_jsonl, change_text, flag, main_guard, markdown_table, paired_change, parse_config,
+                  pct, plot_panels, prepare_out, read_jsonl, with_interval, write_json)
+from compare import CAPTION, method_name, outcomes, paper_table
 from sampler import fuse_projections, generate
 
 GENERIC_REFLECTION = ("I made a mistake in my previous answer. I will read the task again carefully, "
@@ -57,7 +59,10 @@ class Config:
                            "(a control: then the retry tokens are trained)", choices=["model", "generic"])
     steps: int = flag(8, "training steps")
     train_size: int = flag(32, "training queries to draw failures from")
-    eval_size: int = flag(32, "test examples to evaluate on")
+    eval_size: int = flag(32, "test examples to evaluate on (the report says which part of the split that is)")
+    forgetting_eval: list[str] | None = flag(None, "forgetting check (the paper's): greedy first-try accuracy on this "
+                                             "task's test split (--eval-size examples) before and after training",
+                                             choices=["gsm8k", "countdown", "function_calling", "mbpp"])
     batch_size: int = flag(2, "failures per step, over all ranks (a multiple of the number of ranks)")
     num_generations: int = flag(4, "reflections per failure: the GRPO group size G")
     failure_samples: int = flag(4, "first attempts drawn per training query at most, stopping at the first failure (paper: 64)")
@@ -71,7 +76,7 @@ class Config:
     epsilon: float = flag(0.2, "PPO clip range, lower side")
     epsilon_high: float | None = flag(None, "PPO clip range, upper side (default: --epsilon)")
     loss_type: str = flag("dapo", "token aggregation: grpo (per-sequence means), bnpo (local token mean), "
-                          "dr_grpo (sum / (B * max length)), dapo (global token mean)",
+                          "dr_grpo (sum / (B * the trained part's length limit: --max-reflection-length in RRR)), dapo (global token mean)",
                           choices=["grpo", "bnpo", "dr_grpo", "dapo"])
     scale_rewards: str = flag("group", "advantage scaling: group std, batch std, or none", choices=["group", "batch", "none"])
     num_iterations: int = flag(1, "updates per rollout batch (PPO epochs); >1 uses the clipped ratio")
@@ -266,6 +271,33 @@ def evaluate(cfg, d, pol, task, examples, step, out, batch=32) -> dict:
         append_jsonl(out / "evals.jsonl", [result])
         append_jsonl(out / "eval_answers.jsonl", [dict(r, step=step) for rs in all_rows for r in rs])
     return result
+
+
+@torch.no_grad()
+def evaluate_forgetting(cfg, d, pol, step, out) -> dict:
+    """The paper's forgetting check: greedy first-try results per item on each --forgetting-eval task's
+    test split, at `step`. Kept in forgetting.jsonl, so a resumed run does not redo step 0."""
+    found = par.broadcast_object(read_jsonl(out / "forgetting.jsonl") if d.main else None, d)
+    results = {}
+    for name in cfg.forgetting_eval or []:
+        results[name] = {r["id"]: r["ok"] for r in found if r["task"] == name and r["step"] == step}
+        if results[name]:
+            continue
+        task = get_task(name)
+        examples = task.load("test", data_dir=resolve_data_dir(cfg.data_dir), size=cfg.eval_size, seed=cfg.seed)
+        mine, rows = examples[d.rank::d.world], []
+        with sampling(pol):
+            for start in range(0, len(mine), 32):
+                part = mine[start:start + 32]
+                gen = sample(pol, [chat_ids(pol.tokenizer, ex.messages) for ex in part], cfg,
+                             max_new_tokens=cfg.max_completion_length, temperature=0)
+                verdicts = task.check_batch([pol.decode(t) for t in gen.tokens], part)
+                rows += [dict(task=name, step=step, id=ex.id, ok=v.ok) for ex, v in zip(part, verdicts)]
+        rows = [r for rs in par.all_gather_objects(rows, d) for r in rs]
+        if d.main:
+            append_jsonl(out / "forgetting.jsonl", rows)
+        results[name] = {r["id"]: r["ok"] for r in rows}
+    return results
 
 
 # --- 3. the failure set ----------------------------------------------------------------------------
@@ -496,26 +528,45 @@ def step_batch(cfg, d, failures, step) -> list[Failure]:
 
 # --- 5. report ----------------------------------------------------------------------------------------
 
-def write_report(cfg, out, evals, metrics, wall):
+def write_report(cfg, out, evals, metrics, wall, split_size, forgetting):
+    """report.md, report.json and plot.png: the paper's table with 95% Wilson intervals and, on the same
+    test items, the exact McNemar test of each change from the vanilla model (compare.py's table, one run)."""
     vanilla, trained = evals[0], evals[-1]
-    name = cfg.model or "SmolLM2-135M-Instruct (embedded)"
-    what = {"rrr": f"RRR (reflection: {cfg.reflection})", "grpo": "plain GRPO on first attempts"}[cfg.method]
-    table = markdown_table(["model", "first try", "second try"],
-                           [["vanilla", pct(vanilla["first"]), pct(vanilla["second"])],
-                            [f"trained ({trained['step']} steps)", pct(trained["first"]), pct(trained["second"])]])
+    answers = read_jsonl(out / "eval_answers.jsonl")
+    at = {s: outcomes({r["id"]: r for r in answers if r["step"] == s}) for s in (0, trained["step"])}
+    what = method_name(asdict(cfg))
+    _, rows, numbers = paper_table([dict(name=f"trained ({trained['step']} steps)", method=what, steps=trained["step"],
+                                         vanilla=at[0], trained=at[trained["step"]])], True)
+    # The paper's columns; the changes and their tests follow the table.
+    header, rows = ["model", "first try", "second try"], [[r[0], r[3], r[4]] for r in rows]
+    forgot = {}
+    for name, (before, after) in forgetting.items():     # extra columns: first try on another task
+        n = len(before)
+        header.append(f"{name} first try ({n} items)")
+        rows[0].append(with_interval(sum(before.values()), n))
+        rows[1].append(with_interval(sum(after.values()), n))
+        forgot[name] = dict(before=sum(before.values()) / n, after=sum(after.values()) / n,
+                            change=paired_change(before, after))
+    table = markdown_table(header, rows)
+    subset = "the whole split" if trained["n"] >= split_size else "a subset (--eval-size), not the paper's full test set"
     rewards = [m["reward"] for m in metrics]
-    lines = [f"# {what} on {cfg.task}: {name}", "", f"Test examples: {trained['n']}. Training: {len(metrics)} steps of "
-             f"{cfg.batch_size} failures x {cfg.num_generations} generations. Wall time {wall / 60:.1f} min.", "",
-             table, "",
-             f"Mean reward (retry success) per step: first {pct(rewards[0] if rewards else None)}, last "
-             f"{pct(rewards[-1] if rewards else None)}; zero-variance groups on average "
-             f"{pct(sum(m['zero_variance_groups'] for m in metrics) / max(len(metrics), 1))}.", "",
-             "![reward and accuracy](plot.png)", "",
-             "plot.png, left: mean reward per training step (blue). Right: test accuracy at each evaluation, "
-             "first try (blue) and second try (red). y from 0 to 1."]
+    lines = [f"# {what} on {cfg.task}: {cfg.model or 'SmolLM2-135M-Instruct (embedded)'}", "",
+             f"Test set: {trained['n']} of {split_size} {cfg.task} test examples, {subset}. Training: {len(metrics)} "
+             f"steps of {cfg.batch_size} failures x {cfg.num_generations} generations. Wall time {wall / 60:.1f} min.", "",
+             table, "", CAPTION, "",
+             f"- first try, vanilla -> trained: {change_text(numbers[0]['change_first'])}",
+             f"- second try, vanilla -> trained: {change_text(numbers[0]['change_second'])}"]
+    lines += [f"- forgetting, {name} first try: {change_text(f['change'])}" for name, f in forgot.items()]
+    lines += ["", f"Mean reward (retry success) per step: first {pct(rewards[0] if rewards else None)}, last "
+              f"{pct(rewards[-1] if rewards else None)}; zero-variance groups on average "
+              f"{pct(sum(m['zero_variance_groups'] for m in metrics) / max(len(metrics), 1))}.", "",
+              "![reward and accuracy](plot.png)", "",
+              "plot.png, left: mean reward per training step (blue). Right: test accuracy at each evaluation, "
+              "first try (blue) and second try (red). y from 0 to 1."]
     (out / "report.md").write_text("\n".join(lines) + "\n")
-    write_json(out / "report.json", dict(config=asdict(cfg), vanilla=vanilla, trained=trained, evals=evals,
-                                         steps=metrics, wall_seconds=wall))
+    write_json(out / "report.json", dict(config=asdict(cfg), test=dict(n=trained["n"], split_size=split_size),
+                                         vanilla=vanilla, trained=trained, paired=numbers[0], forgetting=forgot,
+                                         evals=evals, steps=metrics, wall_seconds=wall))
     steps = [m["step"] for m in metrics]
     plot_panels(out / "plot.png", [[(steps, rewards)],
                                    [([e["step"] for e in evals], [e["first"] for e in evals]),
@@ -557,6 +608,7 @@ def run(argv=None):
                 (out / name).write_text("".join(json.dumps(r) + "\n" for r in rows))
         if not evals:
             evals.append(evaluate(cfg, d, pol, task, test, 0, out))                    # 2
+        forgetting_before = evaluate_forgetting(cfg, d, pol, 0, out)
         failures = build_failure_set(cfg, d, pol, task, train, out)                     # 3
         if not failures:
             raise BadInput("the model solved every training query: no failures to learn from")
@@ -582,8 +634,11 @@ def run(argv=None):
                 par.save_checkpoint(out / "checkpoints", step + 1, pol.model, pol.optimizer, dict(), d)
         if evals[-1]["step"] != cfg.steps:
             evals.append(evaluate(cfg, d, pol, task, test, cfg.steps, out))             # 5
+        forgetting_after = evaluate_forgetting(cfg, d, pol, cfg.steps, out)
         if d.main:
-            table = write_report(cfg, out, evals, metrics, time.time() - started)
+            split_size = len(task.load("test", data_dir=resolve_data_dir(cfg.data_dir), seed=cfg.seed))
+            forgetting = {k: (forgetting_before[k], forgetting_after[k]) for k in forgetting_before}
+            table = write_report(cfg, out, evals, metrics, time.time() - started, split_size, forgetting)
             print(f"\n{table}\n\nreport: {out / 'report.md'}")
         par.export_hf(pol.model, pol.tokenizer, out / "final", d)
     finally:

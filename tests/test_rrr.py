@@ -2,6 +2,7 @@
 the trained span of real rollouts on the embedded model."""
 
 import json
+import math
 import os
 import signal
 import subprocess
@@ -56,10 +57,23 @@ def final_weights(out):
 @pytest.mark.slow
 def test_two_ranks_equal_one_process_and_write_everything(tmp_path, tiny_chat):
     out = tmp_path / "run"
-    args = common_args(tiny_chat, out)
+    args = common_args(tiny_chat, out, forgetting_eval="gsm8k")
     done = run_rrr(args, nproc=2)
     assert done.returncode == 0, done.stderr[-3000:]
-    assert "| vanilla |" in done.stdout
+    assert "| vanilla |" in done.stdout and "gsm8k first try (4 items)" in done.stdout
+    # The forgetting check: the same 4 GSM8K items before and after, gathered from both ranks, and the
+    # report's change and McNemar p-value recomputed here from those rows.
+    rows = read_jsonl(out / "forgetting.jsonl")
+    before = {r["id"]: r["ok"] for r in rows if r["step"] == 0}
+    after = {r["id"]: r["ok"] for r in rows if r["step"] == 2}
+    assert len(rows) == 8 and len(before) == 4 and before.keys() == after.keys()
+    lost, gained = sum(before[i] and not after[i] for i in before), sum(after[i] and not before[i] for i in before)
+    p = min(1.0, 2 * sum(math.comb(lost + gained, k) for k in range(min(lost, gained) + 1)) / 2 ** (lost + gained))
+    forgot = json.loads((out / "report.json").read_text())["forgetting"]["gsm8k"]
+    assert (forgot["change"]["lost"], forgot["change"]["gained"], forgot["change"]["p_value"]) == (lost, gained, p)
+    assert forgot["before"] == sum(before.values()) / 4
+    report = (out / "report.md").read_text()
+    assert "4 of " in report and "a subset" in report and "forgetting, gsm8k first try" in report
     for name in ("report.md", "report.json", "plot.png", "metrics.jsonl", "episodes.jsonl", "failures.jsonl"):
         assert (out / name).exists(), name
     assert (out / "plot.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
