@@ -13,9 +13,13 @@ The algorithm, one function per step (the README lists the same steps):
   4. train_model        --train-reflector: fine-tune the reflector on (problem, failure, feedback) ->
                         passing correction, then reflect again with it
   5. train_model        the agent, from the base model: on D_M (self-training), on D_M + D_R (Re-ReST),
-                        and with --dpo on (passing > failing) pairs; the loss covers solution tokens only;
-                        full fine-tuning, or LoRA (--lora-r) merged into the weights on export
-  6. evaluate           greedy pass@1 on the test split; --self-consistency N adds majority voting
+                        and with --dpo on pairs (dpo_pairs): each failed sample is rejected against its own
+                        correction from D_R (the trained reflector's with --train-reflector), or, only when
+                        it has none, against a passing sample of the same problem from D_M; the loss covers
+                        solution tokens only; full fine-tuning, or LoRA (--lora-r) merged on export
+  6. evaluate           greedy pass@1 per test problem; report gives each row its 95% Wilson interval and
+                        its paired change from "base" (exact McNemar). --self-consistency N adds a vote that
+                        is not blind on MBPP: the prompts hold the asserts' expected values (self_consistency)
 
 Every stage writes its results under --out in a file whose name carries a hash of the settings it depends
 on, so a run with other flags for a later stage reuses the earlier stages, and an interrupted run picks up
@@ -43,7 +47,8 @@ import sandbox
 from data import get_task, reflector_messages, resolve_data_dir
 from grpo import pad_batch, token_logprobs
 from model import chat_ids, load_model, stop_token_ids
-from runs import BadInput, append_jsonl, flag, main_guard, markdown_table, parse_config, pct, read_jsonl, write_json
+from runs import (BadInput, append_jsonl, change_text, flag, main_guard, markdown_table, paired_change, parse_config,
+                  read_jsonl, wilson_interval, with_interval, write_json)
 from sampler import fuse_projections, generate
 
 
@@ -62,7 +67,8 @@ class Config:
     temperature: float = flag(0.8, "sampling temperature of the agent's solutions")
     reflections_per_problem: int = flag(2, "failed samples per problem that the reflector corrects, at most")
     train_reflector: bool = flag(False, "also fine-tune the reflector on its passing corrections (row 'Re-ReST + trained reflector')")
-    dpo: bool = flag(False, "also train with DPO on (passing > failing) pairs of a problem, the base model as reference")
+    dpo: bool = flag(False, "also train with DPO, the base model as reference: each failed sample (rejected) against its "
+                     "own passing correction from D_R (chosen), else against a passing sample of the same problem")
     dpo_beta: float = flag(0.1, "DPO inverse temperature beta")
     lora_r: int = flag(8, "LoRA rank on q_proj and v_proj, as in the released Re-ReST code (0: full fine-tuning)")
     lora_alpha: float = flag(16.0, "LoRA alpha: the update is scaled by alpha / r")
@@ -79,7 +85,9 @@ class Config:
     cuda_graphs: bool = flag(True, "on CUDA, capture each decode-step shape as a CUDA graph and replay it "
                              "(--no-cuda-graphs decodes eagerly, with the same kernels)")
     self_consistency: int = flag(0, "mbpp: also sample N solutions per test problem, let the reflector revise each "
-                                 "from its outputs on the test inputs, and majority-vote by those outputs (0: off)")
+                                 "from the problem prompt (which holds the asserts with their expected values) and "
+                                 "the program's outputs on the test inputs, and majority-vote by the revised programs' "
+                                 "outputs on those inputs (0: off)")
     require_isolation: bool = flag(False, "mbpp: refuse to start when the code sandbox cannot isolate programs "
                                    "(bubblewrap missing or no namespaces) instead of running them with process limits only")
     seed: int = flag(0, "seed for sampling, data order and LoRA init")
@@ -117,6 +125,12 @@ def run_cached(path: Path, items: list[tuple[str, object]], work, d, desc: str, 
         if d.main:
             append_jsonl(path, new)
     return [r for k, _ in items for r in done.get(k, [])]
+
+
+def failed_key(sample: dict) -> str:
+    """The key of a sampled solution, "<problem id>/<sample index>": a reflection row carries its failed
+    sample's, which is how DPO finds a failed sample's own correction."""
+    return f"{sample['key']}/{sample['j']}"
 
 
 def solution_row(tok, key, tokens, verdict, **extra):
@@ -163,7 +177,7 @@ def reflect(cfg, d, reflector, tok, task, examples, samples, out, name, reflecto
         return [solution_row(tok, k, t, v, id=f["key"], failed=f["text"], failed_feedback=f["feedback"])
                 for k, f, t, v in zip(keys, fails, gen.tokens, verdicts)]
 
-    items = [(f"{f['key']}/{f['j']}", f) for f in failed]
+    items = [(failed_key(f), f) for f in failed]
     return run_cached(out / f"reflections-{name}-{h}.jsonl", items, work, d, f"3 reflect ({name})",
                       cfg.sampling_batch_size)
 
@@ -288,11 +302,32 @@ def sft_data(tok, rows, prompt_of) -> list[tuple[list[int], list[int]]]:
     return data
 
 
+def dpo_pairs(samples, d_m, d_r) -> tuple[list[tuple[dict, dict]], dict]:
+    """Re-ReST's DPO pairs as (chosen, rejected) rows, in sample order. Each failed sample is rejected
+    against its own correction: the passing reflector output for that very sample, from D_R. Only a failed
+    sample without one (not corrected, or its correction failed) is paired with a passing sample of the same
+    problem from D_M, the problem's passing samples taken in turn so the fallbacks spread over them; with
+    neither it is left out. Counts: pairs, own_correction, fallback, unpaired (failed samples left out)."""
+    own = {r["key"]: r for r in d_r}            # a reflection's key is its failed sample's failed_key
+    passing, pairs, counts, turn = {}, [], dict(own_correction=0, fallback=0, unpaired=0), Counter()
+    for s in d_m:
+        passing.setdefault(s["key"], []).append(s)
+    for s in (s for s in samples if not s["ok"]):
+        pool = passing.get(s["key"])
+        kind = "own_correction" if failed_key(s) in own else "fallback" if pool else "unpaired"
+        counts[kind] += 1
+        if kind != "unpaired":
+            pairs.append((own[failed_key(s)] if kind == "own_correction" else pool[turn[s["key"]] % len(pool)], s))
+        turn[s["key"]] += kind == "fallback"
+    return pairs, dict(pairs=len(pairs), **counts)
+
+
 # --- 6. evaluate --------------------------------------------------------------------------------------
 
 @torch.no_grad()
-def evaluate(cfg, d, model, tok, task, test, out, name, model_id) -> float:
-    """Greedy pass@1 on the test problems."""
+def evaluate(cfg, d, model, tok, task, test, out, name, model_id) -> dict[str, bool]:
+    """Greedy pass@1 on the test problems: {test problem key: passed}, per problem, so that rows can be
+    compared item by item (report)."""
     h = settings_hash(model_id, cfg.task, cfg.data_dir, cfg.eval_size, cfg.max_completion_length)
 
     def work(keys, examples):
@@ -302,14 +337,26 @@ def evaluate(cfg, d, model, tok, task, test, out, name, model_id) -> float:
 
     rows = run_cached(out / f"eval-{name}-{h}.jsonl", [(ex.id, ex) for ex in test], work, d, f"6 eval {name}",
                       cfg.sampling_batch_size)
-    return sum(r["ok"] for r in rows) / len(rows)
+    return per_item(rows)
+
+
+def per_item(rows) -> dict[str, bool]:
+    # A key written twice (two runs appending to one cache) keeps its first row, the one a run would score.
+    items = {}
+    for r in rows:
+        items.setdefault(r["key"], bool(r["ok"]))
+    return items
 
 
 @torch.no_grad()
-def self_consistency(cfg, d, model, reflector, tok, task, test, out, name, model_id) -> float:
-    """mbpp: N samples per problem; the reflector revises each from its outputs on the test inputs (no
-    expected values shown); the revised programs are grouped by those outputs and the largest group's
-    first program is scored."""
+def self_consistency(cfg, d, model, reflector, tok, task, test, out, name, model_id) -> dict[str, bool]:
+    """mbpp: N samples per problem, each revised once by the reflector (greedy); the revised programs are
+    grouped by their outputs on the test inputs and the largest group's first program (tie: the group met
+    first) is scored on the asserts: {test problem key: passed}. The reflector sees the problem prompt,
+    which on MBPP holds the asserts with their expected values, the sample (called a failed attempt, as
+    every reflector input is, whether it passed or not) and its outputs on the test inputs, with no pass/fail
+    marks: it can compare them with the expected values itself. The vote sees only the revised programs'
+    outputs on those inputs, not the expected values. Not a blind test-time method on MBPP."""
     from verifiers import code_outputs_batch
     N = cfg.self_consistency
     h = settings_hash(model_id, cfg.task, cfg.data_dir, cfg.eval_size, cfg.max_completion_length, N, cfg.temperature)
@@ -337,7 +384,7 @@ def self_consistency(cfg, d, model, reflector, tok, task, test, out, name, model
 
     rows = run_cached(out / f"sc-{name}-{h}.jsonl", [(ex.id, ex) for ex in test], work, d, f"6 self-consistency {name}",
                       cfg.sampling_batch_size)
-    return sum(r["ok"] for r in rows) / len(rows)
+    return per_item(rows)
 
 
 def run(argv=None):
@@ -373,6 +420,9 @@ def run_stages(cfg, d, out: Path) -> str:
     data_dir = resolve_data_dir(cfg.data_dir)
     train = task.load("train", data_dir=data_dir, size=cfg.train_size, seed=cfg.seed)
     test = task.load("test", data_dir=data_dir, size=cfg.eval_size, seed=cfg.seed)
+    # The whole split's size, for the report's "40 of 500" (a second load: Countdown's offline loader
+    # generates `size` puzzles, so slicing one full load would not give the same test set everywhere).
+    split_size = len(task.load("test", data_dir=data_dir, size=None, seed=cfg.seed)) if d.main else None
     if d.main:
         out.mkdir(parents=True, exist_ok=True)
         append_jsonl(out / "invocations.jsonl", [dict(asdict(cfg), time=time.time())])
@@ -385,9 +435,8 @@ def run_stages(cfg, d, out: Path) -> str:
     timings, rows = {}, {}
 
     t = time.time()
-    base = evaluate(cfg, d, agent, tok, task, test, out, "base", cfg.model)
-    rows["base"] = dict(time=time.time() - t)
-    rows["base"].update(pass1=base)
+    rows["base"] = dict(items=evaluate(cfg, d, agent, tok, task, test, out, "base", cfg.model))
+    rows["base"]["time"] = time.time() - t
     t = time.time()
     samples = sample_solutions(cfg, d, agent, tok, task, train, out)                              # 1-2
     d_m = [s for s in samples if s["ok"]]
@@ -403,7 +452,7 @@ def run_stages(cfg, d, out: Path) -> str:
     def agent_row(name, data, kind="sft", extra_time=0.0):
         t0 = time.time()
         if not data:
-            rows[name] = dict(pass1=None, time=extra_time, note="no training data")
+            rows[name] = dict(items=None, time=extra_time, note="no training data")
             return
         h = settings_hash(kind, cfg.model, cfg.lora_r, cfg.lora_alpha, cfg.epochs, cfg.learning_rate, cfg.batch_size,
                           cfg.seed, cfg.dpo_beta if kind == "dpo" else None, data)
@@ -412,13 +461,13 @@ def run_stages(cfg, d, out: Path) -> str:
         with par.off_device(*idle):     # one model at a time on the device
             train_model(cfg, d, cfg.model, data, folder, kind)                                      # 4-5
         model, _ = load_model(str(folder), device=d.device)
-        rows[name] = dict(pass1=evaluate(cfg, d, model, tok, task, test, out, name, str(folder)), folder=str(folder))
+        rows[name] = dict(items=evaluate(cfg, d, model, tok, task, test, out, name, str(folder)), folder=str(folder))
         if cfg.self_consistency:
-            rows[name]["sc"] = self_consistency(cfg, d, model, reflector, tok, task, test, out, name, str(folder))
+            rows[name]["sc_items"] = self_consistency(cfg, d, model, reflector, tok, task, test, out, name, str(folder))
         rows[name]["time"] = time.time() - t0 + extra_time
 
     if cfg.self_consistency:
-        rows["base"]["sc"] = self_consistency(cfg, d, agent, reflector, tok, task, test, out, "base", cfg.model)
+        rows["base"]["sc_items"] = self_consistency(cfg, d, agent, reflector, tok, task, test, out, "base", cfg.model)
     agent_row("self-training", sft_data(tok, d_m, agent_prompt), extra_time=timings["sample"])
     agent_row("Re-ReST", sft_data(tok, d_m + d_r, agent_prompt), extra_time=timings["sample"] + timings["reflect"])
     sizes = {"self-training": (len(d_m), 0), "Re-ReST": (len(d_m), len(d_r))}
@@ -434,46 +483,99 @@ def run_stages(cfg, d, out: Path) -> str:
             trained_reflector, _ = load_model(str(folder), device=d.device)
             idle.append(trained_reflector)
             d_r2 = [r for r in reflect(cfg, d, trained_reflector, tok, task, examples, samples, out, "trained", str(folder)) if r["ok"]]
+        timings["reflect"] += time.time() - t
         agent_row("Re-ReST + trained reflector", sft_data(tok, d_m + d_r2, agent_prompt),
-                  extra_time=timings["sample"] + timings["reflect"] + time.time() - t)
+                  extra_time=timings["sample"] + timings["reflect"])
         sizes["Re-ReST + trained reflector"] = (len(d_m), len(d_r2))
+    dpo = None
     if cfg.dpo:
-        passing = {}
-        for s in d_m + d_r:
-            passing.setdefault(s.get("id", s["key"]), []).append(s)
+        # The corrections of the trained reflector with --train-reflector (the paper's D_R), else the zero-shot
+        # one's. The triples' token ids enter the model folder's hash (agent_row) and so the hash of its
+        # evaluations: another pairing trains and evaluates a new model instead of reusing the old one.
+        corrections = d_r2 if cfg.train_reflector else d_r
+        pairs, dpo = dpo_pairs(samples, d_m, corrections)
         triples = []
-        for s in samples:
-            if not s["ok"] and passing.get(s["key"]):
-                good = passing[s["key"]][len(triples) % len(passing[s["key"]])]
-                (prompt, chosen), (_, rejected) = sft_data(tok, [good, s], agent_prompt)
-                triples.append((prompt, chosen, rejected))
+        for good, bad in pairs:
+            (prompt, chosen), (_, rejected) = sft_data(tok, [good, bad], agent_prompt)
+            triples.append((prompt, chosen, rejected))
         agent_row("DPO", triples, kind="dpo", extra_time=timings["sample"] + timings["reflect"])
-        sizes["DPO"] = (len(d_m), len(d_r))
+        sizes["DPO"] = (len(d_m), len(corrections))
     if d.main and rows["Re-ReST"].get("folder"):       # the method's agent, as <out>/final
         link = out / "final.tmp"
         link.unlink(missing_ok=True)
         link.symlink_to(Path(rows["Re-ReST"]["folder"]).resolve(), target_is_directory=True)
         link.replace(out / "final")
-    return write_report(cfg, out, rows, sizes, len(test))
+    return write_report(cfg, out, rows, sizes, split_size, dpo)
 
 
-def write_report(cfg, out, rows, sizes, n_test) -> str:
-    header = ["row", "pass@1"] + ([f"pass@1, self-consistency {cfg.self_consistency}"] if cfg.self_consistency else []) \
-        + ["D_M size", "D_R size", "wall time"]
-    body = []
+TASK_NAMES = {"mbpp": "MBPP", "countdown": "Countdown", "function_calling": "function-calling"}
+
+
+def score(items: dict | None, base: dict | None) -> dict | None:
+    """From per-item results {test problem key: passed}: k, n, pass@1, 95% Wilson interval and, given the
+    "base" row's results, the paired change with its exact McNemar test. None for a row without results."""
+    if items is None:
+        return None
+    k, n = sum(items.values()), len(items)
+    got = dict(k=k, n=n, pass1=k / n if n else None, interval=list(wilson_interval(k, n)))
+    if base is not None:
+        got["change"] = paired_change(base, items)
+    return got
+
+
+def report(cfg, rows: dict, sizes: dict, split_size: int | None, dpo: dict | None = None) -> tuple[str, str, dict]:
+    """report.md's text, its table and report.json's content from each row's per-item results: rows[name] =
+    dict(items={key: passed} or None, sc_items (--self-consistency), time, folder, note); every row is compared
+    with rows["base"] on the same problems. split_size: the whole test split's; dpo: dpo_pairs' counts."""
+    base = rows["base"]
+    n = len(base["items"])
+    where = f"{n} of {split_size if split_size is not None else '?'} {TASK_NAMES.get(cfg.task, cfg.task)} test problems"
+    columns = [("pass1", "items", f"pass@1 [95% CI] on {where}")]
+    if cfg.self_consistency:
+        columns.append(("sc", "sc_items", f"pass@1 [95% CI], self-consistency {cfg.self_consistency}"))
+    header = ["row"] + [h for _, _, head in columns for h in (head, "vs base")] + ["D_M size", "D_R size", "wall time"]
+    body, changes, summary = [], [], {}
     for name, r in rows.items():
+        line, summary[name] = [name], {k: v for k, v in r.items() if k not in ("items", "sc_items")}
+        for col, key, head in columns:
+            got = score(r.get(key), None if name == "base" else base.get(key))
+            summary[name][col], summary[name][key] = got, r.get(key)
+            change = (got or {}).get("change")
+            line += [with_interval(got["k"], got["n"]) if got else "-",
+                     "-" if not change else f"{100 * change['change']:+.1f} pts, p = {change['p_value']:.3g}"
+                     + ("" if change["p_value"] < 0.05 else ", within noise")]
+            if change:
+                changes.append(f"- {name}{'' if col == 'pass1' else ' (self-consistency)'} vs base: {change_text(change)}")
         dm, dr = sizes.get(name, ("-", "-"))
-        line = [name, pct(r.get("pass1"))] + ([pct(r.get("sc"))] if cfg.self_consistency else [])
         body.append(line + [dm, dr, f"{r['time'] / 60:.1f} min"])
     table = markdown_table(header, body)
-    name = cfg.model or "SmolLM2-135M-Instruct (embedded)"
-    text = (f"# Re-ReST on {cfg.task}: {name}\n\nTest problems: {n_test}. k = {cfg.k} samples per training problem; "
-            f"{'LoRA r=%d' % cfg.lora_r if cfg.lora_r else 'full fine-tuning'}, {cfg.epochs} epochs.\n\n{table}\n")
+    subset = ("the whole split" if split_size == n else "a subset (--eval-size), not the paper's full-split protocol")
+    if cfg.data_dir is None and not os.environ.get("RRR_DATA_DIR"):
+        subset += "; offline data, not the real split (pass --data-dir)"
+    model = cfg.model or "SmolLM2-135M-Instruct (embedded)"
+    text = (f"# Re-ReST on {cfg.task}: {model}\n\nTest set: {where}, {subset}. k = {cfg.k} samples per training "
+            f"problem; {'LoRA r=%d' % cfg.lora_r if cfg.lora_r else 'full fine-tuning'}, {cfg.epochs} epochs.\n\n"
+            f"{table}\n\nEach pass@1 carries its 95% Wilson interval. Each row's change from \"base\" is paired on the "
+            f"same {n} problems and tested with the exact two-sided McNemar test; \"within noise\" means p >= 0.05: "
+            f"on this many problems the difference cannot be told from chance.\n" + "".join(f"\n{c}" for c in changes) + "\n")
+    if dpo is not None:
+        text += (f"\nDPO pairs: {dpo['pairs']}, the failed sample rejected in each; chosen: its own passing correction "
+                 f"from D_R in {dpo['own_correction']}, another passing sample of its problem from D_M (no correction "
+                 f"passed) in {dpo['fallback']}. {dpo['unpaired']} failed samples had neither and are not used.\n")
+    if cfg.self_consistency:
+        text += ("\nSelf-consistency on MBPP is not a blind test-time method: the reflector's prompt holds the asserts "
+                 "with their expected values, and the vote runs the programs on the same test inputs.\n")
     if any(r.get("note") for r in rows.values()):
         text += "\nRows without a score had no training data (no passing solutions).\n"
+    return text, table, dict(config=asdict(cfg), test=dict(n=n, split_size=split_size, task=cfg.task),
+                             rows=summary, sizes=sizes, dpo_pairs=dpo)
+
+
+def write_report(cfg, out, rows, sizes, split_size, dpo=None) -> str:
+    text, table, summary = report(cfg, rows, sizes, split_size, dpo)
     if par.dist.get_rank() == 0:
         (out / "report.md").write_text(text)
-        write_json(out / "report.json", dict(config=asdict(cfg), rows=rows, sizes=sizes))
+        write_json(out / "report.json", summary)
     return table
 
 

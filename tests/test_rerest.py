@@ -1,6 +1,8 @@
 """rerest.py: the SFT and DPO losses against hand computations, LoRA against the plain model, the
-reflector's prompt and D_R, and a tiny end-to-end run on 1 and 2 processes."""
+reflector's prompt and D_R, the DPO pairs, the report's intervals and McNemar tests against hand
+computations, and a tiny end-to-end run on 1 and 2 processes."""
 
+import json
 import math
 import subprocess
 import sys
@@ -159,6 +161,76 @@ def test_reflector_sees_feedback_verbatim_and_d_r_only_passes(tmp_path, one_proc
         assert r["ok"] == task.check(r["text"], examples[r["id"]]).ok
 
 
+def test_dpo_pairs_a_failed_sample_with_its_own_correction_else_a_passing_sample():
+    """p1: one failure with its own passing correction, two without (not corrected; correction failed) that
+    fall back to p1's passing samples in turn. p2: every failure corrected but one, which has no passing
+    sample to fall back on (another sample's correction is not a fallback). p3: failures with neither."""
+    def s(p, j, ok):
+        return dict(key=p, j=j, ok=ok, text=f"{p}/{j}")
+
+    def fix(p, j, ok=True):        # a reflect() row: its key is the failed sample's
+        return dict(key=f"{p}/{j}", id=p, ok=ok, text=f"fix {p}/{j}")
+
+    samples = [s("p1", 0, False), s("p1", 1, False), s("p1", 2, False), s("p1", 3, True), s("p1", 4, True),
+               s("p2", 0, False), s("p2", 1, False), s("p2", 2, False),
+               s("p3", 0, False), s("p3", 1, False), s("p4", 0, True)]
+    reflections = [fix("p1", 0), fix("p1", 2, ok=False), fix("p2", 0), fix("p2", 1), fix("p3", 0, ok=False)]
+    d_m = [x for x in samples if x["ok"]]
+    d_r = [r for r in reflections if r["ok"]]
+    pairs, counts = rerest.dpo_pairs(samples, d_m, d_r)
+    assert [(c["text"], r["text"]) for c, r in pairs] == [
+        ("fix p1/0", "p1/0"), ("p1/3", "p1/1"), ("p1/4", "p1/2"), ("fix p2/0", "p2/0"), ("fix p2/1", "p2/1")]
+    assert counts == dict(pairs=5, own_correction=3, fallback=2, unpaired=3)
+    assert all(not r["ok"] and c["ok"] for c, r in pairs)
+
+
+def test_report_intervals_and_mcnemar_equal_hand_computations():
+    """10 test problems. base solves 1; self-training 9 (lost 1, gained 9: p = 2 * (1 + 10) / 2^10); Re-ReST 7
+    (Wilson [39.7%, 89.2%]; lost 1, gained 7: p = 2 * (1 + 8) / 2^8, within noise); DPO had no data."""
+    keys = [f"mbpp-{i}" for i in range(10)]
+    solved = lambda ids: {k: i in ids for i, k in enumerate(keys)}  # noqa: E731
+    rows = {"base": dict(items=solved({0}), time=60.0), "self-training": dict(items=solved(range(1, 10)), time=120.0),
+            "Re-ReST": dict(items=solved(range(1, 8)), time=180.0, folder="m"),
+            "DPO": dict(items=None, time=30.0, note="no training data")}
+    sizes = {"self-training": (5, 0), "Re-ReST": (5, 3), "DPO": (5, 3)}
+    dpo = dict(pairs=4, own_correction=3, fallback=1, unpaired=2)
+    cfg = parse_config(rerest.Config, ["--task", "mbpp", "--data-dir", "/real/data"])
+    text, table, summary = rerest.report(cfg, rows, sizes, 500, dpo)
+    assert "pass@1 [95% CI] on 10 of 500 MBPP test problems" in table.splitlines()[0]
+    assert "10 of 500 MBPP test problems, a subset" in text
+    lines = {line.split(" | ")[0].strip("| "): line for line in table.splitlines()}
+    assert lines["base"].startswith("| base | 10.0% [1.8, 40.4] | - | - | - | 1.0 min |")
+    assert "| self-training | 90.0% [59.6, 98.2] | +80.0 pts, p = 0.0215 | 5 | 0 |" in lines["self-training"]
+    assert "| Re-ReST | 70.0% [39.7, 89.2] | +60.0 pts, p = 0.0703, within noise | 5 | 3 |" in lines["Re-ReST"]
+    assert "| DPO | - | - | 5 | 3 |" in lines["DPO"]
+    assert "Re-ReST vs base: +60.0 pts (gained 7, lost 1; McNemar p = 0.0703, within noise (p >= 0.05))" in text
+    assert "self-training vs base: +80.0 pts (gained 9, lost 1; McNemar p = 0.0215, significant at 5%)" in text
+    assert ("DPO pairs: 4, the failed sample rejected in each; chosen: its own passing correction from D_R in 3, "
+            "another passing sample of its problem from D_M (no correction passed) in 1. 2 failed samples had "
+            "neither") in text
+
+    got = json.loads(json.dumps(summary))          # what report.json holds
+    assert got["test"] == dict(n=10, split_size=500, task="mbpp") and got["dpo_pairs"] == dpo
+    r = got["rows"]["Re-ReST"]["pass1"]
+    assert (r["k"], r["n"], r["pass1"]) == (7, 10, 0.7)
+    assert r["interval"] == pytest.approx([0.3968, 0.8922], abs=5e-5)
+    assert r["change"] == dict(n=10, change=pytest.approx(0.6), lost=1, gained=7, p_value=18 / 256,
+                               verdict="within noise (p >= 0.05)")
+    assert got["rows"]["self-training"]["pass1"]["change"]["p_value"] == 22 / 1024
+    assert "change" not in got["rows"]["base"]["pass1"] and got["rows"]["DPO"]["pass1"] is None
+    assert got["rows"]["Re-ReST"]["items"] == rows["Re-ReST"]["items"]
+
+    # Self-consistency gets its own interval and change from base's self-consistency; the whole split is said so.
+    rows = {"base": dict(items=solved({0}), sc_items=solved(range(5)), time=60.0),
+            "Re-ReST": dict(items=solved({0}), sc_items=solved(range(10)), time=60.0)}
+    cfg = parse_config(rerest.Config, ["--self-consistency", "3", "--data-dir", "/real/data"])
+    text, table, summary = rerest.report(cfg, rows, {}, 10)
+    assert "10 of 10 MBPP test problems, the whole split" in text and "not a blind test-time method" in text
+    assert "| Re-ReST | 10.0% [1.8, 40.4] | +0.0 pts, p = 1, within noise | 100.0% [72.2, 100.0] | " \
+           "+50.0 pts, p = 0.0625, within noise |" in table
+    assert summary["rows"]["Re-ReST"]["sc"]["change"]["p_value"] == 2 / 32
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("nproc", [1, 2])
 def test_tiny_end_to_end_prints_the_table(tmp_path, tiny_chat, nproc):
@@ -176,12 +248,21 @@ def test_tiny_end_to_end_prints_the_table(tmp_path, tiny_chat, nproc):
     for row in ("| base |", "| self-training |", "| Re-ReST |", "| Re-ReST + trained reflector |", "| DPO |"):
         assert row in done.stdout
     assert "self-consistency 2" in done.stdout and list(out.glob("sc-base-*.jsonl"))
-    assert (out / "report.md").exists()
+    from data import get_task, resolve_data_dir
+    split = len(get_task("mbpp").load("test", data_dir=resolve_data_dir(None)))    # 12 offline, 500 real
+    report = (out / "report.md").read_text()
+    assert f"4 of {split} MBPP test problems, a subset" in report and "exact two-sided McNemar test" in report
+    summary = json.loads((out / "report.json").read_text())
+    assert summary["test"] == dict(n=4, split_size=split, task="mbpp")
+    assert all(r["pass1"] is None or len(r["items"]) == 4 for r in summary["rows"].values())
+    samples = read_jsonl(next(out.glob("samples-*.jsonl")))
+    dpo = summary["dpo_pairs"]
+    assert dpo["own_correction"] + dpo["fallback"] == dpo["pairs"]
+    assert dpo["pairs"] + dpo["unpaired"] == sum(not s["ok"] for s in samples)
     # A second run with the same flags redoes nothing: every stage comes from the cache.
     again = subprocess.run(cmd[:1] + [str(REPO / "rerest.py")] + args, env=ENV, capture_output=True, text=True,
                            timeout=600)
     assert again.returncode == 0 and "sample + verify:" not in again.stderr
-    samples = read_jsonl(next(out.glob("samples-*.jsonl")))
     assert len(samples) == 4 * 2
 
 
