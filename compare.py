@@ -1,4 +1,5 @@
-"""The paper's table for several rrr.py runs side by side: RRR, its controls, other seeds or models.
+"""The paper's table for several rrr.py runs side by side: RRR, its controls, other seeds or models;
+and, for one run, rrr.py's report (`write_report`: report.md, report.json, plot.png).
 
     python compare.py runs/rrr-countdown runs/generic-countdown runs/grpo-countdown [--out runs/comparison.md]
 
@@ -14,8 +15,8 @@ import json
 import sys
 from pathlib import Path
 
-from runs import (BadInput, change_text, main_guard, markdown_table, paired_change, read_jsonl, wilson_interval,
-                  with_interval, write_json)
+from runs import (BadInput, change_text, main_guard, markdown_table, paired_change, pct, plot_rrr, read_jsonl,
+                  wilson_interval, with_interval, write_json)
 
 
 def outcomes(rows: dict) -> dict:
@@ -89,6 +90,58 @@ def compare(folders: list[Path]) -> tuple[str, dict]:
     title = (f"# {cfg['task']}: {n} test items, vanilla model {cfg['model'] or 'SmolLM2-135M-Instruct (embedded)'}\n\n"
              + CAPTION + ("" if shared else " The vanilla evaluations differ item by item: each run is paired with its own."))
     return title + "\n\n" + markdown_table(header, rows), dict(task=cfg["task"], n=n, shared_vanilla=shared, runs=numbers)
+
+
+def write_report(cfg: dict, out: Path, evals, metrics, wall, split_size, forgetting) -> str:
+    """rrr.py's report.md, report.json and plot.png for one run (cfg: its config as a dict): the paper's
+    table with 95% Wilson intervals and, on the same test items, the exact McNemar test of each change
+    from the vanilla model (this module's table, one run), plus the forgetting check's columns
+    (forgetting: {task: (before, after)}, each {item id: solved}). Returns the table."""
+    vanilla, trained = evals[0], evals[-1]
+    answers = read_jsonl(out / "eval_answers.jsonl")
+    at = {s: outcomes({r["id"]: r for r in answers if r["step"] == s}) for s in (0, trained["step"])}
+    what = method_name(cfg)
+    _, rows, numbers = paper_table([dict(name=f"trained ({trained['step']} steps)", method=what, steps=trained["step"],
+                                         vanilla=at[0], trained=at[trained["step"]])], True)
+    # The paper's columns; the changes and their tests follow the table.
+    header, rows = ["model", "first try", "second try"], [[r[0], r[3], r[4]] for r in rows]
+    forgot = forgetting_columns(header, rows, forgetting)
+    table = markdown_table(header, rows)
+    subset = "the whole split" if trained["n"] >= split_size else "a subset (--eval-size), not the paper's full test set"
+    rewards = [m["reward"] for m in metrics]
+    lines = [f"# {what} on {cfg['task']}: {cfg['model'] or 'SmolLM2-135M-Instruct (embedded)'}", "",
+             f"Test set: {trained['n']} of {split_size} {cfg['task']} test examples, {subset}. Training: {len(metrics)} "
+             f"steps of {cfg['batch_size']} failures x {cfg['num_generations']} generations. Wall time {wall / 60:.1f} min.", "",
+             table, "", CAPTION, "",
+             f"- first try, vanilla -> trained: {change_text(numbers[0]['change_first'])}",
+             f"- second try, vanilla -> trained: {change_text(numbers[0]['change_second'])}"]
+    lines += [f"- forgetting, {name} first try: {change_text(f['change'])}" for name, f in forgot.items()]
+    lines += ["", f"Mean reward (retry success) per step: first {pct(rewards[0] if rewards else None)}, last "
+              f"{pct(rewards[-1] if rewards else None)}; zero-variance groups on average "
+              f"{pct(sum(m['zero_variance_groups'] for m in metrics) / max(len(metrics), 1))}.", "",
+              "![reward, accuracy, KL and trained length](plot.png)", "",
+              "plot.png: (a) mean reward and zero-variance groups per training step; (b) first- and second-try test "
+              "accuracy at each evaluation; (c) mean KL to the initial model and trained tokens per episode."]
+    (out / "report.md").write_text("\n".join(lines) + "\n")
+    write_json(out / "report.json", dict(config=cfg, test=dict(n=trained["n"], split_size=split_size),
+                                         vanilla=vanilla, trained=trained, paired=numbers[0], forgetting=forgot,
+                                         evals=evals, steps=metrics, wall_seconds=wall))
+    plot_rrr(out / "plot.png", metrics, evals, title=f"{what} on {cfg['task']}")
+    return table
+
+
+def forgetting_columns(header: list, rows: list, forgetting: dict) -> dict:
+    """The forgetting check in the report's table: a first-try column per task (vanilla row, trained row),
+    added in place. Returns {task: before, after and the paired change}."""
+    forgot = {}
+    for name, (before, after) in forgetting.items():
+        n = len(before)
+        header.append(f"{name} first try ({n} items)")
+        rows[0].append(with_interval(sum(before.values()), n))
+        rows[1].append(with_interval(sum(after.values()), n))
+        forgot[name] = dict(before=sum(before.values()) / n, after=sum(after.values()) / n,
+                            change=paired_change(before, after))
+    return forgot
 
 
 def run(argv=None):

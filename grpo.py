@@ -4,7 +4,8 @@ Three pure pieces:
 - `group_advantages`: rewards of G samples of the same query -> advantages.
 - `token_logprobs`: log p(token | prefix) of a causal LM at the trained positions only, chunked so
   the (batch, length, vocab) logits tensor never exists.
-- `policy_loss`: clipped surrogate + optional k3 KL to a reference, aggregated as TRL's loss types.
+- `policy_loss`: clipped surrogate + optional k3 KL to a reference, aggregated as TRL's loss types;
+  `objective_share` scales each micro-batch's loss to its share of the whole step's objective.
 
 Conventions. Batches are right-padded. `mask` (B, T) is 1 exactly on trained tokens and is built from
 spans (`span_mask`), never from token ids: a pad id that equals the EOS id would otherwise mask the
@@ -62,16 +63,25 @@ def span_mask(spans: list[tuple[int, int]], length: int, device=None) -> torch.T
     return ((t[None] >= bounds[:, :1]) & (t[None] < bounds[:, 1:])).float()
 
 
+def right_pad(rows) -> torch.Tensor:
+    """Rows of different lengths (token lists or 1-D tensors) -> (rows, longest), zero-padded on the
+    right (at least one column). Tensors keep their dtype, device and gradient; lists become long ids.
+    The one padding function of the project: the sampler's chunks, the update's log-probs and masks."""
+    rows = [r if isinstance(r, torch.Tensor) else torch.tensor(r, dtype=torch.long) for r in rows]
+    width = max([len(r) for r in rows] + [1])
+    return torch.stack([torch.nn.functional.pad(r, (0, width - len(r))) for r in rows])
+
+
+def pad_ids(seqs: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Token lists -> right-padded input_ids and attention_mask (B, T), both long. Pad slots hold id 0
+    and are never attended to."""
+    return right_pad(seqs), right_pad([[1] * len(s) for s in seqs])
+
+
 def pad_batch(seqs: list[list[int]], spans: list[tuple[int, int]], device=None):
-    """Right-pads token lists into input_ids and attention_mask (B, T), with the span mask of
-    `span_mask`. Pad slots hold id 0, are never attended to, and are never trained."""
-    width = max(len(s) for s in seqs)
-    ids = torch.zeros(len(seqs), width, dtype=torch.long)
-    attn = torch.zeros(len(seqs), width, dtype=torch.long)
-    for r, s in enumerate(seqs):
-        ids[r, :len(s)] = torch.tensor(s, dtype=torch.long)
-        attn[r, :len(s)] = 1
-    return ids.to(device), attn.to(device), span_mask(spans, width, device=device)
+    """`pad_ids` on `device`, with the span mask of `span_mask`: pad slots are never trained."""
+    ids, attn = pad_ids(seqs)
+    return ids.to(device), attn.to(device), span_mask(spans, ids.shape[1], device=device)
 
 
 def token_logprobs(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, mask: torch.Tensor,
@@ -97,8 +107,8 @@ def head_logprobs(model, hidden: torch.Tensor, targets: torch.Tensor, chunk_size
     """log p(targets[n] | hidden[n]) through the model's output head: hidden (N, H), targets (N,) -> (N,).
 
     `chunk_size` rows at a time, each chunk checkpointed, so backward recomputes its (chunk, vocab)
-    logits instead of keeping them: peak logits memory is one chunk, whatever the batch (RESEARCH.md
-    pitfall 8)."""
+    logits instead of keeping them: peak logits memory is one chunk, whatever the batch (the (batch, length, vocab) fp32 logits are the largest tensor of an update:
+    vocabularies hold 50k-150k entries, hidden states 0.5k-4k)."""
     head = model.get_output_embeddings()
     softcap = getattr(model.config, "final_logit_softcapping", None)
     # The head runs in fp32 whatever the compute dtype: bf16 logits are off by up to ~0.06 at a logit
@@ -142,18 +152,18 @@ def packed_logprobs(model, groups: list[tuple[list[int], list[list[int]]]], devi
     rows = [(g, c) for g, (_, conts) in enumerate(groups) for c in conts if c]
     if not rows:
         return [torch.zeros(0, device=device) for _ in sizes]
-    prefix_ids, prefix_mask = _right_pad([p for p, _ in groups])
+    prefix_ids, prefix_mask = pad_ids([p for p, _ in groups])
     out = model(input_ids=prefix_ids.to(device), attention_mask=prefix_mask.to(device), use_cache=True,
                 output_hidden_states=True, logits_to_keep=1)
-    cache, prefix_hidden = out.past_key_values, out.hidden_states[-1]      # hidden (groups, P, H)
+    cache, prefix_hidden = out.cache, out.hidden_states[-1]                # hidden (groups, P, H)
     owner = torch.tensor([g for g, _ in rows], device=prefix_hidden.device)
     cache.batch_select_indices(owner)                                      # one cache row per continuation
-    cont_ids, cont_mask = _right_pad([c for _, c in rows])
+    cont_ids, cont_mask = pad_ids([c for _, c in rows])
     lengths = torch.tensor([len(groups[g][0]) for g, _ in rows])
     positions = lengths[:, None] + torch.arange(cont_ids.shape[1])
     mask = torch.cat([prefix_mask[owner.cpu()], cont_mask], dim=1)         # (rows, P + C): keys to attend
     out = model(input_ids=cont_ids.to(device), attention_mask=mask.to(device), position_ids=positions.to(device),
-                past_key_values=cache, output_hidden_states=True, logits_to_keep=1)
+                cache=cache, output_hidden_states=True, logits_to_keep=1)
     cont_hidden = out.hidden_states[-1]                                    # (rows, C, H)
     # Predictor of each continuation token: its prefix's last position, then its own previous token.
     first = prefix_hidden[owner, (lengths - 1).to(owner.device)]           # (rows, H)
@@ -161,16 +171,6 @@ def packed_logprobs(model, groups: list[tuple[list[int], list[list[int]]]], devi
     targets = torch.tensor([t for _, c in rows for t in c], dtype=torch.long, device=hidden.device)
     values = iter(head_logprobs(model, hidden, targets, chunk_size).split([len(c) for _, c in rows]))
     return [next(values) if n else hidden.new_zeros(0, dtype=torch.float32) for n in sizes]
-
-
-def _right_pad(seqs: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor]:
-    width = max(len(s) for s in seqs)
-    ids = torch.zeros(len(seqs), width, dtype=torch.long)
-    mask = torch.zeros(len(seqs), width, dtype=torch.long)
-    for r, s in enumerate(seqs):
-        ids[r, :len(s)] = torch.tensor(s, dtype=torch.long)
-        mask[r, :len(s)] = 1
-    return ids, mask
 
 
 def policy_loss(logprobs: torch.Tensor, old_logprobs: torch.Tensor, advantages: torch.Tensor,
@@ -182,8 +182,9 @@ def policy_loss(logprobs: torch.Tensor, old_logprobs: torch.Tensor, advantages: 
     Returns (loss, stats). stats holds sums and counts (plain floats) so that callers can add them
     over micro-batches and ranks before dividing: clip_sum, kl_sum, ratio_sum over `tokens`.
     For "dapo", pass total_tokens = trained tokens in the whole optimisation step (all micro-batches,
-    all ranks); then summing the per-micro-batch gradients over micro-batches and ranks gives the
-    gradient of the whole batch, however it was split.
+    all ranks). The loss is that of this micro-batch alone: multiply it by `objective_share` before
+    backward, and the gradients summed over micro-batches and ranks are those of the whole batch,
+    however it was split.
     """
     if loss_type not in LOSS_TYPES:
         raise ValueError(f"loss_type must be one of {LOSS_TYPES}, got {loss_type!r}")
@@ -229,6 +230,28 @@ def policy_loss(logprobs: torch.Tensor, old_logprobs: torch.Tensor, advantages: 
                      ratio_sum=(ratio * mask).sum().item(),
                      kl_sum=(kl * mask).sum().item() if kl is not None else 0.0)
     return loss, stats
+
+
+def objective_share(loss_type: str, rows: int, total_rows: float, mask_tokens: float, local_tokens: float,
+                    world: int) -> float:
+    """The factor that scales a micro-batch's `policy_loss` to its share of the step's global objective,
+    so that summing share x loss (and its gradient) over micro-batches and ranks gives the objective of
+    the whole batch, however it was split (normalising each micro-batch on its own is the usual bug:
+    TRL issue #3021 and PR #3231, loss normalisation across micro-batches and ranks).
+
+    rows, mask_tokens: this micro-batch's rows and trained tokens; local_tokens: trained tokens of
+    this rank's step; total_rows: rows of the step over all ranks; world: the number of ranks.
+    - "dapo": 1, the loss is already divided by the global token count (`total_tokens`).
+    - "grpo", "dr_grpo": rows / total_rows, both average over the rows of the whole batch.
+    - "bnpo": mask_tokens / local_tokens / world, a token mean per rank, averaged over the ranks.
+    """
+    if loss_type not in LOSS_TYPES:
+        raise ValueError(f"loss_type must be one of {LOSS_TYPES}, got {loss_type!r}")
+    if loss_type == "dapo":
+        return 1.0
+    if loss_type == "bnpo":
+        return mask_tokens / max(local_tokens, 1) / world
+    return rows / total_rows
 
 
 def summarize_stats(sums: dict) -> dict:

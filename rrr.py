@@ -4,14 +4,14 @@
     torchrun --nproc_per_node=8 rrr.py --task countdown --model Qwen/Qwen2.5-1.5B-Instruct ...
     torchrun --nproc_per_node=2 rrr.py --task countdown             # 2 CPU processes (gloo)
 
-The algorithm, one function per step (the README lists the same steps):
-  1. load_splits          the task's train and test examples
+The algorithm, one function per step (the README lists the same steps), in the order `run` calls them:
+  1. load_splits          the task's train and test examples (and load_policy: the model)
   2. evaluate             first-try and second-try accuracy of the untrained model
   3. build_failure_set    up to --failure-samples first attempts per training query; keep the failures
   4. rollout + grpo_update  per step: G reflections per failure, one retry each, reward = the verifier on
                           the retry; advantages per group; only the reflection tokens are trained
   5. evaluate + write_report  every --eval-every steps and at the end; report.md/.json (95% intervals, paired
-                          tests; --forgetting-eval adds another task's first try), plot.png, final/
+                          tests; --forgetting-eval adds another task's first try; compare.py), plot.png, final/
 
 Where to change things: the reward is `task.check_batch` (verifiers.py via data/); the prompts are the
 task's `reflection_prompt` / `retry_prompt` (data/); the loss is grpo.policy_loss; which tokens are trained
@@ -35,16 +35,23 @@ import torch
 from tqdm import tqdm
 
 import parallel as par
-from data import get_task, resolve_data_dir
-from grpo import group_advantages, packed_logprobs, policy_loss, summarize_stats, zero_variance_fraction
-from model import chat_ids, load_model, next_turn_ids, stop_token_ids
-from runs import (BadInput, append_jsonl, change_text, flag, main_guard, markdown_table, paired_change, parse_config,
-                  pct, plot_panels, prepare_out, read_jsonl, with_interval, write_json)
-from compare import CAPTION, method_name, outcomes, paper_table
+from compare import write_report
+from data import get_task, load_splits, resolve_data_dir
+from grpo import (group_advantages, objective_share, packed_logprobs, policy_loss, right_pad, summarize_stats,
+                  zero_variance_fraction)
+from model import EMBEDDED_MODEL, chat_ids, check_model_name, load_model, next_turn_ids, stop_token_ids
+from runs import (REPORT_TO, BadInput, Tracker, append_jsonl, check_at_least_one, flag, main_guard, open_tracker,
+                  parse_config, prepare_out, read_jsonl)
 from sampler import fuse_projections, generate
 
 GENERIC_REFLECTION = ("I made a mistake in my previous answer. I will read the task again carefully, "
                       "check every step, and then give a corrected answer.")
+SEED_FAILURE_SET = 1     # sampling-seed purposes (see seed_for): the failure set's chunks, the training rollouts
+SEED_ROLLOUT = 2
+EVAL_BATCH = 32          # examples per greedy sampling call in evaluation
+AT_LEAST_ONE = ("steps", "train_size", "eval_size", "batch_size", "num_generations", "failure_samples",
+                "max_completion_length", "max_reflection_length", "micro_batch_size", "num_iterations",
+                "sampling_batch_size", "save_total_limit")
 
 
 @dataclass
@@ -92,6 +99,9 @@ class Config:
                              "(--no-cuda-graphs decodes eagerly, with the same kernels)")
     eval_every: int = flag(0, "evaluate every N steps (0: only before and after training)")
     save_every: int = flag(4, "checkpoint every N steps (0: never)")
+    save_total_limit: int = flag(2, "checkpoints kept, the newest (TRL's name); 1 keeps only the last")
+    report_to: str = flag("none", "where per-step metrics also go, while the run goes (TRL's name): tensorboard "
+                          "writes <out>/tensorboard; wandb logs to Weights & Biases", choices=list(REPORT_TO))
     resume: bool = flag(False, "continue the run in --out from its last checkpoint")
     failure_set: str | None = flag(None, "reuse the failures.jsonl of another run (same task, model and training queries)")
     log_episodes: int = flag(4, "whole episodes per step written to episodes.jsonl")
@@ -134,31 +144,17 @@ class Policy:
         return self.tokenizer.decode(tokens, skip_special_tokens=True)
 
 
-def seed_for(cfg, purpose: int, step: int, rank: int) -> int:
-    """A distinct, reproducible sampling seed per (purpose, step, rank): resuming needs no saved sampler state."""
-    return ((cfg.seed * 1_000_003 + purpose) * 1_000_003 + step) * 1_009 + rank
+@dataclass
+class MicroBatch:
+    """One forward/backward pass of the update: whole groups of G episodes, `rows` in all."""
+    groups: list[tuple[list[int], list[list[int]]]]   # (shared context, [trained tokens of each episode])
+    advantages: torch.Tensor                # (rows,)
+    mask: torch.Tensor                      # (rows, T): 1 on the trained tokens that get a loss
+    ref_logprobs: torch.Tensor | None       # (rows, T): the reference model's, for the KL term (--beta > 0)
+    old_logprobs: torch.Tensor | None = None   # (rows, T): the sampling policy's (--num-iterations > 1)
 
 
-def generator(cfg, d, purpose, step):
-    return torch.Generator(d.device).manual_seed(seed_for(cfg, purpose, step, d.rank))
-
-
-@functools.lru_cache(maxsize=256)
-def turn(tokenizer, text: str, ended_with: int | None) -> tuple[int, ...]:
-    return tuple(next_turn_ids(tokenizer, text, ended_with))
-
-
-# --- 1. data -----------------------------------------------------------------------------------------
-
-def load_splits(cfg):
-    task = get_task(cfg.task)
-    data_dir = resolve_data_dir(cfg.data_dir)
-    train = task.load("train", data_dir=data_dir, size=cfg.train_size, seed=cfg.seed)
-    test = task.load("test", data_dir=data_dir, size=cfg.eval_size, seed=cfg.seed)
-    if not train or not test:
-        raise BadInput(f"task {cfg.task}: empty split (train {len(train)}, test {len(test)})")
-    return task, train, test
-
+# --- 1. data and the model ------------------------------------------------------------------------
 
 def load_policy(cfg, d) -> Policy:
     """The trained model (sharded), the sampler (an empty full copy) and the reference model (sharded,
@@ -197,7 +193,12 @@ def sampling(pol):
         par.free_weights(pol.sampler)
 
 
-# --- sampling pieces shared by evaluation, the failure set and training ---------------------------
+# --- 2 and 5. evaluation (5's report: compare.write_report); first, the sampling pieces it shares ------
+
+@functools.lru_cache(maxsize=256)
+def turn(tokenizer, text: str, ended_with: int | None) -> tuple[int, ...]:
+    return tuple(next_turn_ids(tokenizer, text, ended_with))
+
 
 def sample(pol, prompts, cfg, *, max_new_tokens, num_samples=1, temperature, gen=None, cache=None, keep_cache=False):
     return generate(pol.sampler, prompts, max_new_tokens=max_new_tokens, num_samples=num_samples,
@@ -237,34 +238,39 @@ def reflection_prefix(pol, task, prompt_ids, attempt, stop):
     return list(prompt_ids) + list(attempt) + list(turn(pol.tokenizer, task.reflection_prompt, stop))
 
 
-# --- 2 and 5. evaluation ---------------------------------------------------------------------------
+def first_tries(cfg, pol, task, examples):
+    """Greedy first attempts, EVAL_BATCH examples per call. Yields (examples, their prompts, the
+    generation, the verdicts) per call."""
+    for start in range(0, len(examples), EVAL_BATCH):
+        part = examples[start:start + EVAL_BATCH]
+        prompts = [chat_ids(pol.tokenizer, ex.messages) for ex in part]
+        gen = sample(pol, prompts, cfg, max_new_tokens=cfg.max_completion_length, temperature=0)
+        yield part, prompts, gen, task.check_batch([pol.decode(t) for t in gen.tokens], part)
+
 
 @torch.no_grad()
-def evaluate(cfg, d, pol, task, examples, step, out, batch=32) -> dict:
+def evaluate(cfg, d, pol, task, examples, step, out) -> dict:
     """Greedy first try on each example; for the failures, greedy reflection and retry. A first-try
-    success counts as a second-try success. Each rank takes its share; counts are summed."""
+    success counts as a second-try success. Each rank takes its share; counts are summed. Each item's
+    row in eval_answers.jsonl holds its attempt and, when the first try failed, the reflection and retry."""
     mine = examples[d.rank::d.world]
-    first = second = 0
     rows = []
-    with sampling(pol):
-        for start in tqdm(range(0, len(mine), batch), desc=f"eval step {step}", disable=not d.main, leave=False):
-            part = mine[start:start + batch]
-            prompts = [chat_ids(pol.tokenizer, ex.messages) for ex in part]
-            gen1 = sample(pol, prompts, cfg, max_new_tokens=cfg.max_completion_length, temperature=0)
-            verdicts = task.check_batch([pol.decode(t) for t in gen1.tokens], part)
+    with sampling(pol), tqdm(total=len(mine), desc=f"eval step {step}", disable=not d.main, leave=False) as bar:
+        for part, prompts, gen1, verdicts in first_tries(cfg, pol, task, mine):
+            these = [dict(id=ex.id, first=v.ok, second=v.ok, attempt=pol.decode(t))
+                     for ex, v, t in zip(part, verdicts, gen1.tokens)]
             failed = [i for i, v in enumerate(verdicts) if not v.ok]
-            ok2 = {}
             if failed:
                 prefixes = [reflection_prefix(pol, task, prompts[i], gen1.tokens[i], stop_of(gen1.tokens[i], gen1.finished[i]))
                             for i in failed]
                 refl, retries = reflect_and_retry(cfg, pol, task, prefixes, 1, 0.0, None)
                 again = task.check_batch([pol.decode(t) for t in retries.tokens], [part[i] for i in failed])
-                ok2 = {i: v.ok for i, v in zip(failed, again)}
-            for i, (ex, v) in enumerate(zip(part, verdicts)):
-                first += v.ok
-                second += v.ok or ok2.get(i, False)
-                rows.append(dict(id=ex.id, first=v.ok, second=v.ok or ok2.get(i, False), attempt=pol.decode(gen1.tokens[i])))
-    first, second, n = par.all_sum([first, second, len(mine)], d)
+                for j, (i, v) in enumerate(zip(failed, again)):
+                    these[i].update(second=v.ok, reflection=pol.decode(refl.tokens[j]) if refl else GENERIC_REFLECTION,
+                                    retry=pol.decode(retries.tokens[j]))
+            rows += these
+            bar.update(len(part))
+    first, second, n = par.all_sum([sum(r["first"] for r in rows), sum(r["second"] for r in rows), len(mine)], d)
     result = dict(step=step, first=first / n, second=second / n, n=int(n))
     all_rows = par.all_gather_objects(rows, d)
     if d.main:
@@ -285,13 +291,9 @@ def evaluate_forgetting(cfg, d, pol, step, out) -> dict:
             continue
         task = get_task(name)
         examples = task.load("test", data_dir=resolve_data_dir(cfg.data_dir), size=cfg.eval_size, seed=cfg.seed)
-        mine, rows = examples[d.rank::d.world], []
+        rows = []
         with sampling(pol):
-            for start in range(0, len(mine), 32):
-                part = mine[start:start + 32]
-                gen = sample(pol, [chat_ids(pol.tokenizer, ex.messages) for ex in part], cfg,
-                             max_new_tokens=cfg.max_completion_length, temperature=0)
-                verdicts = task.check_batch([pol.decode(t) for t in gen.tokens], part)
+            for part, _, _, verdicts in first_tries(cfg, pol, task, examples[d.rank::d.world]):
                 rows += [dict(task=name, step=step, id=ex.id, ok=v.ok) for ex, v in zip(part, verdicts)]
         rows = [r for rs in par.all_gather_objects(rows, d) for r in rs]
         if d.main:
@@ -301,6 +303,15 @@ def evaluate_forgetting(cfg, d, pol, step, out) -> dict:
 
 
 # --- 3. the failure set ----------------------------------------------------------------------------
+
+def seed_for(cfg, purpose: int, step: int, rank: int) -> int:
+    """A distinct, reproducible sampling seed per (purpose, step, rank): resuming needs no saved sampler state."""
+    return ((cfg.seed * 1_000_003 + purpose) * 1_000_003 + step) * 1_009 + rank
+
+
+def generator(cfg, d, purpose, step):
+    return torch.Generator(d.device).manual_seed(seed_for(cfg, purpose, step, d.rank))
+
 
 def failure_set_meta(cfg) -> dict:
     """The settings a failure set depends on: its first line, which a run reusing or resuming it must match."""
@@ -365,7 +376,7 @@ def build_failure_set(cfg, d, pol, task, train, out) -> list[Failure]:
     with sampling(pol):
         for k in tqdm(todo, desc="failure set", disable=not d.main):
             chunk, part = chunks[k]
-            gen = generator(cfg, d, 1, k)
+            gen = generator(cfg, d, SEED_FAILURE_SET, k)
             found = {}
             used = {ex.id: 0 for ex in part}
             pending, n = list(part), 1
@@ -393,14 +404,27 @@ def build_failure_set(cfg, d, pol, task, train, out) -> list[Failure]:
             for ex in train if (r := done[ex.id])["failed"]]
 
 
-# --- 4. training --------------------------------------------------------------------------------------
+# --- 4. training ------------------------------------------------------------------------------------
+
+def step_batch(cfg, d, failures, step) -> list[Failure]:
+    """This rank's share of the failures for `step`: a seeded permutation per epoch, so the data position
+    is a function of the step alone."""
+    n, B = len(failures), cfg.batch_size
+    picked = []
+    for k in range(step * B, (step + 1) * B):
+        epoch, i = divmod(k, n)
+        order = torch.randperm(n, generator=torch.Generator().manual_seed(cfg.seed * 7919 + epoch))
+        picked.append(failures[order[i]])
+    share = B // d.world
+    return picked[d.rank * share:(d.rank + 1) * share]
+
 
 @torch.no_grad()
 def rollout(cfg, d, pol, task, failures, examples, step) -> list[Episode]:
     """This rank's failures -> num_generations episodes each, with rewards and advantages. Samples
     from pol.sampler: call it inside `sampling(pol)`."""
     G = cfg.num_generations
-    gen = generator(cfg, d, 2, step)
+    gen = generator(cfg, d, SEED_ROLLOUT, step)
     exs = [examples[f.id] for f in failures]
     prompts = [chat_ids(pol.tokenizer, ex.messages) for ex in exs]
     if cfg.method == "grpo":            # plain GRPO: G first attempts; the attempt is trained and scored
@@ -420,11 +444,15 @@ def rollout(cfg, d, pol, task, failures, examples, step) -> list[Episode]:
     episodes = []
     for r, toks in enumerate(trained.tokens):
         ctx, failure = contexts[r // G], failures[r // G]
-        text = dict(prompt=exs[r // G].messages[-1]["content"], attempt=pol.decode(failure.attempt),
-                    reflection=pol.decode(toks) if trained is not retries else None,
-                    retry=pol.decode(retries.tokens[r]), feedback=verdicts[r].feedback)
         if cfg.method == "grpo":
-            text.update(attempt=text.pop("retry"), reflection=None)
+            text = dict(prompt=exs[r // G].messages[-1]["content"], attempt=pol.decode(toks), reflection=None,
+                        feedback=verdicts[r].feedback)
+        else:
+            text = dict(prompt=exs[r // G].messages[-1]["content"], attempt=pol.decode(failure.attempt),
+                        reflection_prompt=task.reflection_prompt,
+                        reflection=pol.decode(toks) if trained is not retries else None,
+                        retry_prompt=task.retry_prompt, retry=pol.decode(retries.tokens[r]),
+                        feedback=verdicts[r].feedback)
         sampled = len(toks) + (len(retries.tokens[r]) if trained is not retries else 0)
         episodes.append(Episode(exs[r // G].id, list(ctx) + list(toks), (len(ctx), len(ctx) + len(toks)),
                                 rewards[r].item(), not trained.finished[r], sampled, text, advantages[r].item()))
@@ -444,8 +472,8 @@ def grpo_update(cfg, d, pol, episodes) -> dict:
     """One optimisation step (or --num-iterations) on this rank's episodes. The G episodes of a failure
     share their context, which is computed once per group (grpo.packed_logprobs). Gradients are summed
     over micro-batches and ranks, and each micro-batch's loss is scaled to its share of the global
-    objective, so the step does not depend on how the batch is split (RESEARCH.md pitfall 1)."""
-    G = cfg.num_generations
+    objective (grpo.objective_share), so the step does not depend on how the batch is split (TRL issue
+    #3021 and PR #3231: loss normalisation across micro-batches and ranks)."""
     trained = [e.ids[e.span[0]:e.span[1]] for e in episodes]
     # --mask-truncated-completions zeroes a cut row's mask but keeps its tokens in the forward pass:
     # every rank then runs the same forward and backward calls whatever its data (FSDP's collectives
@@ -456,39 +484,20 @@ def grpo_update(cfg, d, pol, episodes) -> dict:
     # dr_grpo divides by the length limit of what is trained: the reflection's in RRR; with a generic
     # reflection the retry is trained, and in plain GRPO the first attempt, both --max-completion-length.
     limit = cfg.max_reflection_length if cfg.method == "rrr" and cfg.reflection == "model" else cfg.max_completion_length
-    per_micro = max(1, cfg.micro_batch_size // G)            # whole groups per forward/backward pass
-    batches = []
-    for start in range(0, len(episodes), G * per_micro):
-        rows = list(range(start, min(start + G * per_micro, len(episodes))))
-        groups = [(episodes[r].ids[:episodes[r].span[0]], [trained[q] for q in rows[i:i + G]])
-                  for i, r in enumerate(rows) if i % G == 0]
-        adv = torch.tensor([episodes[r].advantage for r in rows], device=d.device)
-        mask = pad_rows([torch.full((len(trained[r]),), kept[r]) for r in rows]).to(d.device)     # (rows, T)
-        ref = None
-        if cfg.beta > 0:
-            with torch.no_grad():
-                ref = pad_rows(packed_logprobs(pol.ref, groups, d.device)).float()
-            pol.ref.reshard()       # the root's gathered weights (embeddings, head) are not needed until next time
-        batches.append([groups, adv, mask, ref, None])
-    if cfg.num_iterations > 1:          # the policy that sampled: fixed before the first update
-        with torch.no_grad():
-            for b in batches:
-                b[4] = pad_rows(packed_logprobs(pol.model, b[0], d.device))
+    batches = micro_batches(cfg, d, pol, episodes, trained, kept)
     sums, loss_total, grad_norm = dict(tokens=0.0, clip_sum=0.0, ratio_sum=0.0, kl_sum=0.0), 0.0, 0.0
     if total_tokens == 0:
         return dict(loss=0.0, grad_norm=0.0, **summarize_stats(sums))
     pol.model.train()
     for _ in range(cfg.num_iterations):
-        for groups, adv, mask, ref, old in batches:
-            lp = pad_rows(packed_logprobs(pol.model, groups, d.device))              # (rows, T)
-            loss, st = policy_loss(lp, lp.detach() if old is None else old, adv, mask, ref_logprobs=ref,
-                                   beta=cfg.beta, epsilon=cfg.epsilon, epsilon_high=cfg.epsilon_high,
-                                   loss_type=cfg.loss_type, max_completion_length=limit,
-                                   total_tokens=total_tokens)
-            # Share of the global objective: dapo is already normalised by the global token count;
-            # grpo and dr_grpo average over rows; bnpo is a token mean per rank, averaged over ranks.
-            share = {"dapo": 1.0, "grpo": len(adv) / total_rows, "dr_grpo": len(adv) / total_rows,
-                     "bnpo": mask.sum().item() / max(local_tokens, 1) / d.world}[cfg.loss_type]
+        for mb in batches:
+            lp = right_pad(packed_logprobs(pol.model, mb.groups, d.device))            # (rows, T)
+            loss, st = policy_loss(lp, lp.detach() if mb.old_logprobs is None else mb.old_logprobs, mb.advantages,
+                                   mb.mask, ref_logprobs=mb.ref_logprobs, beta=cfg.beta, epsilon=cfg.epsilon,
+                                   epsilon_high=cfg.epsilon_high, loss_type=cfg.loss_type,
+                                   max_completion_length=limit, total_tokens=total_tokens)
+            share = objective_share(cfg.loss_type, len(mb.advantages), total_rows, mb.mask.sum().item(),
+                                    local_tokens, d.world)
             # Gradients are reduce-scattered after every micro-batch: skipping that for all but the last
             # would keep a full unsharded fp32 gradient on every rank (30 GB for a 7B model).
             (loss * share * d.world).backward()     # FSDP averages over ranks: * world makes it a sum
@@ -507,160 +516,32 @@ def grpo_update(cfg, d, pol, episodes) -> dict:
     return dict(loss=g[0], grad_norm=grad_norm, **summarize_stats(dict(zip(sums, g[1:]))))
 
 
-def pad_rows(rows: list[torch.Tensor]) -> torch.Tensor:
-    """Per-row 1-D tensors -> (rows, longest), zero-padded (at least one column)."""
-    width = max([len(r) for r in rows] + [1])
-    return torch.stack([torch.nn.functional.pad(r, (0, width - len(r))) for r in rows])
+def micro_batches(cfg, d, pol, episodes, trained, kept) -> list[MicroBatch]:
+    """This rank's episodes in micro-batches of whole groups (--micro-batch-size rows at most, one group
+    at least), with the reference model's log-probs and, for --num-iterations > 1, the sampling policy's."""
+    G = cfg.num_generations
+    per_micro = max(1, cfg.micro_batch_size // G)            # whole groups per forward/backward pass
+    batches = []
+    for start in range(0, len(episodes), G * per_micro):
+        rows = list(range(start, min(start + G * per_micro, len(episodes))))
+        groups = [(episodes[r].ids[:episodes[r].span[0]], [trained[q] for q in rows[i:i + G]])
+                  for i, r in enumerate(rows) if i % G == 0]
+        adv = torch.tensor([episodes[r].advantage for r in rows], device=d.device)
+        mask = right_pad([torch.full((len(trained[r]),), kept[r]) for r in rows]).to(d.device)     # (rows, T)
+        ref = None
+        if cfg.beta > 0:
+            with torch.no_grad():
+                ref = right_pad(packed_logprobs(pol.ref, groups, d.device)).float()
+            pol.ref.reshard()       # the root's gathered weights (embeddings, head) are not needed until next time
+        batches.append(MicroBatch(groups, adv, mask, ref))
+    if cfg.num_iterations > 1:          # the policy that sampled: fixed before the first update
+        with torch.no_grad():
+            for mb in batches:
+                mb.old_logprobs = right_pad(packed_logprobs(pol.model, mb.groups, d.device))
+    return batches
 
 
-def step_batch(cfg, d, failures, step) -> list[Failure]:
-    """This rank's share of the failures for `step`: a seeded permutation per epoch, so the data position
-    is a function of the step alone."""
-    n, B = len(failures), cfg.batch_size
-    picked = []
-    for k in range(step * B, (step + 1) * B):
-        epoch, i = divmod(k, n)
-        order = torch.randperm(n, generator=torch.Generator().manual_seed(cfg.seed * 7919 + epoch))
-        picked.append(failures[order[i]])
-    share = B // d.world
-    return picked[d.rank * share:(d.rank + 1) * share]
-
-
-# --- 5. report ----------------------------------------------------------------------------------------
-
-def write_report(cfg, out, evals, metrics, wall, split_size, forgetting):
-    """report.md, report.json and plot.png: the paper's table with 95% Wilson intervals and, on the same
-    test items, the exact McNemar test of each change from the vanilla model (compare.py's table, one run)."""
-    vanilla, trained = evals[0], evals[-1]
-    answers = read_jsonl(out / "eval_answers.jsonl")
-    at = {s: outcomes({r["id"]: r for r in answers if r["step"] == s}) for s in (0, trained["step"])}
-    what = method_name(asdict(cfg))
-    _, rows, numbers = paper_table([dict(name=f"trained ({trained['step']} steps)", method=what, steps=trained["step"],
-                                         vanilla=at[0], trained=at[trained["step"]])], True)
-    # The paper's columns; the changes and their tests follow the table.
-    header, rows = ["model", "first try", "second try"], [[r[0], r[3], r[4]] for r in rows]
-    forgot = {}
-    for name, (before, after) in forgetting.items():     # extra columns: first try on another task
-        n = len(before)
-        header.append(f"{name} first try ({n} items)")
-        rows[0].append(with_interval(sum(before.values()), n))
-        rows[1].append(with_interval(sum(after.values()), n))
-        forgot[name] = dict(before=sum(before.values()) / n, after=sum(after.values()) / n,
-                            change=paired_change(before, after))
-    table = markdown_table(header, rows)
-    subset = "the whole split" if trained["n"] >= split_size else "a subset (--eval-size), not the paper's full test set"
-    rewards = [m["reward"] for m in metrics]
-    lines = [f"# {what} on {cfg.task}: {cfg.model or 'SmolLM2-135M-Instruct (embedded)'}", "",
-             f"Test set: {trained['n']} of {split_size} {cfg.task} test examples, {subset}. Training: {len(metrics)} "
-             f"steps of {cfg.batch_size} failures x {cfg.num_generations} generations. Wall time {wall / 60:.1f} min.", "",
-             table, "", CAPTION, "",
-             f"- first try, vanilla -> trained: {change_text(numbers[0]['change_first'])}",
-             f"- second try, vanilla -> trained: {change_text(numbers[0]['change_second'])}"]
-    lines += [f"- forgetting, {name} first try: {change_text(f['change'])}" for name, f in forgot.items()]
-    lines += ["", f"Mean reward (retry success) per step: first {pct(rewards[0] if rewards else None)}, last "
-              f"{pct(rewards[-1] if rewards else None)}; zero-variance groups on average "
-              f"{pct(sum(m['zero_variance_groups'] for m in metrics) / max(len(metrics), 1))}.", "",
-              "![reward and accuracy](plot.png)", "",
-              "plot.png, left: mean reward per training step (blue). Right: test accuracy at each evaluation, "
-              "first try (blue) and second try (red). y from 0 to 1."]
-    (out / "report.md").write_text("\n".join(lines) + "\n")
-    write_json(out / "report.json", dict(config=asdict(cfg), test=dict(n=trained["n"], split_size=split_size),
-                                         vanilla=vanilla, trained=trained, paired=numbers[0], forgetting=forgot,
-                                         evals=evals, steps=metrics, wall_seconds=wall))
-    steps = [m["step"] for m in metrics]
-    plot_panels(out / "plot.png", [[(steps, rewards)],
-                                   [([e["step"] for e in evals], [e["first"] for e in evals]),
-                                    ([e["step"] for e in evals], [e["second"] for e in evals])]])
-    return table
-
-
-def run(argv=None):
-    cfg = parse_config(Config, argv, description=__doc__)
-    for name in ("steps", "train_size", "eval_size", "batch_size", "num_generations", "failure_samples",
-                 "max_completion_length", "max_reflection_length", "micro_batch_size", "num_iterations",
-                 "sampling_batch_size"):
-        if getattr(cfg, name) < 1:
-            raise BadInput(f"--{name.replace('_', '-')} must be at least 1")
-    if cfg.method == "grpo" and cfg.reflection == "generic":
-        raise BadInput("--reflection generic applies to --method rrr only")
-    out = Path(cfg.out or f"runs/{cfg.method}-{cfg.task}")
-    started = time.time()
-    d = par.init_distributed(cfg.device)
-    try:
-        if cfg.batch_size % d.world:
-            raise BadInput(f"--batch-size {cfg.batch_size} must be a multiple of the {d.world} ranks")
-        if cfg.bf16 is None:
-            cfg.bf16 = d.device.type == "cuda"
-        task, train, test = load_splits(cfg)                                         # 1
-        if cfg.failure_set:     # before the run folder exists: a refused run leaves nothing behind
-            on_rank0(d, lambda: check_failure_set(cfg, train))
-        saved = on_rank0(d, lambda: prepare_out(out, asdict(cfg), cfg.resume))
-        par.check_shared_folder(out, d)
-        pol = load_policy(cfg, d)
-        state = par.load_checkpoint(out / "checkpoints", pol.model, pol.optimizer, d) if saved else None
-        start = state["step"] if state else 0
-        # Rank 0 reads the run folder for everyone: on several nodes only the shared folder is certain.
-        evals, metrics = par.broadcast_object(
-            [[r for r in read_jsonl(out / name) if r["step"] <= start] for name in ("evals.jsonl", "metrics.jsonl")]
-            if d.main else None, d)
-        if d.main:   # drop what a crash left after the checkpoint; it is recomputed identically
-            for name, rows in (("evals.jsonl", evals), ("metrics.jsonl", metrics)):
-                (out / name).write_text("".join(json.dumps(r) + "\n" for r in rows))
-        if not evals:
-            evals.append(evaluate(cfg, d, pol, task, test, 0, out))                    # 2
-        forgetting_before = evaluate_forgetting(cfg, d, pol, 0, out)
-        failures = build_failure_set(cfg, d, pol, task, train, out)                     # 3
-        if not failures:
-            raise BadInput("the model solved every training query: no failures to learn from")
-        examples = {ex.id: ex for ex in train}
-        bar = tqdm(range(start, cfg.steps), desc="train", disable=not d.main, initial=start, total=cfg.steps)
-        for step in bar:                                                                # 4
-            t0 = time.time()
-            with sampling(pol):
-                episodes = rollout(cfg, d, pol, task, step_batch(cfg, d, failures, step), examples, step)
-            t1 = time.time()
-            stats = grpo_update(cfg, d, pol, episodes)
-            t2 = time.time()
-            row = step_metrics(cfg, d, step + 1, episodes, stats, t0, t1, t2)
-            metrics.append(row)
-            everyone = [e for es in par.all_gather_objects(episodes, d) for e in es]
-            if d.main:
-                append_jsonl(out / "metrics.jsonl", [row])
-                append_jsonl(out / "episodes.jsonl", [dict(step=step + 1, **asdict(e)) for e in everyone[:cfg.log_episodes]])
-                bar.set_postfix(reward=f"{row['reward']:.2f}", loss=f"{row['loss']:.4f}")
-            if cfg.eval_every and (step + 1) % cfg.eval_every == 0 and step + 1 < cfg.steps:
-                evals.append(evaluate(cfg, d, pol, task, test, step + 1, out))          # 5
-            if cfg.save_every and (step + 1) % cfg.save_every == 0:
-                par.save_checkpoint(out / "checkpoints", step + 1, pol.model, pol.optimizer, dict(), d)
-        if evals[-1]["step"] != cfg.steps:
-            evals.append(evaluate(cfg, d, pol, task, test, cfg.steps, out))             # 5
-        forgetting_after = evaluate_forgetting(cfg, d, pol, cfg.steps, out)
-        if d.main:
-            split_size = len(task.load("test", data_dir=resolve_data_dir(cfg.data_dir), seed=cfg.seed))
-            forgetting = {k: (forgetting_before[k], forgetting_after[k]) for k in forgetting_before}
-            table = write_report(cfg, out, evals, metrics, time.time() - started, split_size, forgetting)
-            print(f"\n{table}\n\nreport: {out / 'report.md'}")
-        par.export_hf(pol.model, pol.tokenizer, out / "final", d)
-    finally:
-        par.close_distributed()
-
-
-def on_rank0(d, work):
-    """work() on rank 0 only (it reads and writes the run folder); its result, or its BadInput, on every
-    rank. Every rank checking the folder itself would race with rank 0 creating it."""
-    outcome = None
-    if d.main:
-        try:
-            outcome = ("ok", work())
-        except BadInput as e:
-            outcome = ("bad", str(e))
-    outcome = par.broadcast_object(outcome, d)
-    if outcome[0] == "bad":
-        raise BadInput(outcome[1])
-    return outcome[1]
-
-
-def step_metrics(cfg, d, step, episodes, stats, t0, t1, t2) -> dict:
+def step_metrics(cfg, d, step, episodes, stats, sample_seconds, train_seconds) -> dict:
     """Global means over all ranks' episodes. `trained_*` describe the trained part: the reflection in RRR."""
     rewards = torch.tensor([e.reward for e in episodes])
     G = cfg.num_generations
@@ -670,9 +551,124 @@ def step_metrics(cfg, d, step, episodes, stats, t0, t1, t2) -> dict:
                      sum(len(e.ids) for e in episodes)], d)
     n, groups = max(g[1], 1), max(g[1] / G, 1)
     return dict(step=step, reward=g[0] / n, zero_variance_groups=g[2] / groups, trained_length=g[3] / n,
-                trained_truncated=g[4] / n, **stats, sample_tokens_per_s=g[5] / max(t1 - t0, 1e-9),
-                train_tokens_per_s=g[6] / max(t2 - t1, 1e-9), sample_seconds=t1 - t0, train_seconds=t2 - t1,
-                step_seconds=t2 - t0)
+                trained_truncated=g[4] / n, **stats, sample_tokens_per_s=g[5] / max(sample_seconds, 1e-9),
+                train_tokens_per_s=g[6] / max(train_seconds, 1e-9), sample_seconds=sample_seconds,
+                train_seconds=train_seconds, step_seconds=sample_seconds + train_seconds)
+
+
+def train_step(cfg, d, pol, task, failures, examples, step, out) -> dict:
+    """Step 4 once: this step's failures -> rollout -> update; appends its metrics and episodes."""
+    t0 = time.time()
+    with sampling(pol):
+        episodes = rollout(cfg, d, pol, task, step_batch(cfg, d, failures, step), examples, step)
+    t1 = time.time()
+    stats = grpo_update(cfg, d, pol, episodes)
+    row = step_metrics(cfg, d, step + 1, episodes, stats, t1 - t0, time.time() - t1)
+    everyone = [e for es in par.all_gather_objects(episodes, d) for e in es]
+    if d.main:
+        append_jsonl(out / "metrics.jsonl", [row])
+        append_jsonl(out / "episodes.jsonl", [dict(step=step + 1, **asdict(e)) for e in everyone[:cfg.log_episodes]])
+    return row
+
+
+# --- the driver ---------------------------------------------------------------------------------------
+
+def eval_scalars(e: dict) -> dict:
+    return {"eval/first_try": e["first"], "eval/second_try": e["second"]}
+
+
+def check_flags(cfg):
+    check_at_least_one(cfg, AT_LEAST_ONE)
+    check_model_name(cfg.model)
+    if cfg.method == "grpo" and cfg.reflection == "generic":
+        raise BadInput("--reflection generic applies to --method rrr only")
+
+
+def on_rank0(d, work, *args):
+    """work(*args) on rank 0 only (it reads and writes the run folder); its result, or its BadInput, on every
+    rank. Every rank checking the folder itself would race with rank 0 creating it."""
+    outcome = None
+    if d.main:
+        try:
+            outcome = ("ok", work(*args))
+        except BadInput as e:
+            outcome = ("bad", str(e))
+    outcome = par.broadcast_object(outcome, d)
+    if outcome[0] == "bad":
+        raise BadInput(outcome[1])
+    return outcome[1]
+
+
+def resume_logs(d, out, start) -> tuple[list, list]:
+    """The evaluations and step metrics of the run up to `start`, read by rank 0 for everyone (on several
+    nodes only the shared folder is certain). What a crash left after the checkpoint is dropped: it is
+    recomputed identically."""
+    evals, metrics = par.broadcast_object(
+        [[r for r in read_jsonl(out / name) if r["step"] <= start] for name in ("evals.jsonl", "metrics.jsonl")]
+        if d.main else None, d)
+    if d.main:
+        for name, rows in (("evals.jsonl", evals), ("metrics.jsonl", metrics)):
+            (out / name).write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return evals, metrics
+
+
+def run(argv=None):
+    cfg = parse_config(Config, argv, description=__doc__)
+    check_flags(cfg)
+    out = Path(cfg.out or f"runs/{cfg.method}-{cfg.task}")
+    # config.json and report.json record the model used and the run folder; the same flags resolve alike,
+    # so --resume still compares like with like.
+    cfg.model, cfg.out = cfg.model or EMBEDDED_MODEL, str(out)
+    started = time.time()
+    d = par.init_distributed(cfg.device)
+    tracker = Tracker()
+    try:
+        if cfg.batch_size % d.world:
+            raise BadInput(f"--batch-size {cfg.batch_size} must be a multiple of the {d.world} ranks")
+        if cfg.bf16 is None:
+            cfg.bf16 = d.device.type == "cuda"
+        task, train, test = load_splits(cfg.task, cfg.data_dir, cfg.train_size, cfg.eval_size, cfg.seed)  # 1
+        if cfg.failure_set:     # before the run folder exists: a refused run leaves nothing behind
+            on_rank0(d, check_failure_set, cfg, train)
+        saved = on_rank0(d, prepare_out, out, asdict(cfg), cfg.resume)
+        par.check_shared_folder(out, d)
+        tracker = open_tracker(cfg.report_to, out, asdict(cfg), d.main, project="rrr")
+        pol = load_policy(cfg, d)
+        state = par.load_checkpoint(out / "checkpoints", pol.model, pol.optimizer, d) if saved else None
+        start = state["step"] if state else 0
+        evals, metrics = resume_logs(d, out, start)
+        if not evals:
+            evals.append(evaluate(cfg, d, pol, task, test, 0, out))                       # 2
+            tracker.log(eval_scalars(evals[-1]), evals[-1]["step"])
+        forgetting_before = evaluate_forgetting(cfg, d, pol, 0, out)
+        failures = build_failure_set(cfg, d, pol, task, train, out)                        # 3
+        if not failures:
+            raise BadInput("the model solved every training query: no failures to learn from")
+        examples = {ex.id: ex for ex in train}
+        bar = tqdm(range(start, cfg.steps), desc="train", disable=not d.main, initial=start, total=cfg.steps)
+        for step in bar:                                                                   # 4
+            metrics.append(train_step(cfg, d, pol, task, failures, examples, step, out))
+            tracker.log(metrics[-1], metrics[-1]["step"])
+            bar.set_postfix(reward=f"{metrics[-1]['reward']:.2f}", loss=f"{metrics[-1]['loss']:.4f}")
+            if cfg.eval_every and (step + 1) % cfg.eval_every == 0 and step + 1 < cfg.steps:
+                evals.append(evaluate(cfg, d, pol, task, test, step + 1, out))             # 5
+                tracker.log(eval_scalars(evals[-1]), evals[-1]["step"])
+            if cfg.save_every and (step + 1) % cfg.save_every == 0:
+                par.save_checkpoint(out / "checkpoints", step + 1, pol.model, pol.optimizer, dict(), d,
+                                    save_total_limit=cfg.save_total_limit)
+        if evals[-1]["step"] != cfg.steps:
+            evals.append(evaluate(cfg, d, pol, task, test, cfg.steps, out))                # 5
+            tracker.log(eval_scalars(evals[-1]), evals[-1]["step"])
+        forgetting_after = evaluate_forgetting(cfg, d, pol, cfg.steps, out)
+        if d.main:
+            split_size = len(task.load("test", data_dir=resolve_data_dir(cfg.data_dir), seed=cfg.seed))
+            forgetting = {k: (forgetting_before[k], forgetting_after[k]) for k in forgetting_before}
+            table = write_report(asdict(cfg), out, evals, metrics, time.time() - started, split_size, forgetting)
+            print(f"\n{table}\n\nreport: {out / 'report.md'}")
+        par.export_hf(pol.model, pol.tokenizer, out / "final", d)
+    finally:
+        tracker.close()
+        par.close_distributed()
 
 
 if __name__ == "__main__":

@@ -1,19 +1,19 @@
 """What rrr.py and rerest.py share outside the model: the command line (built from a dataclass of
-flags, each with its help text), the run folder, JSON-lines logs, and the report (a markdown table
-and a PNG plot written with numpy + zlib, so no plotting package is needed).
+flags, each with its help text and real type), the run folder, JSON-lines logs, the report (a markdown
+table and matplotlib plots), and --report-to (TensorBoard or Weights & Biases).
 """
 
 import argparse
 import dataclasses
+import importlib
 import json
 import math
+import numbers
 import os
-import struct
 import sys
-import zlib
+import types
+import typing
 from pathlib import Path
-
-import numpy as np
 
 
 class BadInput(Exception):
@@ -25,34 +25,81 @@ def flag(default, help: str, choices=None):
     return dataclasses.field(default=default, metadata=dict(help=help, choices=choices))
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse's own errors (unknown flag, bad number, bad choice) raise BadInput instead of printing the
+    whole usage block, so main_guard reports them like every other bad input: one line, exit code 2.
+    --help still prints the help and exits 0 (that path calls exit(), not error())."""
+
+    def error(self, message):
+        raise BadInput(f"{message} (see --help)")
+
+
+def flag_kind(tp) -> tuple[str, type]:
+    """The kind of flag a field's real type makes: ("bool", bool) for bool and bool | None, ("list", X)
+    for list[X] | None (repeatable), ("value", X) for int, float, str and X | None. Other types are a bug
+    in the Config, not bad input, so they raise TypeError."""
+    args = typing.get_args(tp)
+    if typing.get_origin(tp) in (typing.Union, types.UnionType):     # X | None and Optional[X]
+        rest = [a for a in args if a is not type(None)]
+        if len(rest) != 1:
+            raise TypeError(f"unsupported flag type {tp}: only X | None unions")
+        tp, args = rest[0], typing.get_args(rest[0])
+    if tp is bool:
+        return "bool", bool
+    if typing.get_origin(tp) is list and len(args) == 1 and args[0] in (int, float, str):
+        return "list", args[0]
+    if tp in (int, float, str):
+        return "value", tp
+    raise TypeError(f"unsupported flag type {tp}")
+
+
+def flag_kinds(cls) -> dict:
+    """{field name: (kind, element type)} from the dataclass's resolved annotations (get_type_hints turns
+    string annotations into the real types, so nothing depends on how a type is spelled)."""
+    hints = typing.get_type_hints(cls)
+    return {f.name: flag_kind(hints[f.name]) for f in dataclasses.fields(cls)}
+
+
+def _help(f, note: str = "") -> str:
+    """The field's help with its default; '%' escaped since argparse %-formats help strings. A None
+    default is usually explained by the help text ("default: ..."); otherwise it is shown as none."""
+    text = f.metadata["help"].replace("%", "%%") + note
+    if f.default is not None:
+        shown = {True: "on", False: "off"}.get(f.default, f.default) if isinstance(f.default, bool) else f.default
+        return f"{text} (default: {shown})"
+    return text if "default" in text else f"{text} (default: none)"
+
+
+def build_parser(cls, description: str = "") -> argparse.ArgumentParser:
+    """The parser for dataclass `cls`: --config FILE, then one flag per field, typed by flag_kinds."""
+    parser = _Parser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--config", metavar="FILE", help="JSON object of flag values, e.g. a file in recipes/ "
+                        "({\"steps\": 200, \"model\": \"Qwen/Qwen2.5-1.5B-Instruct\"}); flags given here override it")
+    kinds = flag_kinds(cls)
+    for f in dataclasses.fields(cls):
+        name, choices = "--" + f.name.replace("_", "-"), f.metadata.get("choices")
+        kind, convert = kinds[f.name]
+        if kind == "bool":      # --name and --no-name
+            parser.add_argument(name, action=argparse.BooleanOptionalAction, default=f.default, help=_help(f))
+        elif kind == "list":    # repeatable: --name a --name b; default None, so append never grows a shared list
+            parser.add_argument(name, action="append", type=convert, default=None, choices=choices,
+                                help=_help(f, "; repeatable"), metavar=None if choices else f.name.upper())
+        else:                   # the metavar shows the choices when there are some: {a,b}
+            parser.add_argument(name, type=convert, default=f.default, choices=choices, help=_help(f),
+                                metavar=None if choices else f.name.upper())
+    return parser
+
+
 def parse_config(cls, argv=None, description: str = ""):
     """Builds an argparse parser from the fields of dataclass `cls` and returns an instance. `--config
     FILE` reads flag values from a JSON object (keys are flag names; keys starting with "_" are notes);
-    flags on the command line override it."""
-    parser = argparse.ArgumentParser(description=description,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--config", metavar="FILE", help="JSON object of flag values, e.g. a file in recipes/ "
-                        "({\"steps\": 200, \"model\": \"Qwen/Qwen2.5-1.5B-Instruct\"}); flags given here override it")
-    for f in dataclasses.fields(cls):
-        name = "--" + f.name.replace("_", "-")
-        meta, default = f.metadata, f.default
-        kind = f.type if isinstance(f.type, str) else str(f.type)   # e.g. "<class 'int'>", "float | None"
-        if "bool" in kind:      # --name and --no-name
-            parser.add_argument(name, action=argparse.BooleanOptionalAction, default=default, help=meta["help"])
-            continue
-        if "list" in kind:      # repeatable: --name a --name b
-            parser.add_argument(name, action="append", default=None, choices=meta.get("choices"),
-                                help=meta["help"] + " (repeatable)")
-            continue
-        convert = float if "float" in kind else int if "int" in kind else str
-        shown = "" if default is None else f" (default: {default})"
-        parser.add_argument(name, type=convert, default=default, choices=meta.get("choices"),
-                            help=meta["help"] + shown, metavar=None if meta.get("choices") else f.name.upper())
+    flags on the command line override it. Bad flags raise BadInput (one line)."""
+    parser = build_parser(cls, description)
     argv = sys.argv[1:] if argv is None else list(argv)
     config_file = parser.parse_known_args(argv)[0].config
     if config_file:
         # The file's values become flags placed before the command line's, so that the latter win and
-        # argparse checks both the same way.
+        # argparse checks both the same way (types and choices).
         argv = config_flags(Path(config_file), cls) + argv
     values = vars(parser.parse_args(argv))
     values.pop("config")
@@ -60,7 +107,8 @@ def parse_config(cls, argv=None, description: str = ""):
 
 
 def config_flags(path: Path, cls) -> list[str]:
-    """A --config file as command-line flags; unknown keys and values of the wrong kind are refused."""
+    """A --config file as command-line flags; unknown keys and values of the wrong kind are refused.
+    Uses flag_kinds, the same type information as the parser."""
     try:
         config = json.loads(path.read_text())
     except OSError as e:
@@ -69,7 +117,9 @@ def config_flags(path: Path, cls) -> list[str]:
         raise BadInput(f"--config {path}: not valid JSON ({e.msg}, line {e.lineno})") from None
     if not isinstance(config, dict):
         raise BadInput(f"--config {path}: must be a JSON object of flag values")
-    fields = {f.name: f for f in dataclasses.fields(cls)}
+    fields, kinds = {f.name: f for f in dataclasses.fields(cls)}, flag_kinds(cls)
+    words = {int: "an integer", float: "a number", str: "a string"}
+    plural = {int: "integers", float: "numbers", str: "strings"}
     flags = []
     for key, value in config.items():
         name = key.replace("-", "_")
@@ -77,29 +127,38 @@ def config_flags(path: Path, cls) -> list[str]:
             continue
         if name not in fields:
             raise BadInput(f"--config {path}: unknown flag {key!r}")
-        kind = str(fields[name].type)
+        option, (kind, convert) = "--" + name.replace("_", "-"), kinds[name]
         if value is None:
             if fields[name].default is not None:
                 raise BadInput(f"--config {path}: {key!r} cannot be null")
             continue
-        if "list" in kind:
-            if not (isinstance(value, list) and all(isinstance(v, str) for v in value)):
-                raise BadInput(f"--config {path}: {key!r} must be a list of strings")
-            flags += [x for v in value for x in (f"--{name.replace('_', '-')}", v)]
-        elif "bool" in kind:
+        if kind == "bool":
             if not isinstance(value, bool):
                 raise BadInput(f"--config {path}: {key!r} must be true or false")
-            flags.append(f"--{'' if value else 'no-'}{name.replace('_', '-')}")
-        else:
-            want = (int,) if "int" in kind else (int, float) if "float" in kind else (str,)
-            if not isinstance(value, want) or isinstance(value, bool):
-                raise BadInput(f"--config {path}: {key!r} must be {'an integer' if want == (int,) else 'a number' if int in want else 'a string'}")
-            flags += [f"--{name.replace('_', '-')}", str(value)]
+            flags.append(option if value else "--no-" + option[2:])
+            continue
+        # JSON has no int/float split: an integer is a fine float, true/false is never a number.
+        items = value if kind == "list" else [value]
+        want = (int, float) if convert is float else (convert,)
+        if (kind == "list" and not isinstance(value, list)) or \
+                not all(isinstance(v, want) and not isinstance(v, bool) for v in items):
+            raise BadInput(f"--config {path}: {key!r} must be "
+                           + (f"a list of {plural[convert]}" if kind == "list" else words[convert]))
+        flags += [f"{option}={v}" for v in items]    # "=": a value that starts with "-" stays a value
     return flags
 
 
 # Flags that may change when a run is resumed; any other difference means it is another run.
-RESUMABLE_CHANGES = {"steps", "eval_every", "save_every", "resume", "log_episodes", "device", "gradient_checkpointing"}
+RESUMABLE_CHANGES = {"steps", "eval_every", "save_every", "resume", "log_episodes", "device", "gradient_checkpointing",
+                     "report_to", "save_total_limit"}
+
+
+def check_at_least_one(cfg, names):
+    """BadInput for the first flag in `names` below 1 (a None value is not set and not checked)."""
+    for name in names:
+        value = getattr(cfg, name)
+        if value is not None and value < 1:
+            raise BadInput(f"--{name.replace('_', '-')} must be at least 1")
 
 
 def prepare_out(out: Path, config: dict, resume: bool) -> dict | None:
@@ -224,72 +283,204 @@ def main_guard(run, argv=None):
         sys.exit(2)
 
 
-# --- a dependency-free line plot --------------------------------------------------------------------
-
-# 3x5 bitmap digits for axis labels: each glyph is 5 rows of 3 bits.
-_GLYPHS = {"0": "111101101101111", "1": "010110010010111", "2": "111001111100111", "3": "111001111001111",
-           "4": "101101111001001", "5": "111100111001111", "6": "111100111101111", "7": "111001001001001",
-           "8": "111101111101111", "9": "111101111001111", ".": "000000000000010", "%": "101001010100101"}
-COLORS = [(31, 119, 180), (214, 39, 40), (44, 160, 44), (148, 103, 189), (255, 127, 14)]
-
-
-def _text(img, x, y, s, scale=2):
-    for i, ch in enumerate(s):
-        bits = _GLYPHS.get(ch)
-        if bits is None:
-            continue
-        for k, b in enumerate(bits):
-            if b == "1":
-                r, c = divmod(k, 3)
-                y0, x0 = y + r * scale, x + i * 4 * scale + c * scale
-                img[y0:y0 + scale, x0:x0 + scale] = 0
+def _require(module: str, install: str, purpose: str):
+    """Imports an optional package, or says in one line how to install it (a BadInput, exit code 2)."""
+    try:
+        return importlib.import_module(module)
+    except ImportError:
+        raise BadInput(f"{purpose} needs the {module} package, which is not installed: {install}") from None
 
 
-def _line(img, x0, y0, x1, y1, color):
-    n = int(max(abs(x1 - x0), abs(y1 - y0))) + 1
-    xs = np.linspace(x0, x1, n).round().astype(int)
-    ys = np.linspace(y0, y1, n).round().astype(int)
-    for dx in (0, 1):
-        for dy in (0, 1):
-            img[np.clip(ys + dy, 0, img.shape[0] - 1), np.clip(xs + dx, 0, img.shape[1] - 1)] = color
+# --- plots (matplotlib) ----------------------------------------------------------------------------------
+
+# Fixed sizes, so that every report's picture is the same number of pixels (figsize in inches x PLOT_DPI).
+PLOT_DPI = 100
+RRR_FIGSIZE = (15.0, 4.5)       # 1500 x 450: three panels side by side
+REREST_FIGSIZE = (10.0, 5.0)    # 1000 x 500
 
 
-def plot_panels(path: Path, panels: list[list[tuple[list, list]]], width=360, height=240):
-    """Writes a PNG of side-by-side panels; each panel is a list of (xs, ys) series with y in [0, 1].
-    Series colours follow COLORS in order; the y axis is labelled 0 and 1, the x axis with its range."""
-    pad = 30
-    img = np.full((height, width * len(panels), 3), 255, dtype=np.uint8)
-    for p, series in enumerate(panels):
-        left, right, top, bottom = p * width + pad, (p + 1) * width - 10, 10, height - pad
-        xs_all = [x for xs, _ in series for x in xs] or [0, 1]
-        lo, hi = min(xs_all), max(max(xs_all), min(xs_all) + 1)
-        img[top:bottom, left] = 0
-        img[bottom, left:right] = 0
-        for frac in (0.25, 0.5, 0.75, 1.0):
-            y = int(bottom - frac * (bottom - top))
-            img[y, left + 1:right:4] = 190
-        _text(img, left - 10, bottom - 5, "0")
-        _text(img, left - 10, top, "1")
-        _text(img, left, bottom + 8, str(lo))
-        _text(img, right - 8 * len(str(hi)), bottom + 8, str(hi))
-        for s, (xs, ys) in enumerate(series):
-            pts = [(left + (x - lo) / (hi - lo) * (right - left), bottom - min(max(y, 0), 1) * (bottom - top))
-                   for x, y in zip(xs, ys) if y is not None]
-            color = COLORS[s % len(COLORS)]
-            for (xa, ya), (xb, yb) in zip(pts, pts[1:]):
-                _line(img, xa, ya, xb, yb, color)
-            for xa, ya in pts:
-                img[int(ya) - 2:int(ya) + 3, int(xa) - 2:int(xa) + 3] = color
-    _write_png(path, img)
+def _figure(figsize):
+    """A matplotlib Figure drawn by the Agg canvas. pyplot is not used: it keeps global state and picks a
+    GUI backend, neither of which a training script wants; importing here keeps matplotlib optional
+    until a report is written."""
+    _require("matplotlib", "pip install matplotlib", "writing the report's plot")
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+    fig = Figure(figsize=figsize, dpi=PLOT_DPI, layout="constrained")
+    FigureCanvasAgg(fig)
+    return fig
 
 
-def _write_png(path: Path, img: np.ndarray):
-    h, w, _ = img.shape
-    raw = b"".join(b"\x00" + img[y].tobytes() for y in range(h))    # filter type 0 on every row
+def _save(fig, path: Path):
+    """Writes the PNG through a temporary name, so that a crash never leaves a half-written plot."""
+    tmp = Path(path).with_name(Path(path).name + ".tmp")
+    fig.savefig(tmp, format="png", dpi=PLOT_DPI)
+    os.replace(tmp, path)
 
-    def chunk(kind, data):
-        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
 
-    png = (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", w, h, 8, 2, 0, 0, 0))
-           + chunk(b"IDAT", zlib.compress(raw, 9)) + chunk(b"IEND", b""))
-    Path(path).write_bytes(png)
+def _values(rows: list[dict], key: str) -> list[float]:
+    """rows[i][key] as floats; a missing or None value becomes NaN, which matplotlib leaves as a gap."""
+    return [math.nan if r.get(key) is None else float(r[key]) for r in rows]
+
+
+def _no_data(ax, text: str):
+    ax.text(0.5, 0.5, text, transform=ax.transAxes, ha="center", va="center", color="0.4", fontsize=12)
+
+
+def _steps_axis(ax, steps):
+    """Whole-number ticks on a step axis; a single step gets a range around it (matplotlib would
+    otherwise zoom into fractions of a step)."""
+    from matplotlib.ticker import MaxNLocator
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    if steps and min(steps) == max(steps):
+        ax.set_xlim(steps[0] - 1, steps[0] + 1)
+
+
+def _legend(ax, *axes):
+    """One legend for the lines of several axes (a twinx pair); none when nothing was drawn, which
+    would otherwise make matplotlib warn."""
+    handles = [h for a in (ax,) + axes for h in a.get_legend_handles_labels()[0]]
+    if handles:
+        ax.legend(handles=handles, loc="best", fontsize=9)
+
+
+def plot_rrr(path: Path, metrics: list[dict], evals: list[dict], title: str | None = None):
+    """RRR's plot.png, three panels: (a) mean reward and the fraction of zero-variance groups per training
+    step (metrics' `step`, `reward`, `zero_variance_groups`); (b) first- and second-try test accuracy at
+    each evaluation (evals' `step`, `first`, `second`, in [0, 1]); (c) KL to the initial model
+    (`mean_kl`, left axis) and trained tokens per episode (`trained_length`, right axis) per step.
+    Empty metrics (0 training steps) or evals leave a panel saying so."""
+    from matplotlib.ticker import PercentFormatter
+    fig = _figure(RRR_FIGSIZE)
+    if title:
+        fig.suptitle(title)
+    a, b, c = fig.subplots(1, 3)
+    steps = [m["step"] for m in metrics]
+    for ax, at in ((a, steps), (b, [e["step"] for e in evals]), (c, steps)):
+        _steps_axis(ax, at)
+        ax.grid(alpha=0.3)
+    # Markers, so that a run with a single step or evaluation still shows its point.
+    if metrics:
+        a.plot(steps, _values(metrics, "reward"), marker="o", ms=3, label="mean reward (retry solved)")
+        a.plot(steps, _values(metrics, "zero_variance_groups"), marker="s", ms=3, ls="--",
+               label="zero-variance groups (no signal)")
+    else:
+        _no_data(a, "no training steps")
+    a.set(title="(a) reward per training step", xlabel="training step", ylabel="fraction", ylim=(-0.03, 1.03))
+    _legend(a)
+    if evals:
+        at = [e["step"] for e in evals]
+        b.plot(at, _values(evals, "first"), marker="o", label="first try")
+        b.plot(at, _values(evals, "second"), marker="s", ls="--", label="second try (after reflection)")
+    else:
+        _no_data(b, "no evaluations")
+    b.set(title="(b) test accuracy per evaluation", xlabel="training step", ylabel="accuracy", ylim=(-0.03, 1.03))
+    b.yaxis.set_major_formatter(PercentFormatter(1.0))
+    _legend(b)
+    # KL and length have unrelated units: two y axes, each coloured like its line.
+    c2 = c.twinx()
+    if metrics:
+        c.plot(steps, _values(metrics, "mean_kl"), color="C0", marker="o", ms=3, label="mean KL to initial model")
+        c2.plot(steps, _values(metrics, "trained_length"), color="C3", marker="s", ms=3, ls="--",
+                label="trained tokens per episode")
+    else:
+        _no_data(c, "no training steps")
+    c.set(title="(c) KL and trained length per step", xlabel="training step")
+    c.set_ylabel("mean KL (k3, per token)", color="C0")
+    c2.set_ylabel("trained tokens per episode", color="C3")
+    _legend(c, c2)
+    _save(fig, path)
+
+
+def plot_rerest(path: Path, rows: dict, sc: dict | None = None, title: str | None = None):
+    """Re-ReST's table as bars: pass@1 per row ({row name: pass@1 in [0, 1], or None for a row without a
+    score}) and, when given, the self-consistency pass@1 per row beside it. A None row has no bar and
+    says "n/a" (a missing score, not a zero)."""
+    import textwrap
+
+    from matplotlib.ticker import PercentFormatter
+    fig = _figure(REREST_FIGSIZE)
+    ax = fig.subplots()
+    names = list(rows)
+    series = [("pass@1 (greedy)", rows)] + ([("self-consistency pass@1", sc)] if sc is not None else [])
+    width = 0.8 / len(series)
+    shown = [v for _, values in series for v in values.values() if v is not None]
+    top = min(1.05, max([0.1] + shown) * 1.2)     # room above the tallest bar for its label
+    for s, (label, values) in enumerate(series):
+        xs = [i + (s - (len(series) - 1) / 2) * width for i in range(len(names))]
+        have = [(x, values.get(n)) for x, n in zip(xs, names) if values.get(n) is not None]
+        bars = ax.bar([x for x, _ in have], [v for _, v in have], width * 0.95, color=f"C{s}", label=label)
+        ax.bar_label(bars, labels=[f"{100 * v:.1f}%" for _, v in have], fontsize=8, padding=2)
+        for x, n in zip(xs, names):
+            if values.get(n) is None:
+                ax.text(x, top * 0.01, "n/a", ha="center", va="bottom", color="0.4", fontsize=9)
+    ax.set_xticks(range(len(names)), [textwrap.fill(n, 16) for n in names], fontsize=9)
+    ax.set(title=title or "Re-ReST: pass@1 on the test problems per row", xlabel="row of the report's table",
+           ylabel="pass@1 (share of test problems solved)", ylim=(0, top),
+           xlim=(-0.6, len(names) - 0.4))
+    ax.yaxis.set_major_formatter(PercentFormatter(1.0))
+    ax.grid(axis="y", alpha=0.3)
+    _legend(ax)
+    _save(fig, path)
+
+
+
+# --- --report-to: metrics while the run goes --------------------------------------------------------------
+
+REPORT_TO = ("none", "tensorboard", "wandb")      # TRL's names
+
+
+class Tracker:
+    """Where per-step metrics go besides metrics.jsonl (which stays the record). `log` keeps the real
+    numbers of a row (not bools, text or tensors) and does nothing when none are left; `close` runs once.
+    The default one (--report-to none, and every rank but the main one) does nothing."""
+
+    def __init__(self, write=None, finish=None):
+        self._write, self._finish = write, finish
+
+    def log(self, metrics: dict, step: int):
+        numbers_only = {k: float(v) for k, v in metrics.items()
+                        if isinstance(v, numbers.Real) and not isinstance(v, bool)}
+        if self._write is not None and numbers_only:
+            self._write(numbers_only, step)
+
+    def close(self):
+        finish, self._finish, self._write = self._finish, None, None
+        if finish is not None:
+            finish()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+
+def open_tracker(report_to: str, out: Path, config: dict, main: bool, project: str = "rrr") -> Tracker:
+    """The tracker for --report-to: "none"; "tensorboard" (event files in <out>/tensorboard); "wandb"
+    (wandb.init in <out>, project $WANDB_PROJECT else `project`, the run's config; WANDB_MODE, e.g.
+    offline, is read by wandb itself). Only the main rank writes. The package is imported on every rank,
+    so that a missing one stops all ranks with the same one-line BadInput instead of rank 0 alone while
+    the others wait for it. Call it after prepare_out has made the run folder."""
+    if report_to not in REPORT_TO:
+        raise BadInput(f"--report-to {report_to!r}: choose one of {', '.join(REPORT_TO)}")
+    if report_to == "none":
+        return Tracker()
+    if report_to == "tensorboard":
+        _require("tensorboard", "pip install tensorboard", "--report-to tensorboard")
+        if not main:
+            return Tracker()
+        from torch.utils.tensorboard import SummaryWriter
+        writer = SummaryWriter(log_dir=str(Path(out) / "tensorboard"))
+
+        def write(metrics, step):
+            for key, value in metrics.items():
+                writer.add_scalar(key, value, step)
+            writer.flush()     # a step takes seconds or more: flushing each keeps a crashed run's curves
+
+        return Tracker(write, writer.close)
+    wandb = _require("wandb", "pip install wandb", "--report-to wandb")
+    if not main:
+        return Tracker()
+    run = wandb.init(project=os.environ.get("WANDB_PROJECT", project), dir=str(out), config=config)
+    return Tracker(lambda metrics, step: run.log(metrics, step=step), run.finish)

@@ -47,6 +47,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from grpo import right_pad
+
 CHECK_EVERY = 8   # decode steps between the host's looks at how many rows still run (k >= 4)
 
 
@@ -324,11 +326,8 @@ def _sample(logits, temperature, top_k, top_p, generator):
 
 
 def _pad(chunks: list[list[int]], device) -> tuple[torch.Tensor, torch.Tensor]:
-    width = max(len(c) for c in chunks)
-    tokens = torch.zeros(len(chunks), width, dtype=torch.long)
-    for r, c in enumerate(chunks):
-        tokens[r, :len(c)] = torch.tensor(c, dtype=torch.long)
-    return tokens.to(device), torch.tensor([len(c) for c in chunks], device=device)
+    """Chunks -> right-padded token ids (rows, longest) and each chunk's length, on `device`."""
+    return right_pad(chunks).to(device), torch.tensor([len(c) for c in chunks], device=device)
 
 
 def window_block_for(device: torch.device) -> int:

@@ -2,6 +2,7 @@
 
     task = get_task("countdown")              # countdown | function_calling | mbpp | gsm8k
     train = task.load("train", data_dir=resolve_data_dir(None), size=100, seed=0)
+    task, train, test = load_splits("countdown", None, 100, 32, seed=0)   # both splits, never empty
     verdicts = task.check_batch(completions, train[:len(completions)])
 
 The data folder (`--data-dir`, else $RRR_DATA_DIR, else none: offline) is laid out as
@@ -101,6 +102,31 @@ def resolve_data_dir(flag_value) -> Path | None:
     return path
 
 
+class Verifier:
+    """A task's `check` when it is one function of verifiers.py: `function(completion, *values)`, the values
+    being the example's reference fields `fields` in order (a missing one is None). verifiers.py is imported
+    on the first check, so loading data does not need it."""
+
+    def __init__(self, function: str, *fields: str):
+        self.function, self.fields = function, fields
+
+    def __call__(self, completion: str, example: Example):
+        import verifiers
+        return getattr(verifiers, self.function)(completion, *(example.reference.get(f) for f in self.fields))
+
+    def __repr__(self):
+        return f"Verifier({self.function!r}, {', '.join(map(repr, self.fields))})"
+
+
+def make_task(name: str, *, reflection_prompt: str, answer_format: str, loader: Callable, verifier: Verifier,
+              retry_noun: str = "task", **options) -> Task:
+    """A Task whose retry prompt is the usual one ("Now try the <retry_noun> again, using your reflection.")
+    followed by the answer format; `options`: the other Task fields (batch_checker, splits, shuffle)."""
+    return Task(name, reflection_prompt=reflection_prompt,
+                retry_prompt=f"Now try the {retry_noun} again, using your reflection. " + answer_format,
+                answer_format=answer_format, loader=loader, checker=verifier, **options)
+
+
 def get_task(name: str) -> Task:
     from data import countdown, function_calling, gsm8k, mbpp
     tasks = {"countdown": countdown.TASK, "function_calling": function_calling.TASK, "mbpp": mbpp.TASK,
@@ -108,6 +134,20 @@ def get_task(name: str) -> Task:
     if name not in tasks:
         raise DataError(f"unknown task {name!r}; known: {', '.join(tasks)}")
     return tasks[name]
+
+
+def load_splits(task_name: str, data_dir, train_size: int | None, eval_size: int | None,
+                seed: int) -> tuple[Task, list[Example], list[Example]]:
+    """The task and its train and test examples, as every script loads them. `data_dir` is --data-dir's
+    value (resolve_data_dir: else $RRR_DATA_DIR, else offline data). An empty split is a DataError: no
+    run can learn from, or be scored on, nothing."""
+    task = get_task(task_name)
+    folder = resolve_data_dir(data_dir)
+    train = task.load("train", data_dir=folder, size=train_size, seed=seed)
+    test = task.load("test", data_dir=folder, size=eval_size, seed=seed)
+    if not train or not test:
+        raise DataError(f"task {task_name}: empty split (train {len(train)}, test {len(test)})")
+    return task, train, test
 
 
 def reflector_messages(task: Task, example: Example, failed: str, feedback: str) -> list[dict]:

@@ -9,7 +9,7 @@ puzzles the solver below can solve.
 import random
 import zlib
 
-from data import REFLECT_ANSWER, DataError, Example, Task, check_fields, read_jsonl_lines, user
+from data import REFLECT_ANSWER, DataError, Example, Verifier, check_fields, make_task, read_jsonl_lines, user
 
 OFFLINE_SIZE = {"train": 2000, "test": 500}   # generated when no size is asked for
 TEST_SEED = 0                                 # offline test puzzles are the same for every run
@@ -141,11 +141,5 @@ def load(split, data_dir, seed, size) -> list[Example]:
     return examples
 
 
-def check(completion, example):
-    from verifiers import check_countdown
-    return check_countdown(completion, example.reference["nums"], example.reference["target"])
-
-
-TASK = Task("countdown", reflection_prompt=REFLECT_ANSWER,
-            retry_prompt="Now try the task again, using your reflection. " + FORMAT,
-            answer_format=FORMAT, loader=load, checker=check, shuffle=False)
+TASK = make_task("countdown", reflection_prompt=REFLECT_ANSWER, answer_format=FORMAT, loader=load,
+                 verifier=Verifier("check_countdown", "nums", "target"), shuffle=False)

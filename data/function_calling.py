@@ -27,7 +27,8 @@ earlier row's prompt and answers are dropped. Offline: data/samples/function_cal
 import json
 import zlib
 
-from data import REFLECT_TOOL, SAMPLES, DataError, Example, Task, check_fields, read_json_rows, read_jsonl_lines
+from data import (REFLECT_TOOL, SAMPLES, DataError, Example, Verifier, check_fields, make_task, read_json_rows,
+                  read_jsonl_lines)
 
 FORMAT = ('Answer with the calls as a JSON list, [{"name": "<function name>", "arguments": {<argument>: <value>}}], '
           "and nothing else.")
@@ -150,11 +151,5 @@ def load(split, data_dir, seed, size) -> list[Example]:
     return chosen
 
 
-def check(completion, example):
-    from verifiers import check_function_calls
-    return check_function_calls(completion, example.reference["answers"], example.reference.get("tools"))
-
-
-TASK = Task("function_calling", reflection_prompt=REFLECT_TOOL,
-            retry_prompt="Now try the task again, using your reflection. " + FORMAT,
-            answer_format=FORMAT, loader=load, checker=check)
+TASK = make_task("function_calling", reflection_prompt=REFLECT_TOOL, answer_format=FORMAT, loader=load,
+                 verifier=Verifier("check_function_calls", "answers", "tools"))

@@ -7,7 +7,7 @@ shape plus a "split" field.
 
 import re
 
-from data import REFLECT_ANSWER, SAMPLES, DataError, Example, Task, read_jsonl_lines
+from data import REFLECT_ANSWER, SAMPLES, DataError, Example, Verifier, make_task, read_jsonl_lines
 
 FORMAT = "Reason step by step, then give the final number on its own last line as: #### <number>"
 FINAL = re.compile(r"####\s*-?[\d,]*\.?\d+\s*$")
@@ -31,11 +31,5 @@ def load(split, data_dir, seed, size) -> list[Example]:
     return examples
 
 
-def check(completion, example):
-    from verifiers import check_math
-    return check_math(completion, example.reference["answer"])
-
-
-TASK = Task("gsm8k", reflection_prompt=REFLECT_ANSWER,
-            retry_prompt="Now try the problem again, using your reflection. " + FORMAT,
-            answer_format=FORMAT, loader=load, checker=check)
+TASK = make_task("gsm8k", reflection_prompt=REFLECT_ANSWER, answer_format=FORMAT, loader=load,
+                 verifier=Verifier("check_math", "answer"), retry_noun="problem")

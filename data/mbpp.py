@@ -6,7 +6,7 @@ train 601-974. Offline: data/samples/mbpp.jsonl (small problems written for this
 same way by their own task ids: prompt 1-2, test 3-14, validation 15-16, train 17-40).
 """
 
-from data import REFLECT_ANSWER, SAMPLES, DataError, Example, Task, read_jsonl_lines
+from data import REFLECT_ANSWER, SAMPLES, DataError, Example, Verifier, make_task, read_jsonl_lines
 
 SPLITS = {"prompt": (1, 10), "test": (11, 510), "validation": (511, 600), "train": (601, 974)}
 OFFLINE_SPLITS = {"prompt": (1, 2), "test": (3, 14), "validation": (15, 16), "train": (17, 40)}
@@ -37,18 +37,12 @@ def load(split, data_dir, seed, size) -> list[Example]:
     return examples
 
 
-def check(completion, example):
-    from verifiers import check_code
-    return check_code(completion, example.reference["tests"], example.reference["setup"])
-
-
 def check_batch(completions, examples):
     # One sandboxed process per program, run in parallel.
     from verifiers import check_code_batch
     return check_code_batch([(c, ex.reference["tests"], ex.reference["setup"]) for c, ex in zip(completions, examples)])
 
 
-TASK = Task("mbpp", reflection_prompt=REFLECT_ANSWER,
-            retry_prompt="Now try the task again, using your reflection. " + FORMAT,
-            answer_format=FORMAT, loader=load, checker=check, batch_checker=check_batch,
-            splits=("train", "test", "validation", "prompt"))
+TASK = make_task("mbpp", reflection_prompt=REFLECT_ANSWER, answer_format=FORMAT, loader=load,
+                 verifier=Verifier("check_code", "tests", "setup"), batch_checker=check_batch,
+                 splits=("train", "test", "validation", "prompt"))

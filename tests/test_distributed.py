@@ -170,6 +170,33 @@ def saved_bytes(fn) -> int:
     return total[0]
 
 
+def test_save_total_limit_keeps_the_newest_checkpoints(tmp_path, one_process):
+    """TRL's save_total_limit: N keeps the newest N complete checkpoints; None (the default) keeps all."""
+    model = par.shard_model(tiny_model(vocab_size=32, seed=0), one_process)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    kept = {}
+    for limit in (None, 2):
+        folder = tmp_path / str(limit)
+        for step in (1, 2, 3):
+            par.save_checkpoint(folder, step, model, optimizer, {}, one_process, save_total_limit=limit)
+        kept[limit] = sorted(p.name for p in folder.glob("step_*"))
+        assert (folder / "latest").read_text() == "step_000003"
+    assert kept == {None: ["step_000001", "step_000002", "step_000003"], 2: ["step_000002", "step_000003"]}
+
+
+def test_export_files_get_the_umask_modes(tmp_path, tiny_chat, one_process):
+    """safetensors writes model.safetensors 0600; the export gives every file what the umask gives new files."""
+    from model import load_model
+    model, tok = load_model(str(tiny_chat), device="cpu", dtype=torch.float32)
+    old = os.umask(0o027)
+    try:
+        par.export_hf(model, tok, tmp_path / "m", one_process)
+    finally:
+        os.umask(old)
+    modes = {f.name: f.stat().st_mode & 0o777 for f in (tmp_path / "m").iterdir()}
+    assert "model.safetensors" in modes and set(modes.values()) == {0o640}, modes
+
+
 @pytest.mark.parametrize("fsdp", [False, True])
 def test_gradient_checkpointing_same_gradients_fewer_saved_activations(one_process, fsdp):
     """packed_logprobs runs a prefix pass that fills a KV cache and a continuation pass that reads it:

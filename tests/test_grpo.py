@@ -10,7 +10,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from grpo import group_advantages, packed_logprobs, policy_loss, span_mask, token_logprobs, zero_variance_fraction
+from grpo import (group_advantages, objective_share, packed_logprobs, policy_loss, right_pad, span_mask, token_logprobs,
+                  zero_variance_fraction)
 from sampler import generate
 from tiny import REPO, tiny_model
 
@@ -79,6 +80,56 @@ def test_policy_loss_equals_hand_computation(loss_type, beta):
     assert loss.item() == pytest.approx(expected, rel=1e-5, abs=1e-7)
     assert stats["tokens"] == 10
     assert 0 < stats["clip_sum"] < stats["tokens"]
+
+
+def test_objective_share_by_hand():
+    # A micro-batch of 3 rows and 5 trained tokens, on a rank with 20 trained tokens, of 12 rows over 2 ranks.
+    assert objective_share("dapo", 3, 12, 5, 20, 2) == 1.0
+    assert objective_share("grpo", 3, 12, 5, 20, 2) == 3 / 12
+    assert objective_share("dr_grpo", 3, 12, 5, 20, 2) == 3 / 12
+    assert objective_share("bnpo", 3, 12, 5, 20, 2) == 5 / 20 / 2
+    assert objective_share("bnpo", 3, 12, 0, 0, 1) == 0.0      # a rank with nothing trained
+    with pytest.raises(ValueError):
+        objective_share("nope", 3, 12, 5, 20, 2)
+
+
+@pytest.mark.parametrize("loss_type", ["grpo", "bnpo", "dr_grpo", "dapo"])
+def test_shares_of_micro_batches_and_ranks_add_up_to_the_whole_batch(loss_type):
+    """The contract of objective_share: over 2 ranks split into micro-batches, the sum of share x loss
+    equals the hand-computed objective of the whole batch (reference_loss on the whole batch; for bnpo,
+    each rank's token mean, averaged over the ranks)."""
+    g = torch.Generator().manual_seed(11)
+    B, T = 7, 6
+    lp = -torch.rand(B, T, generator=g) * 3
+    old = lp + (torch.rand(B, T, generator=g) - 0.5) * 0.8
+    adv = torch.randn(B, generator=g)
+    mask = span_mask([(1, 5), (2, 6), (0, 0), (3, 4), (1, 6), (4, 6), (2, 3)], T)
+    ranks = [[[0, 1], [2, 3]], [[4], [5, 6]]]                     # rank -> its micro-batches (rows)
+    total_rows, total_tokens = B, mask.sum().item()
+    got = 0.0
+    for micro in ranks:
+        local_tokens = sum(mask[rows].sum().item() for rows in micro)
+        for rows in micro:
+            loss, _ = policy_loss(lp[rows], old[rows], adv[rows], mask[rows], loss_type=loss_type,
+                                  max_completion_length=10, total_tokens=total_tokens)
+            got += loss.item() * objective_share(loss_type, len(rows), total_rows, mask[rows].sum().item(),
+                                                 local_tokens, len(ranks))
+    args = (lp.tolist(), old.tolist(), adv.tolist(), mask.tolist(), None, 0.0, 0.2, 0.2)
+    if loss_type == "bnpo":
+        mine = [[r for rows in micro for r in rows] for micro in ranks]
+        expected = sum(reference_loss(*[[x[r] for r in rs] for x in args[:4]], *args[4:], "bnpo", 10, None)
+                       for rs in mine) / len(ranks)
+    else:
+        expected = reference_loss(*args, loss_type, 10, total_tokens)
+    assert got == pytest.approx(expected, rel=1e-5, abs=1e-7)
+
+
+def test_right_pad_lists_and_tensors():
+    assert right_pad([[5, 6, 7], [8], []]).tolist() == [[5, 6, 7], [8, 0, 0], [0, 0, 0]]
+    assert right_pad([[]]).shape == (1, 1)
+    x = torch.tensor([0.5, -1.0], requires_grad=True)
+    padded = right_pad([x, torch.tensor([2.0])])
+    assert padded.tolist() == [[0.5, -1.0], [2.0, 0.0]] and padded.requires_grad
 
 
 def test_span_mask_from_spans_not_ids():

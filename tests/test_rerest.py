@@ -1,4 +1,4 @@
-"""rerest.py: the SFT and DPO losses against hand computations, LoRA against the plain model, the
+"""rerest.py (with finetune.py and rerest_report.py): the SFT and DPO losses against hand computations, LoRA against the plain model, the
 reflector's prompt and D_R, the DPO pairs, the report's intervals and McNemar tests against hand
 computations, and a tiny end-to-end run on 1 and 2 processes."""
 
@@ -10,9 +10,12 @@ import sys
 import pytest
 import torch
 
+import finetune
 import parallel as par
 import rerest
+import rerest_report
 from grpo import span_mask, token_logprobs
+from model import add_lora
 from runs import parse_config, read_jsonl
 from test_grpo import free_port, logits_to_logprobs
 from test_rrr import ENV
@@ -38,14 +41,14 @@ def test_sft_loss_ignores_prompt_and_equals_hand_computation():
     attn = torch.ones_like(ids)
     spans = [(4, 9), (6, 9)]                          # solution tokens; the rest is prompt
     mask = span_mask(spans, 9)
-    loss = rerest.sft_loss(token_logprobs(model, ids, attn, mask), mask, total_tokens=8)
+    loss = finetune.sft_loss(token_logprobs(model, ids, attn, mask), mask, total_tokens=8)
     with torch.no_grad():
         logp = model(ids).logits.log_softmax(-1)
     hand = -sum(logp[b, t - 1, ids[b, t]].item() for b, (s, e) in enumerate(spans) for t in range(s, e)) / 8
     assert loss.item() == pytest.approx(hand, rel=1e-5)
 
     logits = torch.randn(2, 9, 40, generator=g, requires_grad=True)
-    rerest.sft_loss(logits_to_logprobs(logits, ids), mask, 8).backward()
+    finetune.sft_loss(logits_to_logprobs(logits, ids), mask, 8).backward()
     for b, (s, e) in enumerate(spans):
         for t in range(9):
             assert (logits.grad[b, t].abs().sum() > 0) == (s <= t + 1 < e), (b, t)
@@ -54,7 +57,7 @@ def test_sft_loss_ignores_prompt_and_equals_hand_computation():
 def test_dpo_loss_equals_hand_computation():
     c, r = torch.tensor([-3.0, -10.0]), torch.tensor([-5.0, -4.0])
     rc, rr = torch.tensor([-4.0, -9.0]), torch.tensor([-4.5, -6.0])
-    got = rerest.dpo_loss(c, r, rc, rr, beta=0.5)
+    got = finetune.dpo_loss(c, r, rc, rr, beta=0.5)
     for i in range(2):
         margin = 0.5 * ((c[i] - rc[i]) - (r[i] - rr[i])).item()
         assert got[i].item() == pytest.approx(math.log(1 + math.exp(-margin)), rel=1e-6)
@@ -65,7 +68,7 @@ def test_lora_starts_as_identity_and_merges_exactly(one_process):
     ids = torch.randint(3, 64, (2, 7), generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
         before = model(ids).logits
-    rerest.add_lora(model, r=4, alpha=8, seed=0)
+    add_lora(model, r=4, alpha=8, seed=0)
     with torch.no_grad():
         assert torch.equal(model(ids).logits, before)
         for name, p in model.named_parameters():
@@ -75,7 +78,7 @@ def test_lora_starts_as_identity_and_merges_exactly(one_process):
     assert not torch.allclose(adapted, before, atol=1e-3)
     assert {n.split(".")[-1] for n, p in model.named_parameters() if p.requires_grad} == {"lora_a", "lora_b"}
     merged = tiny_model(vocab_size=64, seed=99)
-    missing, unexpected = merged.load_state_dict(rerest.merged_state(model), strict=False)
+    missing, unexpected = merged.load_state_dict(par.merged_state(model), strict=False)
     assert not unexpected and set(missing) <= {"lm_head.weight"}
     with torch.no_grad():
         assert torch.allclose(merged(ids).logits, adapted, atol=1e-5)
@@ -116,13 +119,13 @@ def test_dpo_reference_is_sharded_in_the_compute_dtype(tmp_path, tiny_chat, one_
     """With --bf16 the DPO reference is a frozen bf16 copy sharded like the trained model (2/N bytes
     per parameter per rank), not a full fp32 model on every rank; the trained model keeps fp32 masters."""
     seen = []
-    real = rerest.token_logprobs
+    real = finetune.token_logprobs
 
     def spy(model, *args, **kwargs):
         seen.append({(type(p).__name__, p.dtype, p.requires_grad) for p in model.parameters()})
         return real(model, *args, **kwargs)
 
-    monkeypatch.setattr(rerest, "token_logprobs", spy)
+    monkeypatch.setattr(finetune, "token_logprobs", spy)
     data = [([5, 6, 7], [8, 9], [10, 11, 12])] * 2
     cfg = parse_config(rerest.Config, ["--epochs", "1", "--batch-size", "2", "--micro-batch-size", "2",
                                        "--lora-r", "0", "--bf16"])
@@ -195,7 +198,7 @@ def test_report_intervals_and_mcnemar_equal_hand_computations():
     sizes = {"self-training": (5, 0), "Re-ReST": (5, 3), "DPO": (5, 3)}
     dpo = dict(pairs=4, own_correction=3, fallback=1, unpaired=2)
     cfg = parse_config(rerest.Config, ["--task", "mbpp", "--data-dir", "/real/data"])
-    text, table, summary = rerest.report(cfg, rows, sizes, 500, dpo)
+    text, table, summary = rerest_report.report(cfg, rows, sizes, 500, dpo)
     assert "pass@1 [95% CI] on 10 of 500 MBPP test problems" in table.splitlines()[0]
     assert "10 of 500 MBPP test problems, a subset" in text
     lines = {line.split(" | ")[0].strip("| "): line for line in table.splitlines()}
@@ -224,7 +227,7 @@ def test_report_intervals_and_mcnemar_equal_hand_computations():
     rows = {"base": dict(items=solved({0}), sc_items=solved(range(5)), time=60.0),
             "Re-ReST": dict(items=solved({0}), sc_items=solved(range(10)), time=60.0)}
     cfg = parse_config(rerest.Config, ["--self-consistency", "3", "--data-dir", "/real/data"])
-    text, table, summary = rerest.report(cfg, rows, {}, 10)
+    text, table, summary = rerest_report.report(cfg, rows, {}, 10)
     assert "10 of 10 MBPP test problems, the whole split" in text and "not a blind test-time method" in text
     assert "| Re-ReST | 10.0% [1.8, 40.4] | +0.0 pts, p = 1, within noise | 100.0% [72.2, 100.0] | " \
            "+50.0 pts, p = 0.0625, within noise |" in table
@@ -254,6 +257,7 @@ def test_tiny_end_to_end_prints_the_table(tmp_path, tiny_chat, nproc):
     assert f"4 of {split} MBPP test problems, a subset" in report and "exact two-sided McNemar test" in report
     summary = json.loads((out / "report.json").read_text())
     assert summary["test"] == dict(n=4, split_size=split, task="mbpp")
+    assert summary["config"]["model"] == str(tiny_chat) and summary["config"]["out"] == str(out.resolve())
     assert all(r["pass1"] is None or len(r["items"]) == 4 for r in summary["rows"].values())
     samples = read_jsonl(next(out.glob("samples-*.jsonl")))
     dpo = summary["dpo_pairs"]
@@ -271,11 +275,14 @@ def test_tiny_end_to_end_prints_the_table(tmp_path, tiny_chat, nproc):
     (["--k", "0"], "--k must be at least 1"),
     (["--task", "countdown", "--self-consistency", "3"], "needs --task mbpp"),
     (["--data-dir", "/no/such/folder"], "does not exist"),
+    (["--model", "/nonexistent"], "error: no such folder: /nonexistent"),
+    (["--save-total-limit", "0"], "--save-total-limit must be at least 1"),
 ])
 def test_bad_input_exits_2_with_one_line(tmp_path, extra, message):
     done = subprocess.run([sys.executable, str(REPO / "rerest.py"), f"--out={tmp_path / 'x'}"] + extra, env=ENV,
                           capture_output=True, text=True, timeout=120)
     assert done.returncode == 2 and message in done.stderr and "Traceback" not in done.stderr, done.stderr
+    assert len(done.stderr.strip().splitlines()) == 1 and not (tmp_path / "x").exists(), done.stderr
 
 
 def test_require_isolation_refuses_without_bubblewrap_and_writes_nothing(tmp_path):

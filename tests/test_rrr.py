@@ -83,7 +83,8 @@ def test_two_ranks_equal_one_process_and_write_everything(tmp_path, tiny_chat):
     assert report["trained"]["step"] == 2 and report["vanilla"]["n"] == 4
 
     # Replay both updates in one process on the episodes the two ranks sampled: the losses, gradient
-    # norms and final weights must match (RESEARCH.md pitfall 1).
+    # norms and final weights must match (loss normalisation across micro-batches and ranks: TRL issue
+    # #3021, PR #3231).
     cfg = parse_config(rrr.Config, args)
     d = par.init_distributed("cpu")
     try:
@@ -278,7 +279,8 @@ def test_out_with_another_run_is_refused_and_kept(tmp_path, tiny_chat):
 def test_trained_span_is_exactly_the_reflection_embedded(embedded, tmp_path):
     """Real rollouts on the embedded model: the trained tokens decode to the reflection and nothing
     else, the context is the conversation the chat template renders, and the stop token ending the
-    reflection is trained (RESEARCH.md pitfall 2)."""
+    reflection is trained (left padding, or a pad id equal to EOS, would hide the EOS tokens inside chat
+    prompts and the one that ends the reflection)."""
     model, tok = embedded
     cfg = parse_config(rrr.Config, ["--task", "countdown", "--max-completion-length", "24",
                                     "--max-reflection-length", "160", "--num-generations", "3", "--beta", "0"])

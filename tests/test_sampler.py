@@ -17,7 +17,8 @@ def chat_prompts(tokenizer, texts):
 
 def hf_greedy(model, prompt, n):
     # The mask is explicit: with no mask, HF infers one from pad_token_id, and SmolLM2's pad token is
-    # its EOS token <|im_end|>, which every chat prompt contains (RESEARCH.md pitfall 2).
+    # its EOS token <|im_end|>, which every chat prompt contains after each turn: the inferred mask would
+    # hide those tokens inside the prompt.
     ids = torch.tensor([prompt])
     out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=n, eos_token_id=None,
                          do_sample=False, pad_token_id=0)
@@ -118,7 +119,8 @@ def test_seeded_and_first_token_drawn_per_row():
     c = generate(model, prompt, max_new_tokens=12, num_samples=8, generator=torch.Generator().manual_seed(8))
     assert a.tokens == b.tokens and a.logprobs == b.logprobs
     assert a.tokens != c.tokens
-    # After the shared prefill each row draws its own first token (RESEARCH.md pitfall 4).
+    # After the shared prefill each row draws its own first token: drawing it once before copying the
+    # prefix's cache would give all num_samples rows the same first token.
     assert len({t[0] for t in a.tokens}) > 1
     assert len({tuple(t) for t in a.tokens}) == 8
 

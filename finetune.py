@@ -1,0 +1,87 @@
+"""Fine-tuning on token ids, as Re-ReST's steps 4 and 5 train (rerest.train_model): supervised (SFT) on
+(prompt, target) pairs or DPO on (prompt, chosen, rejected) triples against the frozen initial model; full
+fine-tuning or LoRA (model.add_lora); FSDP-sharded over the ranks, resumable from a checkpoint per epoch, and
+exported in Hugging Face format with LoRA merged (parallel.export_hf). Only the target tokens enter a loss.
+
+`cfg` is any object with rerest.Config's training fields: lora_r, lora_alpha, seed, bf16,
+gradient_checkpointing, learning_rate, batch_size, micro_batch_size, epochs, dpo_beta, save_total_limit.
+"""
+
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from tqdm import tqdm
+
+import parallel as par
+from grpo import pad_batch, token_logprobs
+from model import add_lora, load_model
+
+MAX_GRAD_NORM = 1.0
+EPOCH_SEED_STRIDE = 7919          # the data order of epoch e is seeded by seed * 7919 + e
+
+
+def sft_loss(logprobs, mask, total_tokens):
+    """Mean negative log-likelihood of the solution tokens (mask 1) over the whole step's solution tokens."""
+    return -(logprobs * mask).sum() / total_tokens
+
+
+def dpo_loss(chosen, rejected, ref_chosen, ref_rejected, beta):
+    """Per pair: -log sigmoid(beta * ((pi_c - ref_c) - (pi_r - ref_r))), from sequence log-prob sums (P,)."""
+    return -F.logsigmoid(beta * ((chosen - ref_chosen) - (rejected - ref_rejected)))
+
+
+def train_model(cfg, d, init: str | None, data: list, folder: Path, kind: str = "sft") -> Path:
+    """Fine-tunes `init` and exports it to `folder` (Hugging Face format, LoRA merged). data: for "sft",
+    (prompt_ids, target_ids) pairs; for "dpo", (prompt_ids, chosen_ids, rejected_ids) triples."""
+    if (folder / "config.json").exists():
+        return folder
+    # Loaded on the CPU: sharding moves one layer at a time to the device.
+    model, tok = load_model(init, device="cpu", dtype=torch.float32)
+    if cfg.lora_r:
+        add_lora(model, cfg.lora_r, cfg.lora_alpha, cfg.seed)
+    model.train()
+    par.shard_model(model, d, bf16=cfg.bf16, checkpointing=cfg.gradient_checkpointing)
+    ref = None
+    if kind == "dpo":    # the base model, frozen, sharded like the trained one, in the compute dtype
+        ref, _ = load_model(init, device="cpu", dtype=torch.bfloat16 if cfg.bf16 else torch.float32)
+        par.shard_model(ref.requires_grad_(False), d, bf16=cfg.bf16)
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=cfg.learning_rate)
+    per_rank = cfg.batch_size // d.world
+    steps_per_epoch = max(1, -(-len(data) // cfg.batch_size))
+    total = cfg.epochs * steps_per_epoch
+    state = par.load_checkpoint(folder / "checkpoints", model, optimizer, d) or dict(step=0)
+    for step in tqdm(range(state["step"], total), desc=f"train {folder.name}", disable=not d.main):
+        epoch, i = divmod(step, steps_per_epoch)
+        order = torch.randperm(len(data), generator=torch.Generator().manual_seed(cfg.seed * EPOCH_SEED_STRIDE + epoch)).tolist()
+        # Every rank takes the same number of rows (wrapping around), so FSDP's collectives line up.
+        picked = [data[order[(i * cfg.batch_size + j) % len(data)]] for j in range(cfg.batch_size)]
+        mine = picked[d.rank * per_rank:(d.rank + 1) * per_rank]
+        if kind == "sft":
+            total_tokens = sum(len(t) for _, t in picked)
+            for start in range(0, len(mine), cfg.micro_batch_size):
+                part = mine[start:start + cfg.micro_batch_size]
+                ids, attn, mask = pad_batch([p + t for p, t in part], [(len(p), len(p) + len(t)) for p, t in part], d.device)
+                loss = sft_loss(token_logprobs(model, ids, attn, mask), mask, total_tokens)
+                (loss * d.world).backward()        # FSDP averages over ranks
+        else:
+            for start in range(0, len(mine), cfg.micro_batch_size):
+                part = mine[start:start + cfg.micro_batch_size]
+                seqs = [p + c for p, c, _ in part] + [p + r for p, _, r in part]
+                spans = [(len(p), len(p) + len(c)) for p, c, _ in part] + [(len(p), len(p) + len(r)) for p, _, r in part]
+                ids, attn, mask = pad_batch(seqs, spans, d.device)
+                sums = token_logprobs(model, ids, attn, mask).sum(1)
+                with torch.no_grad():
+                    ref_sums = token_logprobs(ref, ids, attn, mask).sum(1)
+                ref.reshard()      # its root stays gathered after a forward that has no backward
+                n = len(part)
+                loss = dpo_loss(sums[:n], sums[n:], ref_sums[:n], ref_sums[n:], cfg.dpo_beta).sum() / cfg.batch_size
+                (loss * d.world).backward()
+        torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad], MAX_GRAD_NORM)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        if (step + 1) % steps_per_epoch == 0 and step + 1 < total:
+            par.save_checkpoint(folder / "checkpoints", step + 1, model, optimizer, {}, d,
+                                save_total_limit=cfg.save_total_limit)
+    par.export_hf(model, tok, folder, d)         # LoRA merged
+    return folder

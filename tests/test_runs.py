@@ -1,0 +1,190 @@
+"""runs.py: flags from a dataclass's real types, one-line flag errors, --report-to (TensorBoard read back
+by its own reader; W&B faked or absent), and the report's PNG plots (pixel size from the IHDR chunk)."""
+
+# String annotations on purpose: parse_config must resolve them to real types, not read their text.
+from __future__ import annotations
+
+import json
+import struct
+import sys
+import types
+from dataclasses import dataclass
+
+import pytest
+
+import runs
+from runs import BadInput, flag
+
+
+@dataclass
+class Cfg:
+    fast: bool = flag(True, "a switch that is on by default")
+    bf16: bool | None = flag(None, "on, off, or decided later (default: by device)")
+    steps: int = flag(3, "an integer")
+    rate: float = flag(0.5, "a number")
+    mode: str = flag("a", "a choice", choices=["a", "b"])
+    model: str | None = flag(None, "an optional string")
+    eps: float | None = flag(None, "an optional number")
+    task: list[str] | None = flag(None, "repeatable", choices=["x", "y", "z"])
+    ids: list[int] | None = flag(None, "repeatable integers")
+
+
+def test_flags_follow_the_real_types():
+    cfg = runs.parse_config(Cfg, ["--no-fast", "--bf16", "--steps", "7", "--rate", "1e-3", "--mode", "b",
+                                  "--model", "m", "--eps=0.25", "--task", "x", "--task", "z", "--ids", "4", "--ids", "-2"])
+    assert cfg == Cfg(fast=False, bf16=True, steps=7, rate=1e-3, mode="b", model="m", eps=0.25, task=["x", "z"], ids=[4, -2])
+    assert type(cfg.steps) is int and type(cfg.rate) is float and type(cfg.ids[0]) is int
+    assert runs.parse_config(Cfg, []) == Cfg()
+    assert runs.parse_config(Cfg, ["--no-bf16", "--fast"]).bf16 is False
+    assert runs.parse_config(Cfg, ["--rate", "2"]).rate == 2.0
+    assert runs.flag_kinds(Cfg)["bf16"] == ("bool", bool) and runs.flag_kinds(Cfg)["ids"] == ("list", int)
+
+
+def test_unsupported_type_is_a_bug_not_bad_input():
+    with pytest.raises(TypeError, match="unsupported flag type"):
+        runs.flag_kind(dict[str, int])
+    with pytest.raises(TypeError, match="only X | None"):
+        runs.flag_kind(int | str)
+
+
+@pytest.mark.parametrize("argv, message", [(["--steps", "x"], "argument --steps: invalid int value: 'x'"),
+                                           (["--stepz", "1"], "unrecognized arguments: --stepz 1"),
+                                           (["--mode", "c"], "argument --mode: invalid choice: 'c'"),
+                                           (["--task", "w"], "argument --task: invalid choice: 'w'"),
+                                           (["--no-steps"], "unrecognized arguments: --no-steps")])
+def test_flag_errors_are_one_line(argv, message, capsys):
+    with pytest.raises(BadInput) as e:
+        runs.parse_config(Cfg, argv)
+    assert message in str(e.value) and "\n" not in str(e.value)
+    assert capsys.readouterr().err == ""         # no usage block printed by argparse
+    # Through main_guard: one line on stderr and exit code 2, as for every other bad input.
+    with pytest.raises(SystemExit) as exit_:
+        runs.main_guard(lambda args: runs.parse_config(Cfg, args), argv)
+    err = capsys.readouterr().err
+    assert exit_.value.code == 2 and err.startswith("error: ") and message in err and err.count("\n") == 1
+
+
+def test_help_shows_defaults_and_choices(capsys):
+    with pytest.raises(SystemExit) as exit_:
+        runs.parse_config(Cfg, ["--help"])
+    out = capsys.readouterr().out
+    assert exit_.value.code == 0
+    assert "--fast, --no-fast" in out and "--bf16, --no-bf16" in out
+    for shown in ["(default: on)", "(default: 3)", "(default: 0.5)", "--mode {a,b}", "(default: a)",
+                  "--task {x,y,z}", "repeatable; repeatable (default: none)", "(default: by device)"]:
+        assert shown in out, shown
+    # Every flag states its default: given, or "none" when the help text does not explain a None.
+    assert out.count("(default: none)") == 4     # model, eps, task, ids
+
+
+def test_config_file_uses_the_same_types(tmp_path):
+    path = tmp_path / "c.json"
+    path.write_text(json.dumps({"fast": False, "rate": 2, "task": ["y", "x"], "ids": [1, 2], "model": "-dash",
+                                "bf16": None, "_note": "skipped"}))
+    cfg = runs.parse_config(Cfg, ["--config", str(path), "--task", "z"])
+    assert (cfg.fast, cfg.rate, cfg.task, cfg.ids, cfg.model, cfg.bf16) == (False, 2.0, ["y", "x", "z"], [1, 2], "-dash", None)
+    for bad, message in [({"ids": ["1"]}, "'ids' must be a list of integers"), ({"task": "x"}, "must be a list of strings"),
+                         ({"rate": True}, "'rate' must be a number"), ({"steps": 1.5}, "'steps' must be an integer"),
+                         ({"fast": "yes"}, "true or false"), ({"steps": None}, "cannot be null"),
+                         ({"mode": "c"}, "invalid choice: 'c'")]:
+        path.write_text(json.dumps(bad))
+        with pytest.raises(BadInput, match=message):
+            runs.parse_config(Cfg, ["--config", str(path)])
+
+
+# --- --report-to ---------------------------------------------------------------------------------------
+
+def test_report_to_none_and_other_ranks_write_nothing(tmp_path):
+    for report_to, main in [("none", True), ("tensorboard", False)]:
+        if report_to == "tensorboard":
+            pytest.importorskip("tensorboard")
+        with runs.open_tracker(report_to, tmp_path, {}, main) as tracker:
+            tracker.log({"reward": 1.0}, 1)
+    assert list(tmp_path.iterdir()) == []
+    with pytest.raises(BadInput, match="choose one of none, tensorboard, wandb"):
+        runs.open_tracker("mlflow", tmp_path, {}, True)
+
+
+def test_tensorboard_events_read_back_by_tensorboard(tmp_path):
+    pytest.importorskip("tensorboard")
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    tracker = runs.open_tracker("tensorboard", tmp_path, dict(steps=2), True)
+    tracker.log({"reward": 0.25, "train/loss": 1.5, "note": "text", "finished": True, "n": 3}, 1)
+    tracker.log({"reward": 0.75, "train/loss": 0.5}, 2)
+    tracker.close()
+    acc = EventAccumulator(str(tmp_path / "tensorboard"))
+    acc.Reload()
+    assert sorted(acc.Tags()["scalars"]) == ["n", "reward", "train/loss"]    # numbers only, no bools
+    assert [(e.step, e.value) for e in acc.Scalars("reward")] == [(1, 0.25), (2, 0.75)]
+    assert [(e.step, e.value) for e in acc.Scalars("train/loss")] == [(1, 1.5), (2, 0.5)]
+    assert [(e.step, e.value) for e in acc.Scalars("n")] == [(1, 3.0)]
+
+
+@pytest.mark.parametrize("main", [True, False])
+def test_missing_wandb_is_one_line_with_the_install_command(tmp_path, monkeypatch, main):
+    monkeypatch.setitem(sys.modules, "wandb", None)      # import wandb now fails, installed or not
+    with pytest.raises(BadInput) as e:
+        runs.open_tracker("wandb", tmp_path, {}, main)   # every rank stops, not rank 0 alone
+    assert "pip install wandb" in str(e.value) and "\n" not in str(e.value)
+
+
+def test_missing_tensorboard_is_one_line_with_the_install_command(tmp_path, monkeypatch):
+    monkeypatch.setitem(sys.modules, "tensorboard", None)
+    with pytest.raises(BadInput, match="pip install tensorboard"):
+        runs.open_tracker("tensorboard", tmp_path, {}, True)
+
+
+def test_wandb_gets_project_dir_config_and_numbers_only(tmp_path, monkeypatch):
+    calls = []
+    run = types.SimpleNamespace(log=lambda metrics, step: calls.append(("log", metrics, step)),
+                                finish=lambda: calls.append(("finish",)))
+    fake = types.ModuleType("wandb")
+    fake.init = lambda **kw: calls.append(("init", kw)) or run
+    monkeypatch.setitem(sys.modules, "wandb", fake)
+    monkeypatch.setenv("WANDB_PROJECT", "mine")
+    assert calls == [] and runs.open_tracker("wandb", tmp_path, dict(a=1), False).log({"x": 1}, 1) is None
+    tracker = runs.open_tracker("wandb", tmp_path, dict(steps=2), True, project="rerest")
+    tracker.log({"reward": 0.5, "note": "text", "ok": False, "kl": 1e-3}, 4)
+    tracker.log({"note": "only text"}, 5)
+    tracker.close()
+    tracker.close()
+    assert calls == [("init", dict(project="mine", dir=str(tmp_path), config=dict(steps=2))),
+                     ("log", {"reward": 0.5, "kl": 1e-3}, 4), ("finish",)]
+
+
+# --- plots ---------------------------------------------------------------------------------------------
+
+def png_size(path) -> tuple[int, int]:
+    """(width, height) from the PNG's IHDR chunk, which must come first after the signature."""
+    data = path.read_bytes()
+    assert data[:8] == b"\x89PNG\r\n\x1a\n" and data[12:16] == b"IHDR" and data.endswith(b"IEND\xaeB`\x82")
+    return struct.unpack(">II", data[16:24])
+
+
+def expected(figsize) -> tuple[int, int]:
+    return round(figsize[0] * runs.PLOT_DPI), round(figsize[1] * runs.PLOT_DPI)
+
+
+def test_rrr_plot_is_a_png_of_the_chosen_size(tmp_path):
+    pytest.importorskip("matplotlib")
+    metrics = [dict(step=s, reward=s / 10, zero_variance_groups=1 - s / 10, mean_kl=s * 1e-4, trained_length=30 + s)
+               for s in range(1, 6)]
+    evals = [dict(step=0, first=0.1, second=0.2), dict(step=5, first=0.2, second=0.4)]
+    assert expected(runs.RRR_FIGSIZE) == (1500, 450)
+    for name, m, e in [("full", metrics, evals), ("no-steps", [], evals[:1]), ("nothing", [], []),
+                       ("no-kl", [dict(step=1, reward=0.0, zero_variance_groups=1.0)], evals)]:
+        path = tmp_path / f"{name}.png"
+        runs.plot_rrr(path, m, e, title=name)
+        assert png_size(path) == expected(runs.RRR_FIGSIZE), name
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["full.png", "no-kl.png", "no-steps.png", "nothing.png"]
+
+
+def test_rerest_plot_is_a_png_of_the_chosen_size(tmp_path):
+    pytest.importorskip("matplotlib")
+    rows = {"base": 0.1, "Re-ReST": 0.2, "Re-ReST + trained reflector": None, "DPO": 0.0}
+    runs.plot_rerest(tmp_path / "sc.png", rows, {"base": 0.3, "Re-ReST": None, "Re-ReST + trained reflector": None, "DPO": 0.5})
+    runs.plot_rerest(tmp_path / "plain.png", rows)
+    runs.plot_rerest(tmp_path / "none.png", {"base": None})
+    for name in ("sc", "plain", "none"):
+        assert png_size(tmp_path / f"{name}.png") == expected(runs.REREST_FIGSIZE) == (1000, 500)
