@@ -282,7 +282,7 @@ def memory(shape, args, dev) -> dict:
 
             pol.optimizer.step = measured_step
             peak(dev, reset=True)
-            rrr.grpo_update(cfg, d, pol, episodes)
+            rrr.grpo_update(cfg, d, pol, episodes, rrr.trained_length_limit(cfg))
             m["after_step"] = allocated(dev) - base if m["optimizer_step_peak"] != "skipped" else "skipped"
         out["phases"] = {k: dict(measured=m[k], formula=f[k]) for k in f}
         out["sampling_peak"] = m["sampling_peak"]

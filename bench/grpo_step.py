@@ -41,7 +41,7 @@ def ours(args):
         t = time.perf_counter()
         with rrr.sampling(pol):
             episodes = rrr.rollout(cfg, d, pol, task, failures, examples, step)
-        rrr.grpo_update(cfg, d, pol, episodes)
+        rrr.grpo_update(cfg, d, pol, episodes, rrr.trained_length_limit(cfg))
         times.append(time.perf_counter() - t)
         assert sum(e.sampled for e in episodes) == args.prompts * args.generations * args.new_tokens
     par.close_distributed()

@@ -67,7 +67,7 @@ if mode == "phases":
     prompt = [5, 6, 7, 8, 9, 10]
     episodes = [rrr.Episode("x", prompt + [11 + r, 12, 13], (6, 9), float(r % 2), False, 3, advantage=float(r % 2) - 0.5)
                 for r in range(4)]
-    rrr.grpo_update(cfg, d, pol, episodes)
+    rrr.grpo_update(cfg, d, pol, episodes, rrr.trained_length_limit(cfg))
     result["after_backward"] = seen[1]
     result["after_step"] = live_bytes() - start
 elif mode == "gather":

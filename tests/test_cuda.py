@@ -180,7 +180,7 @@ def nprocs():
 @pytest.mark.slow
 @pytest.mark.parametrize("nproc", nprocs())
 def test_rrr_run_equals_one_process_replay(tmp_path, tiny_chat, nproc):
-    """2 steps of rrr.py, then the logged episodes replayed through rrr.grpo_update in this process
+    """2 steps of rrr.py, then the logged episodes replayed through policy.grpo_update (as rrr.py calls it) in this process
     (1 rank): each step's loss and gradient norm, and the exported weights, must match. bf16 compute
     differs with the batch split, hence the tolerances (fp32: those of tests/test_rrr.py)."""
     out = tmp_path / "run"

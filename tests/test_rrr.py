@@ -107,7 +107,7 @@ def test_two_ranks_equal_one_process_and_write_everything(tmp_path, tiny_chat):
 
 
 def replay(cfg, d, pol, out, metrics, rel, abs):
-    """Replays each logged step's episodes through rrr.grpo_update in this process: its loss and gradient
+    """Replays each logged step's episodes through policy.grpo_update (as rrr.py calls it) in this process: its loss and gradient
     norm must equal the run's."""
     episodes = read_jsonl(out / "episodes.jsonl")
     for m in metrics:
@@ -116,7 +116,7 @@ def replay(cfg, d, pol, out, metrics, rel, abs):
         eps = [rrr.Episode(**{k: v for k, v in e.items() if k != "step"}) for e in rows]
         for e in eps:
             e.span = tuple(e.span)
-        stats = rrr.grpo_update(cfg, d, pol, eps)
+        stats = rrr.grpo_update(cfg, d, pol, eps, rrr.trained_length_limit(cfg))
         assert stats["loss"] == pytest.approx(m["loss"], rel=rel, abs=abs), m["step"]
         assert stats["grad_norm"] == pytest.approx(m["grad_norm"], rel=rel), m["step"]
 
@@ -247,7 +247,7 @@ def test_dr_grpo_divides_by_the_trained_parts_length_limit(tiny_chat, tmp_path, 
     d = par.init_distributed("cpu")
     try:
         pol = rrr.load_policy(cfg, d)
-        stats = rrr.grpo_update(cfg, d, pol, episodes)
+        stats = rrr.grpo_update(cfg, d, pol, episodes, rrr.trained_length_limit(cfg))
     finally:
         par.close_distributed()
     assert stats["loss"] == pytest.approx(expected, rel=1e-5)

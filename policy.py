@@ -1,0 +1,152 @@
+"""The policy being trained, and its GRPO update: what rrr.py's steps sample from and train.
+
+- `Policy`: the FSDP-sharded model with fp32 master weights, a full copy in the compute dtype that each
+  rank samples from alone (its weights exist only inside `sampling`), the frozen reference model for
+  the KL term, the tokenizer, the stop tokens and the optimizer. `load_policy` builds it.
+- `grpo_update`: one optimisation step on a rank's episodes, in micro-batches of whole groups whose
+  shared context is computed once (grpo.packed_logprobs), each micro-batch's loss (grpo.policy_loss)
+  scaled to its share of the global objective (grpo.objective_share).
+"""
+
+from contextlib import contextmanager
+from dataclasses import dataclass
+
+import torch
+
+import parallel as par
+from grpo import objective_share, packed_logprobs, policy_loss, right_pad, summarize_stats
+from model import load_model, stop_token_ids
+from runs import BadInput
+from sampler import fuse_projections
+
+
+@dataclass
+class Policy:
+    model: torch.nn.Module          # FSDP-sharded, fp32 master weights: trained
+    sampler: torch.nn.Module        # a full copy in the compute dtype that each rank samples from alone;
+                                    # its weights exist only inside `sampling(pol)`
+    ref: torch.nn.Module | None     # the frozen initial model for the KL term, sharded like the model
+    tokenizer: object
+    stops: list[int]
+    optimizer: torch.optim.Optimizer
+
+    def decode(self, tokens):
+        return self.tokenizer.decode(tokens, skip_special_tokens=True)
+
+
+@dataclass
+class MicroBatch:
+    """One forward/backward pass of the update: whole groups of G episodes, `rows` in all."""
+    groups: list[tuple[list[int], list[list[int]]]]   # (shared context, [trained tokens of each episode])
+    advantages: torch.Tensor                # (rows,)
+    mask: torch.Tensor                      # (rows, T): 1 on the trained tokens that get a loss
+    ref_logprobs: torch.Tensor | None       # (rows, T): the reference model's, for the KL term (--beta > 0)
+    old_logprobs: torch.Tensor | None = None   # (rows, T): the sampling policy's (--num-iterations > 1)
+
+
+def load_policy(cfg, d) -> Policy:
+    """The trained model (sharded), the sampler (an empty full copy) and the reference model (sharded,
+    compute dtype). Loaded on the CPU: sharding moves one layer at a time to the device, so no rank
+    ever holds a whole fp32 model there."""
+    model, tokenizer = load_model(cfg.model, device="cpu", dtype=torch.float32)
+    try:
+        from sampler import _layers
+        _layers(model)
+    except ValueError as e:
+        raise BadInput(str(e)) from None
+    if cfg.gradient_checkpointing is None:
+        cfg.gradient_checkpointing = par.checkpointing_by_default(model)
+    compute = torch.bfloat16 if cfg.bf16 else torch.float32
+    sampler = fuse_projections(par.empty_copy(model, compute, d.device))
+    par.free_weights(sampler)
+    stops = stop_token_ids(tokenizer, model)
+    model.train()
+    par.shard_model(model, d, bf16=cfg.bf16, checkpointing=cfg.gradient_checkpointing)
+    ref = None
+    if cfg.beta > 0:     # loaded in the compute dtype: parameters cast, the rotary table kept in fp32
+        ref, _ = load_model(cfg.model, device="cpu", dtype=compute)
+        par.shard_model(ref.requires_grad_(False), d, bf16=cfg.bf16)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.learning_rate, weight_decay=cfg.weight_decay)
+    return Policy(model, sampler, ref, tokenizer, stops, optimizer)
+
+
+@contextmanager
+def sampling(pol):
+    """The sampler's full weights exist inside this block only: gathered from the shards (a layer at a
+    time, in the compute dtype) on entry, freed on exit, so they never sit beside the update."""
+    par.copy_full_weights(pol.model, pol.sampler)
+    try:
+        yield
+    finally:
+        par.free_weights(pol.sampler)
+
+
+def grpo_update(cfg, d, pol, episodes, length_limit: int) -> dict:
+    """One optimisation step (or --num-iterations) on this rank's episodes. The G episodes of a failure
+    share their context, which is computed once per group (grpo.packed_logprobs). Gradients are summed
+    over micro-batches and ranks, and each micro-batch's loss is scaled to its share of the global
+    objective (grpo.objective_share), so the step does not depend on how the batch is split (TRL issue
+    #3021 and PR #3231: loss normalisation across micro-batches and ranks). `length_limit`: the trained
+    part's token limit, which dr_grpo divides by."""
+    trained = [e.ids[e.span[0]:e.span[1]] for e in episodes]
+    # --mask-truncated-completions zeroes a cut row's mask but keeps its tokens in the forward pass:
+    # every rank then runs the same forward and backward calls whatever its data (FSDP's collectives
+    # must line up), and a micro-batch whose rows were all cut still has a graph to run backward on.
+    kept = [0.0 if cfg.mask_truncated_completions and e.truncated else 1.0 for e in episodes]
+    local_tokens = sum(len(t) * k for t, k in zip(trained, kept))
+    total_tokens, total_rows = par.all_sum([local_tokens, len(episodes)], d)
+    batches = micro_batches(cfg, d, pol, episodes, trained, kept)
+    sums, loss_total, grad_norm = dict(tokens=0.0, clip_sum=0.0, ratio_sum=0.0, kl_sum=0.0), 0.0, 0.0
+    if total_tokens == 0:
+        return dict(loss=0.0, grad_norm=0.0, **summarize_stats(sums))
+    pol.model.train()
+    for _ in range(cfg.num_iterations):
+        for mb in batches:
+            lp = right_pad(packed_logprobs(pol.model, mb.groups, d.device))            # (rows, T)
+            loss, st = policy_loss(lp, lp.detach() if mb.old_logprobs is None else mb.old_logprobs, mb.advantages,
+                                   mb.mask, ref_logprobs=mb.ref_logprobs, beta=cfg.beta, epsilon=cfg.epsilon,
+                                   epsilon_high=cfg.epsilon_high, loss_type=cfg.loss_type,
+                                   max_completion_length=length_limit, total_tokens=total_tokens)
+            share = objective_share(cfg.loss_type, len(mb.advantages), total_rows, mb.mask.sum().item(),
+                                    local_tokens, d.world)
+            # Gradients are reduce-scattered after every micro-batch: skipping that for all but the last
+            # would keep a full unsharded fp32 gradient on every rank (30 GB for a 7B model).
+            (loss * share * d.world).backward()     # FSDP averages over ranks: * world makes it a sum
+            loss_total += loss.item() * share
+            for k in sums:
+                sums[k] += st[k]
+        if cfg.max_grad_norm > 0:
+            norm = torch.nn.utils.clip_grad_norm_(pol.model.parameters(), cfg.max_grad_norm)
+        else:
+            norm = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(par.full_tensor(p.grad))
+                                                         for p in pol.model.parameters() if p.grad is not None]))
+        grad_norm = float(par.full_tensor(norm))
+        pol.optimizer.step()
+        pol.optimizer.zero_grad(set_to_none=True)
+    g = par.all_sum([loss_total / cfg.num_iterations] + [sums[k] for k in sums], d)
+    return dict(loss=g[0], grad_norm=grad_norm, **summarize_stats(dict(zip(sums, g[1:]))))
+
+
+def micro_batches(cfg, d, pol, episodes, trained, kept) -> list[MicroBatch]:
+    """This rank's episodes in micro-batches of whole groups (--micro-batch-size rows at most, one group
+    at least), with the reference model's log-probs and, for --num-iterations > 1, the sampling policy's."""
+    G = cfg.num_generations
+    per_micro = max(1, cfg.micro_batch_size // G)            # whole groups per forward/backward pass
+    batches = []
+    for start in range(0, len(episodes), G * per_micro):
+        rows = list(range(start, min(start + G * per_micro, len(episodes))))
+        groups = [(episodes[r].ids[:episodes[r].span[0]], [trained[q] for q in rows[i:i + G]])
+                  for i, r in enumerate(rows) if i % G == 0]
+        adv = torch.tensor([episodes[r].advantage for r in rows], device=d.device)
+        mask = right_pad([torch.full((len(trained[r]),), kept[r]) for r in rows]).to(d.device)     # (rows, T)
+        ref = None
+        if cfg.beta > 0:
+            with torch.no_grad():
+                ref = right_pad(packed_logprobs(pol.ref, groups, d.device)).float()
+            pol.ref.reshard()       # the root's gathered weights (embeddings, head) are not needed until next time
+        batches.append(MicroBatch(groups, adv, mask, ref))
+    if cfg.num_iterations > 1:          # the policy that sampled: fixed before the first update
+        with torch.no_grad():
+            for mb in batches:
+                mb.old_logprobs = right_pad(packed_logprobs(pol.model, mb.groups, d.device))
+    return batches
