@@ -48,7 +48,8 @@ from data import Task, load_splits, reflector_messages, resolve_data_dir
 from finetune import train_model
 from model import chat_ids, check_model_name, load_model, stop_token_ids
 from rerest_report import recorded_config, write_report
-from runs import REPORT_TO, BadInput, Tracker, append_jsonl, flag, main_guard, open_tracker, parse_config, read_jsonl
+from runs import (REPORT_TO, BadInput, Tracker, append_jsonl, check_at_least_one, flag, main_guard, open_tracker,
+                  parse_config, read_jsonl)
 from sampler import fuse_projections, generate
 
 # --- constants and flags ------------------------------------------------------------------------------
@@ -460,9 +461,7 @@ def link_final(s: Setup, agents: list[Agent]):
 
 def check_flags(cfg):
     """Everything that can be refused before the run folder is touched, each in one line."""
-    for name in POSITIVE_FLAGS + (("save_total_limit",) if cfg.save_total_limit is not None else ()):
-        if getattr(cfg, name) < 1:
-            raise BadInput(f"--{name.replace('_', '-')} must be at least 1")
+    check_at_least_one(cfg, POSITIVE_FLAGS + ("save_total_limit",))
     if cfg.self_consistency and cfg.task != "mbpp":
         raise BadInput("--self-consistency votes by program outputs: it needs --task mbpp")
     check_model_name(cfg.model)

@@ -24,6 +24,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 def ours(args):
     import parallel as par
     import rrr
+    from data import load_splits
     from runs import parse_config
 
     cfg = parse_config(rrr.Config, ["--method", "grpo", "--num-generations", str(args.generations),
@@ -31,7 +32,7 @@ def ours(args):
                                     "--learning-rate", "1e-6", "--batch-size", str(args.prompts),
                                     "--micro-batch-size", str(args.micro_batch), "--device", "cpu"])
     d = par.init_distributed("cpu")
-    task, train, _ = rrr.load_splits(parse_config(rrr.Config, ["--train-size", str(args.prompts), "--eval-size", "1"]))
+    task, train, _ = load_splits("countdown", None, args.prompts, 1, 0)
     pol = rrr.load_policy(cfg, d)
     pol.stops = []                                   # no early stop: every completion is full length
     failures = [rrr.Failure(ex.id, [], None, "", 1) for ex in train]
@@ -53,11 +54,10 @@ def trl(args):
     from transformers import TrainerCallback
     from trl import GRPOConfig, GRPOTrainer
 
-    import rrr
+    from data import load_splits
     from model import load_model
-    from runs import parse_config
 
-    task, train, _ = rrr.load_splits(parse_config(rrr.Config, ["--train-size", str(args.prompts), "--eval-size", "1"]))
+    task, train, _ = load_splits("countdown", None, args.prompts, 1, 0)
     model, tokenizer = load_model(None, device="cpu")
     model.train()
     references = {ex.messages[-1]["content"]: ex for ex in train}

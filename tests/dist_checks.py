@@ -20,6 +20,7 @@ if mode == "export":    # a short timeout for every ordinary collective, as NCCL
     dist.init_process_group("gloo", timeout=datetime.timedelta(seconds=3))
 
 import parallel as par  # noqa: E402
+import policy  # noqa: E402
 import rrr  # noqa: E402
 from runs import parse_config  # noqa: E402
 
@@ -57,13 +58,13 @@ if mode == "phases":
     # Two micro-batches of one group each; the bytes held after the first backward are read when the
     # second micro-batch computes its loss.
     seen = []
-    loss_fn = rrr.policy_loss
+    loss_fn = policy.policy_loss
 
     def measuring_loss(*args, **kwargs):
         seen.append(live_bytes() - start)
         return loss_fn(*args, **kwargs)
 
-    rrr.policy_loss = measuring_loss
+    policy.policy_loss = measuring_loss     # what policy.grpo_update calls
     prompt = [5, 6, 7, 8, 9, 10]
     episodes = [rrr.Episode("x", prompt + [11 + r, 12, 13], (6, 9), float(r % 2), False, 3, advantage=float(r % 2) - 0.5)
                 for r in range(4)]

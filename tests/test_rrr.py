@@ -17,6 +17,8 @@ from safetensors.torch import load_file
 
 import parallel as par
 import rrr
+from data import load_splits
+from policy import Policy
 from runs import parse_config, read_jsonl
 from test_grpo import free_port
 from tiny import REPO, save_tiny_chat_model
@@ -183,7 +185,7 @@ def test_failure_set_resumed_after_a_kill_equals_an_uninterrupted_one(tmp_path, 
     d = par.init_distributed("cpu")
     try:
         pol = rrr.load_policy(cfg, d)
-        task, train, _ = rrr.load_splits(cfg)
+        task, train, _ = load_splits(cfg.task, cfg.data_dir, cfg.train_size, cfg.eval_size, cfg.seed)
         (tmp_path / "a").mkdir()
         straight = rrr.build_failure_set(cfg, d, pol, task, train, tmp_path / "a")
         text = (tmp_path / "a" / "failures.jsonl").read_text()
@@ -284,9 +286,9 @@ def test_trained_span_is_exactly_the_reflection_embedded(embedded, tmp_path):
     model, tok = embedded
     cfg = parse_config(rrr.Config, ["--task", "countdown", "--max-completion-length", "24",
                                     "--max-reflection-length", "160", "--num-generations", "3", "--beta", "0"])
-    task, train, _ = rrr.load_splits(parse_config(rrr.Config, ["--train-size", "2", "--eval-size", "1"]))
+    task, train, _ = load_splits("countdown", None, 2, 1, 0)
     d = par.Dist(0, 1, torch.device("cpu"))
-    pol = rrr.Policy(model, model, None, tok, [tok.eos_token_id], None)
+    pol = Policy(model, model, None, tok, [tok.eos_token_id], None)
     prompts = [rrr.chat_ids(tok, ex.messages) for ex in train]
     gen = rrr.sample(pol, prompts, cfg, max_new_tokens=24, temperature=0)
     failures = [rrr.Failure(ex.id, t, rrr.stop_of(t, f), "", 1) for ex, t, f in zip(train, gen.tokens, gen.finished)]
