@@ -16,7 +16,7 @@ import sys
 from pathlib import Path
 
 from runs import (BadInput, change_text, main_guard, markdown_table, paired_change, pct, plot_rrr, read_jsonl,
-                  wilson_interval, with_interval, write_json)
+                  setting_differs, wilson_interval, with_interval, write_json)
 
 
 def outcomes(rows: dict) -> dict:
@@ -80,7 +80,7 @@ def compare(folders: list[Path]) -> tuple[str, dict]:
     for run in runs[1:]:
         for what, key in (("task", lambda r: r["cfg"]["task"]), ("test items", lambda r: sorted(r["vanilla"]["first"])),
                           ("vanilla model", lambda r: r["cfg"]["model"])):
-            if key(run) != key(first):
+            if key(run) != key(first) and (what != "vanilla model" or setting_differs("model", key(first), key(run))):
                 raise BadInput(f"{run['name']} has another {what} than {first['name']}: not comparable")
     # Greedy decoding of one model gives one vanilla evaluation; if the runs' differ (other max lengths,
     # say), each is paired with its own.

@@ -41,7 +41,7 @@ from grpo import group_advantages, zero_variance_fraction
 from model import EMBEDDED_MODEL, chat_ids, check_model_name, next_turn_ids
 from policy import grpo_update, load_policy, sampling
 from runs import (REPORT_TO, BadInput, Tracker, append_jsonl, check_at_least_one, flag, main_guard, open_tracker,
-                  parse_config, prepare_out, read_jsonl)
+                  parse_config, prepare_out, read_jsonl, setting_differs)
 from sampler import generate
 
 GENERIC_REFLECTION = ("I made a mistake in my previous answer. I will read the task again carefully, "
@@ -272,7 +272,7 @@ def check_failure_set(cfg, train):
     theirs, ours = rows[0].get("meta") if rows and isinstance(rows[0], dict) else None, failure_set_meta(cfg)
     if not isinstance(theirs, dict):
         raise BadInput(f"--failure-set {path}: not a failure set (its first line is not a meta line)")
-    changed = sorted(k for k in set(theirs) | set(ours) if theirs.get(k) != ours.get(k))
+    changed = sorted(k for k in set(theirs) | set(ours) if setting_differs(k, theirs.get(k), ours.get(k)))
     if changed:
         what = ", ".join(f"{k}: {theirs.get(k)!r} there, {ours.get(k)!r} here" for k in changed)
         raise BadInput(f"--failure-set {path} was built with other settings ({what})")
@@ -290,7 +290,9 @@ def build_failure_set(cfg, d, pol, task, train, out) -> list[Failure]:
     path = Path(cfg.failure_set) if cfg.failure_set else out / "failures.jsonl"
     meta = failure_set_meta(cfg)
     rows = par.broadcast_object(read_jsonl(path) if d.main else None, d)     # rank 0 reads for all
-    if rows and rows[0].get("meta") != meta:
+    theirs = rows[0].get("meta") if rows else None
+    if rows and (not isinstance(theirs, dict) or any(setting_differs(k, theirs.get(k), meta.get(k))
+                                                      for k in set(theirs) | set(meta))):
         raise BadInput(f"{path} was built with other settings: {rows[0].get('meta')}")
     on_disk = {r["id"]: r for r in rows[1:]}
     missing = sum(ex.id not in on_disk for ex in train)

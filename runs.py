@@ -161,6 +161,17 @@ def check_at_least_one(cfg, names):
             raise BadInput(f"--{name.replace('_', '-')} must be at least 1")
 
 
+def setting_differs(key: str, before, now) -> bool:
+    """Whether a recorded setting differs from this run's. Runs recorded before the model and folder were
+    resolved wrote null for them: null is the embedded model, and the folder the run is in."""
+    if before == now:
+        return False
+    if key == "model":
+        from model import EMBEDDED_NAMES
+        return not (before in EMBEDDED_NAMES and now in EMBEDDED_NAMES)
+    return not (key == "out" and before is None)
+
+
 def prepare_out(out: Path, config: dict, resume: bool) -> dict | None:
     """Creates the run folder, or checks that --resume continues the same run. Returns the saved config
     of the run being resumed (None for a new run). Never deletes or overwrites anything."""
@@ -170,7 +181,7 @@ def prepare_out(out: Path, config: dict, resume: bool) -> dict | None:
         if not resume:
             raise BadInput(f"--out {out} already holds a run; pass --resume to continue it, or choose another --out")
         changed = sorted(k for k in set(saved) | set(config)
-                         if k not in RESUMABLE_CHANGES and saved.get(k) != config.get(k))
+                         if k not in RESUMABLE_CHANGES and setting_differs(k, saved.get(k), config.get(k)))
         if changed:
             what = ", ".join(f"{k}: {saved.get(k)!r} -> {config.get(k)!r}" for k in changed)
             raise BadInput(f"--resume with other settings than the run in {out} ({what})")

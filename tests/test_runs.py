@@ -188,3 +188,16 @@ def test_rerest_plot_is_a_png_of_the_chosen_size(tmp_path):
     runs.plot_rerest(tmp_path / "none.png", {"base": None})
     for name in ("sc", "plain", "none"):
         assert png_size(tmp_path / f"{name}.png") == expected(runs.REREST_FIGSIZE) == (1000, 500)
+
+
+def test_runs_recorded_with_null_model_and_folder_still_resume(tmp_path):
+    """config.json written before the model and folder were resolved holds null for both: null is the
+    embedded model and the folder itself, never another model."""
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / "config.json").write_text(json.dumps(dict(model=None, out=None, steps=8, seed=0)))
+    assert runs.prepare_out(out, dict(model="SmolLM2-135M-Instruct", out=str(out), steps=9, seed=0), resume=True)
+    with pytest.raises(runs.BadInput, match="model: None -> 'Qwen/Qwen2.5-1.5B-Instruct'"):
+        runs.prepare_out(out, dict(model="Qwen/Qwen2.5-1.5B-Instruct", out=str(out), steps=8, seed=0), resume=True)
+    with pytest.raises(runs.BadInput, match="seed"):
+        runs.prepare_out(out, dict(model=None, out=str(out), steps=8, seed=1), resume=True)
