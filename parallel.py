@@ -43,6 +43,7 @@ from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
 from model import decoder_layers, make_readable, merge_lora  # noqa: F401  (decoder_layers: part of the API)
+from runs import BadInput, flag
 from sandbox import local_share_of_cores
 
 
@@ -55,6 +56,27 @@ class Dist:
     @property
     def main(self) -> bool:
         return self.rank == 0
+
+
+@dataclass
+class MachineFlags:
+    """The hardware flags rrr.py and rerest.py share: each script's Config extends this, and its --help
+    lists them after its own flags."""
+    bf16: bool | None = flag(None, "compute in bf16 with fp32 master weights (and, in rrr.py, fp32 log-probs for the "
+                             "loss); TRL's name; default: on with CUDA, off on CPU (--no-bf16 turns it off)")
+    gradient_checkpointing: bool | None = flag(None, "recompute each decoder layer's activations in backward "
+                                               "instead of keeping them; default: on above 1B parameters")
+    cuda_graphs: bool = flag(True, "on CUDA, capture each decode-step shape as a CUDA graph and replay it "
+                             "(--no-cuda-graphs decodes eagerly, with the same kernels)")
+    device: str | None = flag(None, "cpu or cuda (default: cuda when available)", choices=["cpu", "cuda"])
+
+
+def resolve_machine_flags(cfg, d: Dist):
+    """What depends on the ranks: --bf16's default, and a global --batch-size that splits evenly."""
+    if cfg.batch_size % d.world:
+        raise BadInput(f"--batch-size {cfg.batch_size} must be a multiple of the {d.world} ranks")
+    if cfg.bf16 is None:
+        cfg.bf16 = d.device.type == "cuda"
 
 
 def init_distributed(device: str | None = None) -> Dist:
@@ -283,6 +305,21 @@ def broadcast_object(obj, d: Dist):
     box = [obj]
     dist.broadcast_object_list(box, src=0)
     return box[0]
+
+
+def on_rank0(d: Dist, work, *args):
+    """work(*args) on rank 0 only (it reads and writes the run folder); its result, or its BadInput, on every
+    rank. Every rank checking the folder itself would race with rank 0 creating it."""
+    outcome = None
+    if d.main:
+        try:
+            outcome = ("ok", work(*args))
+        except BadInput as e:
+            outcome = ("bad", str(e))
+    outcome = broadcast_object(outcome, d)
+    if outcome[0] == "bad":
+        raise BadInput(outcome[1])
+    return outcome[1]
 
 
 def barrier(slow: bool = False):

@@ -3,6 +3,7 @@
 - `Policy`: the FSDP-sharded model with fp32 master weights, a full copy in the compute dtype that each
   rank samples from alone (its weights exist only inside `sampling`), the frozen reference model for
   the KL term, the tokenizer, the stop tokens and the optimizer. `load_policy` builds it.
+- `sample`: one sampling call with the run's flags, for rrr.py's steps and rerest.py's alike.
 - `grpo_update`: one optimisation step on a rank's episodes, in micro-batches of whole groups whose
   shared context is computed once (grpo.packed_logprobs), each micro-batch's loss (grpo.policy_loss)
   scaled to its share of the global objective (grpo.objective_share).
@@ -17,7 +18,7 @@ import parallel as par
 from grpo import objective_share, packed_logprobs, policy_loss, right_pad, summarize_stats
 from model import load_model, stop_token_ids
 from runs import BadInput
-from sampler import fuse_projections
+from sampler import fuse_projections, generate
 
 
 @dataclass
@@ -79,6 +80,18 @@ def sampling(pol):
         yield
     finally:
         par.free_weights(pol.sampler)
+
+
+def sample(model, stops, prompts, cfg, *, temperature, max_new_tokens=None, num_samples=1, generator=None, cache=None,
+           keep_cache=False):
+    """sampler.generate with the run's flags: up to max_new_tokens (default --max-completion-length) per row,
+    CUDA graphs unless --no-cuda-graphs. The model's q/k/v and gate/up are laid back to back first, so that
+    decoding multiplies by views, not per-call copies: a no-op when they already are (rrr.py's sampler),
+    needed again after a move between devices (rerest.py's par.off_device)."""
+    fuse_projections(model)
+    return generate(model, prompts, max_new_tokens=max_new_tokens or cfg.max_completion_length, num_samples=num_samples,
+                    temperature=temperature, stop_token_ids=stops, generator=generator, cache=cache,
+                    keep_cache=keep_cache, cuda_graphs=cfg.cuda_graphs)
 
 
 def grpo_update(cfg, d, pol, episodes, length_limit: int) -> dict:

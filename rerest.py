@@ -44,13 +44,13 @@ from tqdm import tqdm
 
 import parallel as par
 import sandbox
-from data import Task, load_splits, reflector_messages, resolve_data_dir
+from data import Task, load_splits, reflector_messages, test_split_size
 from finetune import train_model
 from model import chat_ids, check_model_name, load_model, stop_token_ids
+from policy import sample
 from rerest_report import recorded_config, write_report
 from runs import (REPORT_TO, BadInput, Tracker, append_jsonl, check_at_least_one, flag, main_guard, open_tracker,
                   parse_config, read_jsonl)
-from sampler import fuse_projections, generate
 
 # --- constants and flags ------------------------------------------------------------------------------
 
@@ -66,7 +66,7 @@ POSITIVE_FLAGS = ("k", "train_size", "eval_size", "max_completion_length", "epoc
 
 
 @dataclass
-class Config:
+class Config(par.MachineFlags):     # + --bf16, --gradient-checkpointing, --cuda-graphs, --device
     task: str = flag("mbpp", "task", choices=["mbpp", "countdown", "function_calling"])
     model: str | None = flag(None, "agent: Hugging Face model folder or hub id (default: the embedded SmolLM2-135M-Instruct)")
     reflector_model: str | None = flag(None, "reflector (default: the agent's base model with the reflector prompt)")
@@ -91,12 +91,6 @@ class Config:
     micro_batch_size: int = flag(4, "sequences (DPO: pairs) per forward/backward pass")
     sampling_batch_size: int = flag(16, "problems per rank in one sampling call of a stage (a call covers this x "
                                     "ranks problems, so every rank has work)")
-    bf16: bool | None = flag(None, "compute in bf16 with fp32 master weights when training (TRL's name); default: "
-                             "on with CUDA, off on CPU (--no-bf16 turns it off)")
-    gradient_checkpointing: bool | None = flag(None, "recompute each decoder layer's activations in backward "
-                                               "instead of keeping them; default: on above 1B parameters")
-    cuda_graphs: bool = flag(True, "on CUDA, capture each decode-step shape as a CUDA graph and replay it "
-                             "(--no-cuda-graphs decodes eagerly, with the same kernels)")
     self_consistency: int = flag(0, "mbpp: also sample N solutions per test problem, let the reflector revise each "
                                  "from the problem prompt (which holds the asserts with their expected values) and "
                                  "the program's outputs on the test inputs, and majority-vote by the revised programs' "
@@ -108,7 +102,7 @@ class Config:
     report_to: str = flag("none", "where the table's pass@1 also goes (TRL's name): tensorboard writes "
                           "<out>/tensorboard; wandb logs to Weights & Biases", choices=list(REPORT_TO))
     seed: int = flag(0, "seed for sampling, data order and LoRA init")
-    device: str | None = flag(None, "cpu or cuda (default: cuda when available)", choices=["cpu", "cuda"])
+
 
 
 # --- what the steps share: sampling, the stage cache, the step data -----------------------------------
@@ -117,14 +111,10 @@ def settings_hash(*parts) -> str:
     return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:10]
 
 
-def sample(model, tok, prompts, cfg, *, temperature, num_samples=1, seed=0):
-    # The sampler multiplies by q/k/v and gate/up as one matrix each: laid back to back here, they are
-    # views, not per-call copies. Done on every call, as off_device's moves undo it; a no-op otherwise.
-    fuse_projections(model)
-    gen = torch.Generator(model.lm_head.weight.device).manual_seed(seed)
-    return generate(model, prompts, max_new_tokens=cfg.max_completion_length, num_samples=num_samples,
-                    temperature=temperature, stop_token_ids=stop_token_ids(tok, model), generator=gen,
-                    cuda_graphs=cfg.cuda_graphs)
+def seeded(d, seed: int, keys: list[str]) -> torch.Generator:
+    """A sampling generator seeded by the run's seed and the chunk's items: the same chunk draws the same
+    samples however the run was interrupted."""
+    return torch.Generator(d.device).manual_seed(int(settings_hash(seed, keys), 16))
 
 
 def run_cached(path: Path, items: list[tuple[str, object]], work, d, desc: str, per_rank: int) -> list[dict]:
@@ -220,8 +210,8 @@ def sample_solutions(cfg, d, agent, tok, task, train, out) -> list[dict]:
                       cfg.max_completion_length)
 
     def work(keys, examples):
-        gen = sample(agent, tok, [chat_ids(tok, ex.messages) for ex in examples], cfg, temperature=cfg.temperature,
-                     num_samples=cfg.k, seed=int(settings_hash(cfg.seed, keys), 16))
+        gen = sample(agent, stop_token_ids(tok, agent), [chat_ids(tok, ex.messages) for ex in examples], cfg,
+                     temperature=cfg.temperature, num_samples=cfg.k, generator=seeded(d, cfg.seed, keys))
         repeated = [ex for ex in examples for _ in range(cfg.k)]
         verdicts = task.check_batch([tok.decode(t, skip_special_tokens=True) for t in gen.tokens], repeated)
         return [solution_row(tok, ex.id, t, v, j=r % cfg.k) for r, (ex, t, v) in enumerate(zip(repeated, gen.tokens, verdicts))]
@@ -245,7 +235,7 @@ def reflect(cfg, d, reflector, tok, task, examples, samples, out, name, reflecto
     def work(keys, fails):
         exs = [examples[f["key"]] for f in fails]
         prompts = [chat_ids(tok, reflector_messages(task, ex, f["text"], f["feedback"])) for ex, f in zip(exs, fails)]
-        gen = sample(reflector, tok, prompts, cfg, temperature=0)
+        gen = sample(reflector, stop_token_ids(tok, reflector), prompts, cfg, temperature=0)
         verdicts = task.check_batch([tok.decode(t, skip_special_tokens=True) for t in gen.tokens], exs)
         return [solution_row(tok, k, t, v, id=f["key"], failed=f["text"], failed_feedback=f["feedback"])
                 for k, f, t, v in zip(keys, fails, gen.tokens, verdicts)]
@@ -367,7 +357,7 @@ def evaluate(cfg, d, model, tok, task, test, out, name, model_id) -> dict[str, b
     h = settings_hash(model_id, cfg.task, cfg.data_dir, cfg.eval_size, cfg.max_completion_length)
 
     def work(keys, examples):
-        gen = sample(model, tok, [chat_ids(tok, ex.messages) for ex in examples], cfg, temperature=0)
+        gen = sample(model, stop_token_ids(tok, model), [chat_ids(tok, ex.messages) for ex in examples], cfg, temperature=0)
         verdicts = task.check_batch([tok.decode(t, skip_special_tokens=True) for t in gen.tokens], examples)
         return [solution_row(tok, k, t, v) for k, t, v in zip(keys, gen.tokens, verdicts)]
 
@@ -401,14 +391,15 @@ def self_consistency(cfg, d, model, reflector, tok, task, test, out, name, model
         return code_outputs_batch([(t, ex.reference["tests"], ex.reference.get("setup", "")) for t, ex in zip(texts, exs)])
 
     def work(keys, examples):
-        gen = sample(model, tok, [chat_ids(tok, ex.messages) for ex in examples], cfg, temperature=cfg.temperature,
-                     num_samples=N, seed=int(settings_hash(cfg.seed, keys), 16))
+        gen = sample(model, stop_token_ids(tok, model), [chat_ids(tok, ex.messages) for ex in examples], cfg,
+                     temperature=cfg.temperature, num_samples=N, generator=seeded(d, cfg.seed, keys))
         exs = [ex for ex in examples for _ in range(N)]
         texts = [tok.decode(t, skip_special_tokens=True) for t in gen.tokens]
         seen = outputs(texts, exs)
         notes = ["Outputs of the program on the test inputs: " + "; ".join(o) for o in seen]
         prompts = [chat_ids(tok, reflector_messages(task, ex, t, n)) for ex, t, n in zip(exs, texts, notes)]
-        revised = [tok.decode(t, skip_special_tokens=True) for t in sample(reflector, tok, prompts, cfg, temperature=0).tokens]
+        revised = sample(reflector, stop_token_ids(tok, reflector), prompts, cfg, temperature=0).tokens
+        revised = [tok.decode(t, skip_special_tokens=True) for t in revised]
         votes = outputs(revised, exs)
         rows = []
         for i, (key, ex) in enumerate(zip(keys, examples)):
@@ -478,9 +469,7 @@ def check_flags(cfg):
 def setup(cfg, d, out: Path) -> Setup:
     """The data, the run folder (with a line in invocations.jsonl per run) and the base models."""
     task, train, test = load_splits(cfg.task, cfg.data_dir, cfg.train_size, cfg.eval_size, cfg.seed)
-    # A second load for the split's size: Countdown's offline loader generates `size` puzzles, so slicing
-    # one full load would not give the same test set everywhere.
-    split_size = len(task.load("test", data_dir=resolve_data_dir(cfg.data_dir), seed=cfg.seed)) if d.main else None
+    split_size = test_split_size(task, cfg.data_dir, cfg.seed) if d.main else None
     if d.main:
         out.mkdir(parents=True, exist_ok=True)
     par.check_shared_folder(out, d)
@@ -498,10 +487,7 @@ def run(argv=None):
     d = par.init_distributed(cfg.device)
     tracker = Tracker()
     try:
-        if cfg.bf16 is None:
-            cfg.bf16 = d.device.type == "cuda"
-        if cfg.batch_size % d.world:
-            raise BadInput(f"--batch-size {cfg.batch_size} must be a multiple of the {d.world} ranks")
+        par.resolve_machine_flags(cfg, d)
         s = setup(cfg, d, out)
         tracker = open_tracker(cfg.report_to, out, recorded_config(cfg, out), d.main, project="rerest")
         samples = timed(sample_solutions, cfg, d, s.agent, s.tok, s.task, s.train, out)                  # 1-2

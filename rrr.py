@@ -36,13 +36,12 @@ from tqdm import tqdm
 
 import parallel as par
 from compare import write_report
-from data import get_task, load_splits, resolve_data_dir
+from data import get_task, load_splits, resolve_data_dir, test_split_size
 from grpo import group_advantages, zero_variance_fraction
 from model import EMBEDDED_MODEL, chat_ids, check_model_name, next_turn_ids
-from policy import grpo_update, load_policy, sampling
+from policy import grpo_update, load_policy, sample, sampling
 from runs import (REPORT_TO, BadInput, Tracker, append_jsonl, check_at_least_one, flag, main_guard, open_tracker,
                   parse_config, prepare_out, read_jsonl, setting_differs)
-from sampler import generate
 
 GENERIC_REFLECTION = ("I made a mistake in my previous answer. I will read the task again carefully, "
                       "check every step, and then give a corrected answer.")
@@ -55,7 +54,7 @@ AT_LEAST_ONE = ("steps", "train_size", "eval_size", "batch_size", "num_generatio
 
 
 @dataclass
-class Config:
+class Config(par.MachineFlags):     # + --bf16, --gradient-checkpointing, --cuda-graphs, --device
     task: str = flag("countdown", "task to train on", choices=["countdown", "function_calling"])
     model: str | None = flag(None, "Hugging Face model folder or hub id (default: the embedded SmolLM2-135M-Instruct)")
     data_dir: str | None = flag(None, "folder with the real data sets (countdown/, function_calling/); default "
@@ -91,12 +90,6 @@ class Config:
     micro_batch_size: int = flag(8, "rows per forward/backward pass")
     sampling_batch_size: int = flag(16, "training queries per rank in one sampling call of the failure set (a call "
                                     "covers this x ranks queries, so every rank has work)")
-    bf16: bool | None = flag(None, "compute in bf16 with fp32 master weights and fp32 log-probs for the loss "
-                             "(TRL's name); default: on with CUDA, off on CPU (--no-bf16 turns it off)")
-    gradient_checkpointing: bool | None = flag(None, "recompute each decoder layer's activations in backward "
-                                               "instead of keeping them; default: on above 1B parameters")
-    cuda_graphs: bool = flag(True, "on CUDA, capture each decode-step shape as a CUDA graph and replay it "
-                             "(--no-cuda-graphs decodes eagerly, with the same kernels)")
     eval_every: int = flag(0, "evaluate every N steps (0: only before and after training)")
     save_every: int = flag(4, "checkpoint every N steps (0: never)")
     save_total_limit: int = flag(2, "checkpoints kept, the newest (TRL's name); 1 keeps only the last")
@@ -106,7 +99,7 @@ class Config:
     failure_set: str | None = flag(None, "reuse the failures.jsonl of another run (same task, model and training queries)")
     log_episodes: int = flag(4, "whole episodes per step written to episodes.jsonl")
     seed: int = flag(0, "seed for data order, sampling and offline data")
-    device: str | None = flag(None, "cpu or cuda (default: cuda when available)", choices=["cpu", "cuda"])
+
 
 
 @dataclass
@@ -139,12 +132,6 @@ def turn(tokenizer, text: str, ended_with: int | None) -> tuple[int, ...]:
     return tuple(next_turn_ids(tokenizer, text, ended_with))
 
 
-def sample(pol, prompts, cfg, *, max_new_tokens, num_samples=1, temperature, gen=None, cache=None, keep_cache=False):
-    return generate(pol.sampler, prompts, max_new_tokens=max_new_tokens, num_samples=num_samples,
-                    temperature=temperature, stop_token_ids=pol.stops, generator=gen, cache=cache,
-                    keep_cache=keep_cache, cuda_graphs=cfg.cuda_graphs)
-
-
 def stop_of(tokens, finished):
     return tokens[-1] if finished else None
 
@@ -161,14 +148,13 @@ def reflect_and_retry(cfg, pol, task, prefixes, num_samples, temperature, gen):
     prefix (prefilled once, shared), then one retry after each, continuing the reflection's cache.
     Returns (reflections, retries); reflections is None with --reflection generic."""
     if cfg.reflection == "generic":
-        retries = sample(pol, [p + generic_turn(pol, task) for p in prefixes], cfg, temperature=temperature,
-                         max_new_tokens=cfg.max_completion_length, num_samples=num_samples, gen=gen)
+        retries = sample(pol.sampler, pol.stops, [p + generic_turn(pol, task) for p in prefixes], cfg,
+                         temperature=temperature, num_samples=num_samples, generator=gen)
         return None, retries
-    refl = sample(pol, prefixes, cfg, max_new_tokens=cfg.max_reflection_length, num_samples=num_samples,
-                  temperature=temperature, gen=gen, keep_cache=True)
+    refl = sample(pol.sampler, pol.stops, prefixes, cfg, temperature=temperature, max_new_tokens=cfg.max_reflection_length,
+                  num_samples=num_samples, generator=gen, keep_cache=True)
     chunks = [list(turn(pol.tokenizer, task.retry_prompt, stop_of(t, f))) for t, f in zip(refl.tokens, refl.finished)]
-    retries = sample(pol, chunks, cfg, max_new_tokens=cfg.max_completion_length, temperature=temperature,
-                     gen=gen, cache=refl.cache)
+    retries = sample(pol.sampler, pol.stops, chunks, cfg, temperature=temperature, generator=gen, cache=refl.cache)
     refl.cache = None        # consumed by the retry, which grew it in place: free it now
     return refl, retries
 
@@ -183,7 +169,7 @@ def first_tries(cfg, pol, task, examples):
     for start in range(0, len(examples), EVAL_BATCH):
         part = examples[start:start + EVAL_BATCH]
         prompts = [chat_ids(pol.tokenizer, ex.messages) for ex in part]
-        gen = sample(pol, prompts, cfg, max_new_tokens=cfg.max_completion_length, temperature=0)
+        gen = sample(pol.sampler, pol.stops, prompts, cfg, temperature=0)
         yield part, prompts, gen, task.check_batch([pol.decode(t) for t in gen.tokens], part)
 
 
@@ -259,27 +245,31 @@ def failure_set_meta(cfg) -> dict:
                 temperature=cfg.temperature)
 
 
-def check_failure_set(cfg, train):
-    """--failure-set must name a finished failure set built with this run's settings. Checked before the run
-    folder is created, and only read: a refused run creates and changes nothing."""
-    path = Path(cfg.failure_set)
-    if not path.is_file():
+def read_failure_set(cfg, path: Path, train) -> list[dict]:
+    """The rows of the failure set at `path` ([] when this run has none yet), refused in one line when its
+    meta line shows other settings; another run's (--failure-set) must also hold every training query.
+    Only reads: run() checks --failure-set with it before the run folder exists, so a refused run creates
+    and changes nothing."""
+    if cfg.failure_set and not path.is_file():
         raise BadInput(f"--failure-set {path}: no such file")
     try:
         rows = read_jsonl(path)
     except (OSError, UnicodeDecodeError) as e:
-        raise BadInput(f"--failure-set {path}: cannot be read ({type(e).__name__})") from None
+        raise BadInput(f"{path}: cannot be read ({type(e).__name__})") from None
+    if not rows and not cfg.failure_set:
+        return []
     theirs, ours = rows[0].get("meta") if rows and isinstance(rows[0], dict) else None, failure_set_meta(cfg)
     if not isinstance(theirs, dict):
-        raise BadInput(f"--failure-set {path}: not a failure set (its first line is not a meta line)")
+        raise BadInput(f"{path}: not a failure set (its first line is not a meta line)")
     changed = sorted(k for k in set(theirs) | set(ours) if setting_differs(k, theirs.get(k), ours.get(k)))
     if changed:
         what = ", ".join(f"{k}: {theirs.get(k)!r} there, {ours.get(k)!r} here" for k in changed)
-        raise BadInput(f"--failure-set {path} was built with other settings ({what})")
+        raise BadInput(f"{path} was built with other settings ({what})")
     have = {r.get("id") for r in rows[1:] if isinstance(r, dict)}
     missing = sum(ex.id not in have for ex in train)
-    if missing:      # a run killed while building it: resume that run, or let this one build its own
+    if missing and cfg.failure_set:  # a run killed while building it: resume that run, or let this one build its own
         raise BadInput(f"--failure-set {path} lacks {missing} of this run's {len(train)} training queries")
+    return rows
 
 
 @torch.no_grad()
@@ -288,16 +278,8 @@ def build_failure_set(cfg, d, pol, task, train, out) -> list[Failure]:
     the queries that failed, with that attempt. Appended to failures.jsonl chunk by chunk (a chunk is
     --sampling-batch-size queries per rank), so an interrupted run resumes where it stopped."""
     path = Path(cfg.failure_set) if cfg.failure_set else out / "failures.jsonl"
-    meta = failure_set_meta(cfg)
-    rows = par.broadcast_object(read_jsonl(path) if d.main else None, d)     # rank 0 reads for all
-    theirs = rows[0].get("meta") if rows else None
-    if rows and (not isinstance(theirs, dict) or any(setting_differs(k, theirs.get(k), meta.get(k))
-                                                      for k in set(theirs) | set(meta))):
-        raise BadInput(f"{path} was built with other settings: {rows[0].get('meta')}")
+    rows = par.on_rank0(d, read_failure_set, cfg, path, train)       # rank 0 reads and checks for all
     on_disk = {r["id"]: r for r in rows[1:]}
-    missing = sum(ex.id not in on_disk for ex in train)
-    if missing and cfg.failure_set:        # another run's, used as it is: it must hold every query
-        raise BadInput(f"{path} lacks {missing} of this run's training queries")
     # Chunks of the whole training list, numbered the same way in every run, and a chunk's sampling seed
     # is its number: a resumed run samples each chunk exactly as an uninterrupted run does. A chunk with a
     # row missing (a crash can cut its write short) is redone whole: its rows were sampled together, and
@@ -311,7 +293,7 @@ def build_failure_set(cfg, d, pol, task, train, out) -> list[Failure]:
         # line go, so it ends as an uninterrupted run's. Written aside and renamed: a crash here leaves
         # the old file or the new one.
         tmp = path.with_name(path.name + ".tmp")
-        kept = [dict(meta=meta)] + [done[ex.id] for ex in train if ex.id in done]
+        kept = [dict(meta=failure_set_meta(cfg))] + [done[ex.id] for ex in train if ex.id in done]
         tmp.write_text("".join(json.dumps(r) + "\n" for r in kept))
         tmp.replace(path)
     with sampling(pol):
@@ -324,8 +306,7 @@ def build_failure_set(cfg, d, pol, task, train, out) -> list[Failure]:
             while pending:   # rounds of 1, 2, 4, ... attempts for each query that has not failed yet
                 n = min(n, cfg.failure_samples - used[pending[0].id])
                 prompts = [chat_ids(pol.tokenizer, ex.messages) for ex in pending]
-                g = sample(pol, prompts, cfg, max_new_tokens=cfg.max_completion_length, num_samples=n,
-                           temperature=cfg.temperature, gen=gen)
+                g = sample(pol.sampler, pol.stops, prompts, cfg, temperature=cfg.temperature, num_samples=n, generator=gen)
                 verdicts = task.check_batch([pol.decode(t) for t in g.tokens], [ex for ex in pending for _ in range(n)])
                 for i, ex in enumerate(pending):
                     for j in range(n):
@@ -370,8 +351,8 @@ def rollout(cfg, d, pol, task, failures, examples, step) -> list[Episode]:
     prompts = [chat_ids(pol.tokenizer, ex.messages) for ex in exs]
     if cfg.method == "grpo":            # plain GRPO: G first attempts; the attempt is trained and scored
         contexts = prompts
-        trained = retries = sample(pol, prompts, cfg, max_new_tokens=cfg.max_completion_length, num_samples=G,
-                                   temperature=cfg.temperature, gen=gen)
+        trained = retries = sample(pol.sampler, pol.stops, prompts, cfg, temperature=cfg.temperature, num_samples=G,
+                                   generator=gen)
     else:
         prefixes = [reflection_prefix(pol, task, p, f.attempt, f.attempt_stop) for p, f in zip(prompts, failures)]
         refl, retries = reflect_and_retry(cfg, pol, task, prefixes, G, cfg.temperature, gen)
@@ -458,21 +439,6 @@ def check_flags(cfg):
         raise BadInput("--reflection generic applies to --method rrr only")
 
 
-def on_rank0(d, work, *args):
-    """work(*args) on rank 0 only (it reads and writes the run folder); its result, or its BadInput, on every
-    rank. Every rank checking the folder itself would race with rank 0 creating it."""
-    outcome = None
-    if d.main:
-        try:
-            outcome = ("ok", work(*args))
-        except BadInput as e:
-            outcome = ("bad", str(e))
-    outcome = par.broadcast_object(outcome, d)
-    if outcome[0] == "bad":
-        raise BadInput(outcome[1])
-    return outcome[1]
-
-
 def resume_logs(d, out, start) -> tuple[list, list]:
     """The evaluations and step metrics of the run up to `start`, read by rank 0 for everyone (on several
     nodes only the shared folder is certain). What a crash left after the checkpoint is dropped: it is
@@ -497,14 +463,11 @@ def run(argv=None):
     d = par.init_distributed(cfg.device)
     tracker = Tracker()
     try:
-        if cfg.batch_size % d.world:
-            raise BadInput(f"--batch-size {cfg.batch_size} must be a multiple of the {d.world} ranks")
-        if cfg.bf16 is None:
-            cfg.bf16 = d.device.type == "cuda"
+        par.resolve_machine_flags(cfg, d)
         task, train, test = load_splits(cfg.task, cfg.data_dir, cfg.train_size, cfg.eval_size, cfg.seed)  # 1
         if cfg.failure_set:     # before the run folder exists: a refused run leaves nothing behind
-            on_rank0(d, check_failure_set, cfg, train)
-        saved = on_rank0(d, prepare_out, out, asdict(cfg), cfg.resume)
+            par.on_rank0(d, read_failure_set, cfg, Path(cfg.failure_set), train)
+        saved = par.on_rank0(d, prepare_out, out, asdict(cfg), cfg.resume)
         par.check_shared_folder(out, d)
         tracker = open_tracker(cfg.report_to, out, asdict(cfg), d.main, project="rrr")
         pol = load_policy(cfg, d)
@@ -535,7 +498,7 @@ def run(argv=None):
             tracker.log(eval_scalars(evals[-1]), evals[-1]["step"])
         forgetting_after = evaluate_forgetting(cfg, d, pol, cfg.steps, out)
         if d.main:
-            split_size = len(task.load("test", data_dir=resolve_data_dir(cfg.data_dir), seed=cfg.seed))
+            split_size = test_split_size(task, cfg.data_dir, cfg.seed)
             forgetting = {k: (forgetting_before[k], forgetting_after[k]) for k in forgetting_before}
             table = write_report(asdict(cfg), out, evals, metrics, time.time() - started, split_size, forgetting)
             print(f"\n{table}\n\nreport: {out / 'report.md'}")

@@ -76,7 +76,8 @@ def build_parser(cls, description: str = "") -> argparse.ArgumentParser:
     parser.add_argument("--config", metavar="FILE", help="JSON object of flag values, e.g. a file in recipes/ "
                         "({\"steps\": 200, \"model\": \"Qwen/Qwen2.5-1.5B-Instruct\"}); flags given here override it")
     kinds = flag_kinds(cls)
-    for f in dataclasses.fields(cls):
+    inherited = {f.name for base in cls.__mro__[1:] if dataclasses.is_dataclass(base) for f in dataclasses.fields(base)}
+    for f in sorted(dataclasses.fields(cls), key=lambda f: f.name in inherited):     # the script's own flags first
         name, choices = "--" + f.name.replace("_", "-"), f.metadata.get("choices")
         kind, convert = kinds[f.name]
         if kind == "bool":      # --name and --no-name

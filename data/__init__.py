@@ -150,6 +150,12 @@ def load_splits(task_name: str, data_dir, train_size: int | None, eval_size: int
     return task, train, test
 
 
+def test_split_size(task: Task, data_dir, seed: int) -> int:
+    """The whole test split's size, for a report's "40 of 500". A load of its own: Countdown's offline loader
+    generates `size` puzzles, so a run's --eval-size examples are not the first ones of a full load."""
+    return len(task.load("test", data_dir=resolve_data_dir(data_dir), seed=seed))
+
+
 def reflector_messages(task: Task, example: Example, failed: str, feedback: str) -> list[dict]:
     """Re-ReST's reflector prompt: the problem, the failed solution and the environment's feedback
     (verbatim), asking for a corrected solution in the task's answer format."""

@@ -147,7 +147,7 @@ def test_reflector_sees_feedback_verbatim_and_d_r_only_passes(tmp_path, one_proc
                for ex in train for j in range(2)]
     seen = []
 
-    def fake_sample(model, tok_, prompts, cfg, temperature, num_samples=1, seed=0):
+    def fake_sample(model, stops, prompts, cfg, temperature, num_samples=1, generator=None):
         seen.extend(tok.decode(p) for p in prompts)
         texts = [f"```python\n{ex.reference.get('code', 'pass')}\n```" if i % 2 else "nothing" for i, ex in
                  enumerate(train_order[:len(prompts)])]
@@ -155,6 +155,7 @@ def test_reflector_sees_feedback_verbatim_and_d_r_only_passes(tmp_path, one_proc
 
     train_order = [examples[s["key"]] for s in samples]
     monkeypatch.setattr(rerest, "sample", fake_sample)
+    monkeypatch.setattr(rerest, "stop_token_ids", lambda tok, model: [tok.eos_token_id])
     cfg = parse_config(rerest.Config, ["--reflections-per-problem", "2"])
     rows = rerest.reflect(cfg, one_process, None, tok, task, examples, samples, tmp_path, "stub", "stub")
     assert len(rows) == 6

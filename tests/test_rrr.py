@@ -175,6 +175,22 @@ def test_failure_set_is_reused_by_another_run(tmp_path, tiny_chat):
     assert ep["text"]["reflection"] is None and ep["span"][1] - ep["span"][0] <= 12
 
 
+def test_report_to_tensorboard_holds_the_metrics_and_evaluations_of_the_run(tmp_path, tiny_chat):
+    pytest.importorskip("tensorboard")
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    out = tmp_path / "run"
+    done = run_rrr(common_args(tiny_chat, out, report_to="tensorboard"))
+    assert done.returncode == 0, done.stderr[-3000:]
+    events = EventAccumulator(str(out / "tensorboard"))
+    events.Reload()
+    metrics, evals = read_jsonl(out / "metrics.jsonl"), read_jsonl(out / "evals.jsonl")
+    for key in ("reward", "loss", "grad_norm", "mean_kl", "zero_variance_groups", "trained_length"):
+        assert [(e.step, e.value) for e in events.Scalars(key)] == [(m["step"], pytest.approx(m[key])) for m in metrics]
+    assert [(e.step, e.value) for e in events.Scalars("eval/second_try")] == [(e["step"], e["second"]) for e in evals]
+    assert [e["step"] for e in evals] == [0, 2]
+
+
 def test_failure_set_resumed_after_a_kill_equals_an_uninterrupted_one(tmp_path, tiny_chat):
     """A run killed while appending a chunk of the failure set leaves the earlier chunks and a cut line:
     resumed, it must end with the failures (and the file) of a run never interrupted. Several chunks, so
@@ -290,7 +306,7 @@ def test_trained_span_is_exactly_the_reflection_embedded(embedded, tmp_path):
     d = par.Dist(0, 1, torch.device("cpu"))
     pol = Policy(model, model, None, tok, [tok.eos_token_id], None)
     prompts = [rrr.chat_ids(tok, ex.messages) for ex in train]
-    gen = rrr.sample(pol, prompts, cfg, max_new_tokens=24, temperature=0)
+    gen = rrr.sample(pol.sampler, pol.stops, prompts, cfg, max_new_tokens=24, temperature=0)
     failures = [rrr.Failure(ex.id, t, rrr.stop_of(t, f), "", 1) for ex, t, f in zip(train, gen.tokens, gen.finished)]
     episodes = rrr.rollout(cfg, d, pol, task, failures, {ex.id: ex for ex in train}, step=0)
     assert len(episodes) == 6
