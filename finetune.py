@@ -1,4 +1,4 @@
-"""Fine-tuning on token ids, as Re-ReST's steps 4 and 5 train (rerest.train_model): supervised (SFT) on
+"""Fine-tuning on token ids, as Re-ReST's steps 3 and 4 train (train_model): supervised (SFT) on
 (prompt, target) pairs or DPO on (prompt, chosen, rejected) triples against the frozen initial model; full
 fine-tuning or LoRA (model.add_lora); FSDP-sharded over the ranks, resumable from a checkpoint per epoch, and
 exported in Hugging Face format with LoRA merged (parallel.export_hf). Only the target tokens enter a loss.
@@ -18,7 +18,6 @@ from grpo import pad_batch, token_logprobs
 from model import add_lora, load_model
 
 MAX_GRAD_NORM = 1.0
-EPOCH_SEED_STRIDE = 7919          # the data order of epoch e is seeded by seed * 7919 + e
 
 
 def sft_loss(logprobs, mask, total_tokens):
@@ -53,7 +52,7 @@ def train_model(cfg, d, init: str | None, data: list, folder: Path, kind: str = 
     state = par.load_checkpoint(folder / "checkpoints", model, optimizer, d) or dict(step=0)
     for step in tqdm(range(state["step"], total), desc=f"train {folder.name}", disable=not d.main):
         epoch, i = divmod(step, steps_per_epoch)
-        order = torch.randperm(len(data), generator=torch.Generator().manual_seed(cfg.seed * EPOCH_SEED_STRIDE + epoch)).tolist()
+        order = par.epoch_order(len(data), cfg.seed, epoch)
         # Every rank takes the same number of rows (wrapping around), so FSDP's collectives line up.
         picked = [data[order[(i * cfg.batch_size + j) % len(data)]] for j in range(cfg.batch_size)]
         mine = picked[d.rank * per_rank:(d.rank + 1) * per_rank]

@@ -24,10 +24,11 @@ SCALES = ("group", "batch", "none")
 
 
 def group_advantages(rewards: torch.Tensor, group_size: int, scale: str = "group",
-                     eps: float = 1e-4, tol: float = 1e-6) -> torch.Tensor:
+                     eps: float = 1e-4, tol: float = 1e-6, batch_std: float | None = None) -> torch.Tensor:
     """rewards (B,) with groups as contiguous runs of group_size -> advantages (B,).
 
-    "group": (r - group mean) / (group std + eps); "batch": divide by the std of the whole batch;
+    "group": (r - group mean) / (group std + eps); "batch": divide by the std of the whole batch
+    (`batch_std` when given: the global batch's, over all ranks; else that of `rewards`);
     "none": r - group mean. std is Bessel-corrected (torch.std). A group whose rewards are all equal
     within `tol` carries no signal and gets exactly 0 (float noise would otherwise be amplified by
     1 / (std + eps)).
@@ -45,7 +46,7 @@ def group_advantages(rewards: torch.Tensor, group_size: int, scale: str = "group
     if scale == "group":
         centred = centred / (groups.std(dim=1, keepdim=True) + eps)
     elif scale == "batch":
-        centred = centred / (rewards.std() + eps)
+        centred = centred / ((rewards.std() if batch_std is None else batch_std) + eps)
     flat = (groups.max(dim=1).values - groups.min(dim=1).values) <= tol
     return centred.masked_fill(flat[:, None], 0.0).view(-1)
 

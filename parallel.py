@@ -41,9 +41,10 @@ from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model
                                                      set_state_dict)
 from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+from tqdm import tqdm
 
-from model import decoder_layers, make_readable, merge_lora  # noqa: F401  (decoder_layers: part of the API)
-from runs import BadInput, flag
+from model import checkpoint_layers, checkpointing_by_default, decoder_layers, make_readable, merge_lora
+from runs import BadInput, append_jsonl, read_jsonl
 from sandbox import local_share_of_cores
 
 
@@ -56,27 +57,6 @@ class Dist:
     @property
     def main(self) -> bool:
         return self.rank == 0
-
-
-@dataclass
-class MachineFlags:
-    """The hardware flags rrr.py and rerest.py share: each script's Config extends this, and its --help
-    lists them after its own flags."""
-    bf16: bool | None = flag(None, "compute in bf16 with fp32 master weights (and, in rrr.py, fp32 log-probs for the "
-                             "loss); TRL's name; default: on with CUDA, off on CPU (--no-bf16 turns it off)")
-    gradient_checkpointing: bool | None = flag(None, "recompute each decoder layer's activations in backward "
-                                               "instead of keeping them; default: on above 1B parameters")
-    cuda_graphs: bool = flag(True, "on CUDA, capture each decode-step shape as a CUDA graph and replay it "
-                             "(--no-cuda-graphs decodes eagerly, with the same kernels)")
-    device: str | None = flag(None, "cpu or cuda (default: cuda when available)", choices=["cpu", "cuda"])
-
-
-def resolve_machine_flags(cfg, d: Dist):
-    """What depends on the ranks: --bf16's default, and a global --batch-size that splits evenly."""
-    if cfg.batch_size % d.world:
-        raise BadInput(f"--batch-size {cfg.batch_size} must be a multiple of the {d.world} ranks")
-    if cfg.bf16 is None:
-        cfg.bf16 = d.device.type == "cuda"
 
 
 def init_distributed(device: str | None = None) -> Dist:
@@ -167,53 +147,6 @@ def shard_model(model, d: Dist, bf16: bool = False, checkpointing: bool | None =
         fully_shard(layer, mesh=mesh, mp_policy=policy)
     fully_shard(model, mesh=mesh, mp_policy=policy)
     return model
-
-
-def checkpointing_by_default(model) -> bool:
-    """Activation checkpointing pays for itself above about 1B parameters, where activations (about
-    6 MB per token for a 7B model) rather than weights fill a GPU during the update."""
-    return sum(p.numel() for p in model.parameters()) > 1e9
-
-
-def checkpoint_layers(model):
-    """Activation checkpointing per decoder layer: a layer keeps only its input for backward and
-    recomputes the rest (about 6 MB of activations per token for a 7B model otherwise).
-
-    Hugging Face's own gradient checkpointing drops the KV cache, which grpo.packed_logprobs needs
-    (its prefix pass fills a cache that the continuation pass reads). Here the layer runs with the
-    cache, and before the recompute in backward the layer's cache entries are put back as they were
-    before its forward: the recompute sees exactly what the forward saw, whatever was appended since
-    (the keys and values themselves stay alive until backward, as any cache does)."""
-    from transformers.cache_utils import Cache
-
-    for layer in decoder_layers(model):
-        forward = layer.forward
-
-        def checkpointed(*args, _forward=forward, _layer=layer, **kwargs):
-            if not (torch.is_grad_enabled() and _layer.training):
-                return _forward(*args, **kwargs)
-            caches = [v for v in kwargs.values() if isinstance(v, Cache)]
-            before, ran = [_cache_entries(c) for c in caches], []
-
-            def run(*a):
-                if ran:                          # the recompute in backward
-                    for c, s in zip(caches, before):
-                        _set_cache_entries(c, s)
-                ran.append(True)
-                return _forward(*a, **kwargs)
-
-            return torch.utils.checkpoint.checkpoint(run, *args, use_reentrant=False)
-
-        layer.forward = checkpointed
-
-
-def _cache_entries(cache) -> list[dict]:
-    return [dict(vars(layer)) for layer in cache.layers]
-
-
-def _set_cache_entries(cache, entries: list[dict]):
-    for layer, saved in zip(cache.layers, entries):
-        layer.__dict__.update(saved)
 
 
 def full_tensor(t):
@@ -343,6 +276,12 @@ def off_device(*modules):
             m.to(device)
 
 
+def epoch_order(n: int, seed: int, epoch: int) -> list[int]:
+    """The data order of an epoch: a permutation of range(n) seeded by the run's seed and the epoch alone,
+    the same on every rank, so that the position in the data is a function of the step."""
+    return torch.randperm(n, generator=torch.Generator().manual_seed(seed * 7919 + epoch)).tolist()
+
+
 def rank_chunks(items: list, per_rank: int, d: Dist):
     """Splits `items` into chunks of per_rank x world (every rank gets per_rank of each, the last chunk
     aside) and yields (chunk, this rank's share of it). Sizing chunks by the world keeps every rank
@@ -351,6 +290,43 @@ def rank_chunks(items: list, per_rank: int, d: Dist):
     for start in range(0, len(items), size):
         chunk = items[start:start + size]
         yield chunk, chunk[d.rank::d.world]
+
+
+def resumable_chunks(path: Path, items: list[tuple[str, object]], work, d: Dist, *, per_rank: int, desc: str,
+                     header: dict | None = None, key: str = "key", rows_per_item: int = 1) -> dict[str, list[dict]]:
+    """A stage whose rows are kept in the JSON-lines file `path`, so that a crash loses at most one chunk.
+    items: (key, payload) pairs, split into chunks of per_rank items per rank over the whole list
+    (rank_chunks), numbered alike in every run. work(number, keys, payloads) does this rank's share of chunk
+    `number` and returns its rows, rows_per_item per item, each holding its item's key in row[key]. Rank 0
+    reads and writes; every rank works. Returns {key: rows} for every item.
+
+    A chunk with a row missing (a crash can cut its write short) is redone whole: its rows were made
+    together (one batch, one seed), and redoing only the missing ones would draw them in a smaller batch,
+    with other random numbers. The file first starts again from `header` (its first line, when given) and
+    the whole chunks' rows, written aside and renamed, so that a crash leaves the old file or the new one
+    and the file ends as an uninterrupted run's."""
+    rows = broadcast_object(read_jsonl(path) if d.main else None, d)
+    found = {}
+    for r in rows[1:] if header else rows:
+        found.setdefault(r[key], []).append(r)
+    chunks = list(rank_chunks(items, per_rank, d))
+    whole = [all(len(found.get(k, ())) >= rows_per_item for k, _ in chunk) for chunk, _ in chunks]
+    done = {k: found[k] for (chunk, _), w in zip(chunks, whole) if w for k, _ in chunk}
+    todo = [n for n, w in enumerate(whole) if not w]
+    if todo and d.main:
+        kept = ([header] if header else []) + [r for k, _ in items if k in done for r in done[k]]
+        tmp = path.with_name(path.name + ".tmp")
+        tmp.write_text("".join(json.dumps(r) + "\n" for r in kept))
+        tmp.replace(path)
+    for n in tqdm(todo, desc=desc, disable=not d.main or not todo):
+        chunk, mine = chunks[n]
+        new = work(n, [k for k, _ in mine], [p for _, p in mine]) if mine else []
+        for rank_rows in all_gather_objects(new, d):
+            for r in rank_rows:
+                done.setdefault(r[key], []).append(r)
+        if d.main:
+            append_jsonl(path, [r for k, _ in chunk for r in done[k]])
+    return done
 
 
 def check_shared_folder(folder: Path, d: Dist):

@@ -16,9 +16,9 @@ import torch
 
 import parallel as par
 from grpo import objective_share, packed_logprobs, policy_loss, right_pad, summarize_stats
-from model import load_model, stop_token_ids
+from model import checkpointing_by_default, load_model, stop_token_ids
 from runs import BadInput
-from sampler import fuse_projections, generate
+from sampler import decoder_body, fuse_projections, generate
 
 
 @dataclass
@@ -51,12 +51,11 @@ def load_policy(cfg, d) -> Policy:
     ever holds a whole fp32 model there."""
     model, tokenizer = load_model(cfg.model, device="cpu", dtype=torch.float32)
     try:
-        from sampler import _layers
-        _layers(model)
+        decoder_body(model)           # the sampler's check: a Llama-family decoder, or one line and exit 2
     except ValueError as e:
         raise BadInput(str(e)) from None
-    if cfg.gradient_checkpointing is None:
-        cfg.gradient_checkpointing = par.checkpointing_by_default(model)
+    if cfg.gradient_checkpointing is None:        # resolved here so that what the run used can be read back
+        cfg.gradient_checkpointing = checkpointing_by_default(model)
     compute = torch.bfloat16 if cfg.bf16 else torch.float32
     sampler = fuse_projections(par.empty_copy(model, compute, d.device))
     par.free_weights(sampler)
@@ -108,10 +107,10 @@ def grpo_update(cfg, d, pol, episodes, length_limit: int) -> dict:
     kept = [0.0 if cfg.mask_truncated_completions and e.truncated else 1.0 for e in episodes]
     local_tokens = sum(len(t) * k for t, k in zip(trained, kept))
     total_tokens, total_rows = par.all_sum([local_tokens, len(episodes)], d)
-    batches = micro_batches(cfg, d, pol, episodes, trained, kept)
     sums, loss_total, grad_norm = dict(tokens=0.0, clip_sum=0.0, ratio_sum=0.0, kl_sum=0.0), 0.0, 0.0
-    if total_tokens == 0:
+    if total_tokens == 0:       # a global count: every rank returns here together, before any collective
         return dict(loss=0.0, grad_norm=0.0, **summarize_stats(sums))
+    batches = micro_batches(cfg, d, pol, episodes, trained, kept)
     pol.model.train()
     for _ in range(cfg.num_iterations):
         for mb in batches:

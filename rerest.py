@@ -5,26 +5,26 @@
     torchrun --nproc_per_node=8 rerest.py --task mbpp --model codellama/CodeLlama-13b-Instruct-hf ...
 
 The algorithm, one function per step, in the order run() calls them (the README lists the same steps):
-  1. sample_solutions   the agent draws --k solutions per training problem, and
-  2.                    the task's verifier runs each: passing ones form D_M; failing ones keep the
-                        verifier's feedback (which asserts passed, which failed, with the actual output)
-  3. reflect            the reflector gets (problem, failed solution, feedback) and writes a corrected
+  1. sample_solutions   the agent draws --k solutions per training problem, and the task's verifier runs
+                        each: passing ones form D_M; failing ones keep the verifier's feedback (which
+                        asserts passed, which failed, with the actual output)
+  2. reflect            the reflector gets (problem, failed solution, feedback) and writes a corrected
                         solution; the corrections that pass form D_R
-  4. train_reflector    --train-reflector: fine-tune the reflector (train_model) on (problem, failure,
+  3. train_reflector    --train-reflector: fine-tune the reflector (train_model) on (problem, failure,
                         feedback) -> passing correction, then reflect again with it
-  5. train_agents       the agent, from the base model (train_model): on D_M (self-training), on D_M + D_R
+  4. train_agents       the agent, from the base model (train_model): on D_M (self-training), on D_M + D_R
                         (Re-ReST), and with --dpo on pairs (dpo_pairs): each failed sample is rejected against
                         its own correction from D_R (the trained reflector's with --train-reflector), or, only
                         when it has none, against a passing sample of the same problem from D_M; the loss
                         covers solution tokens only; full fine-tuning, or LoRA (--lora-r) merged on export
-  6. evaluate_rows      greedy pass@1 per test problem (evaluate) of the base model and each trained agent;
+  5. evaluate_rows      greedy pass@1 per test problem (evaluate) of the base model and each trained agent;
                         report gives each row its 95% Wilson interval and its paired change from "base"
                         (exact McNemar). --self-consistency N adds a vote that is not blind on MBPP: the
                         prompts hold the asserts' expected values (self_consistency)
 
 Every stage writes its results under --out in a file whose name carries a hash of the settings it depends
 on, so a run with other flags for a later stage reuses the earlier stages, and an interrupted run picks up
-where it stopped. Nothing is overwritten.
+where it stopped. Nothing is overwritten but the `final` link.
 
 Simplifications: one reflection round; at most --reflections-per-problem failed samples of a problem are
 corrected; the reflector is prompted zero-shot unless --train-reflector; D_M keeps every passing sample,
@@ -40,17 +40,16 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from tqdm import tqdm
 
 import parallel as par
 import sandbox
-from data import Task, load_splits, reflector_messages, test_split_size
+from data import Task, data_dir_used, load_splits, reflector_messages, test_split_size
 from finetune import train_model
 from model import chat_ids, check_model_name, load_model, stop_token_ids
 from policy import sample
 from rerest_report import recorded_config, write_report
-from runs import (REPORT_TO, BadInput, Tracker, append_jsonl, check_at_least_one, flag, main_guard, open_tracker,
-                  parse_config, read_jsonl)
+from runs import (REPORT_TO, BadInput, MachineFlags, Tracker, append_jsonl, check_at_least, flag, main_guard,
+                  open_tracker, parse_config, resolve_machine_flags)
 
 # --- constants and flags ------------------------------------------------------------------------------
 
@@ -60,13 +59,15 @@ FINAL = "final"                         # <out>/final: a relative link to the Re
 BASE, SELF_TRAINING, RE_REST = "base", "self-training", "Re-ReST"
 WITH_TRAINED_REFLECTOR, DPO = "Re-ReST + trained reflector", "DPO"      # the table's rows, in this order
 ZERO_SHOT, TRAINED = "zero-shot", "trained"                             # the reflectors' names in cache files
-NO_DATA = "no training data"
-POSITIVE_FLAGS = ("k", "train_size", "eval_size", "max_completion_length", "epochs", "batch_size",
-                  "micro_batch_size", "reflections_per_problem", "sampling_batch_size")
+NO_DATA = "no training data (no passing solutions)"
+NO_REFLECTOR_DATA = "no passing corrections to train the reflector on"
+AT_LEAST_ONE = ("k", "train_size", "eval_size", "max_completion_length", "epochs", "batch_size", "micro_batch_size",
+                "reflections_per_problem", "sampling_batch_size", "save_total_limit")
+NOT_NEGATIVE = ("temperature", "dpo_beta", "lora_r", "lora_alpha", "learning_rate", "self_consistency")
 
 
 @dataclass
-class Config(par.MachineFlags):     # + --bf16, --gradient-checkpointing, --cuda-graphs, --device
+class Config(MachineFlags):     # + --bf16, --gradient-checkpointing, --cuda-graphs, --device
     task: str = flag("mbpp", "task", choices=["mbpp", "countdown", "function_calling"])
     model: str | None = flag(None, "agent: Hugging Face model folder or hub id (default: the embedded SmolLM2-135M-Instruct)")
     reflector_model: str | None = flag(None, "reflector (default: the agent's base model with the reflector prompt)")
@@ -104,7 +105,6 @@ class Config(par.MachineFlags):     # + --bf16, --gradient-checkpointing, --cuda
     seed: int = flag(0, "seed for sampling, data order and LoRA init")
 
 
-
 # --- what the steps share: sampling, the stage cache, the step data -----------------------------------
 
 def settings_hash(*parts) -> str:
@@ -117,26 +117,17 @@ def seeded(d, seed: int, keys: list[str]) -> torch.Generator:
     return torch.Generator(d.device).manual_seed(int(settings_hash(seed, keys), 16))
 
 
-def run_cached(path: Path, items: list[tuple[str, object]], work, d, desc: str, per_rank: int) -> list[dict]:
-    """A resumable stage. items are (key, payload); work(keys, payloads) returns result rows, each
-    carrying its item's "key". Items whose key is in `path` already are not redone; new rows are
-    appended chunk by chunk, a chunk being `per_rank` items per rank (rank 0 reads and writes, every
-    rank works on its share). Returns the rows of all items in item order."""
-    done = {}
-    for row in par.broadcast_object(read_jsonl(path) if d.main else None, d):
-        done.setdefault(row["key"], []).append(row)
-    todo = [(k, p) for k, p in items if k not in done]
-    for _, mine in tqdm(list(par.rank_chunks(todo, per_rank, d)), desc=desc, disable=not d.main or not todo):
-        rows = work([k for k, _ in mine], [p for _, p in mine]) if mine else []
-        new = [r for part in par.all_gather_objects(rows, d) for r in part]
-        for r in new:
-            done.setdefault(r["key"], []).append(r)
-        if d.main:
-            append_jsonl(path, new)
-    return [r for k, _ in items for r in done.get(k, [])]
+def run_cached(path: Path, items: list[tuple[str, object]], work, d, desc: str, per_rank: int,
+               rows_per_item: int = 1) -> list[dict]:
+    """A stage cached in `path` and resumable chunk by chunk (par.resumable_chunks): items are (key,
+    payload); work(keys, payloads) returns rows_per_item rows per item, each with its item's "key".
+    Returns the rows of all items in item order."""
+    done = par.resumable_chunks(path, items, lambda number, keys, payloads: work(keys, payloads), d,
+                                per_rank=per_rank, desc=desc, rows_per_item=rows_per_item)
+    return [r for k, _ in items for r in done[k]]
 
 
-def failed_key(sample: dict) -> str:
+def sample_key(sample: dict) -> str:
     """The key of a sampled solution, "<problem id>/<sample index>": a reflection row carries its failed
     sample's, which is how DPO finds a failed sample's own correction."""
     return f"{sample['key']}/{sample['j']}"
@@ -161,13 +152,11 @@ class Setup:
     train: list
     test: list
     split_size: int | None          # the whole test split's, for the report's "40 of 500" (rank 0)
+    examples: dict                  # the training problems by id
     tok: object
     agent: torch.nn.Module          # the base model
     reflector: torch.nn.Module      # the zero-shot reflector: the agent itself unless --reflector-model
-
-    @property
-    def examples(self) -> dict:
-        return {ex.id: ex for ex in self.train}
+    reflector_id: str | None        # what it was loaded from: --reflector-model, else --model
 
 
 @dataclass
@@ -178,7 +167,7 @@ class Stage:
 
 
 def timed(stage, *args) -> Stage:
-    """Runs a sampling stage (steps 1-3), timed."""
+    """Runs a sampling stage (steps 1-2), timed."""
     t = time.time()
     rows = stage(*args)
     return Stage(rows, time.time() - t)
@@ -186,22 +175,24 @@ def timed(stage, *args) -> Stage:
 
 @dataclass
 class TrainedReflector:
-    """Step 4: the reflector that made `corrections` (D_R = their passing rows), and how long it took."""
-    model: torch.nn.Module
+    """Step 3: the trained reflector (None: it had no passing corrections to learn from) and its corrections
+    (D_R = their passing rows; their time includes the zero-shot reflection and the training)."""
+    model: torch.nn.Module | None
     corrections: Stage
 
 
 @dataclass
 class Agent:
-    """Step 5, one per trained row: its model folder (None: no training data), the training time plus the
-    stages its data rests on, and its data's sizes (D_M, D_R)."""
+    """Step 4, one per trained row: its model folder (None: nothing to train on, said by `note`), the
+    training time plus the stages its data rests on, and its data's sizes (D_M, D_R)."""
     name: str
     folder: Path | None
     seconds: float
     sizes: tuple[int, int]
+    note: str = NO_DATA
 
 
-# --- 1-2. sample and verify ---------------------------------------------------------------------------
+# --- 1. sample and verify -----------------------------------------------------------------------------
 
 @torch.no_grad()
 def sample_solutions(cfg, d, agent, tok, task, train, out) -> list[dict]:
@@ -216,11 +207,11 @@ def sample_solutions(cfg, d, agent, tok, task, train, out) -> list[dict]:
         verdicts = task.check_batch([tok.decode(t, skip_special_tokens=True) for t in gen.tokens], repeated)
         return [solution_row(tok, ex.id, t, v, j=r % cfg.k) for r, (ex, t, v) in enumerate(zip(repeated, gen.tokens, verdicts))]
 
-    return run_cached(out / f"samples-{h}.jsonl", [(ex.id, ex) for ex in train], work, d, "1-2 sample + verify",
-                      cfg.sampling_batch_size)
+    return run_cached(out / f"samples-{h}.jsonl", [(ex.id, ex) for ex in train], work, d, "1 sample + verify",
+                      cfg.sampling_batch_size, rows_per_item=cfg.k)
 
 
-# --- 3. reflect ---------------------------------------------------------------------------------------
+# --- 2. reflect ---------------------------------------------------------------------------------------
 
 @torch.no_grad()
 def reflect(cfg, d, reflector, tok, task, examples, samples, out, name, reflector_id) -> list[dict]:
@@ -240,15 +231,16 @@ def reflect(cfg, d, reflector, tok, task, examples, samples, out, name, reflecto
         return [solution_row(tok, k, t, v, id=f["key"], failed=f["text"], failed_feedback=f["feedback"])
                 for k, f, t, v in zip(keys, fails, gen.tokens, verdicts)]
 
-    items = [(failed_key(f), f) for f in failed]
-    return run_cached(out / f"reflections-{name}-{h}.jsonl", items, work, d, f"3 reflect ({name})",
+    items = [(sample_key(f), f) for f in failed]
+    return run_cached(out / f"reflections-{name}-{h}.jsonl", items, work, d, f"2 reflect ({name})",
                       cfg.sampling_batch_size)
 
 
-# --- 4. train the reflector ---------------------------------------------------------------------------
+# --- 3. train the reflector ---------------------------------------------------------------------------
 
 def sft_data(tok, rows, prompt_of) -> list[tuple[list[int], list[int]]]:
-    """(prompt ids, solution ids ending with EOS) for each passing row; prompt_of(row) gives the messages."""
+    """(prompt ids, solution ids ending with EOS) for each row (a passing solution; for DPO, either side of a
+    pair); prompt_of(row) gives the messages."""
     data = []
     for r in rows:
         target = list(r["tokens"])
@@ -258,27 +250,37 @@ def sft_data(tok, rows, prompt_of) -> list[tuple[list[int], list[int]]]:
     return data
 
 
+def model_folder(s: Setup, name: str, init: str | None, data: list, kind: str = "sft") -> Path:
+    """<out>/models/<name>-<hash> for a model that train_model makes from `init` and `data`. The hash covers
+    all that the result depends on (the data's token ids and every training flag that changes the
+    weights), so other settings train a new model instead of reusing one."""
+    cfg = s.cfg
+    h = settings_hash(kind, init, cfg.lora_r, cfg.lora_alpha, cfg.epochs, cfg.learning_rate, cfg.batch_size,
+                      cfg.seed, cfg.dpo_beta if kind == "dpo" else None, cfg.bf16, data)
+    folder = s.out / MODELS / f"{name}-{h}"
+    folder.mkdir(parents=True, exist_ok=True)
+    return folder
+
+
 def train_reflector(s: Setup, samples: Stage, zero_shot: Stage) -> TrainedReflector:
     """Supervised fine-tuning of the reflector on (problem, failed solution, feedback) -> its passing
-    correction, then reflect (step 3) again with it. Without passing corrections to learn from, the
-    zero-shot reflector and its corrections stand in."""
+    correction, then reflect (step 2) again with it. Without passing corrections to learn from, no reflector
+    is trained (its row in the table says so)."""
     t, cfg = time.time(), s.cfg
     examples = s.examples
     pairs = sft_data(s.tok, passing(zero_shot.rows),
                      lambda r: reflector_messages(s.task, examples[r["id"]], r["failed"], r["failed_feedback"]))
     if not pairs:
-        return TrainedReflector(s.reflector, Stage(zero_shot.rows, zero_shot.seconds + time.time() - t))
-    base_id = cfg.reflector_model or cfg.model
-    folder = s.out / MODELS / f"reflector-{settings_hash(base_id, cfg.lora_r, cfg.epochs, cfg.learning_rate, cfg.seed, pairs)}"
-    folder.mkdir(parents=True, exist_ok=True)
+        return TrainedReflector(None, Stage([], zero_shot.seconds + time.time() - t))
+    folder = model_folder(s, "reflector", s.reflector_id, pairs)
     with par.off_device(s.agent, s.reflector):     # one model at a time on the device
-        train_model(cfg, s.d, base_id, pairs, folder)
+        train_model(cfg, s.d, s.reflector_id, pairs, folder)
     model, _ = load_model(str(folder), device=s.d.device)
     rows = reflect(cfg, s.d, model, s.tok, s.task, examples, samples.rows, s.out, TRAINED, str(folder))
     return TrainedReflector(model, Stage(rows, zero_shot.seconds + time.time() - t))
 
 
-# --- 5. train the agents ------------------------------------------------------------------------------
+# --- 4. train the agents ------------------------------------------------------------------------------
 
 def dpo_pairs(samples, d_m, d_r) -> tuple[list[tuple[dict, dict]], dict]:
     """Re-ReST's DPO pairs as (chosen, rejected) rows, in sample order. Each failed sample is rejected
@@ -286,16 +288,16 @@ def dpo_pairs(samples, d_m, d_r) -> tuple[list[tuple[dict, dict]], dict]:
     sample without one (not corrected, or its correction failed) is paired with a passing sample of the same
     problem from D_M, the problem's passing samples taken in turn so the fallbacks spread over them; with
     neither it is left out. Counts: pairs, own_correction, fallback, unpaired (failed samples left out)."""
-    own = {r["key"]: r for r in d_r}            # a reflection's key is its failed sample's failed_key
+    own = {r["key"]: r for r in d_r}            # a reflection's key is its failed sample's sample_key
     pool_of, pairs, counts, turn = {}, [], dict(own_correction=0, fallback=0, unpaired=0), Counter()
     for s in d_m:
         pool_of.setdefault(s["key"], []).append(s)
     for s in (s for s in samples if not s["ok"]):
         pool = pool_of.get(s["key"])
-        kind = "own_correction" if failed_key(s) in own else "fallback" if pool else "unpaired"
+        kind = "own_correction" if sample_key(s) in own else "fallback" if pool else "unpaired"
         counts[kind] += 1
         if kind != "unpaired":
-            pairs.append((own[failed_key(s)] if kind == "own_correction" else pool[turn[s["key"]] % len(pool)], s))
+            pairs.append((own[sample_key(s)] if kind == "own_correction" else pool[turn[s["key"]] % len(pool)], s))
         turn[s["key"]] += kind == "fallback"
     return pairs, dict(pairs=len(pairs), **counts)
 
@@ -307,10 +309,7 @@ def train_agent(s: Setup, name: str, data: list, sizes: tuple[int, int], data_se
     t, cfg = time.time(), s.cfg
     if not data:
         return Agent(name, None, data_seconds, sizes)
-    h = settings_hash(kind, cfg.model, cfg.lora_r, cfg.lora_alpha, cfg.epochs, cfg.learning_rate, cfg.batch_size,
-                      cfg.seed, cfg.dpo_beta if kind == "dpo" else None, data)
-    folder = s.out / MODELS / f"{name.replace(' ', '_').replace('+', 'and')}-{h}"
-    folder.mkdir(parents=True, exist_ok=True)
+    folder = model_folder(s, name.replace(" ", "_").replace("+", "and"), cfg.model, data, kind)
     with par.off_device(*idle):                    # one model at a time on the device
         train_model(cfg, s.d, cfg.model, data, folder, kind)
     return Agent(name, folder, data_seconds + time.time() - t, sizes)
@@ -326,12 +325,14 @@ def train_agents(s: Setup, samples: Stage, zero_shot: Stage,
         return examples[row["id"] if "id" in row else row["key"]].messages
 
     d_m, d_r = passing(samples.rows), passing(zero_shot.rows)
-    idle = [s.agent, s.reflector] + ([trained.model] if trained else [])
+    idle = [s.agent, s.reflector] + ([trained.model] if trained and trained.model else [])
     agents = [train_agent(s, SELF_TRAINING, sft_data(s.tok, d_m, prompt_of), (len(d_m), 0), samples.seconds, idle),
               train_agent(s, RE_REST, sft_data(s.tok, d_m + d_r, prompt_of), (len(d_m), len(d_r)),
                           samples.seconds + zero_shot.seconds, idle)]
     corrections = zero_shot
-    if trained:
+    if trained and trained.model is None:
+        agents.append(Agent(WITH_TRAINED_REFLECTOR, None, trained.corrections.seconds, (len(d_m), 0), NO_REFLECTOR_DATA))
+    elif trained:
         corrections = trained.corrections
         d_r2 = passing(corrections.rows)
         agents.append(train_agent(s, WITH_TRAINED_REFLECTOR, sft_data(s.tok, d_m + d_r2, prompt_of),
@@ -348,7 +349,7 @@ def train_agents(s: Setup, samples: Stage, zero_shot: Stage,
     return agents, counts
 
 
-# --- 6. evaluate --------------------------------------------------------------------------------------
+# --- 5. evaluate --------------------------------------------------------------------------------------
 
 @torch.no_grad()
 def evaluate(cfg, d, model, tok, task, test, out, name, model_id) -> dict[str, bool]:
@@ -361,7 +362,7 @@ def evaluate(cfg, d, model, tok, task, test, out, name, model_id) -> dict[str, b
         verdicts = task.check_batch([tok.decode(t, skip_special_tokens=True) for t in gen.tokens], examples)
         return [solution_row(tok, k, t, v) for k, t, v in zip(keys, gen.tokens, verdicts)]
 
-    rows = run_cached(out / f"eval-{name}-{h}.jsonl", [(ex.id, ex) for ex in test], work, d, f"6 eval {name}",
+    rows = run_cached(out / f"eval-{name}-{h}.jsonl", [(ex.id, ex) for ex in test], work, d, f"5 eval {name}",
                       cfg.sampling_batch_size)
     return per_item(rows)
 
@@ -375,7 +376,7 @@ def per_item(rows) -> dict[str, bool]:
 
 
 @torch.no_grad()
-def self_consistency(cfg, d, model, reflector, tok, task, test, out, name, model_id) -> dict[str, bool]:
+def self_consistency(cfg, d, model, reflector, reflector_id, tok, task, test, out, name, model_id) -> dict[str, bool]:
     """mbpp: N samples per problem, each revised once by the reflector (greedy); the revised programs are
     grouped by their outputs on the test inputs and the largest group's first program (tie: the group met
     first) is scored on the asserts: {test problem key: passed}. The reflector sees the problem prompt,
@@ -385,7 +386,8 @@ def self_consistency(cfg, d, model, reflector, tok, task, test, out, name, model
     outputs on those inputs, not the expected values. Not a blind test-time method on MBPP."""
     from verifiers import code_outputs_batch
     N = cfg.self_consistency
-    h = settings_hash(model_id, cfg.task, cfg.data_dir, cfg.eval_size, cfg.max_completion_length, N, cfg.temperature)
+    h = settings_hash(model_id, cfg.task, cfg.data_dir, cfg.eval_size, cfg.max_completion_length, N, cfg.temperature,
+                      cfg.seed, reflector_id)
 
     def outputs(texts, exs):
         return code_outputs_batch([(t, ex.reference["tests"], ex.reference.get("setup", "")) for t, ex in zip(texts, exs)])
@@ -398,18 +400,18 @@ def self_consistency(cfg, d, model, reflector, tok, task, test, out, name, model
         seen = outputs(texts, exs)
         notes = ["Outputs of the program on the test inputs: " + "; ".join(o) for o in seen]
         prompts = [chat_ids(tok, reflector_messages(task, ex, t, n)) for ex, t, n in zip(exs, texts, notes)]
-        revised = sample(reflector, stop_token_ids(tok, reflector), prompts, cfg, temperature=0).tokens
-        revised = [tok.decode(t, skip_special_tokens=True) for t in revised]
+        revised_tokens = sample(reflector, stop_token_ids(tok, reflector), prompts, cfg, temperature=0).tokens
+        revised = [tok.decode(t, skip_special_tokens=True) for t in revised_tokens]
         votes = outputs(revised, exs)
-        rows = []
-        for i, (key, ex) in enumerate(zip(keys, examples)):
+        chosen = []
+        for i in range(len(examples)):
             group = [tuple(v) for v in votes[i * N:(i + 1) * N]]
             winner = Counter(group).most_common(1)[0][0]
-            chosen = revised[i * N + group.index(winner)]
-            rows.append(dict(key=key, ok=task.check(chosen, ex).ok, text=chosen))
-        return rows
+            chosen.append(revised[i * N + group.index(winner)])
+        verdicts = task.check_batch(chosen, examples)        # in parallel, as every other stage checks
+        return [dict(key=key, ok=v.ok, text=text) for key, text, v in zip(keys, chosen, verdicts)]
 
-    rows = run_cached(out / f"sc-{name}-{h}.jsonl", [(ex.id, ex) for ex in test], work, d, f"6 self-consistency {name}",
+    rows = run_cached(out / f"sc-{name}-{h}.jsonl", [(ex.id, ex) for ex in test], work, d, f"5 self-consistency {name}",
                       cfg.sampling_batch_size)
     return per_item(rows)
 
@@ -420,7 +422,8 @@ def evaluate_model(s: Setup, model, name: str, model_id: str, seconds: float) ->
     t, cfg = time.time(), s.cfg
     row = dict(items=evaluate(cfg, s.d, model, s.tok, s.task, s.test, s.out, name, model_id))
     if cfg.self_consistency:
-        row["sc_items"] = self_consistency(cfg, s.d, model, s.reflector, s.tok, s.task, s.test, s.out, name, model_id)
+        row["sc_items"] = self_consistency(cfg, s.d, model, s.reflector, s.reflector_id, s.tok, s.task, s.test, s.out,
+                                           name, model_id)
     row["time"] = seconds + time.time() - t
     return row
 
@@ -430,7 +433,7 @@ def evaluate_rows(s: Setup, agents: list[Agent]) -> dict[str, dict]:
     rows = {BASE: evaluate_model(s, s.agent, BASE, s.cfg.model, 0.0)}
     for a in agents:
         if a.folder is None:
-            rows[a.name] = dict(items=None, time=a.seconds, note=NO_DATA)
+            rows[a.name] = dict(items=None, time=a.seconds, note=a.note)
             continue
         model, _ = load_model(str(a.folder), device=s.d.device)
         rows[a.name] = dict(folder=str(a.folder), **evaluate_model(s, model, a.name, str(a.folder), a.seconds))
@@ -452,7 +455,8 @@ def link_final(s: Setup, agents: list[Agent]):
 
 def check_flags(cfg):
     """Everything that can be refused before the run folder is touched, each in one line."""
-    check_at_least_one(cfg, POSITIVE_FLAGS + ("save_total_limit",))
+    check_at_least(cfg, AT_LEAST_ONE, 1)
+    check_at_least(cfg, NOT_NEGATIVE, 0)
     if cfg.self_consistency and cfg.task != "mbpp":
         raise BadInput("--self-consistency votes by program outputs: it needs --task mbpp")
     check_model_name(cfg.model)
@@ -477,25 +481,27 @@ def setup(cfg, d, out: Path) -> Setup:
     reflector = agent if cfg.reflector_model is None else load_model(cfg.reflector_model, device=d.device)[0]
     if d.main:
         append_jsonl(out / "invocations.jsonl", [dict(recorded_config(cfg, out), time=time.time())])
-    return Setup(cfg, d, out, task, train, test, split_size, tok, agent, reflector)
+    return Setup(cfg, d, out, task, train, test, split_size, {ex.id: ex for ex in train}, tok, agent, reflector,
+                 cfg.reflector_model or cfg.model)
 
 
 def run(argv=None):
     cfg = parse_config(Config, argv, description=__doc__)
     check_flags(cfg)
     out = Path(cfg.out or DEFAULT_OUT.format(task=cfg.task))
+    cfg.data_dir = data_dir_used(cfg.data_dir)     # the folder used ($RRR_DATA_DIR too): recorded and hashed
     d = par.init_distributed(cfg.device)
     tracker = Tracker()
     try:
-        par.resolve_machine_flags(cfg, d)
+        resolve_machine_flags(cfg, d)
         s = setup(cfg, d, out)
         tracker = open_tracker(cfg.report_to, out, recorded_config(cfg, out), d.main, project="rerest")
-        samples = timed(sample_solutions, cfg, d, s.agent, s.tok, s.task, s.train, out)                  # 1-2
+        samples = timed(sample_solutions, cfg, d, s.agent, s.tok, s.task, s.train, out)                  # 1
         zero_shot = timed(reflect, cfg, d, s.reflector, s.tok, s.task, s.examples, samples.rows, out, ZERO_SHOT,
-                          cfg.reflector_model or cfg.model)                                              # 3
-        trained = train_reflector(s, samples, zero_shot) if cfg.train_reflector else None                # 4
-        agents, dpo = train_agents(s, samples, zero_shot, trained)                                       # 5
-        rows = evaluate_rows(s, agents)                                                                  # 6
+                          s.reflector_id)                                                                # 2
+        trained = train_reflector(s, samples, zero_shot) if cfg.train_reflector else None                # 3
+        agents, dpo = train_agents(s, samples, zero_shot, trained)                                       # 4
+        rows = evaluate_rows(s, agents)                                                                  # 5
         table = write_report(cfg, out, rows, {a.name: a.sizes for a in agents}, s.split_size, dpo, d.main)
         tracker.log({f"pass1/{name}": sum(r["items"].values()) / len(r["items"]) for name, r in rows.items() if r["items"]}, 0)
         link_final(s, agents)

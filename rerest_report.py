@@ -3,12 +3,12 @@
 the sizes of D_M and D_R, wall time; the DPO pairs' counts; what self-consistency on MBPP sees.
 """
 
-import os
 from dataclasses import asdict
 from pathlib import Path
 
-from model import resolve_model_path
-from runs import change_text, markdown_table, paired_change, plot_rerest, wilson_interval, with_interval, write_json
+from model import EMBEDDED_MODEL, resolve_model_path
+from plots import plot_rerest
+from runs import change_text, markdown_table, paired_change, wilson_interval, with_interval, write_json
 
 TASK_NAMES = {"mbpp": "MBPP", "countdown": "Countdown", "function_calling": "function-calling"}
 
@@ -54,9 +54,9 @@ def report(cfg, rows: dict, sizes: dict, split_size: int | None, dpo: dict | Non
         body.append(line + [dm, dr, f"{r['time'] / 60:.1f} min"])
     table = markdown_table(header, body)
     subset = ("the whole split" if split_size == n else "a subset (--eval-size), not the paper's full-split protocol")
-    if cfg.data_dir is None and not os.environ.get("RRR_DATA_DIR"):
+    if cfg.data_dir is None:        # rerest.run resolved it: None is the offline data
         subset += "; offline data, not the real split (pass --data-dir)"
-    model = cfg.model or "SmolLM2-135M-Instruct (embedded)"
+    model = cfg.model or f"{EMBEDDED_MODEL} (embedded)"
     text = (f"# Re-ReST on {cfg.task}: {model}\n\nTest set: {where}, {subset}. k = {cfg.k} samples per training "
             f"problem; {'LoRA r=%d' % cfg.lora_r if cfg.lora_r else 'full fine-tuning'}, {cfg.epochs} epochs.\n\n"
             f"{table}\n\nEach pass@1 carries its 95% Wilson interval. Each row's change from \"base\" is paired on the "
@@ -70,14 +70,14 @@ def report(cfg, rows: dict, sizes: dict, split_size: int | None, dpo: dict | Non
         text += ("\nSelf-consistency on MBPP is not a blind test-time method: the reflector's prompt holds the asserts "
                  "with their expected values, and the vote runs the programs on the same test inputs.\n")
     if any(r.get("note") for r in rows.values()):
-        text += "\nRows without a score had no training data (no passing solutions).\n"
+        text += "\nRows without a score: " + "; ".join(f"{name}, {r['note']}" for name, r in rows.items() if r.get("note")) + ".\n"
     return text, table, dict(config=asdict(cfg) if config is None else config,
                              test=dict(n=n, split_size=split_size, task=cfg.task), rows=summary, sizes=sizes, dpo_pairs=dpo)
 
 
 def recorded_config(cfg, out: Path) -> dict:
     """The settings as invocations.jsonl and report.json record them: the flags, with what the defaults
-    stood for (the embedded model's folder, the absolute run folder). The stage hashes read the flags as
+    stood for (the embedded model's folder, the absolute run folder). The stage hashes read --model as
     given, so a rerun with the same flags still reuses every stage."""
     return dict(asdict(cfg), model=cfg.model or resolve_model_path(None), out=str(Path(out).resolve()))
 
@@ -95,5 +95,5 @@ def write_report(cfg, out: Path, rows: dict, sizes: dict, split_size: int | None
 
 
 def pass1_of(summary: dict, column: str) -> dict:
-    """{row name: pass@1 or None} of report.json's rows, for the plot and for --report-to."""
+    """{row name: pass@1 or None} of report.json's rows, for the plot."""
     return {name: (row[column] or {}).get("pass1") for name, row in summary["rows"].items()}

@@ -5,14 +5,16 @@
     torchrun --nproc_per_node=2 rrr.py --task countdown             # 2 CPU processes (gloo)
 
 The algorithm, one function per step (the README lists the same steps), in the order `run` calls them:
-  1. load_splits          the task's train and test examples (data/; and policy.load_policy: the model)
-  2. evaluate             first-try and second-try accuracy of the untrained model
+  1. load_splits          the task's train and test examples (data/); policy.load_policy: the model
+  2. evaluate             first-try and second-try accuracy of the untrained model (and, with
+                          --forgetting-eval, evaluate_forgetting: another task's first try)
   3. build_failure_set    up to --failure-samples first attempts per training query; keep the failures
-  4. rollout + grpo_update  per step: G reflections per failure, one retry each, reward = the verifier on
-                          the retry; advantages per group; only the reflection tokens are trained
-                          (the update, in policy.py: micro-batches of whole groups, FSDP, the optimizer)
+  4. train_step           per step: step_batch picks the failures; rollout samples G reflections per
+                          failure and one retry each, reward = the verifier on the retry, advantages per
+                          group; policy.grpo_update trains only the reflection tokens (micro-batches of
+                          whole groups, FSDP, the optimizer)
   5. evaluate + write_report  every --eval-every steps and at the end; report.md/.json (95% intervals, paired
-                          tests; --forgetting-eval adds another task's first try; compare.py), plot.png, final/
+                          tests; compare.py), plot.png; final/ (parallel.export_hf)
 
 Where to change things: the reward is `task.check_batch` (verifiers.py via data/); the prompts are the
 task's `reflection_prompt` / `retry_prompt` (data/); the loss is grpo.policy_loss; which tokens are trained
@@ -36,25 +38,29 @@ from tqdm import tqdm
 
 import parallel as par
 from compare import write_report
-from data import get_task, load_splits, resolve_data_dir, test_split_size
+from data import data_dir_used, get_task, load_splits, resolve_data_dir, test_split_size
 from grpo import group_advantages, zero_variance_fraction
 from model import EMBEDDED_MODEL, chat_ids, check_model_name, next_turn_ids
 from policy import grpo_update, load_policy, sample, sampling
-from runs import (REPORT_TO, BadInput, Tracker, append_jsonl, check_at_least_one, flag, main_guard, open_tracker,
-                  parse_config, prepare_out, read_jsonl, setting_differs)
+from runs import (REPORT_TO, BadInput, MachineFlags, Tracker, append_jsonl, check_at_least, flag, main_guard,
+                  open_tracker, parse_config, prepare_out, read_jsonl, resolve_machine_flags, setting_differs)
 
 GENERIC_REFLECTION = ("I made a mistake in my previous answer. I will read the task again carefully, "
                       "check every step, and then give a corrected answer.")
+DEFAULT_OUT = "runs/{method}-{task}"
 SEED_FAILURE_SET = 1     # sampling-seed purposes (see seed_for): the failure set's chunks, the training rollouts
 SEED_ROLLOUT = 2
 EVAL_BATCH = 32          # examples per greedy sampling call in evaluation
+STEP_LOGS = ("evals.jsonl", "metrics.jsonl", "eval_answers.jsonl", "episodes.jsonl")     # rows carry a "step"
 AT_LEAST_ONE = ("steps", "train_size", "eval_size", "batch_size", "num_generations", "failure_samples",
                 "max_completion_length", "max_reflection_length", "micro_batch_size", "num_iterations",
                 "sampling_batch_size", "save_total_limit")
+NOT_NEGATIVE = ("temperature", "learning_rate", "weight_decay", "max_grad_norm", "beta", "epsilon", "epsilon_high",
+                "eval_every", "save_every", "log_episodes")
 
 
 @dataclass
-class Config(par.MachineFlags):     # + --bf16, --gradient-checkpointing, --cuda-graphs, --device
+class Config(MachineFlags):     # + --bf16, --gradient-checkpointing, --cuda-graphs, --device
     task: str = flag("countdown", "task to train on", choices=["countdown", "function_calling"])
     model: str | None = flag(None, "Hugging Face model folder or hub id (default: the embedded SmolLM2-135M-Instruct)")
     data_dir: str | None = flag(None, "folder with the real data sets (countdown/, function_calling/); default "
@@ -188,7 +194,7 @@ def evaluate(cfg, d, pol, task, examples, step, out) -> dict:
             if failed:
                 prefixes = [reflection_prefix(pol, task, prompts[i], gen1.tokens[i], stop_of(gen1.tokens[i], gen1.finished[i]))
                             for i in failed]
-                refl, retries = reflect_and_retry(cfg, pol, task, prefixes, 1, 0.0, None)
+                refl, retries = reflect_and_retry(cfg, pol, task, prefixes, num_samples=1, temperature=0.0, gen=None)
                 again = task.check_batch([pol.decode(t) for t in retries.tokens], [part[i] for i in failed])
                 for j, (i, v) in enumerate(zip(failed, again)):
                     these[i].update(second=v.ok, reflection=pol.decode(refl.tokens[j]) if refl else GENERIC_REFLECTION,
@@ -198,9 +204,9 @@ def evaluate(cfg, d, pol, task, examples, step, out) -> dict:
     first, second, n = par.all_sum([sum(r["first"] for r in rows), sum(r["second"] for r in rows), len(mine)], d)
     result = dict(step=step, first=first / n, second=second / n, n=int(n))
     all_rows = par.all_gather_objects(rows, d)
-    if d.main:
-        append_jsonl(out / "evals.jsonl", [result])
+    if d.main:     # the answers first: the summary line says that the evaluation is complete
         append_jsonl(out / "eval_answers.jsonl", [dict(r, step=step) for rs in all_rows for r in rs])
+        append_jsonl(out / "evals.jsonl", [result])
     return result
 
 
@@ -245,11 +251,10 @@ def failure_set_meta(cfg) -> dict:
                 temperature=cfg.temperature)
 
 
-def read_failure_set(cfg, path: Path, train) -> list[dict]:
-    """The rows of the failure set at `path` ([] when this run has none yet), refused in one line when its
-    meta line shows other settings; another run's (--failure-set) must also hold every training query.
-    Only reads: run() checks --failure-set with it before the run folder exists, so a refused run creates
-    and changes nothing."""
+def check_failure_set(cfg, path: Path, train):
+    """Refuses, in one line, a failure set at `path` whose meta line shows other settings than this run's;
+    another run's (--failure-set) must also hold every training query. Only reads: run() checks
+    --failure-set with it before the run folder exists, so a refused run creates and changes nothing."""
     if cfg.failure_set and not path.is_file():
         raise BadInput(f"--failure-set {path}: no such file")
     try:
@@ -257,7 +262,7 @@ def read_failure_set(cfg, path: Path, train) -> list[dict]:
     except (OSError, UnicodeDecodeError) as e:
         raise BadInput(f"{path}: cannot be read ({type(e).__name__})") from None
     if not rows and not cfg.failure_set:
-        return []
+        return
     theirs, ours = rows[0].get("meta") if rows and isinstance(rows[0], dict) else None, failure_set_meta(cfg)
     if not isinstance(theirs, dict):
         raise BadInput(f"{path}: not a failure set (its first line is not a meta line)")
@@ -269,61 +274,49 @@ def read_failure_set(cfg, path: Path, train) -> list[dict]:
     missing = sum(ex.id not in have for ex in train)
     if missing and cfg.failure_set:  # a run killed while building it: resume that run, or let this one build its own
         raise BadInput(f"--failure-set {path} lacks {missing} of this run's {len(train)} training queries")
-    return rows
+
+
+def sample_until_failure(cfg, pol, task, examples, gen) -> list[dict]:
+    """First attempts at each example in rounds of 1, 2, 4, ... per example that has not failed yet, up to
+    --failure-samples in all: its first failed attempt (with the verifier's feedback and the number of
+    attempts drawn), or failed=False."""
+    found, used = {}, {ex.id: 0 for ex in examples}
+    pending, n = list(examples), 1
+    while pending:
+        n = min(n, cfg.failure_samples - used[pending[0].id])
+        prompts = [chat_ids(pol.tokenizer, ex.messages) for ex in pending]
+        g = sample(pol.sampler, pol.stops, prompts, cfg, temperature=cfg.temperature, num_samples=n, generator=gen)
+        verdicts = task.check_batch([pol.decode(t) for t in g.tokens], [ex for ex in pending for _ in range(n)])
+        for i, ex in enumerate(pending):
+            for j in range(n):
+                r = i * n + j
+                if not verdicts[r].ok and ex.id not in found:
+                    found[ex.id] = dict(id=ex.id, failed=True, attempt=g.tokens[r], feedback=verdicts[r].feedback,
+                                        attempt_stop=stop_of(g.tokens[r], g.finished[r]), samples=used[ex.id] + j + 1)
+            used[ex.id] += n
+        pending = [ex for ex in pending if ex.id not in found and used[ex.id] < cfg.failure_samples]
+        n *= 2
+    return [found.get(ex.id, dict(id=ex.id, failed=False, samples=used[ex.id])) for ex in examples]
 
 
 @torch.no_grad()
 def build_failure_set(cfg, d, pol, task, train, out) -> list[Failure]:
-    """Samples first attempts per training query until one fails (at most --failure-samples) and keeps
-    the queries that failed, with that attempt. Appended to failures.jsonl chunk by chunk (a chunk is
-    --sampling-batch-size queries per rank), so an interrupted run resumes where it stopped."""
+    """Samples first attempts per training query until one fails (sample_until_failure) and keeps the
+    queries that failed, with that attempt. Written to failures.jsonl chunk by chunk (--sampling-batch-size
+    queries per rank), after a meta line of the settings it depends on. par.resumable_chunks numbers the
+    chunks alike in every run, and a chunk's sampling seed is its number: an interrupted run resumes where it
+    stopped and samples each chunk exactly as an uninterrupted run does."""
     path = Path(cfg.failure_set) if cfg.failure_set else out / "failures.jsonl"
-    rows = par.on_rank0(d, read_failure_set, cfg, path, train)       # rank 0 reads and checks for all
-    on_disk = {r["id"]: r for r in rows[1:]}
-    # Chunks of the whole training list, numbered the same way in every run, and a chunk's sampling seed
-    # is its number: a resumed run samples each chunk exactly as an uninterrupted run does. A chunk with a
-    # row missing (a crash can cut its write short) is redone whole: its rows were sampled together, and
-    # redoing only the missing ones would draw them in a smaller batch, with other random numbers.
-    chunks = list(par.rank_chunks(train, cfg.sampling_batch_size, d))
-    whole = [all(ex.id in on_disk for ex in chunk) for chunk, _ in chunks]
-    done = {ex.id: on_disk[ex.id] for (chunk, _), w in zip(chunks, whole) if w for ex in chunk}
-    todo = [k for k, w in enumerate(whole) if not w]
-    if todo and d.main:
-        # The file starts again from the header and the whole chunks: a redone chunk's old rows and a cut
-        # line go, so it ends as an uninterrupted run's. Written aside and renamed: a crash here leaves
-        # the old file or the new one.
-        tmp = path.with_name(path.name + ".tmp")
-        kept = [dict(meta=failure_set_meta(cfg))] + [done[ex.id] for ex in train if ex.id in done]
-        tmp.write_text("".join(json.dumps(r) + "\n" for r in kept))
-        tmp.replace(path)
+    par.on_rank0(d, check_failure_set, cfg, path, train)          # rank 0 reads, and refuses for all
     with sampling(pol):
-        for k in tqdm(todo, desc="failure set", disable=not d.main):
-            chunk, part = chunks[k]
-            gen = generator(cfg, d, SEED_FAILURE_SET, k)
-            found = {}
-            used = {ex.id: 0 for ex in part}
-            pending, n = list(part), 1
-            while pending:   # rounds of 1, 2, 4, ... attempts for each query that has not failed yet
-                n = min(n, cfg.failure_samples - used[pending[0].id])
-                prompts = [chat_ids(pol.tokenizer, ex.messages) for ex in pending]
-                g = sample(pol.sampler, pol.stops, prompts, cfg, temperature=cfg.temperature, num_samples=n, generator=gen)
-                verdicts = task.check_batch([pol.decode(t) for t in g.tokens], [ex for ex in pending for _ in range(n)])
-                for i, ex in enumerate(pending):
-                    for j in range(n):
-                        r = i * n + j
-                        if not verdicts[r].ok and ex.id not in found:
-                            found[ex.id] = dict(id=ex.id, failed=True, attempt=g.tokens[r], feedback=verdicts[r].feedback,
-                                                attempt_stop=stop_of(g.tokens[r], g.finished[r]), samples=used[ex.id] + j + 1)
-                    used[ex.id] += n
-                pending = [ex for ex in pending if ex.id not in found and used[ex.id] < cfg.failure_samples]
-                n *= 2
-            new = [found.get(ex.id, dict(id=ex.id, failed=False, samples=used[ex.id])) for ex in part]
-            for rs in par.all_gather_objects(new, d):
-                done.update((r["id"], r) for r in rs)
-            if d.main:
-                append_jsonl(path, [done[ex.id] for ex in chunk])
-    return [Failure(r["id"], r["attempt"], r["attempt_stop"], r["feedback"], r["samples"])
-            for ex in train if (r := done[ex.id])["failed"]]
+        done = par.resumable_chunks(
+            path, [(ex.id, ex) for ex in train], d=d, per_rank=cfg.sampling_batch_size, desc="failure set",
+            header=dict(meta=failure_set_meta(cfg)), key="id",
+            work=lambda number, ids, examples: sample_until_failure(cfg, pol, task, examples,
+                                                                    generator(cfg, d, SEED_FAILURE_SET, number)))
+    rows = [done[ex.id][0] for ex in train]
+    return [Failure(id=r["id"], attempt=r["attempt"], attempt_stop=r["attempt_stop"], feedback=r["feedback"],
+                    samples=r["samples"]) for r in rows if r["failed"]]
 
 
 # --- 4. training ------------------------------------------------------------------------------------
@@ -335,8 +328,7 @@ def step_batch(cfg, d, failures, step) -> list[Failure]:
     picked = []
     for k in range(step * B, (step + 1) * B):
         epoch, i = divmod(k, n)
-        order = torch.randperm(n, generator=torch.Generator().manual_seed(cfg.seed * 7919 + epoch))
-        picked.append(failures[order[i]])
+        picked.append(failures[par.epoch_order(n, cfg.seed, epoch)[i]])
     share = B // d.world
     return picked[d.rank * share:(d.rank + 1) * share]
 
@@ -349,14 +341,16 @@ def rollout(cfg, d, pol, task, failures, examples, step) -> list[Episode]:
     gen = generator(cfg, d, SEED_ROLLOUT, step)
     exs = [examples[f.id] for f in failures]
     prompts = [chat_ids(pol.tokenizer, ex.messages) for ex in exs]
+    reflected = False                   # whether the model wrote a reflection, which is then what is trained
     if cfg.method == "grpo":            # plain GRPO: G first attempts; the attempt is trained and scored
         contexts = prompts
         trained = retries = sample(pol.sampler, pol.stops, prompts, cfg, temperature=cfg.temperature, num_samples=G,
                                    generator=gen)
     else:
         prefixes = [reflection_prefix(pol, task, p, f.attempt, f.attempt_stop) for p, f in zip(prompts, failures)]
-        refl, retries = reflect_and_retry(cfg, pol, task, prefixes, G, cfg.temperature, gen)
-        if refl is not None:            # RRR: the reflection is trained; the retry only decides the reward
+        refl, retries = reflect_and_retry(cfg, pol, task, prefixes, num_samples=G, temperature=cfg.temperature, gen=gen)
+        reflected = refl is not None
+        if reflected:                   # RRR: the reflection is trained; the retry only decides the reward
             contexts, trained = prefixes, refl
         else:                           # generic reflection: the retry is all the model wrote
             contexts, trained = [p + generic_turn(pol, task) for p in prefixes], retries
@@ -372,22 +366,23 @@ def rollout(cfg, d, pol, task, failures, examples, step) -> list[Episode]:
         else:
             text = dict(prompt=exs[r // G].messages[-1]["content"], attempt=pol.decode(failure.attempt),
                         reflection_prompt=task.reflection_prompt,
-                        reflection=pol.decode(toks) if trained is not retries else None,
+                        reflection=pol.decode(toks) if reflected else None,
                         retry_prompt=task.retry_prompt, retry=pol.decode(retries.tokens[r]),
                         feedback=verdicts[r].feedback)
-        sampled = len(toks) + (len(retries.tokens[r]) if trained is not retries else 0)
-        episodes.append(Episode(exs[r // G].id, list(ctx) + list(toks), (len(ctx), len(ctx) + len(toks)),
-                                rewards[r].item(), not trained.finished[r], sampled, text, advantages[r].item()))
+        episodes.append(Episode(id=exs[r // G].id, ids=list(ctx) + list(toks), span=(len(ctx), len(ctx) + len(toks)),
+                                reward=rewards[r].item(), truncated=not trained.finished[r],
+                                sampled=len(toks) + (len(retries.tokens[r]) if reflected else 0), text=text,
+                                advantage=advantages[r].item()))
     return episodes
 
 
 def advantages_of(cfg, d, rewards):
     if cfg.scale_rewards != "batch":
         return group_advantages(rewards, cfg.num_generations, scale=cfg.scale_rewards)
-    # "batch" divides by the std of the whole global batch, all ranks together.
+    # "batch" divides by the std of the whole global batch, all ranks together (Bessel-corrected).
     s, s2, n = par.all_sum([rewards.sum(), (rewards ** 2).sum(), rewards.numel()], d)
     std = (max(s2 - s * s / n, 0.0) / max(n - 1, 1)) ** 0.5
-    return group_advantages(rewards, cfg.num_generations, scale="none") / (std + 1e-4)
+    return group_advantages(rewards, cfg.num_generations, scale="batch", batch_std=std)
 
 
 def trained_length_limit(cfg) -> int:
@@ -433,7 +428,8 @@ def eval_scalars(e: dict) -> dict:
 
 
 def check_flags(cfg):
-    check_at_least_one(cfg, AT_LEAST_ONE)
+    check_at_least(cfg, AT_LEAST_ONE, 1)
+    check_at_least(cfg, NOT_NEGATIVE, 0)
     check_model_name(cfg.model)
     if cfg.method == "grpo" and cfg.reflection == "generic":
         raise BadInput("--reflection generic applies to --method rrr only")
@@ -441,32 +437,37 @@ def check_flags(cfg):
 
 def resume_logs(d, out, start) -> tuple[list, list]:
     """The evaluations and step metrics of the run up to `start`, read by rank 0 for everyone (on several
-    nodes only the shared folder is certain). What a crash left after the checkpoint is dropped: it is
-    recomputed identically."""
-    evals, metrics = par.broadcast_object(
-        [[r for r in read_jsonl(out / name) if r["step"] <= start] for name in ("evals.jsonl", "metrics.jsonl")]
-        if d.main else None, d)
+    nodes only the shared folder is certain). What a crash left after the checkpoint is dropped from every
+    per-step log, to be recomputed identically; so are the answers of an evaluation whose summary line
+    (written after them) is missing."""
+    logs = None
     if d.main:
-        for name, rows in (("evals.jsonl", evals), ("metrics.jsonl", metrics)):
-            (out / name).write_text("".join(json.dumps(r) + "\n" for r in rows))
+        logs = {name: [r for r in read_jsonl(out / name) if r["step"] <= start] for name in STEP_LOGS}
+        evaluated = {r["step"] for r in logs["evals.jsonl"]}
+        logs["eval_answers.jsonl"] = [r for r in logs["eval_answers.jsonl"] if r["step"] in evaluated]
+        for name, rows in logs.items():
+            if (out / name).exists():
+                (out / name).write_text("".join(json.dumps(r) + "\n" for r in rows))
+        logs = [logs["evals.jsonl"], logs["metrics.jsonl"]]
+    evals, metrics = par.broadcast_object(logs, d)
     return evals, metrics
 
 
 def run(argv=None):
     cfg = parse_config(Config, argv, description=__doc__)
     check_flags(cfg)
-    out = Path(cfg.out or f"runs/{cfg.method}-{cfg.task}")
-    # config.json and report.json record the model used and the run folder; the same flags resolve alike,
-    # so --resume still compares like with like.
-    cfg.model, cfg.out = cfg.model or EMBEDDED_MODEL, str(out)
+    out = Path(cfg.out or DEFAULT_OUT.format(method=cfg.method, task=cfg.task))
+    # config.json and report.json record the model, data folder and run folder used; the same flags resolve
+    # alike, so --resume still compares like with like.
+    cfg.model, cfg.data_dir, cfg.out = cfg.model or EMBEDDED_MODEL, data_dir_used(cfg.data_dir), str(out)
     started = time.time()
     d = par.init_distributed(cfg.device)
     tracker = Tracker()
     try:
-        par.resolve_machine_flags(cfg, d)
+        resolve_machine_flags(cfg, d)
         task, train, test = load_splits(cfg.task, cfg.data_dir, cfg.train_size, cfg.eval_size, cfg.seed)  # 1
         if cfg.failure_set:     # before the run folder exists: a refused run leaves nothing behind
-            par.on_rank0(d, read_failure_set, cfg, Path(cfg.failure_set), train)
+            par.on_rank0(d, check_failure_set, cfg, Path(cfg.failure_set), train)
         saved = par.on_rank0(d, prepare_out, out, asdict(cfg), cfg.resume)
         par.check_shared_folder(out, d)
         tracker = open_tracker(cfg.report_to, out, asdict(cfg), d.main, project="rrr")

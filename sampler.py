@@ -72,7 +72,7 @@ class Generation:
     cache: KVCache | None = None   # with keep_cache=True: continue the rows with generate(cache=...)
 
 
-def _layers(model):
+def decoder_body(model):
     body = model.get_decoder() if hasattr(model, "get_decoder") else model.model
     if not all(hasattr(body, a) for a in ("embed_tokens", "layers", "norm", "rotary_emb")):
         raise ValueError(f"sampler supports Llama-family decoders; {type(model).__name__} is not one")
@@ -156,7 +156,7 @@ def fuse_projections(model):
     leaving the module's parameters as views into it: decoding then multiplies by q/k/v (and by
     gate/up) as one matrix without keeping a fused copy beside the weights. The module computes
     exactly as before. Works a layer at a time, and skips what is already laid out so."""
-    for layer in _layers(model).layers:
+    for layer in decoder_body(model).layers:
         attn, mlp = layer.self_attn, layer.mlp
         for group in ((attn.q_proj, attn.k_proj, attn.v_proj), (mlp.gate_proj, mlp.up_proj)):
             for name in ("weight", "bias"):
@@ -191,7 +191,7 @@ def _prepare(model, capacity: int, like: torch.Tensor) -> _Weights:
         bias = None if any(b is None for b in biases) else one_matrix(biases)
         return one_matrix([m.weight for m in modules]), bias
 
-    body = _layers(model)
+    body = decoder_body(model)
     layers = [dict(qkv=fused(layer.self_attn.q_proj, layer.self_attn.k_proj, layer.self_attn.v_proj),
                    gate_up=fused(layer.mlp.gate_proj, layer.mlp.up_proj)) for layer in body.layers]
     cos, sin = body.rotary_emb(like, torch.arange(capacity, device=like.device)[None])
@@ -214,7 +214,7 @@ def _forward(model, w: _Weights, cache: KVCache, tokens: torch.Tensor, window: i
     last layer's hidden states (rows, C, hidden), before the final norm. Attention reads slots [0, window) up to each query's own
     position; `window` comes from the host, so nothing here waits for the device. Lengths are not
     advanced: the caller knows which tokens count."""
-    body = _layers(model)
+    body = decoder_body(model)
     heads, kv_heads, head_dim = _attention_geometry(model)
     groups = heads // kv_heads
     rows, C = tokens.shape
@@ -262,7 +262,7 @@ def _rotate_half(x):
 
 def _logits(model, hidden: torch.Tensor) -> torch.Tensor:
     """(rows, hidden) last-layer states -> (rows, vocab) fp32 logits: the final norm, then the head."""
-    logits = _linear(_layers(model).norm(hidden), model.lm_head.weight, model.lm_head.bias).float()
+    logits = _linear(decoder_body(model).norm(hidden), model.lm_head.weight, model.lm_head.bias).float()
     softcap = getattr(model.config, "final_logit_softcapping", None)
     if softcap:
         logits = torch.tanh(logits / softcap) * softcap

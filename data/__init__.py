@@ -102,6 +102,13 @@ def resolve_data_dir(flag_value) -> Path | None:
     return path
 
 
+def data_dir_used(flag_value) -> str | None:
+    """--data-dir as a run records it and keys its caches on: the folder that resolve_data_dir picks (so
+    that $RRR_DATA_DIR counts as much as the flag), or None for the offline data."""
+    folder = resolve_data_dir(flag_value)
+    return None if folder is None else str(folder)
+
+
 class Verifier:
     """A task's `check` when it is one function of verifiers.py: `function(completion, *values)`, the values
     being the example's reference fields `fields` in order (a missing one is None). verifiers.py is imported

@@ -7,13 +7,13 @@ import json
 import os
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 import torch
 
 import parallel as par
 import sandbox
+from model import checkpoint_layers
 from grpo import head_logprobs, packed_logprobs, policy_loss
 from runs import read_jsonl
 from test_grpo import free_port, packed_toy_groups
@@ -209,7 +209,7 @@ def test_gradient_checkpointing_same_gradients_fewer_saved_activations(one_proce
         if fsdp:
             par.shard_model(model, one_process, checkpointing=checkpointing)
         elif checkpointing:
-            par.checkpoint_layers(model)
+            checkpoint_layers(model)
         state = {}
 
         def forward():
@@ -237,6 +237,34 @@ def test_chunks_keep_every_rank_busy():
             assert sorted(x for p in parts for x in p) == chunk[0]
             if len(chunk[0]) == 2 * world:
                 assert all(len(p) == 2 for p in parts)
+
+
+def test_a_chunk_cut_short_by_a_crash_is_redone_whole_and_the_file_ends_as_an_uninterrupted_run(tmp_path, one_process):
+    """par.resumable_chunks, the stage behind rrr's failure set and every Re-ReST cache: two rows per item,
+    chunks of three items. A crash that cut chunk 1's write after 5 of its 6 rows (and half a line) must not
+    leave its last item with one row: chunk 1 is redone whole, chunk 0 is not, and the file ends byte for
+    byte as an uninterrupted run's."""
+    items, calls = [(f"p{i}", i) for i in range(7)], []
+
+    def work(number, keys, payloads):       # rows that depend on the chunk, as seeded sampling does
+        calls.append(number)
+        return [dict(key=k, j=j, value=100 * number + 10 * p + j) for k, p in zip(keys, payloads) for j in range(2)]
+
+    def stage(path):
+        return par.resumable_chunks(path, items, work, one_process, per_rank=3, desc="test", header=dict(meta=1),
+                                    rows_per_item=2)
+
+    whole = stage(tmp_path / "whole.jsonl")
+    assert calls == [0, 1, 2] and [r["value"] for r in whole["p4"]] == [140, 141]
+    lines = (tmp_path / "whole.jsonl").read_text().splitlines(keepends=True)
+    assert json.loads(lines[0]) == dict(meta=1) and len(lines) == 1 + 14
+    cut = tmp_path / "cut.jsonl"
+    cut.write_text("".join(lines[:1 + 6 + 5]) + lines[12][:7])
+    calls.clear()
+    assert stage(cut) == whole and calls == [1, 2]
+    assert cut.read_text() == "".join(lines)
+    calls.clear()
+    assert stage(cut) == whole and calls == []          # nothing left to do: nothing redone or rewritten
 
 
 OTHER_VIEW = """

@@ -278,6 +278,7 @@ def test_tiny_end_to_end_prints_the_table(tmp_path, tiny_chat, nproc):
     (["--data-dir", "/no/such/folder"], "does not exist"),
     (["--model", "/nonexistent"], "error: no such folder: /nonexistent"),
     (["--save-total-limit", "0"], "--save-total-limit must be at least 1"),
+    (["--self-consistency", "-2"], "--self-consistency must be at least 0"),
 ])
 def test_bad_input_exits_2_with_one_line(tmp_path, extra, message):
     done = subprocess.run([sys.executable, str(REPO / "rerest.py"), f"--out={tmp_path / 'x'}"] + extra, env=ENV,

@@ -276,12 +276,15 @@ def test_dr_grpo_divides_by_the_trained_parts_length_limit(tiny_chat, tmp_path, 
     (["--task", "nope"], "invalid choice"),
     (["--model", "/no/such/model"], "error:"),
     (["--batch-size", "0"], "--batch-size must be at least 1"),
+    (["--eval-every", "-1"], "--eval-every must be at least 0"),      # % -1 would evaluate every step
+    (["--data-dir", "/no/such/folder"], "does not exist"),
 ])
 def test_bad_input_exits_2_with_one_line(tmp_path, tiny_chat, extra, message):
     args = common_args(tiny_chat, tmp_path / "x") + extra
     done = run_rrr(args)
     assert done.returncode == 2
     assert message in done.stderr and "Traceback" not in done.stderr
+    assert not (tmp_path / "x").exists()
 
 
 def test_out_with_another_run_is_refused_and_kept(tmp_path, tiny_chat):

@@ -12,6 +12,7 @@ from dataclasses import dataclass
 
 import pytest
 
+import plots
 import runs
 from runs import BadInput, flag
 
@@ -163,7 +164,7 @@ def png_size(path) -> tuple[int, int]:
 
 
 def expected(figsize) -> tuple[int, int]:
-    return round(figsize[0] * runs.PLOT_DPI), round(figsize[1] * runs.PLOT_DPI)
+    return round(figsize[0] * plots.PLOT_DPI), round(figsize[1] * plots.PLOT_DPI)
 
 
 def test_rrr_plot_is_a_png_of_the_chosen_size(tmp_path):
@@ -171,23 +172,23 @@ def test_rrr_plot_is_a_png_of_the_chosen_size(tmp_path):
     metrics = [dict(step=s, reward=s / 10, zero_variance_groups=1 - s / 10, mean_kl=s * 1e-4, trained_length=30 + s)
                for s in range(1, 6)]
     evals = [dict(step=0, first=0.1, second=0.2), dict(step=5, first=0.2, second=0.4)]
-    assert expected(runs.RRR_FIGSIZE) == (1500, 450)
+    assert expected(plots.RRR_FIGSIZE) == (1500, 450)
     for name, m, e in [("full", metrics, evals), ("no-steps", [], evals[:1]), ("nothing", [], []),
                        ("no-kl", [dict(step=1, reward=0.0, zero_variance_groups=1.0)], evals)]:
         path = tmp_path / f"{name}.png"
-        runs.plot_rrr(path, m, e, title=name)
-        assert png_size(path) == expected(runs.RRR_FIGSIZE), name
+        plots.plot_rrr(path, m, e, title=name)
+        assert png_size(path) == expected(plots.RRR_FIGSIZE), name
     assert sorted(p.name for p in tmp_path.iterdir()) == ["full.png", "no-kl.png", "no-steps.png", "nothing.png"]
 
 
 def test_rerest_plot_is_a_png_of_the_chosen_size(tmp_path):
     pytest.importorskip("matplotlib")
     rows = {"base": 0.1, "Re-ReST": 0.2, "Re-ReST + trained reflector": None, "DPO": 0.0}
-    runs.plot_rerest(tmp_path / "sc.png", rows, {"base": 0.3, "Re-ReST": None, "Re-ReST + trained reflector": None, "DPO": 0.5})
-    runs.plot_rerest(tmp_path / "plain.png", rows)
-    runs.plot_rerest(tmp_path / "none.png", {"base": None})
+    plots.plot_rerest(tmp_path / "sc.png", rows, {"base": 0.3, "Re-ReST": None, "Re-ReST + trained reflector": None, "DPO": 0.5})
+    plots.plot_rerest(tmp_path / "plain.png", rows)
+    plots.plot_rerest(tmp_path / "none.png", {"base": None})
     for name in ("sc", "plain", "none"):
-        assert png_size(tmp_path / f"{name}.png") == expected(runs.REREST_FIGSIZE) == (1000, 500)
+        assert png_size(tmp_path / f"{name}.png") == expected(plots.REREST_FIGSIZE) == (1000, 500)
 
 
 def test_runs_recorded_with_null_model_and_folder_still_resume(tmp_path):
