@@ -17,6 +17,9 @@ processes (gloo) and N GPUs (NCCL).
   the newest N (TRL's name).
 - `export_hf`: the final model in Hugging Face format (safetensors, config, tokenizer, chat template),
   LoRA adapters merged.
+- Who does what: `rank_chunks` splits work so that every rank has some, `epoch_order` is the data order
+  of an epoch on every rank, `on_rank0` lets rank 0 alone touch the run folder, and `resumable_chunks`
+  is a stage whose rows survive a crash (rrr's failure set, every Re-ReST cache).
 
 FSDP averages gradients over ranks; losses that are already normalised by a global count (the
 "dapo" token count) are multiplied by the world size first, so the result is the global sum.
