@@ -15,7 +15,6 @@ import json
 import sys
 from pathlib import Path
 
-from model import EMBEDDED_MODEL
 from plots import plot_rrr
 from runs import (BadInput, change_text, main_guard, markdown_table, paired_change, pct, read_jsonl,
                   setting_differs, wilson_interval, with_interval, write_json)
@@ -89,7 +88,7 @@ def compare(folders: list[Path]) -> tuple[str, dict]:
     shared = all(r["vanilla"] == first["vanilla"] for r in runs)
     header, rows, numbers = paper_table(runs, shared)
     cfg, n = first["cfg"], len(first["vanilla"]["first"])
-    title = (f"# {cfg['task']}: {n} test items, vanilla model {cfg['model'] or EMBEDDED_MODEL + ' (embedded)'}\n\n"
+    title = (f"# {cfg['task']}: {n} test items, vanilla model {cfg['model'] or 'the embedded model'}\n\n"
              + CAPTION + ("" if shared else " The vanilla evaluations differ item by item: each run is paired with its own."))
     return title + "\n\n" + markdown_table(header, rows), dict(task=cfg["task"], n=n, shared_vanilla=shared, runs=numbers)
 
@@ -111,7 +110,7 @@ def write_report(cfg: dict, out: Path, evals, metrics, wall, split_size, forgett
     table = markdown_table(header, rows)
     subset = "the whole split" if trained["n"] >= split_size else "a subset (--eval-size), not the paper's full test set"
     rewards = [m["reward"] for m in metrics]
-    lines = [f"# {what} on {cfg['task']}: {cfg['model'] or EMBEDDED_MODEL + ' (embedded)'}", "",
+    lines = [f"# {what} on {cfg['task']}: {cfg['model'] or 'the embedded model'}", "",
              f"Test set: {trained['n']} of {split_size} {cfg['task']} test examples, {subset}. Training: {len(metrics)} "
              f"steps of {cfg['batch_size']} failures x {cfg['num_generations']} generations. Wall time {wall / 60:.1f} min.", "",
              table, "", CAPTION, "",
