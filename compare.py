@@ -25,6 +25,12 @@ def outcomes(rows: dict) -> dict:
     return {kind: {i: bool(r[kind]) for i, r in rows.items()} for kind in ("first", "second")}
 
 
+def answers_at(folder: Path, steps) -> dict:
+    """{step: {item id: its row of eval_answers.jsonl}} for the evaluations at `steps`."""
+    answers = read_jsonl(Path(folder) / "eval_answers.jsonl")
+    return {step: {r["id"]: r for r in answers if r["step"] == step} for step in steps}
+
+
 def load_run(folder: Path) -> dict:
     """A finished run: its settings, and its per-item results at the vanilla and the last evaluation."""
     report = folder / "report.json"
@@ -32,8 +38,7 @@ def load_run(folder: Path) -> dict:
         raise BadInput(f"{folder}: no report.json (not an rrr.py run folder, or not finished)")
     data = json.loads(report.read_text())
     cfg, last = data["config"], data["trained"]["step"]
-    answers = read_jsonl(folder / "eval_answers.jsonl")
-    at = {step: {r["id"]: r for r in answers if r["step"] == step} for step in (0, last)}
+    at = answers_at(folder, (0, last))
     if not at[0] or not at[last]:
         raise BadInput(f"{folder}: eval_answers.jsonl lacks the evaluation at step 0 or {last}")
     return dict(name=str(folder), cfg=cfg, steps=last, method=method_name(cfg), vanilla=outcomes(at[0]),
@@ -99,8 +104,7 @@ def write_report(cfg: dict, out: Path, evals, metrics, wall, split_size, forgett
     from the vanilla model (this module's table, one run), plus the forgetting check's columns
     (forgetting: {task: (before, after)}, each {item id: solved}). Returns the table."""
     vanilla, trained = evals[0], evals[-1]
-    answers = read_jsonl(out / "eval_answers.jsonl")
-    at = {s: outcomes({r["id"]: r for r in answers if r["step"] == s}) for s in (0, trained["step"])}
+    at = {s: outcomes(rows) for s, rows in answers_at(out, (0, trained["step"])).items()}
     what = method_name(cfg)
     _, rows, numbers = paper_table([dict(name=f"trained ({trained['step']} steps)", method=what, steps=trained["step"],
                                          vanilla=at[0], trained=at[trained["step"]])], True)

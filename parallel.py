@@ -47,7 +47,7 @@ from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 from tqdm import tqdm
 
 from model import checkpoint_layers, checkpointing_by_default, decoder_layers, make_readable, merge_lora
-from runs import BadInput, append_jsonl, read_jsonl
+from runs import BadInput, append_jsonl, read_jsonl, write_atomic, write_jsonl
 from sandbox import local_share_of_cores
 
 
@@ -318,9 +318,7 @@ def resumable_chunks(path: Path, items: list[tuple[str, object]], work, d: Dist,
     todo = [n for n, w in enumerate(whole) if not w]
     if todo and d.main:
         kept = ([header] if header else []) + [r for k, _ in items if k in done for r in done[k]]
-        tmp = path.with_name(path.name + ".tmp")
-        tmp.write_text("".join(json.dumps(r) + "\n" for r in kept))
-        tmp.replace(path)
+        write_jsonl(path, kept)
     for n in tqdm(todo, desc=desc, disable=not d.main or not todo):
         chunk, mine = chunks[n]
         new = work(n, [k for k, _ in mine], [p for _, p in mine]) if mine else []
@@ -399,7 +397,7 @@ def save_checkpoint(folder: Path, step: int, model, optimizer, state: dict, d: D
         (tmp / "state.json").write_text(json.dumps(dict(state, step=step, world=d.world)))
         shutil.rmtree(final, ignore_errors=True)
         tmp.rename(final)
-        _write_atomic(folder / "latest", final.name)
+        write_atomic(folder / "latest", final.name)
         if save_total_limit is not None:
             complete = sorted(p for p in folder.glob("step_*") if not p.name.endswith(".tmp"))
             for old in complete[:-max(save_total_limit, 1)]:
@@ -432,12 +430,6 @@ def load_checkpoint(folder: Path, model, optimizer, d: Dist) -> dict | None:
     return state
 
 
-def _write_atomic(path: Path, text: str):
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
-
-
 def full_state_on_rank0(model) -> dict:
     """The full state dict on rank 0's CPU, gathered one parameter at a time (empty on other ranks)."""
     return get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
@@ -449,15 +441,15 @@ def merged_state(model) -> dict:
     return merge_lora(full_state_on_rank0(model), model)
 
 
-def export_hf(model, tokenizer, folder: Path, d: Dist, state: dict | None = None):
-    """Writes the model in Hugging Face format (fp32 master weights with any LoRA adapter merged, or
-    `state`, a full state dict on rank 0); a collective. Rank 0 builds the model on the meta device
+def export_hf(model, tokenizer, folder: Path, d: Dist):
+    """Writes the model in Hugging Face format (fp32 master weights with any LoRA adapter merged); a
+    collective. Rank 0 builds the model on the meta device
     and puts the gathered tensors in place: no random initialisation, no second copy. The others wait
     in the slow barrier while it writes. Written to a temporary folder and renamed; the files get the
     modes the umask gives (safetensors writes 0600)."""
     from transformers import AutoModelForCausalLM
 
-    state = merged_state(model) if state is None else state
+    state = merged_state(model)
     if d.main:
         folder = Path(folder)
         with torch.device("meta"):

@@ -28,7 +28,6 @@ is plain GRPO on first attempts of the same failure set (the usual RLVR baseline
 """
 
 import functools
-import json
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -43,7 +42,8 @@ from grpo import group_advantages, zero_variance_fraction
 from model import EMBEDDED_MODEL, chat_ids, check_model_name, next_turn_ids
 from policy import grpo_update, load_policy, sample, sampling
 from runs import (REPORT_TO, BadInput, MachineFlags, Tracker, append_jsonl, check_at_least, flag, main_guard,
-                  open_tracker, parse_config, prepare_out, read_jsonl, resolve_machine_flags, setting_differs)
+                  open_tracker, parse_config, prepare_out, read_jsonl, resolve_machine_flags, setting_differs,
+                  write_jsonl)
 
 GENERIC_REFLECTION = ("I made a mistake in my previous answer. I will read the task again carefully, "
                       "check every step, and then give a corrected answer.")
@@ -447,7 +447,7 @@ def resume_logs(d, out, start) -> tuple[list, list]:
         logs["eval_answers.jsonl"] = [r for r in logs["eval_answers.jsonl"] if r["step"] in evaluated]
         for name, rows in logs.items():
             if (out / name).exists():
-                (out / name).write_text("".join(json.dumps(r) + "\n" for r in rows))
+                write_jsonl(out / name, rows)
         logs = [logs["evals.jsonl"], logs["metrics.jsonl"]]
     evals, metrics = par.broadcast_object(logs, d)
     return evals, metrics

@@ -218,10 +218,20 @@ def prepare_out(out: Path, config: dict, resume: bool) -> dict | None:
     return None
 
 
-def write_json(path: Path, obj):
+def write_atomic(path: Path, text: str):
+    """Writes `text` aside and renames it into place: a crash leaves the old file or the new one, never half."""
     tmp = Path(path).with_name(Path(path).name + ".tmp")
-    tmp.write_text(json.dumps(obj, indent=2) + "\n")
+    tmp.write_text(text)
     os.replace(tmp, path)
+
+
+def write_json(path: Path, obj):
+    write_atomic(path, json.dumps(obj, indent=2) + "\n")
+
+
+def write_jsonl(path: Path, rows):
+    """The whole file, one JSON row per line, written atomically (write_atomic)."""
+    write_atomic(path, "".join(json.dumps(row) + "\n" for row in rows))
 
 
 def append_jsonl(path: Path, rows):

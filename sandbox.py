@@ -21,7 +21,7 @@ Isolation (Linux, bubblewrap): each program gets no network (its own network nam
 namespace, and a filesystem with only the system's /usr, the Python installation (both read-only) and
 its scratch folder: no project files, no data (MBPP's solutions are the answer key), no home. Where bwrap
 is missing or cannot make namespaces, `isolation()` says so in one line and programs run with the limits
-below only; `require_isolation()` refuses instead.
+below only; `rerest.py --require-isolation` refuses instead.
 
 Limits, isolated or not: a new session, as user nobody when started as root, limits on memory, CPU
 time, file size, open files and processes (fork fails), writes only inside its folder, no stdout or
@@ -302,17 +302,6 @@ def isolation() -> tuple[bool, str]:
                       "installation and its own folder visible)" if why is None else
                       f"code sandbox: NOT isolated, {why}: programs run with process limits only")
     return _ISOLATION
-
-
-def require_isolation():
-    """Raises SandboxError with isolation()'s line when programs cannot be isolated."""
-    available, line = isolation()
-    if not available:
-        raise SandboxError(line + " (isolation was required)")
-
-
-class SandboxError(RuntimeError):
-    pass
 
 
 # --- running programs -----------------------------------------------------------------------------------
