@@ -45,6 +45,13 @@ def load_run(folder: Path) -> dict:
                 trained=outcomes(at[last]))
 
 
+def model_text(cfg: dict) -> str:
+    """The model a run started from, warm start included: what its vanilla row is."""
+    name = cfg["model"] or "the embedded model"
+    warm = cfg.get("warm_start_model")
+    return f"{name} after a labelled warm start ({warm['description']})" if warm else name
+
+
 def method_name(cfg: dict) -> str:
     return {"grpo": "GRPO on first attempts"}.get(cfg["method"], f"RRR, {cfg['reflection']} reflection")
 
@@ -85,7 +92,8 @@ def compare(folders: list[Path]) -> tuple[str, dict]:
     first = runs[0]
     for run in runs[1:]:
         for what, key in (("task", lambda r: r["cfg"]["task"]), ("test items", lambda r: sorted(r["vanilla"]["first"])),
-                          ("vanilla model", lambda r: r["cfg"]["model"])):
+                          ("vanilla model", lambda r: r["cfg"]["model"]),
+                          ("warm start", lambda r: r["cfg"].get("warm_start") or 0)):
             if key(run) != key(first) and (what != "vanilla model" or setting_differs("model", key(first), key(run))):
                 raise BadInput(f"{run['name']} has another {what} than {first['name']}: not comparable")
     # Greedy decoding of one model gives one vanilla evaluation; if the runs' differ (other max lengths,
@@ -93,7 +101,7 @@ def compare(folders: list[Path]) -> tuple[str, dict]:
     shared = all(r["vanilla"] == first["vanilla"] for r in runs)
     header, rows, numbers = paper_table(runs, shared)
     cfg, n = first["cfg"], len(first["vanilla"]["first"])
-    title = (f"# {cfg['task']}: {n} test items, vanilla model {cfg['model'] or 'the embedded model'}\n\n"
+    title = (f"# {cfg['task']}: {n} test items, vanilla model {model_text(cfg)}\n\n"
              + CAPTION + ("" if shared else " The vanilla evaluations differ item by item: each run is paired with its own."))
     return title + "\n\n" + markdown_table(header, rows), dict(task=cfg["task"], n=n, shared_vanilla=shared, runs=numbers)
 
@@ -114,7 +122,7 @@ def write_report(cfg: dict, out: Path, evals, metrics, wall, split_size, forgett
     table = markdown_table(header, rows)
     subset = "the whole split" if trained["n"] >= split_size else "a subset (--eval-size), not the paper's full test set"
     rewards = [m["reward"] for m in metrics]
-    lines = [f"# {what} on {cfg['task']}: {cfg['model'] or 'the embedded model'}", "",
+    lines = [f"# {what} on {cfg['task']}: {model_text(cfg)}", "",
              f"Test set: {trained['n']} of {split_size} {cfg['task']} test examples, {subset}. Training: {len(metrics)} "
              f"steps of {cfg['batch_size']} failures x {cfg['num_generations']} generations. Wall time {wall / 60:.1f} min.", "",
              table, "", CAPTION, "",

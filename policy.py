@@ -45,11 +45,12 @@ class MicroBatch:
     old_logprobs: torch.Tensor | None = None   # (rows, T): the sampling policy's (--num-iterations > 1)
 
 
-def load_policy(cfg, d) -> Policy:
+def load_policy(cfg, d, path: str | None = None) -> Policy:
     """The trained model (sharded), the sampler (an empty full copy) and the reference model (sharded,
-    compute dtype). Loaded on the CPU: sharding moves one layer at a time to the device, so no rank
+    compute dtype), from `path` (default: --model; rrr.py passes its warm start). Loaded on the CPU: sharding moves one layer at a time to the device, so no rank
     ever holds a whole fp32 model there."""
-    model, tokenizer = load_model(cfg.model, device="cpu", dtype=torch.float32)
+    path = path or cfg.model
+    model, tokenizer = load_model(path, device="cpu", dtype=torch.float32)
     try:
         decoder_body(model)           # the sampler's check: a Llama-family decoder, or one line and exit 2
     except ValueError as e:
@@ -64,7 +65,7 @@ def load_policy(cfg, d) -> Policy:
     par.shard_model(model, d, bf16=cfg.bf16, checkpointing=cfg.gradient_checkpointing)
     ref = None
     if cfg.beta > 0:     # loaded in the compute dtype: parameters cast, the rotary table kept in fp32
-        ref, _ = load_model(cfg.model, device="cpu", dtype=compute)
+        ref, _ = load_model(path, device="cpu", dtype=compute)
         par.shard_model(ref.requires_grad_(False), d, bf16=cfg.bf16)
     optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.learning_rate, weight_decay=cfg.weight_decay)
     return Policy(model, sampler, ref, tokenizer, stops, optimizer)

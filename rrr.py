@@ -6,6 +6,7 @@
 
 The algorithm, one function per step (the README lists the same steps), in the order `run` calls them:
   1. load_splits          the task's train and test examples (data/); policy.load_policy: the model
+                          (after warmstart.py's labelled warm start, with --warm-start)
   2. evaluate             first-try and second-try accuracy of the untrained model (and, with
                           --forgetting-eval, evaluate_forgetting: another task's first try)
   3. build_failure_set    up to --failure-samples first attempts per training query; keep the failures
@@ -37,10 +38,11 @@ from tqdm import tqdm
 
 import parallel as par
 from compare import write_report
-from data import data_dir_used, get_task, load_splits, resolve_data_dir, test_split_size
+from data import TASKS, data_dir_used, get_task, load_splits, resolve_data_dir, test_split_size
 from grpo import group_advantages, zero_variance_fraction
 from model import EMBEDDED_MODEL, chat_ids, check_model_name, next_turn_ids
 from policy import grpo_update, load_policy, sample, sampling
+from warmstart import check_warm_start, model_for_run
 from runs import (REPORT_TO, BadInput, MachineFlags, Tracker, append_jsonl, check_at_least, flag, main_guard,
                   open_tracker, parse_config, prepare_out, read_jsonl, resolve_machine_flags, setting_differs,
                   write_jsonl)
@@ -48,21 +50,23 @@ from runs import (REPORT_TO, BadInput, MachineFlags, Tracker, append_jsonl, chec
 GENERIC_REFLECTION = ("I made a mistake in my previous answer. I will read the task again carefully, "
                       "check every step, and then give a corrected answer.")
 DEFAULT_OUT = "runs/{method}-{task}"
-SEED_FAILURE_SET = 1     # sampling-seed purposes (see seed_for): the failure set's chunks, the training rollouts
-SEED_ROLLOUT = 2
+SEED_FAILURE_SET, SEED_ROLLOUT = 1, 2     # sampling-seed purposes (seed_for): the failure set's chunks, the rollouts
 EVAL_BATCH = 32          # examples per greedy sampling call in evaluation
 STEP_LOGS = ("evals.jsonl", "metrics.jsonl", "eval_answers.jsonl", "episodes.jsonl")     # rows carry a "step"
 AT_LEAST_ONE = ("steps", "train_size", "eval_size", "batch_size", "num_generations", "failure_samples",
                 "max_completion_length", "max_reflection_length", "micro_batch_size", "num_iterations",
                 "sampling_batch_size", "save_total_limit")
-NOT_NEGATIVE = ("temperature", "learning_rate", "weight_decay", "max_grad_norm", "beta", "epsilon", "epsilon_high",
+NOT_NEGATIVE = ("warm_start", "temperature", "learning_rate", "weight_decay", "max_grad_norm", "beta", "epsilon", "epsilon_high",
                 "eval_every", "save_every", "log_episodes")
 
 
 @dataclass
 class Config(MachineFlags):     # + --bf16, --gradient-checkpointing, --cuda-graphs, --device
-    task: str = flag("countdown", "task to train on", choices=["countdown", "function_calling"])
+    task: str = flag("countdown", "task to train on", choices=TASKS)
     model: str | None = flag(None, "Hugging Face model folder or hub id (default: the embedded SmolLM2-135M-Instruct)")
+    warm_start: int = flag(0, "first fine-tune --model on this many solver-written answers to generated puzzles "
+                           "outside the test split (warmstart.py; cached): a labelled warm start that gives a small "
+                           "model the partial skill RRR needs; recorded in config.json and the report (0: none)")
     data_dir: str | None = flag(None, "folder with the real data sets (countdown/, function_calling/); default "
                                 "$RRR_DATA_DIR, else offline data (generated Countdown, small samples)")
     out: str | None = flag(None, "run folder (default runs/<method>-<task>)")
@@ -74,7 +78,7 @@ class Config(MachineFlags):     # + --bf16, --gradient-checkpointing, --cuda-gra
     eval_size: int = flag(32, "test examples to evaluate on (the report says which part of the split that is)")
     forgetting_eval: list[str] | None = flag(None, "forgetting check (the paper's): greedy first-try accuracy on this "
                                              "task's test split (--eval-size examples) before and after training",
-                                             choices=["gsm8k", "countdown", "function_calling", "mbpp"])
+                                             choices=TASKS)
     batch_size: int = flag(2, "failures per step, over all ranks (a multiple of the number of ranks)")
     num_generations: int = flag(4, "reflections per failure: the GRPO group size G")
     failure_samples: int = flag(4, "first attempts drawn per training query at most, stopping at the first failure (paper: 64)")
@@ -246,7 +250,7 @@ def generator(cfg, d, purpose, step):
 
 def failure_set_meta(cfg) -> dict:
     """The settings a failure set depends on: its first line, which a run reusing or resuming it must match."""
-    return dict(task=cfg.task, model=cfg.model, data_dir=cfg.data_dir, train_size=cfg.train_size, seed=cfg.seed,
+    return dict(task=cfg.task, model=cfg.model, warm_start=cfg.warm_start, data_dir=cfg.data_dir, train_size=cfg.train_size, seed=cfg.seed,
                 failure_samples=cfg.failure_samples, max_completion_length=cfg.max_completion_length,
                 temperature=cfg.temperature)
 
@@ -431,6 +435,7 @@ def check_flags(cfg):
     check_at_least(cfg, AT_LEAST_ONE, 1)
     check_at_least(cfg, NOT_NEGATIVE, 0)
     check_model_name(cfg.model)
+    check_warm_start(cfg.task, cfg.warm_start)
     if cfg.method == "grpo" and cfg.reflection == "generic":
         raise BadInput("--reflection generic applies to --method rrr only")
 
@@ -468,10 +473,12 @@ def run(argv=None):
         task, train, test = load_splits(cfg.task, cfg.data_dir, cfg.train_size, cfg.eval_size, cfg.seed)  # 1
         if cfg.failure_set:     # before the run folder exists: a refused run leaves nothing behind
             par.on_rank0(d, check_failure_set, cfg, Path(cfg.failure_set), train)
-        saved = par.on_rank0(d, prepare_out, out, asdict(cfg), cfg.resume)
+        start_from, warm = model_for_run(cfg, d)     # --warm-start: built once, cached, described in config.json
+        recorded = dict(asdict(cfg), **({"warm_start_model": warm} if warm else {}))
+        saved = par.on_rank0(d, prepare_out, out, recorded, cfg.resume)
         par.check_shared_folder(out, d)
         tracker = open_tracker(cfg.report_to, out, asdict(cfg), d.main, project="rrr")
-        pol = load_policy(cfg, d)
+        pol = load_policy(cfg, d, start_from)
         state = par.load_checkpoint(out / "checkpoints", pol.model, pol.optimizer, d) if saved else None
         start = state["step"] if state else 0
         evals, metrics = resume_logs(d, out, start)
@@ -501,7 +508,7 @@ def run(argv=None):
         if d.main:
             split_size = test_split_size(task, cfg.data_dir, cfg.seed)
             forgetting = {k: (forgetting_before[k], forgetting_after[k]) for k in forgetting_before}
-            table = write_report(asdict(cfg), out, evals, metrics, time.time() - started, split_size, forgetting)
+            table = write_report(recorded, out, evals, metrics, time.time() - started, split_size, forgetting)
             print(f"\n{table}\n\nreport: {out / 'report.md'}")
         par.export_hf(pol.model, pol.tokenizer, out / "final", d)
     finally:

@@ -32,7 +32,8 @@ class MachineFlags:
     """The hardware flags rrr.py and rerest.py share: each script's Config extends this, and its --help
     lists them after its own flags."""
     bf16: bool | None = flag(None, "compute in bf16 with fp32 master weights (and, in rrr.py, fp32 log-probs for the "
-                             "loss); TRL's name; default: on with CUDA, off on CPU (--no-bf16 turns it off)")
+                             "loss); TRL's name; default: on with CUDA and on CPUs with AMX (measured faster there), off on other CPUs "
+                             "(measured slower); --no-bf16 turns it off")
     gradient_checkpointing: bool | None = flag(None, "recompute each decoder layer's activations in backward "
                                                "instead of keeping them; default: on above 1B parameters")
     cuda_graphs: bool = flag(True, "on CUDA, capture each decode-step shape as a CUDA graph and replay it "
@@ -46,7 +47,18 @@ def resolve_machine_flags(cfg, d):
     if cfg.batch_size % d.world:
         raise BadInput(f"--batch-size {cfg.batch_size} must be a multiple of the {d.world} ranks")
     if cfg.bf16 is None:
-        cfg.bf16 = d.device.type == "cuda"
+        cfg.bf16 = bf16_by_default(d.device)
+
+
+def bf16_by_default(device) -> bool:
+    """bf16 compute where it was measured faster than fp32 (BENCHMARKS.md, "bf16 or fp32 on a CPU"): on CUDA,
+    and on CPUs with AMX tiles, whose bf16 matrix products ran ~3x faster; a CPU without them (AVX2 only, say)
+    emulates bf16 and ran it ~5x slower. Read from the CPU's features, not timed, so the same machine always
+    makes the same choice (and the same samples for a seed)."""
+    import torch
+    if torch.device(device).type == "cuda":
+        return True
+    return bool(getattr(torch.cpu, "_is_amx_tile_supported", lambda: False)())
 
 
 class _Parser(argparse.ArgumentParser):
@@ -194,6 +206,8 @@ def setting_differs(key: str, before, now) -> bool:
     if key == "model":
         from model import EMBEDDED_NAMES
         return not (before in EMBEDDED_NAMES and now in EMBEDDED_NAMES)
+    if key == "warm_start":            # runs recorded before --warm-start existed had none
+        return bool(before) or bool(now)
     return not (key == "out" and before is None)
 
 

@@ -2,6 +2,7 @@
 
     pip install trl==1.16.0          # the baseline only; not a dependency of the project
     python bench/grpo_step.py        # embedded SmolLM2-135M, fp32, CPU: 4 prompts x 8 generations x 128 tokens
+    python bench/grpo_step.py --bf16 # both sides in bf16 compute (ours: fp32 master weights, as rrr.py --bf16)
 
 Same model, prompts (Countdown), group size, completion length (no early stop on either side: every
 completion is --new-tokens long), beta, learning rate and loss type. Each side runs in its own process
@@ -30,7 +31,8 @@ def ours(args):
     cfg = parse_config(rrr.Config, ["--method", "grpo", "--num-generations", str(args.generations),
                                     "--max-completion-length", str(args.new_tokens), "--beta", str(args.beta),
                                     "--learning-rate", "1e-6", "--batch-size", str(args.prompts),
-                                    "--micro-batch-size", str(args.micro_batch), "--device", "cpu"])
+                                    "--micro-batch-size", str(args.micro_batch), "--device", "cpu",
+                                    "--bf16" if args.bf16 else "--no-bf16"])
     d = par.init_distributed("cpu")
     task, train, _ = load_splits("countdown", None, args.prompts, 1, 0)
     pol = rrr.load_policy(cfg, d)
@@ -75,7 +77,7 @@ def trl(args):
         def on_step_end(self, *a, **k):
             times.append(time.perf_counter() - last[0])
 
-    config = GRPOConfig(output_dir=os.path.join(args.tmp, "trl"), use_cpu=True, bf16=False,
+    config = GRPOConfig(output_dir=os.path.join(args.tmp, "trl"), use_cpu=True, bf16=args.bf16,
                         per_device_train_batch_size=args.prompts * args.generations, num_generations=args.generations,
                         max_completion_length=args.new_tokens, max_steps=args.steps + 1, beta=args.beta,
                         learning_rate=1e-6, loss_type="dapo", temperature=1.0, report_to=[], logging_steps=1000,
@@ -96,6 +98,7 @@ def main():
     ap.add_argument("--beta", type=float, default=0.001, help="KL coefficient (> 0 keeps a reference model on both sides)")
     ap.add_argument("--micro-batch", type=int, default=8, help="our rows per forward/backward pass")
     ap.add_argument("--steps", type=int, default=2, help="timed steps after one warm-up step (best is kept)")
+    ap.add_argument("--bf16", action="store_true", help="bf16 compute on both sides (TRL's --bf16; ours: rrr.py --bf16)")
     ap.add_argument("--side", choices=["ours", "trl"], help=argparse.SUPPRESS)
     ap.add_argument("--tmp", default="/tmp/grpo_step_bench", help="scratch folder for TRL's output_dir")
     args = ap.parse_args()
@@ -106,7 +109,7 @@ def main():
         return
     tokens = args.prompts * args.generations * args.new_tokens
     print(f"{args.prompts} prompts x {args.generations} generations x {args.new_tokens} tokens = {tokens} tokens/step, "
-          f"beta {args.beta}, fp32 CPU, {os.cpu_count()} cores")
+          f"beta {args.beta}, {'bf16' if args.bf16 else 'fp32'} CPU, {os.cpu_count()} cores")
     results = {}
     for side in ("ours", "trl"):
         done = subprocess.run([sys.executable, __file__, "--side", side] + sys.argv[1:], capture_output=True, text=True)

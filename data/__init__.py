@@ -134,10 +134,13 @@ def make_task(name: str, *, reflection_prompt: str, answer_format: str, loader: 
                 answer_format=answer_format, loader=loader, checker=verifier, **options)
 
 
+TASKS = ("countdown", "countdown_easy", "function_calling", "mbpp", "gsm8k")     # every task the project has
+
+
 def get_task(name: str) -> Task:
     from data import countdown, function_calling, gsm8k, mbpp
-    tasks = {"countdown": countdown.TASK, "function_calling": function_calling.TASK, "mbpp": mbpp.TASK,
-             "gsm8k": gsm8k.TASK}
+    tasks = {"countdown": countdown.TASK, "countdown_easy": countdown.EASY_TASK,
+             "function_calling": function_calling.TASK, "mbpp": mbpp.TASK, "gsm8k": gsm8k.TASK}
     if name not in tasks:
         raise DataError(f"unknown task {name!r}; known: {', '.join(tasks)}")
     return tasks[name]

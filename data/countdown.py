@@ -4,6 +4,10 @@ reference: {"nums": [int, ...], "target": int}. Real rows: TinyZero's Countdown-
 (or parquet, with pyarrow), kept in file order because that data set was generated at random. Offline:
 puzzles generated here like that data set: 3 or 4 numbers in 1..99, a target in 10..100, and only
 puzzles the solver below can solve.
+
+`countdown_easy` is an easier tier, always generated (no data set has it): 3 numbers in 1..20, a target
+in 10..100. It exists so that a small model can be given partial skill on CPU (warmstart.py) and learning
+can be measured there (bench/learning.py); it is not the paper's task.
 """
 
 import random
@@ -91,16 +95,21 @@ def puzzle_split(nums, target) -> str:
     return "test" if zlib.crc32(key) % 10 == 0 else "train"
 
 
-def generate_puzzles(n: int, split: str, seed: int) -> list[tuple[list[int], int]]:
+TIERS = {"countdown": dict(counts=(3, 4), largest=99), "countdown_easy": dict(counts=(3,), largest=20)}
+
+
+def generate_puzzles(n: int, split: str, seed: int, tier: str = "countdown") -> list[tuple[list[int], int]]:
     """n distinct solvable puzzles of `split`. As in the Stream-of-Search generator that the data set's
-    statistics match: draw the count (3 or 4) and the target first, then redraw the numbers until the
-    puzzle is solvable, which keeps the counts half and half and the targets uniform."""
-    rng = random.Random(f"countdown/{split}/{seed}")
+    statistics match: draw the count (3 or 4; 3 in the easy tier) and the target first, then redraw the
+    numbers (1..99; 1..20 in the easy tier) until the puzzle is solvable, which keeps the counts half and
+    half and the targets uniform."""
+    counts, largest = TIERS[tier]["counts"], TIERS[tier]["largest"]
+    rng = random.Random(f"countdown/{split}/{seed}" if tier == "countdown" else f"{tier}/{split}/{seed}")
     puzzles, seen = [], set()
     while len(puzzles) < n:
-        count, target = rng.choice((3, 4)), rng.randint(10, 100)
+        count, target = rng.choice(counts), rng.randint(10, 100)
         while True:
-            nums = [rng.randint(1, 99) for _ in range(count)]
+            nums = [rng.randint(1, largest) for _ in range(count)]
             if puzzle_split(nums, target) == split and solve_countdown(nums, target) is not None:
                 break
         key = (tuple(sorted(nums)), target)
@@ -112,12 +121,21 @@ def generate_puzzles(n: int, split: str, seed: int) -> list[tuple[list[int], int
 
 # --- loading ---------------------------------------------------------------------------------------
 
+def generated(split, seed, size, tier="countdown") -> list[Example]:
+    seed = seed if split == "train" else TEST_SEED
+    puzzles = generate_puzzles(OFFLINE_SIZE[split] if size is None else size, split, seed, tier)
+    name = "countdown-gen" if tier == "countdown" else f"{tier}-gen"
+    return [Example(f"{name}-{split}-s{seed}-{i}", prompt(nums, target), dict(nums=nums, target=target))
+            for i, (nums, target) in enumerate(puzzles)]
+
+
+def load_easy(split, data_dir, seed, size) -> list[Example]:
+    return generated(split, seed, size, "countdown_easy")
+
+
 def load(split, data_dir, seed, size) -> list[Example]:
     if data_dir is None:
-        seed = seed if split == "train" else TEST_SEED
-        puzzles = generate_puzzles(OFFLINE_SIZE[split] if size is None else size, split, seed)
-        return [Example(f"countdown-gen-{split}-s{seed}-{i}", prompt(nums, target), dict(nums=nums, target=target))
-                for i, (nums, target) in enumerate(puzzles)]
+        return generated(split, seed, size)
     base = data_dir / "countdown"
     jsonl, parquet = base / f"countdown_3to4_{split}.jsonl", base / f"countdown_3to4_{split}.parquet"
     if jsonl.exists() or not parquet.exists():
@@ -143,3 +161,5 @@ def load(split, data_dir, seed, size) -> list[Example]:
 
 TASK = make_task("countdown", reflection_prompt=REFLECT_ANSWER, answer_format=FORMAT, loader=load,
                  verifier=Verifier("check_countdown", "nums", "target"), shuffle=False)
+EASY_TASK = make_task("countdown_easy", reflection_prompt=REFLECT_ANSWER, answer_format=FORMAT, loader=load_easy,
+                      verifier=Verifier("check_countdown", "nums", "target"), shuffle=False)

@@ -366,3 +366,39 @@ def test_bad_names_list_the_valid_ones(monkeypatch, tmp_path):
     monkeypatch.setenv("RRR_DATA_DIR", str(tmp_path))
     assert resolve_data_dir(None) == tmp_path
     assert resolve_data_dir(str(tmp_path / "..")) == tmp_path / ".."   # the flag wins over the variable
+
+
+def test_easy_tier_and_the_warm_starts_labels():
+    """countdown_easy: 3 numbers in 1..20, targets in 10..100, each solvable, train and test apart. The
+    warm start's labels: answers the verifier accepts, to puzzles none of which is in the test split."""
+    from verifiers import check_countdown
+    from warmstart import labelled_examples
+    task = get_task("countdown_easy")
+    train, test = task.load("train", size=300, seed=0), task.load("test", size=300)
+    for ex in train + test:
+        nums, target = ex.reference["nums"], ex.reference["target"]
+        assert len(nums) == 3 and all(1 <= n <= 20 for n in nums) and 10 <= target <= 100
+        assert solve_countdown(nums, target) is not None
+    key = lambda ex: (tuple(sorted(ex.reference["nums"])), ex.reference["target"])  # noqa: E731
+    whole_test = {key(ex) for ex in task.load("test")}
+    assert not {key(ex) for ex in train} & whole_test
+    labelled, left_out = labelled_examples("countdown_easy", 200, None)
+    assert len(labelled) == 200 and left_out == 0          # the hash split already keeps them apart
+    assert not {(tuple(sorted(n)), t) for n, t, _ in labelled} & whole_test
+    for n, t, answer in labelled:
+        assert check_countdown(answer, n, t).ok, (n, t, answer)
+    # The default tier is unchanged by the easy one: the same generated puzzles as before.
+    assert generate_puzzles(3, "test", 0) == generate_puzzles(3, "test", 0, "countdown")
+
+
+def test_warm_start_leaves_out_the_real_test_files_puzzles(tmp_path):
+    """With --data-dir the test split is a file the generator knows nothing of: a generated puzzle that is
+    in it is left out of the warm start's labels (and another drawn in its place)."""
+    from warmstart import WARM_SEED, labelled_examples
+    first = generate_puzzles(3, "train", WARM_SEED, "countdown")
+    (tmp_path / "countdown").mkdir()
+    (tmp_path / "countdown" / "countdown_3to4_test.jsonl").write_text(
+        json.dumps({"target": first[1][1], "nums": list(reversed(first[1][0]))}) + "\n")
+    labelled, left_out = labelled_examples("countdown", 3, tmp_path)
+    assert left_out == 1 and [(n, t) for n, t, _ in labelled] == [first[0], first[2]] + \
+        [p for p in generate_puzzles(4, "train", WARM_SEED, "countdown")[3:]]

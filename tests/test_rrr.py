@@ -40,7 +40,8 @@ def common_args(model, out, **extra):
                 learning_rate=1e-3, weight_decay=10, beta=0.01, micro_batch_size=8, log_episodes=100,
                 save_every=0, device="cpu", seed=5)
     args.update(extra)
-    return [f"--{k.replace('_', '-')}={v}" for k, v in args.items()]
+    # fp32 pinned: the exact comparisons below are fp32's, and the CPU default is bf16 where AMX is present.
+    return [f"--{k.replace('_', '-')}={v}" for k, v in args.items()] + ["--no-bf16"]
 
 
 def run_rrr(args, nproc=1, **kw):
@@ -278,6 +279,8 @@ def test_dr_grpo_divides_by_the_trained_parts_length_limit(tiny_chat, tmp_path, 
     (["--batch-size", "0"], "--batch-size must be at least 1"),
     (["--eval-every", "-1"], "--eval-every must be at least 0"),      # % -1 would evaluate every step
     (["--data-dir", "/no/such/folder"], "does not exist"),
+    (["--warm-start", "10", "--task", "mbpp"], "--warm-start needs a task with a solver"),
+    (["--warm-start", "-1"], "--warm-start must be at least 0"),
 ])
 def test_bad_input_exits_2_with_one_line(tmp_path, tiny_chat, extra, message):
     args = common_args(tiny_chat, tmp_path / "x") + extra
@@ -358,3 +361,21 @@ def test_freed_memory_is_reused_without_page_faults():
                for mode in ("default", "keep")}
     assert refills["default"] > 11
     assert refills["keep"] < 6
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("task", ["mbpp", "gsm8k", "countdown_easy"])
+def test_every_task_trains(tmp_path, tiny_chat, task):
+    """rrr.py --task accepts every task the project has, and a step trains with that task's verifier: the
+    episodes' feedback is the verifier's own sentence for the retry (checked against the task's checker)."""
+    from data import get_task
+    out = tmp_path / task
+    done = run_rrr(common_args(tiny_chat, out, task=task, steps=1, eval_size=2, train_size=2))
+    assert done.returncode == 0, done.stderr[-3000:]
+    episodes = read_jsonl(out / "episodes.jsonl")
+    assert len(episodes) == 4 and json.loads((out / "config.json").read_text())["task"] == task
+    t = get_task(task)
+    examples = {ex.id: ex for ex in t.load("train", size=2, seed=5)}
+    for e in episodes:
+        verdict = t.check(e["text"]["retry"], examples[e["id"]])
+        assert (verdict.ok, verdict.feedback) == (e["reward"] == 1.0, e["text"]["feedback"])

@@ -202,3 +202,18 @@ def test_runs_recorded_with_null_model_and_folder_still_resume(tmp_path):
         runs.prepare_out(out, dict(model="Qwen/Qwen2.5-1.5B-Instruct", out=str(out), steps=8, seed=0), resume=True)
     with pytest.raises(runs.BadInput, match="seed"):
         runs.prepare_out(out, dict(model=None, out=str(out), steps=8, seed=1), resume=True)
+
+
+@pytest.mark.parametrize("device, amx, expected", [("cpu", False, False), ("cpu", True, True), ("cuda", False, True)])
+def test_bf16_default_follows_the_hardware(monkeypatch, device, amx, expected):
+    """--bf16's default where it is not given: on with CUDA and on CPUs with AMX (measured faster), off on
+    other CPUs (measured slower): read from the CPU's features, so one machine always chooses alike."""
+    import torch
+    import parallel as par
+    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: amx)
+    cfg = types.SimpleNamespace(bf16=None, batch_size=2)
+    runs.resolve_machine_flags(cfg, par.Dist(0, 1, torch.device(device)))
+    assert cfg.bf16 is expected
+    given = types.SimpleNamespace(bf16=False, batch_size=2)
+    runs.resolve_machine_flags(given, par.Dist(0, 1, torch.device(device)))
+    assert given.bf16 is False

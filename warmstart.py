@@ -1,0 +1,147 @@
+"""A labelled warm start: supervised fine-tuning on solver-written Countdown solutions, cached.
+
+RRR "needs a model with some base ability to do the task, reflect and learn" (Bensal et al. 2025, its
+limitations). The embedded SmolLM2-135M-Instruct has none on Countdown: it copies the prompt's example
+`(1 + 2) / 3`, every group of reflections gets the same reward and every advantage is 0. This gives it
+partial skill with labels, as a warm start that runs say what they are:
+
+    python warmstart.py --task countdown_easy --puzzles 1000       # prints the cached model's folder
+    python rrr.py --task countdown_easy --warm-start 1000          # RRR from that model
+
+The labels: the first `--puzzles` train-split puzzles of the task's own generator under a seed of their
+own (WARM_SEED), each answered by data/countdown.solve_countdown as "<answer> EQUATION </answer>" (the
+task's answer format, with no thinking written before it). Every puzzle of the task's whole test split
+is left out by its numbers and target: the offline generators keep the splits apart by a hash already,
+and with --data-dir the real test file is checked the same way. One epoch of full fine-tuning
+(finetune.train_model: the loss covers the answer tokens only).
+
+The model is cached in $RRR_CACHE/warm-start/<task>-<puzzles>-<hash of every setting> (default
+~/.cache/rrr), with `warm_start.json` describing it; rrr.py records that description in config.json and
+its report. Building it is a collective (every rank of a torchrun job calls it) and resumable: the
+trainer keeps a checkpoint per epoch and the export is written to a temporary folder and renamed.
+"""
+
+import argparse
+import hashlib
+import json
+import time
+from pathlib import Path
+
+import parallel as par
+from data import DataError, get_task, resolve_data_dir
+from data.countdown import generate_puzzles, solve_countdown, TIERS
+from model import EMBEDDED_NAMES, cache_root, chat_ids, load_tokenizer
+from runs import BadInput, main_guard, write_json
+
+WARM_SEED = 1_000_001        # the labelled puzzles' own generator seed: not a run's --seed
+TASKS = tuple(TIERS)         # the tasks whose puzzles a solver answers
+LEARNING_RATE = 1e-4
+BATCH_SIZE = 16
+DESCRIPTION = ("supervised fine-tuning (1 epoch, full) on {puzzles} solver-written answers to generated {task} "
+               "train-split puzzles, none of them in the test split")
+
+
+class TrainSettings:
+    """The fields finetune.train_model reads."""
+
+    def __init__(self, seed, bf16, save_total_limit=1):
+        self.lora_r, self.lora_alpha, self.seed, self.bf16 = 0, 16, seed, bf16
+        self.gradient_checkpointing, self.learning_rate = False, LEARNING_RATE
+        self.batch_size, self.micro_batch_size, self.epochs = BATCH_SIZE, BATCH_SIZE, 1
+        self.dpo_beta, self.save_total_limit = 0.1, save_total_limit
+
+
+def labelled_examples(task_name: str, puzzles: int, data_dir) -> tuple[list[tuple[list[int], int, str]], int]:
+    """(nums, target, answer text) for `puzzles` generated train-split puzzles that are not in the task's
+    test split, and how many generated puzzles were left out for being there."""
+    test = {(tuple(sorted(ex.reference["nums"])), ex.reference["target"])
+            for ex in get_task(task_name).load("test", data_dir=resolve_data_dir(data_dir))}
+    drawn, extra = [], 0
+    while True:       # draw more when some are left out, from the same stream (a longer prefix of it)
+        drawn = generate_puzzles(puzzles + extra, "train", WARM_SEED, task_name)
+        kept = [(n, t) for n, t in drawn if (tuple(sorted(n)), t) not in test]
+        if len(kept) >= puzzles:
+            break
+        extra += puzzles - len(kept)
+    kept = kept[:puzzles]
+    return [(n, t, f"<answer> {solve_countdown(n, t)} </answer>") for n, t in kept], len(drawn) - len(kept)
+
+
+def warm_start_folder(task_name: str, puzzles: int, base_model: str | None, data_dir, bf16: bool) -> Path:
+    key = json.dumps(dict(task=task_name, puzzles=puzzles, model=base_model or "embedded", data_dir=data_dir,
+                          bf16=bf16, lr=LEARNING_RATE, batch=BATCH_SIZE, seed=WARM_SEED, version=1), sort_keys=True)
+    digest = hashlib.sha256(key.encode()).hexdigest()[:10]
+    return cache_root() / "warm-start" / f"{task_name}-{puzzles}-{digest}"
+
+
+def check_warm_start(task_name: str, puzzles: int):
+    """One line, before a run writes anything, for a warm start that cannot be made."""
+    if puzzles and task_name not in TASKS:
+        raise BadInput(f"--warm-start needs a task with a solver ({', '.join(TASKS)}), not {task_name}")
+
+
+def warm_start(d, task_name: str, puzzles: int, base_model: str | None, data_dir=None, bf16: bool = False) -> tuple[Path, dict]:
+    """The warm-started model's folder (built on first use, a collective) and its description."""
+    from finetune import train_model
+
+    check_warm_start(task_name, puzzles)
+    folder = warm_start_folder(task_name, puzzles, None if base_model in EMBEDDED_NAMES else base_model,
+                               data_dir, bf16)
+    card = folder / "warm_start.json"
+    if not card.exists():
+        started = time.time()
+        tokenizer = load_tokenizer(base_model)
+        from data.countdown import prompt
+        labelled, left_out = labelled_examples(task_name, puzzles, data_dir)
+        data = [(chat_ids(tokenizer, prompt(n, t)), list(tokenizer(a, add_special_tokens=False)["input_ids"])
+                 + [tokenizer.eos_token_id]) for n, t, a in labelled]
+        if d.main:
+            print(f"warm start: fine-tuning on {puzzles} solver-written {task_name} answers (once; cached in {folder})",
+                  flush=True)
+        train_model(TrainSettings(WARM_SEED, bf16), d, base_model, data, folder)
+        if d.main:
+            write_json(card, dict(description=DESCRIPTION.format(puzzles=puzzles, task=task_name), task=task_name,
+                                  puzzles=puzzles, base_model=base_model, data_dir=data_dir, left_out_as_test=left_out,
+                                  learning_rate=LEARNING_RATE, batch_size=BATCH_SIZE, epochs=1, seed=WARM_SEED,
+                                  bf16=bf16, seconds=round(time.time() - started, 1),
+                                  example=dict(nums=labelled[0][0], target=labelled[0][1], answer=labelled[0][2])))
+        par.barrier()
+    return folder, json.loads(card.read_text())
+
+
+def model_for_run(cfg, d) -> tuple[str, dict | None]:
+    """What rrr.py trains from: --model, or with --warm-start the warm-started model (made on first use),
+    and the description a run records of it (None without a warm start)."""
+    if not cfg.warm_start:
+        return cfg.model, None
+    folder, card = warm_start(d, cfg.task, cfg.warm_start, cfg.model, cfg.data_dir, cfg.bf16)
+    return str(folder), dict(description=card["description"], folder=folder.name)
+
+
+def run(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--task", default="countdown_easy", choices=TASKS, help="the task whose puzzles are answered")
+    ap.add_argument("--puzzles", type=int, default=1000, help="labelled puzzles to fine-tune on (one epoch)")
+    ap.add_argument("--model", default=None, help="base model: Hugging Face folder or hub id (default: the embedded one)")
+    ap.add_argument("--data-dir", default=None, help="data folder, for the test split to keep out (default "
+                    "$RRR_DATA_DIR, else the offline data)")
+    ap.add_argument("--bf16", action=argparse.BooleanOptionalAction, default=None,
+                    help="bf16 compute (default: as rrr.py chooses for this machine)")
+    args = ap.parse_args(argv)
+    if args.puzzles < 1:
+        raise BadInput("--puzzles must be at least 1")
+    d = par.init_distributed()
+    try:
+        from runs import bf16_by_default
+        bf16 = bf16_by_default(d.device) if args.bf16 is None else args.bf16
+        folder, card = warm_start(d, args.task, args.puzzles, args.model, args.data_dir, bf16)
+        if d.main:
+            print(f"{folder}\n{card['description']}")
+    except DataError as e:
+        raise BadInput(str(e)) from None
+    finally:
+        par.close_distributed()
+
+
+if __name__ == "__main__":
+    main_guard(run)
