@@ -16,10 +16,12 @@ REPO = Path(__file__).resolve().parents[1]
 
 
 def fake_run(folder: Path, *, task="countdown", model=None, method="rrr", reflection="model", ids=range(10),
-             vanilla_first=(0, 1, 2), vanilla_second=(0, 1, 2, 3), first=(), second=(), steps=8):
+             vanilla_first=(0, 1, 2), vanilla_second=(0, 1, 2, 3), first=(), second=(), steps=8, warm_start=None):
     """A finished run as compare.py reads it: report.json and eval_answers.jsonl (items by index)."""
     folder.mkdir(parents=True)
     cfg = dict(task=task, model=model, method=method, reflection=reflection)
+    if warm_start:
+        cfg.update(warm_start=warm_start, warm_start_model=dict(description=f"SFT on {warm_start} answers", folder="f"))
     (folder / "report.json").write_text(json.dumps(dict(config=cfg, trained=dict(step=steps))))
     rows = [dict(id=f"q{i}", step=0, first=i in vanilla_first, second=i in vanilla_second) for i in ids]
     rows += [dict(id=f"q{i}", step=steps, first=i in first, second=i in second) for i in ids]
@@ -85,3 +87,16 @@ def test_every_recipe_parses():
     for path in recipes:
         cfg = runs.parse_config(Config, ["--config", str(path)])
         assert cfg.model and cfg.out and cfg.beta == 0.001 and cfg.failure_samples == 64, path
+
+
+def test_runs_from_other_warm_starts_are_refused_and_the_warm_start_is_named(tmp_path):
+    """Two warm starts are two vanilla models: refused in one line. One shared warm start is named in the
+    title as what the vanilla row is."""
+    a = fake_run(tmp_path / "a", warm_start=800, first=range(5))
+    b = fake_run(tmp_path / "b", warm_start=800, method="grpo", first=range(4))
+    table, data = compare.compare([a, b])
+    assert "after a labelled warm start (SFT on 800 answers)" in table.splitlines()[0] and data["shared_vanilla"]
+    with pytest.raises(runs.BadInput, match="another warm start"):
+        compare.compare([a, fake_run(tmp_path / "c", warm_start=400)])
+    with pytest.raises(runs.BadInput, match="another warm start"):
+        compare.compare([a, fake_run(tmp_path / "d")])
