@@ -50,7 +50,7 @@ def parse_args(argv=None):
     ap.add_argument("--steps", type=int, default=10, help="training steps of each method")
     ap.add_argument("--batch-size", type=int, default=4, help="failures per step")
     ap.add_argument("--num-generations", type=int, default=8, help="G: reflections (or attempts) per failure")
-    ap.add_argument("--learning-rate", type=float, default=1e-5, help="AdamW learning rate of every method")
+    ap.add_argument("--learning-rate", type=float, default=5e-5, help="AdamW learning rate of every method")
     ap.add_argument("--eval-every", type=int, default=0, help="evaluate every N steps as well (0: before and after training only)")
     ap.add_argument("--seed", type=int, default=0, help="one seed for the three runs")
     ap.add_argument("--extra", default="", help="more rrr.py flags for all three runs, as one string")

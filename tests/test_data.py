@@ -351,7 +351,7 @@ def test_parquet_without_pyarrow_says_what_to_do(tmp_path, monkeypatch):
 
 
 def test_bad_names_list_the_valid_ones(monkeypatch, tmp_path):
-    with pytest.raises(DataError, match="known: countdown, function_calling, mbpp, gsm8k"):
+    with pytest.raises(DataError, match="known: countdown, countdown_easy, function_calling, mbpp, gsm8k"):
         get_task("apigen")
     with pytest.raises(DataError, match="splits train, test, validation, prompt"):
         get_task("mbpp").load("dev")

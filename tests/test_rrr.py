@@ -379,3 +379,4 @@ def test_every_task_trains(tmp_path, tiny_chat, task):
     for e in episodes:
         verdict = t.check(e["text"]["retry"], examples[e["id"]])
         assert (verdict.ok, verdict.feedback) == (e["reward"] == 1.0, e["text"]["feedback"])
+
