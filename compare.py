@@ -91,10 +91,11 @@ def compare(folders: list[Path]) -> tuple[str, dict]:
     runs = [load_run(f) for f in folders]
     first = runs[0]
     for run in runs[1:]:
+        # The recorded settings compare as a resume does (setting_differs: the embedded model's names, no warm start).
         for what, key in (("task", lambda r: r["cfg"]["task"]), ("test items", lambda r: sorted(r["vanilla"]["first"])),
-                          ("vanilla model", lambda r: r["cfg"]["model"]),
-                          ("warm start", lambda r: r["cfg"].get("warm_start") or 0)):
-            if key(run) != key(first) and (what != "vanilla model" or setting_differs("model", key(first), key(run))):
+                          ("model", lambda r: r["cfg"]["model"]), ("warm_start", lambda r: r["cfg"].get("warm_start"))):
+            if key(run) != key(first) and (what not in ("model", "warm_start") or setting_differs(what, key(first), key(run))):
+                what = {"model": "vanilla model", "warm_start": "warm start"}.get(what, what)
                 raise BadInput(f"{run['name']} has another {what} than {first['name']}: not comparable")
     # Greedy decoding of one model gives one vanilla evaluation; if the runs' differ (other max lengths,
     # say), each is paired with its own.

@@ -47,8 +47,8 @@ class MicroBatch:
 
 def load_policy(cfg, d, path: str | None = None) -> Policy:
     """The trained model (sharded), the sampler (an empty full copy) and the reference model (sharded,
-    compute dtype), from `path` (default: --model; rrr.py passes its warm start). Loaded on the CPU: sharding moves one layer at a time to the device, so no rank
-    ever holds a whole fp32 model there."""
+    compute dtype), from `path` (default: --model; rrr.py passes its warm start). Loaded on the CPU:
+    sharding moves one layer at a time to the device, so no rank ever holds a whole fp32 model there."""
     path = path or cfg.model
     model, tokenizer = load_model(path, device="cpu", dtype=torch.float32)
     try:

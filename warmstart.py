@@ -28,10 +28,10 @@ import time
 from pathlib import Path
 
 import parallel as par
-from data import DataError, get_task, resolve_data_dir
-from data.countdown import generate_puzzles, solve_countdown, TIERS
+from data import DataError, data_dir_used, get_task, resolve_data_dir
+from data.countdown import TIERS, generate_puzzles, prompt, solve_countdown
 from model import EMBEDDED_NAMES, cache_root, chat_ids, load_tokenizer
-from runs import BadInput, main_guard, write_json
+from runs import BadInput, bf16_by_default, main_guard, write_json
 
 WARM_SEED = 1_000_001        # the labelled puzzles' own generator seed: not a run's --seed
 TASKS = tuple(TIERS)         # the tasks whose puzzles a solver answers
@@ -56,7 +56,7 @@ def labelled_examples(task_name: str, puzzles: int, data_dir) -> tuple[list[tupl
     test split, and how many generated puzzles were left out for being there."""
     test = {(tuple(sorted(ex.reference["nums"])), ex.reference["target"])
             for ex in get_task(task_name).load("test", data_dir=resolve_data_dir(data_dir))}
-    drawn, extra = [], 0
+    extra = 0
     while True:       # draw more when some are left out, from the same stream (a longer prefix of it)
         drawn = generate_puzzles(puzzles + extra, "train", WARM_SEED, task_name)
         kept = [(n, t) for n, t in drawn if (tuple(sorted(n)), t) not in test]
@@ -68,6 +68,10 @@ def labelled_examples(task_name: str, puzzles: int, data_dir) -> tuple[list[tupl
 
 
 def warm_start_folder(task_name: str, puzzles: int, base_model: str | None, data_dir, bf16: bool) -> Path:
+    """The cache folder, named by every setting the weights depend on. `data_dir` as resolved
+    (data_dir_used: the flag and $RRR_DATA_DIR alike), and only for the task whose test split it changes:
+    countdown_easy is always generated."""
+    data_dir = data_dir_used(data_dir) if task_name == "countdown" else None
     key = json.dumps(dict(task=task_name, puzzles=puzzles, model=base_model or "embedded", data_dir=data_dir,
                           bf16=bf16, lr=LEARNING_RATE, batch=BATCH_SIZE, seed=WARM_SEED, version=1), sort_keys=True)
     digest = hashlib.sha256(key.encode()).hexdigest()[:10]
@@ -91,7 +95,6 @@ def warm_start(d, task_name: str, puzzles: int, base_model: str | None, data_dir
     if not card.exists():
         started = time.time()
         tokenizer = load_tokenizer(base_model)
-        from data.countdown import prompt
         labelled, left_out = labelled_examples(task_name, puzzles, data_dir)
         data = [(chat_ids(tokenizer, prompt(n, t)), list(tokenizer(a, add_special_tokens=False)["input_ids"])
                  + [tokenizer.eos_token_id]) for n, t, a in labelled]
@@ -132,7 +135,6 @@ def run(argv=None):
         raise BadInput("--puzzles must be at least 1")
     d = par.init_distributed()
     try:
-        from runs import bf16_by_default
         bf16 = bf16_by_default(d.device) if args.bf16 is None else args.bf16
         folder, card = warm_start(d, args.task, args.puzzles, args.model, args.data_dir, bf16)
         if d.main:

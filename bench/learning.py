@@ -95,7 +95,7 @@ def learning_figure(path: Path, logs: dict):
         a.plot(steps, [m["zero_variance_groups"] for m in log["metrics"]], color=f"C{i}", ls=":",
                label=f"{LABELS[method]}: zero-variance groups")
         at = [e["step"] for e in log["evals"]]
-        # Offset markers so that equal first- and second-try values stay visible.
+        # Different markers, so that equal first- and second-try values both stay visible.
         b.plot(at, [e["first"] for e in log["evals"]], color=f"C{i}", marker="o", label=f"{LABELS[method]}: first try")
         b.plot(at, [e["second"] for e in log["evals"]], color=f"C{i}", marker="x", ms=9, ls="--",
                label=f"{LABELS[method]}: second try")
