@@ -94,9 +94,16 @@ def test_two_ranks_equal_one_process_and_write_everything(tmp_path, tiny_chat):
         pol = rrr.load_policy(cfg, d)
         replay(cfg, d, pol, out, metrics, rel=1e-4, abs=1e-7)
         assert metrics[-1]["grad_norm"] > 1e-4 and metrics[-1]["mean_kl"] > 0     # a real update was compared
-        exported = final_weights(out)
+        # Adam divides each gradient by its own running RMS, so where a gradient is near zero the
+        # all-reduce's summation order (2 ranks against 1 process) becomes a visible part of a step: a few
+        # weights may differ by up to a few per cent of the learning rate. A missed, doubled or
+        # unsynchronised step moves weights by about the learning rate, far beyond this bound.
+        exported, off, total = final_weights(out), 0, 0
         for name, p in pol.model.named_parameters():
-            assert torch.allclose(par.full_tensor(p.detach()), exported[name], atol=1e-5), name
+            diff = (par.full_tensor(p.detach()) - exported[name]).abs()
+            assert diff.max() <= 0.1 * cfg.learning_rate, name
+            off, total = off + int((diff > 1e-5).sum()), total + diff.numel()
+        assert off <= 1e-4 * total, f"{off} of {total} weights off by more than 1e-5"
     finally:
         par.close_distributed()
 
