@@ -81,3 +81,56 @@ def save_coin_flip_chat_model(folder: Path, seed=0) -> Path:
     model.save_pretrained(folder)
     tokenizer.save_pretrained(folder)
     return Path(folder)
+
+
+PLANTED_PUZZLE = dict(nums=[2, 3], target=5)
+PLANTED_REFLECTIONS = {"Add them.": "<answer> 2 + 3 </answer>",          # the retry it leads to: right
+                       "Multiply them.": "<answer> 2 * 3 </answer>"}     # and wrong
+PLANTED_FIRST_TRY = "<answer> 2 * 3 </answer>"
+
+
+def save_planted_reflection_model(folder: Path, steps=60, seed=0) -> Path:
+    """A tiny chat model with a planted skill that only a reflection can unlock, for the one Countdown puzzle
+    PLANTED_PUZZLE, in exactly the token sequences rrr.py builds: its first try is wrong; asked to reflect,
+    it writes one of the two PLANTED_REFLECTIONS about half the time each; its retry is right after the
+    first and wrong after the second. So reflections disagree in every group, and a correct RRR update
+    raises the chance of the good reflection, hence the reward. Made by a short supervised fine-tuning
+    (full batch, Adam) of a random-init tiny model; the loss is on the planted turns only."""
+    import rrr
+    from data import get_task
+    from data.countdown import prompt
+    from model import chat_ids, load_model
+
+    save_tiny_chat_model(folder, seed=seed)
+    model, tok = load_model(str(folder), device="cpu", dtype=torch.float32)
+    task, eos = get_task("countdown"), tok.eos_token_id
+
+    def turn_of(text):
+        return list(tok(text, add_special_tokens=False)["input_ids"]) + [eos]
+
+    asked = chat_ids(tok, prompt(**PLANTED_PUZZLE))
+    reflect = asked + turn_of(PLANTED_FIRST_TRY) + list(rrr.turn(tok, task.reflection_prompt, eos))
+    rows = [(asked, turn_of(PLANTED_FIRST_TRY))]
+    for reflection, retry in PLANTED_REFLECTIONS.items():
+        rows.append((reflect, turn_of(reflection)))
+        rows.append((reflect + turn_of(reflection) + list(rrr.turn(tok, task.retry_prompt, eos)), turn_of(retry)))
+    length = max(len(p) + len(t) for p, t in rows)
+    ids = torch.full((len(rows), length), eos)
+    attention, target = torch.zeros_like(ids), torch.zeros(len(rows), length, dtype=torch.bool)
+    for i, (p, t) in enumerate(rows):
+        ids[i, :len(p) + len(t)] = torch.tensor(p + t)
+        attention[i, :len(p) + len(t)] = 1
+        target[i, len(p):len(p) + len(t)] = True
+    torch.manual_seed(seed)
+    model.train()
+    optimizer = torch.optim.Adam(model.parameters(), lr=1e-2)
+    for _ in range(steps):
+        hidden = model.model(input_ids=ids, attention_mask=attention).last_hidden_state[:, :-1]
+        logits = model.lm_head(hidden[target[:, 1:]])       # (planted tokens, V): only where the loss is
+        loss = torch.nn.functional.cross_entropy(logits, ids[:, 1:][target[:, 1:]])
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    model.eval().save_pretrained(folder)
+    return Path(folder)
+
