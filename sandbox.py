@@ -86,7 +86,8 @@ def _names_bound(program: str) -> frozenset:
     child): a test's `sum(10, 15)` means the program's `sum` when it defines one, the builtin otherwise."""
     try:
         tree = ast.parse(program)
-    except (SyntaxError, ValueError, RecursionError, MemoryError):
+    except (SyntaxError, ValueError, RecursionError, MemoryError, SystemError):
+        # SystemError: CPython 3.11's "AST constructor recursion depth mismatch" after deep nesting (gh-106905)
         return frozenset()
     names = set()
     for n in ast.walk(tree):
@@ -384,7 +385,7 @@ def run_program(completion: str, tests, setup: str, timeout: float, mode: str) -
                     for raw in complete:
                         try:
                             row = ast.literal_eval(raw.decode("utf-8", "replace"))
-                        except (ValueError, SyntaxError, TypeError, MemoryError, RecursionError):
+                        except (ValueError, SyntaxError, TypeError, MemoryError, RecursionError, SystemError):
                             continue
                         if row == ("end",):
                             done = True

@@ -37,8 +37,19 @@ def short(value, limit=200) -> str:
 MAX_EXPRESSION, MAX_DEPTH, MAX_DIGITS = 200, 20, 6
 
 
+def between(text: str, opening: str, closing: str) -> list[str]:
+    """What each `opening`...`closing` pair encloses, pairs taken left to right, each opening with the
+    first closing after it (as a non-greedy regex would), in time linear in the text: a regex retries
+    every unclosed opening to the end, which is quadratic in a completion of thousands of them."""
+    found, start = [], 0
+    while (i := text.find(opening, start)) >= 0 and (j := text.find(closing, i + len(opening))) >= 0:
+        found.append(text[i + len(opening):j])
+        start = j + len(closing)
+    return found
+
+
 def check_countdown(completion: str, nums, target) -> Verdict:
-    answers = re.findall(r"<answer>(.*?)</answer>", completion, flags=re.S)
+    answers = between(completion, "<answer>", "</answer>")
     if not answers:
         return Verdict(False, "no <answer>...</answer> tag")
     expression = answers[-1].strip()
@@ -146,10 +157,13 @@ class _Parser:
 
 # --- function calls ----------------------------------------------------------------------------------
 
+JSON_STARTS = 64       # brackets _first_json tries as the start of a JSON value
+
+
 def parse_calls(completion: str):
     """The calls in a completion as a list of {"name", "arguments"} dicts, or None if none can be read.
     Looks in <tool_call> tags first, then the last ```json fence, then the first JSON list or object."""
-    tagged = re.findall(r"<tool_call>(.*?)</tool_call>", completion, flags=re.S)
+    tagged = between(completion, "<tool_call>", "</tool_call>")
     if tagged:
         calls = []
         for block in tagged:
@@ -158,7 +172,7 @@ def parse_calls(completion: str):
                 return None
             calls += found if isinstance(found, list) else [found]
         return _normalise(calls)
-    fences = re.findall(r"```(?:json)?\s*(.*?)```", completion, flags=re.S)
+    fences = between(completion, "```", "```")       # a "json" after the opening is skipped with the text
     found = _first_json(fences[-1]) if fences else None
     if found is None:
         found = _first_json(completion)
@@ -168,11 +182,17 @@ def parse_calls(completion: str):
 
 
 def _first_json(text: str):
+    """The first JSON list or object that starts at one of the first JSON_STARTS brackets, else None. The
+    cap keeps the cost linear: each start costs up to a pass over the text (400 KB of nested brackets
+    would otherwise take minutes). JSON the decoder refuses (an integer of more than 4,300 digits: Python's
+    limit; nesting past the recursion limit) is no JSON."""
     decoder = json.JSONDecoder()
-    for m in re.finditer(r"[\[{]", text):
+    for n, m in enumerate(re.finditer(r"[\[{]", text)):
+        if n == JSON_STARTS:
+            break
         try:
             return decoder.raw_decode(text, m.start())[0]
-        except (json.JSONDecodeError, RecursionError):
+        except (ValueError, RecursionError):       # json.JSONDecodeError is a ValueError
             continue
     return None
 
@@ -186,7 +206,7 @@ def _normalise(calls):
         if isinstance(args, str):          # some models write the arguments as a JSON string
             try:
                 args = json.loads(args)
-            except json.JSONDecodeError:
+            except (ValueError, RecursionError):
                 return None
         if not isinstance(args, dict):
             return None
@@ -453,8 +473,16 @@ def check_math(completion: str, answer) -> Verdict:
         return Verdict(False, "no number found")
     if got == expected:
         return Verdict(True, f"correct: {short(str(expected))}")
-    shown = lambda x: str(x) if x.denominator == 1 else f"{float(x):g}"  # noqa: E731
-    return Verdict(False, f"answer {shown(got)}, expected {shown(expected)}")
+    return Verdict(False, f"answer {short(_shown(got))}, expected {short(_shown(expected))}")
+
+
+def _shown(x: Fraction) -> str:
+    if x.denominator == 1:
+        return str(x)
+    try:
+        return f"{float(x):g}"
+    except OverflowError:        # a decimal of thousands of digits
+        return f"{x.numerator // x.denominator}..."
 
 
 def _feedback(tests, run: dict, timeout: float) -> Verdict:

@@ -5,6 +5,7 @@ shows that it is a real attack."""
 
 import os
 import socket
+import sys
 import tempfile
 import threading
 from pathlib import Path
@@ -171,13 +172,26 @@ def test_the_network_is_unreachable_even_with_the_module_block_undone(isolated):
 
 
 def test_the_program_sees_only_python_its_folder_and_itself(isolated):
+    # The Python installation is mounted wherever it lives (a virtual environment under /tmp, /work, ...):
+    # on the way to it, each folder shows only the next folder of that way, nothing beside it.
+    roots = {os.path.realpath(p) for p in (sys.prefix, sys.base_prefix, os.path.dirname(os.path.realpath(sys.executable)))}
+    ways = {}                       # folder -> the names in it that lead to an installation
+    for root in roots:
+        parts = Path(root).parts
+        for i in range(1, len(parts)):
+            ways.setdefault(str(Path(*parts[:i])), set()).add(parts[i])
+    inside = lambda f: any(f == r or f.startswith(r + "/") for r in roots)  # noqa: E731  (mounted whole)
+    inner = sorted(f for f in ways if f != "/" and not f.startswith(("/usr", "/lib")) and not inside(f))
     program = ("import os\ndef f():\n    return (sorted(os.listdir('/')), os.getcwd(), "
-               "[p for p in os.listdir('/proc') if p.isdigit()])")
+               "[p for p in os.listdir('/proc') if p.isdigit()])\ndef g(d):\n    return sorted(os.listdir(d))")
     here = str(Path(__file__).resolve())
-    shown = code_outputs_batch([(program, ["assert f() == 0", f"assert open({here!r}).read()"], "")])[0]
-    top, cwd, pids = eval(shown[0])
-    assert set(top) <= {"usr", "bin", "sbin", "lib", "lib32", "lib64", "proc", "dev", "sandbox", "root", "home", "opt"}
-    assert "etc" not in top and "tmp" not in top
+    shown = code_outputs_batch([(program, ["assert f() == 0", f"assert open({here!r}).read()"]
+                                 + [f"assert g({d!r}) == 0" for d in inner], "")])[0]
+    (top, cwd, pids), listed = eval(shown[0]), {d: eval(v) for d, v in zip(inner, shown[2:])}
+    assert set(top) <= {"usr", "bin", "sbin", "lib", "lib32", "lib64", "proc", "dev", "sandbox"} | ways["/"]
+    assert "etc" not in top and ("tmp" not in top or "tmp" in ways["/"])
+    for folder, names in listed.items():
+        assert set(names) <= ways[folder], (folder, names)
     assert cwd == "/sandbox" and len(pids) <= 2          # bwrap's init and the program: nothing of the host
     assert "FileNotFoundError" in shown[1]               # this test file is not there
 
