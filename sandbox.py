@@ -131,6 +131,8 @@ def _plan(test: str, mode: str, program_names: frozenset = frozenset()) -> tuple
                    and isinstance(n.func.value, ast.Name) and n.func.value.id in JUDGE_MODULES)
         if isinstance(n, _JUDGED_HERE) or isclose or (isinstance(n, ast.UnaryOp) and isinstance(n.op, ast.Not)):
             for field, value in ast.iter_fields(n):
+                if isclose and field == "func":
+                    continue        # the parent's math.isclose, also where the program imports math itself
                 if isinstance(value, ast.expr):
                     setattr(n, field, split(value))
                 elif isinstance(value, list):

@@ -5,7 +5,7 @@ feedback is one short, specific sentence a reflector can act on. No checker rais
 
     check_countdown(completion, nums, target)        last <answer>, exact rational arithmetic, own parser
     check_function_calls(completion, answers, tools) xLAM/APIGen calls, or BFCL possible answers by BFCL's rules
-    check_code(completion, tests, setup, timeout)    MBPP asserts run in a fresh, limited process
+    check_code(completion, tests, setup, hidden)     MBPP asserts (visible, then hidden) run in a fresh, limited process
     check_code_batch(items, workers, timeout)        the same for many programs, in parallel
     code_outputs_batch(items, workers, timeout)      what each program returns on the tests' inputs
     check_math(completion, answer)                   GSM8K: the final number
@@ -25,6 +25,7 @@ from sandbox import extract_program, run_batch  # noqa: F401  (extract_program: 
 class Verdict(NamedTuple):
     ok: bool
     feedback: str
+    base: bool | None = None    # with hidden tests (MBPP): whether the visible tests alone pass, EvalPlus's "base"
 
 
 def short(value, limit=200) -> str:
@@ -503,15 +504,31 @@ def _feedback(tests, run: dict, timeout: float) -> Verdict:
     return Verdict(False, "\n".join(["Tests passed:"] + (passed or ["(none)"]) + ["Tests failed:"] + failed))
 
 
-def check_code(completion: str, tests, setup: str = "", timeout: float = 5.0) -> Verdict:
-    """Passes only when the program and every assert in `tests` ran in the sandbox and passed."""
-    return check_code_batch([(completion, tests, setup)], workers=1, timeout=timeout)[0]
+def check_code(completion: str, tests, setup: str = "", hidden=None, timeout: float = 5.0) -> Verdict:
+    """Passes only when the program and every assert in `tests` and `hidden` ran in the sandbox and passed."""
+    return check_code_batch([(completion, tests, setup, hidden)], workers=1, timeout=timeout)[0]
 
 
 def check_code_batch(items, workers: int | None = None, timeout: float = 5.0) -> list[Verdict]:
-    """items: (completion, tests, setup) triples. Verdicts in order; `workers` programs at a time
-    (default: one per CPU core). Every process is gone when this returns."""
-    return [_feedback(tests, run, timeout) for tests, run in run_batch(items, workers, timeout, "check")]
+    """items: (completion, tests, setup) or (completion, tests, setup, hidden tests). Verdicts in order;
+    `workers` programs at a time (default: one per CPU core). Every process is gone when this returns.
+    Hidden tests run in the same process after the visible ones; the feedback shows only the visible ones
+    and, for the hidden ones, how many failed."""
+    items = [(c, list(t), s, list(h[0] or ()) if h else []) for c, t, s, *h in items]
+    runs = run_batch([(c, t + h, s) for c, t, s, h in items], workers, timeout, "check")
+    return [_with_hidden(t, h, run, timeout) for (_, t, _, h), (_, run) in zip(items, runs)]
+
+
+def _with_hidden(tests, hidden, run: dict, timeout: float) -> Verdict:
+    if not hidden:
+        return _feedback(tests, run, timeout)
+    n, results = len(tests), run["results"]
+    visible = _feedback(tests, dict(run, results=results[:n], done=run["done"] or len(results) > n), timeout)
+    failed = len(hidden) - sum(ok for ok, _ in results[n:])     # a hidden test never answered failed
+    if not failed:
+        return visible._replace(base=visible.ok)
+    note = f"{failed} of {len(hidden)} hidden tests failed (their inputs are not shown)"
+    return Verdict(False, f"{visible.feedback}\n{note}", base=visible.ok)
 
 
 def code_outputs_batch(items, workers: int | None = None, timeout: float = 5.0) -> list[list[str]]:

@@ -1,12 +1,14 @@
-"""MBPP: write a Python function that passes the given asserts; the verifier runs them in a sandbox.
+"""MBPP: write a Python function that passes the given asserts; the verifier runs them in a sandbox, and
+then the problem's hidden tests (data/mbpp_hidden.py), which the prompt and the feedback never show.
 
 reference: {"tests": [assert, ...], "setup": test_setup_code, "text": the task, "code": the reference
-solution}. Splits by task_id, the standard ones: prompt 1-10, test 11-510, validation 511-600,
+solution, "hidden": [hidden assert, ...]}. Splits by task_id, the standard ones: prompt 1-10, test 11-510, validation 511-600,
 train 601-974. Offline: data/samples/mbpp.jsonl (small problems written for this project, split the
 same way by their own task ids: prompt 1-2, test 3-14, validation 15-16, train 17-40).
 """
 
 from data import REFLECT_ANSWER, SAMPLES, DataError, Example, Verifier, make_task, read_jsonl_lines
+from data.mbpp_hidden import hidden_tests
 
 SPLITS = {"prompt": (1, 10), "test": (11, 510), "validation": (511, 600), "train": (601, 974)}
 OFFLINE_SPLITS = {"prompt": (1, 2), "test": (3, 14), "validation": (15, 16), "train": (17, 40)}
@@ -23,7 +25,7 @@ def prompt(text: str, tests: list[str]) -> list[dict]:
 def load(split, data_dir, seed, size) -> list[Example]:
     path = SAMPLES / "mbpp.jsonl" if data_dir is None else data_dir / "mbpp" / "mbpp.jsonl"
     low, high = (OFFLINE_SPLITS if data_dir is None else SPLITS)[split]
-    examples = []
+    rows = []
     for line, row in read_jsonl_lines(path, required=("text", "code", "task_id", "test_list")):
         where = f"{path} line {line}"
         tests, setup = row["test_list"], row.get("test_setup_code") or ""
@@ -31,18 +33,23 @@ def load(split, data_dir, seed, size) -> list[Example]:
             raise DataError(f"{where}: 'test_list' must be a non-empty list of assert strings")
         if type(row["task_id"]) is not int or not isinstance(row["text"], str) or not isinstance(setup, str):
             raise DataError(f"{where}: 'task_id' must be an integer, 'text' and 'test_setup_code' strings")
-        if low <= row["task_id"] <= high:
-            examples.append(Example(f"mbpp-{row['task_id']}", prompt(row["text"], tests),
-                                    dict(tests=tests, setup=setup, text=row["text"], code=row["code"])))
-    return examples
+        rows.append(dict(task_id=row["task_id"], text=row["text"], code=row["code"], tests=tests, setup=setup))
+    # The hidden tests of the whole file (data/mbpp_hidden.py: made once, cached): the reward runs them
+    # after the visible ones; the prompt and the feedback never show them.
+    hidden = hidden_tests(path, rows)
+    return [Example(f"mbpp-{r['task_id']}", prompt(r["text"], r["tests"]),
+                    dict(tests=r["tests"], setup=r["setup"], text=r["text"], code=r["code"],
+                         hidden=hidden.get(str(r["task_id"]), [])))
+            for r in rows if low <= r["task_id"] <= high]
 
 
 def check_batch(completions, examples):
-    # One sandboxed process per program, run in parallel.
+    # One sandboxed process per program, run in parallel; visible tests, then hidden ones.
     from verifiers import check_code_batch
-    return check_code_batch([(c, ex.reference["tests"], ex.reference["setup"]) for c, ex in zip(completions, examples)])
+    return check_code_batch([(c, ex.reference["tests"], ex.reference["setup"], ex.reference.get("hidden"))
+                             for c, ex in zip(completions, examples)])
 
 
 TASK = make_task("mbpp", reflection_prompt=REFLECT_ANSWER, answer_format=FORMAT, loader=load,
-                 verifier=Verifier("check_code", "tests", "setup"), batch_checker=check_batch,
+                 verifier=Verifier("check_code", "tests", "setup", "hidden"), batch_checker=check_batch,
                  splits=("train", "test", "validation", "prompt"))

@@ -202,6 +202,8 @@ def test_a_split_assert_is_judged_in_the_parent():
     assert (kind, parts, judge) == ("assert", ("f(3)",), "_part0 == [1, 'a', (2.5, None)]")
     kind, parts, judge = sandbox._plan("assert math.isclose(f(2), 3.14, rel_tol=0.001)", "check", frozenset({"f"}))
     assert parts == ("f(2)",) and "3.14" in judge
+    # Also where the program imports math: the expected value stays here (the hidden tests' float asserts).
+    assert sandbox._plan("assert math.isclose(f(2), 3.14)", "check", frozenset({"f", "math"}))[1] == ("f(2)",)
     # A builtin name means the program's function when the program defines it (MBPP task 126's `sum`).
     assert sandbox._plan("assert sum(10, 15) == 6", "check", frozenset({"sum"}))[1] == ("sum(10, 15)",)
     assert sandbox._plan("assert sum(f(1)) == 6", "check", frozenset({"f"}))[1] == ("sum(f(1))",)
@@ -220,6 +222,8 @@ def test_a_split_assert_is_judged_in_the_parent():
     ("class P:\n    pass\ndef f(x):\n    return P()", ["assert f(1)"], False),
     ("def f(x):\n    return iter([1])", ["assert f(1) == [1]"], False),
     ("def f(x):\n    return [1]", ["assert math.isclose(f(1)[0], 1.0000000001)", "assert not f(1) == [2]"], True),
+    ("import math\ndef f(x):\n    return math.pi", ["assert math.isclose(f(1), 3.1415927, rel_tol=1e-6)"], True),
+    ("import math\ndef f(x):\n    return math.e", ["assert math.isclose(f(1), 3.1415927, rel_tol=1e-6)"], False),
     ("def f(x):\n    return 2", ["assert f(1) == 2 or g(1)", "assert 1 + 1 == 2"], True),
 ])
 def test_values_read_back_and_compared_in_the_parent(program, tests, ok):

@@ -5,11 +5,14 @@ import json
 import os
 import random
 import resource
+import statistics
 import time
 from pathlib import Path
 
 import pytest
 
+from data import get_task
+from data.mbpp_hidden import HIDDEN_PER_PROBLEM
 from tiny import shared_data_dir
 from verifiers import (check_code, check_code_batch, check_countdown, check_function_calls, check_math,
                        code_outputs_batch, format_calls, parse_calls)
@@ -65,25 +68,60 @@ def test_countdown_last_answer_wins_and_limits_give_verdicts():
 
 # --- MBPP code execution -----------------------------------------------------------------------------
 
+def lookup_table_program(tests: list[str]) -> str:
+    """The reward hack hidden tests exist for: a function that returns each visible assert's expected
+    value for that assert's arguments, and knows nothing else."""
+    table, name = {}, None
+    for test in tests:
+        expr = ast.parse(test).body[0].test
+        if isinstance(expr, ast.Compare) and isinstance(expr.left, ast.Call) and isinstance(expr.left.func, ast.Name):
+            try:
+                args = tuple(ast.literal_eval(a) for a in expr.left.args)
+            except ValueError:
+                continue
+            name = expr.left.func.id
+            table[repr(args)] = ast.unparse(expr.comparators[0])
+    entries = ", ".join(f"{k!r}: {v}" for k, v in table.items())
+    return f"```python\ndef {name or 'f'}(*args):\n    return {{{entries}}}[repr(args)]\n```"
+
+
 @pytest.mark.slow
-def test_mbpp_reference_programs_pass():
-    rows = jsonl(shared_data_dir() / "mbpp" / "mbpp.jsonl")
-    assert len(rows) == 974
-    # What is checked is the verdicts, not speed: task 123's reference solution alone runs 5.8 s on one
-    # of the CI CPUs, past the default 5 s limit, so the limit here is generous.
-    verdicts = check_code_batch([(r["code"], r["test_list"], r["test_setup_code"]) for r in rows], timeout=30)
-    failed = {r["task_id"]: v.feedback for r, v in zip(rows, verdicts) if not v.ok}
-    assert failed == {}, failed
+def test_mbpp_hidden_tests_stop_hardcoding_and_keep_the_reference_programs():
+    """Through the task's own reward path on all 974 problems: the reference programs pass (visible and
+    hidden tests), stubs fail, and a lookup table of the visible asserts, which passes them, earns reward
+    on at most 5% of the problems (those left without hidden tests)."""
+    task = get_task("mbpp")
+    examples = [ex for split in task.splits for ex in task.load(split, data_dir=shared_data_dir())]
+    assert len(examples) == 974
+    counts = [len(ex.reference["hidden"]) for ex in examples]
+    assert statistics.median(counts) == HIDDEN_PER_PROBLEM and sum(c == 0 for c in counts) <= 0.05 * 974
+    for ex in examples:       # never shown: not in the prompt
+        assert not any(h.removeprefix("assert ") in ex.messages[-1]["content"] for h in ex.reference["hidden"])
+
+    references = task.check_batch([f"```python\n{ex.reference['code']}\n```" for ex in examples], examples)
+    failed = {ex.id: v.feedback for ex, v in zip(examples, references) if not v.ok}
+    assert len(failed) <= 4, failed          # a reference slower than the 5 s limit on a slow CPU (task 123)
+
+    hardcoded = task.check_batch([lookup_table_program(ex.reference["tests"]) for ex in examples], examples)
+    assert sum(bool(v.base) for v in hardcoded) >= 900          # the hack passes the visible tests...
+    rewarded = [ex.id for ex, v in zip(examples, hardcoded) if v.ok]
+    assert len(rewarded) <= 0.05 * 974, rewarded                 # ...and the hidden ones stop it
+    assert all(len(ex.reference["hidden"]) == 0 for ex, v in zip(examples, hardcoded) if v.ok)
+    shown = next(v.feedback for v in hardcoded if v.base and not v.ok)
+    assert "hidden tests failed" in shown and "Tests passed" in shown
+
     # Stubs: the same programs with every function's body replaced by `return None`.
     stubs = []
-    for r in rows:
-        tree = ast.parse(r["code"])
+    for ex in examples:
+        tree = ast.parse(ex.reference["code"])
         for node in ast.walk(tree):
             if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
                 node.body = [ast.Return(ast.Constant(None))]
-        stubs.append((ast.unparse(tree), r["test_list"], r["test_setup_code"]))
-    passed = [r["task_id"] for r, v in zip(rows, check_code_batch(stubs, timeout=30)) if v.ok]
-    assert passed == [], passed
+        stubs.append(f"```python\n{ast.unparse(tree)}\n```")
+    assert [ex.id for ex, v in zip(examples, task.check_batch(stubs, examples)) if v.ok] == []
+    print(f"hidden tests per problem: median {statistics.median(counts)}, minimum {min(counts)}, "
+          f"none for {sum(c == 0 for c in counts)} problems; references failing: {len(failed)}; "
+          f"lookup tables passing the visible tests: {sum(bool(v.base) for v in hardcoded)}, rewarded: {len(rewarded)}")
 
 
 def test_empty_body_fails_naming_the_assert_and_the_output():

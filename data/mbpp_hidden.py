@@ -1,0 +1,178 @@
+"""Hidden tests for MBPP: more asserts per problem, never shown to the model, so that a program which only
+special-cases the visible asserts' inputs earns no reward.
+
+MBPP's prompt lists its asserts with their expected values, and the reward used to run exactly those: a
+lookup table from the shown inputs to the shown outputs passed. EvalPlus's MBPP+ closes the hole with
+extra tests made from the reference solution by type-aware mutation of the inputs; this is that method
+(its data cannot be downloaded here):
+  1. mutated_calls     for each visible `assert f(ARGS) == EXPECTED` with literal ARGS, calls with one
+                       argument changed by its type: numbers nudged, strings and sequences shortened,
+                       lengthened, reordered, an element changed, a dict key dropped
+  2. expected_values   the reference solution's value on each call, run twice in the sandbox; calls on
+                       which it raises, times out, differs between the runs, or returns something that is
+                       not a plain literal are dropped
+  3. hidden_asserts    `assert f(ARGS) == VALUE` (math.isclose for a float), at most HIDDEN_PER_PROBLEM,
+                       none equal to a visible test's call
+Deterministic (a seed per problem), made once per data file and cached under $RRR_CACHE/mbpp-hidden,
+keyed on the file's hash and GENERATOR_VERSION; the offline sample gets them the same way.
+"""
+
+import ast
+import hashlib
+import json
+import math
+import os
+import random
+import tempfile
+from pathlib import Path
+
+HIDDEN_PER_PROBLEM = 10
+GENERATOR_VERSION = 1            # part of the cache key: bump it when the mutations change
+MAX_VALUE_REPR = 199             # characters of an expected value: the sandbox reports a value's repr cut at 200,
+                                 # so a longer one may be cut (a cut integer still reads back); it is dropped
+MAX_INPUT_REPR = 2000            # characters of a hidden test's call
+
+
+def visible_calls(tests: list[str]) -> list[tuple[str, list]]:
+    """(function name, literal arguments) of each `assert name(...) == literal` among `tests`."""
+    calls = []
+    for test in tests:
+        try:
+            node = ast.parse(test).body[0]
+        except (SyntaxError, IndexError):
+            continue
+        expr = node.test if isinstance(node, ast.Assert) else None
+        if not (isinstance(expr, ast.Compare) and len(expr.ops) == 1 and isinstance(expr.ops[0], ast.Eq)
+                and isinstance(expr.left, ast.Call) and isinstance(expr.left.func, ast.Name) and not expr.left.keywords):
+            continue
+        try:
+            calls.append((expr.left.func.id, [ast.literal_eval(a) for a in expr.left.args]))
+        except (ValueError, SyntaxError, TypeError):
+            continue
+    return calls
+
+
+def mutations(value, rng: random.Random) -> list:
+    """Values of the same type near `value` (EvalPlus-style type-aware mutation)."""
+    if isinstance(value, bool) or value is None:
+        return []
+    if isinstance(value, int):
+        return [value + 1, value - 1, value * 2, -value, value + rng.randint(2, 10)]
+    if isinstance(value, float):
+        return [value * 1.5, value + 0.5, -value]
+    if isinstance(value, str):
+        if not value:
+            return ["a"]
+        i = rng.randrange(len(value))
+        return [value[:-1], value[1:], value + value[-1], value[::-1], value[:i] + value[i] * 2 + value[i + 1:]]
+    if isinstance(value, (list, tuple)):
+        kind, items = type(value), list(value)
+        out = [items[:-1], items[1:], items[::-1], items + items[:1]] if items else []
+        if items:
+            i = rng.randrange(len(items))
+            out += [items[:i] + [m] + items[i + 1:] for m in mutations(items[i], rng)[:2]]
+        try:
+            out.append(sorted(items))
+        except TypeError:
+            pass
+        return [kind(x) for x in out]
+    if isinstance(value, dict) and value:
+        key = rng.choice(sorted(value, key=repr))
+        dropped = {k: v for k, v in value.items() if k != key}
+        return [dropped] + [{**value, key: m} for m in mutations(value[key], rng)[:2]]
+    if isinstance(value, (set, frozenset)) and value:
+        return [type(value)(sorted(value, key=repr)[1:])]
+    return []
+
+
+def mutated_calls(tests: list[str], seed: str) -> list[str]:
+    """Calls (as source text) with one argument of a visible call mutated, in a seeded order, without
+    duplicates and without the visible calls themselves."""
+    rng = random.Random(seed)
+    visible = visible_calls(tests)
+    seen = {f"{name}({', '.join(map(repr, args))})" for name, args in visible}
+    calls = []
+    for name, args in visible:
+        for i, arg in enumerate(args):
+            for m in mutations(arg, rng):
+                call = f"{name}({', '.join(repr(a) for a in args[:i] + [m] + args[i + 1:])})"
+                if call not in seen and len(call) <= MAX_INPUT_REPR:
+                    seen.add(call)
+                    calls.append(call)
+    rng.shuffle(calls)
+    return calls
+
+
+def _plain_literal(text: str):
+    """(True, value) when `text` is the repr of a value made of built-in literals that reads back to an
+    equal value with the same repr; else (False, None)."""
+    if len(text) > MAX_VALUE_REPR or text.startswith("<"):
+        return False, None
+    try:
+        value = ast.literal_eval(text)
+    except (ValueError, SyntaxError, TypeError, MemoryError, RecursionError):
+        return False, None
+    if isinstance(value, float) and not math.isfinite(value):
+        return False, None
+    return repr(value) == text, value
+
+
+def _has_float(value) -> bool:
+    if isinstance(value, float):
+        return True
+    if isinstance(value, dict):
+        return any(_has_float(k) or _has_float(v) for k, v in value.items())
+    if isinstance(value, (list, tuple, set, frozenset)):
+        return any(_has_float(v) for v in value)
+    return False
+
+
+def hidden_asserts(calls: list[str], first: list[str], second: list[str]) -> list[str]:
+    """Asserts from the calls and the reference's values on two runs (code_outputs_batch's strings)."""
+    out = []
+    for call, a, b in zip(calls, first, second):
+        ok, value = _plain_literal(a)
+        if not ok or a != b:
+            continue
+        if isinstance(value, float):
+            out.append(f"assert math.isclose({call}, {a}, rel_tol=1e-6, abs_tol=1e-9)")
+        elif not _has_float(value):       # a float inside a container would need an exact match
+            out.append(f"assert {call} == {a}")
+        if len(out) == HIDDEN_PER_PROBLEM:
+            break
+    return out
+
+
+def make_hidden_tests(rows: list[dict], workers=None, progress=True) -> dict[str, list[str]]:
+    """rows: {"task_id", "code", "tests", "setup"} -> {str(task_id): hidden asserts}."""
+    from tqdm import tqdm
+
+    from verifiers import code_outputs_batch
+    calls = {r["task_id"]: mutated_calls(r["tests"], f"mbpp-hidden/{r['task_id']}") for r in rows}
+    items = [(f"```python\n{r['code']}\n```", calls[r["task_id"]], r["setup"]) for r in rows]
+    runs = []
+    for _ in range(2):      # twice: a value that differs between runs is not a test
+        values = []
+        for start in tqdm(range(0, len(items), 64), desc="MBPP hidden tests (reference runs)", disable=not progress,
+                          leave=False):
+            values += code_outputs_batch(items[start:start + 64], workers=workers)
+        runs.append(values)
+    return {str(r["task_id"]): hidden_asserts(calls[r["task_id"]], a, b) for r, a, b in zip(rows, *runs)}
+
+
+def hidden_tests(path: Path, rows: list[dict]) -> dict[str, list[str]]:
+    """The hidden tests of every problem in the data file at `path` (rows: all of its problems), made once
+    and cached in $RRR_CACHE (as model.cache_root: default ~/.cache/rrr)."""
+    digest = hashlib.sha256(Path(path).read_bytes()).hexdigest()[:16]
+    folder = Path(os.environ.get("RRR_CACHE", Path.home() / ".cache" / "rrr")) / "mbpp-hidden"
+    cached = folder / f"{digest}-v{GENERATOR_VERSION}.json"
+    if cached.is_file():
+        return json.loads(cached.read_text())
+    tests = make_hidden_tests(rows)
+    folder.mkdir(parents=True, exist_ok=True)
+    # Written aside under a name of this process's own and renamed into place: ranks that make the same
+    # tests at once each leave a whole file.
+    with tempfile.NamedTemporaryFile("w", dir=folder, suffix=".tmp", delete=False) as f:
+        json.dump(tests, f)
+    os.replace(f.name, cached)
+    return tests
