@@ -12,7 +12,8 @@ descriptor. None of it makes a failing test pass: the expected values and the ve
 process, and claiming a value is no different from returning it.
 
 What this cannot stop: a program that special-cases the inputs of the tests it is shown (MBPP's prompt
-lists its asserts, expected values included). An expected value the parent cannot keep (one written
+lists its asserts, expected values included); data/mbpp_hidden.py's hidden tests are the answer to that.
+An expected value the parent cannot keep (one written
 with a name the program defines, or inside an expression with the call, as in `abs(f(x) - 3.1) < 1e-6`,
 split only at the `<`) is computed by the child; MBPP's 2,935 asserts are all `call == literal`. A
 test that is not an assert passes when the program says it ran.

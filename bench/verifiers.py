@@ -1,4 +1,5 @@
-"""MBPP programs checked per second with verifiers.check_code_batch (a fresh process per program).
+"""MBPP programs checked per second with verifiers.check_code_batch (a fresh process per program), each
+with its visible and its hidden tests (data/mbpp_hidden.py), as the reward runs them.
 
     python bench/verifiers.py                          # ../shared/data/mbpp/mbpp.jsonl, all 974 reference programs
     python bench/verifiers.py --data-dir DIR --workers 2 --repeats 3
@@ -9,7 +10,6 @@ Each set runs isolated (bubblewrap, when sandbox.isolation() finds it) and with 
 """
 
 import argparse
-import json
 import os
 import sys
 import time
@@ -17,6 +17,7 @@ from pathlib import Path
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 import sandbox  # noqa: E402
+from data import get_task  # noqa: E402
 from verifiers import check_code_batch  # noqa: E402
 
 
@@ -30,13 +31,15 @@ def main():
     path = Path(args.data_dir) / "mbpp" / "mbpp.jsonl"
     if not path.exists():
         sys.exit(f"error: {path} not found (pass --data-dir)")
-    rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-    passing = [(r["code"], r["test_list"], r["test_setup_code"]) for r in rows]
+    task = get_task("mbpp")
+    rows = [ex.reference for split in task.splits for ex in task.load(split, data_dir=args.data_dir)]
+    passing = [(r["code"], r["tests"], r["setup"], r["hidden"]) for r in rows]
     # Every function returns None: the asserts run and fail, with feedback.
     failing = [("\n".join(line if not line.lstrip().startswith("return") else line[:len(line) - len(line.lstrip())] + "return None"
-                          for line in code.splitlines()), tests, setup) for code, tests, setup in passing]
+                          for line in code.splitlines()), tests, setup, hidden) for code, tests, setup, hidden in passing]
     mixed = [p if i % 2 else f for i, (p, f) in enumerate(zip(passing, failing))]
-    print(f"{len(rows)} programs, {args.workers or sandbox.local_share_of_cores()} workers, {os.cpu_count()} cores")
+    print(f"{len(rows)} programs ({sum(len(r['tests']) for r in rows)} visible and {sum(len(r['hidden']) for r in rows)} hidden "
+          f"tests), {args.workers or sandbox.local_share_of_cores()} workers, {os.cpu_count()} cores")
     print(sandbox.isolation()[1])
     for isolated in (True, False) if sandbox.isolation()[0] else (False,):
         sandbox.USE_ISOLATION = isolated

@@ -153,9 +153,9 @@ def make_hidden_tests(rows: list[dict], workers=None, progress=True) -> dict[str
     runs = []
     for _ in range(2):      # twice: a value that differs between runs is not a test
         values = []
-        for start in tqdm(range(0, len(items), 64), desc="MBPP hidden tests (reference runs)", disable=not progress,
+        for start in tqdm(range(0, len(items), 32), desc="MBPP hidden tests (reference runs)", disable=not progress,
                           leave=False):
-            values += code_outputs_batch(items[start:start + 64], workers=workers)
+            values += code_outputs_batch(items[start:start + 32], workers=workers)
         runs.append(values)
     return {str(r["task_id"]): hidden_asserts(calls[r["task_id"]], a, b) for r, a, b in zip(rows, *runs)}
 
