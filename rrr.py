@@ -188,11 +188,11 @@ def evaluate(cfg, d, pol, task, examples, step, out) -> dict:
     """Greedy first try on each example; for the failures, greedy reflection and retry. A first-try
     success counts as a second-try success. Each rank takes its share; counts are summed. Each item's
     row in eval_answers.jsonl holds its attempt and, when the first try failed, the reflection and retry."""
-    mine = examples[d.rank::d.world]
-    rows = []
+    mine, rows = examples[d.rank::d.world], []
     with sampling(pol), tqdm(total=len(mine), desc=f"eval step {step}", disable=not d.main, leave=False) as bar:
         for part, prompts, gen1, verdicts in first_tries(cfg, pol, task, mine):
-            these = [dict(id=ex.id, first=v.ok, second=v.ok, attempt=pol.decode(t))
+            these = [dict(id=ex.id, first=v.ok, second=v.ok, attempt=pol.decode(t))     # + MBPP's visible tests alone
+                     | ({} if v.base is None else dict(first_base=v.base, second_base=v.base))
                      for ex, v, t in zip(part, verdicts, gen1.tokens)]
             failed = [i for i, v in enumerate(verdicts) if not v.ok]
             if failed:
@@ -203,6 +203,8 @@ def evaluate(cfg, d, pol, task, examples, step, out) -> dict:
                 for j, (i, v) in enumerate(zip(failed, again)):
                     these[i].update(second=v.ok, reflection=pol.decode(refl.tokens[j]) if refl else GENERIC_REFLECTION,
                                     retry=pol.decode(retries.tokens[j]))
+                    if v.base is not None:
+                        these[i]["second_base"] = these[i]["first_base"] or v.base
             rows += these
             bar.update(len(part))
     first, second, n = par.all_sum([sum(r["first"] for r in rows), sum(r["second"] for r in rows), len(mine)], d)
@@ -454,8 +456,7 @@ def resume_logs(d, out, start) -> tuple[list, list]:
             if (out / name).exists():
                 write_jsonl(out / name, rows)
         logs = [logs["evals.jsonl"], logs["metrics.jsonl"]]
-    evals, metrics = par.broadcast_object(logs, d)
-    return evals, metrics
+    return tuple(par.broadcast_object(logs, d))     # (evals, metrics)
 
 
 def run(argv=None):
@@ -466,8 +467,7 @@ def run(argv=None):
     # alike, so --resume still compares like with like.
     cfg.model, cfg.data_dir, cfg.out = cfg.model or EMBEDDED_MODEL, data_dir_used(cfg.data_dir), str(out)
     started = time.time()
-    d = par.init_distributed(cfg.device)
-    tracker = Tracker()
+    d, tracker = par.init_distributed(cfg.device), Tracker()
     try:
         resolve_machine_flags(cfg, d)
         task, train, test = load_splits(cfg.task, cfg.data_dir, cfg.train_size, cfg.eval_size, cfg.seed)  # 1

@@ -16,8 +16,10 @@ REPO = Path(__file__).resolve().parents[1]
 
 
 def fake_run(folder: Path, *, task="countdown", model=None, method="rrr", reflection="model", ids=range(10),
-             vanilla_first=(0, 1, 2), vanilla_second=(0, 1, 2, 3), first=(), second=(), steps=8, warm_start=None):
-    """A finished run as compare.py reads it: report.json and eval_answers.jsonl (items by index)."""
+             vanilla_first=(0, 1, 2), vanilla_second=(0, 1, 2, 3), first=(), second=(), steps=8, warm_start=None,
+             base=None):
+    """A finished run as compare.py reads it: report.json and eval_answers.jsonl (items by index). base:
+    (vanilla first, vanilla second, first, second) items solved by the visible tests alone (MBPP)."""
     folder.mkdir(parents=True)
     cfg = dict(task=task, model=model, method=method, reflection=reflection)
     if warm_start:
@@ -25,6 +27,10 @@ def fake_run(folder: Path, *, task="countdown", model=None, method="rrr", reflec
     (folder / "report.json").write_text(json.dumps(dict(config=cfg, trained=dict(step=steps))))
     rows = [dict(id=f"q{i}", step=0, first=i in vanilla_first, second=i in vanilla_second) for i in ids]
     rows += [dict(id=f"q{i}", step=steps, first=i in first, second=i in second) for i in ids]
+    if base:
+        for r in rows:
+            at = 0 if r["step"] == 0 else 2
+            r.update(first_base=int(r["id"][1:]) in base[at], second_base=int(r["id"][1:]) in base[at + 1])
     (folder / "eval_answers.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     return folder
 
@@ -100,3 +106,20 @@ def test_runs_from_other_warm_starts_are_refused_and_the_warm_start_is_named(tmp
         compare.compare([a, fake_run(tmp_path / "c", warm_start=400)])
     with pytest.raises(runs.BadInput, match="another warm start"):
         compare.compare([a, fake_run(tmp_path / "d")])
+
+
+def test_mbpp_runs_also_show_mbpp_own_tests_alone(tmp_path):
+    """With hidden tests the tries count visible and hidden tests; MBPP's own tests alone get their own
+    columns (EvalPlus's base beside plus), from the items' rows."""
+    a = fake_run(tmp_path / "rrr", task="mbpp", first=range(2), second=range(3),
+                 base=((0, 1, 2, 3, 4), (0, 1, 2, 3, 4, 5), range(6), range(7)))
+    text, numbers = compare.compare([a])
+    header = text.splitlines()[4]
+    assert header.endswith("| first try, MBPP's own tests | second try, MBPP's own tests |")
+    trained = next(line for line in text.splitlines() if line.startswith(f"| {a} |"))
+    assert trained.endswith(f"| {runs.with_interval(6, 10)} | {runs.with_interval(7, 10)} |")
+    vanilla = next(line for line in text.splitlines() if line.startswith("| vanilla |"))
+    assert vanilla.endswith(f"| {runs.with_interval(5, 10)} | {runs.with_interval(6, 10)} |")
+    assert numbers["runs"][0]["first_base"] == 0.6 and numbers["runs"][0]["vanilla_second_base"] == 0.6
+    # Countdown has no hidden tests: no such columns.
+    assert "MBPP's own" not in compare.compare([fake_run(tmp_path / "cd", first=range(2))])[0]
