@@ -27,19 +27,20 @@ def main():
                     help="folder holding mbpp/mbpp.jsonl (default $RRR_DATA_DIR, else ../shared/data)")
     ap.add_argument("--workers", type=int, default=None, help="parallel sandboxes (default: one per CPU core)")
     ap.add_argument("--repeats", type=int, default=2, help="timed repeats per set (best is kept)")
+    ap.add_argument("--visible-only", action="store_true", help="leave out the hidden tests (the reward before them)")
     args = ap.parse_args()
     path = Path(args.data_dir) / "mbpp" / "mbpp.jsonl"
     if not path.exists():
         sys.exit(f"error: {path} not found (pass --data-dir)")
     task = get_task("mbpp")
     rows = [ex.reference for split in task.splits for ex in task.load(split, data_dir=args.data_dir)]
-    passing = [(r["code"], r["tests"], r["setup"], r["hidden"]) for r in rows]
+    passing = [(r["code"], r["tests"], r["setup"], [] if args.visible_only else r["hidden"]) for r in rows]
     # Every function returns None: the asserts run and fail, with feedback.
     failing = [("\n".join(line if not line.lstrip().startswith("return") else line[:len(line) - len(line.lstrip())] + "return None"
                           for line in code.splitlines()), tests, setup, hidden) for code, tests, setup, hidden in passing]
     mixed = [p if i % 2 else f for i, (p, f) in enumerate(zip(passing, failing))]
-    print(f"{len(rows)} programs ({sum(len(r['tests']) for r in rows)} visible and {sum(len(r['hidden']) for r in rows)} hidden "
-          f"tests), {args.workers or sandbox.local_share_of_cores()} workers, {os.cpu_count()} cores")
+    hidden = sum(len(h) for *_, h in passing)
+    print(f"{len(rows)} programs ({sum(len(r['tests']) for r in rows)} visible and {hidden} hidden tests), {args.workers or sandbox.local_share_of_cores()} workers, {os.cpu_count()} cores")
     print(sandbox.isolation()[1])
     for isolated in (True, False) if sandbox.isolation()[0] else (False,):
         sandbox.USE_ISOLATION = isolated
