@@ -30,6 +30,13 @@ def outcomes(rows: dict) -> dict:
     return {kind: {i: bool(r[kind]) for i, r in rows.items()} for kind in kinds}
 
 
+def judged_at_both(before: dict, after: dict) -> tuple[dict, dict]:
+    """Two evaluations' rows ({item id: row}) on the items judged at both: an item whose program the
+    sandbox could not run (a row with "judged": false) says nothing about either model."""
+    keep = [i for i in before if i in after and before[i].get("judged", True) and after[i].get("judged", True)]
+    return {i: before[i] for i in keep}, {i: after[i] for i in keep}
+
+
 def answers_at(folder: Path, steps) -> dict:
     """{step: {item id: its row of eval_answers.jsonl}} for the evaluations at `steps`."""
     answers = read_jsonl(Path(folder) / "eval_answers.jsonl")
@@ -46,8 +53,9 @@ def load_run(folder: Path) -> dict:
     at = answers_at(folder, (0, last))
     if not at[0] or not at[last]:
         raise BadInput(f"{folder}: eval_answers.jsonl lacks the evaluation at step 0 or {last}")
-    return dict(name=str(folder), cfg=cfg, steps=last, method=method_name(cfg), vanilla=outcomes(at[0]),
-                trained=outcomes(at[last]))
+    vanilla, trained = judged_at_both(at[0], at[last])
+    return dict(name=str(folder), cfg=cfg, steps=last, method=method_name(cfg), vanilla=outcomes(vanilla),
+                trained=outcomes(trained))
 
 
 def model_text(cfg: dict) -> str:
@@ -125,10 +133,11 @@ def write_report(cfg: dict, out: Path, evals, metrics, wall, split_size, forgett
     from the vanilla model (this module's table, one run), plus the forgetting check's columns
     (forgetting: {task: (before, after)}, each {item id: solved}). Returns the table."""
     vanilla, trained = evals[0], evals[-1]
-    at = {s: outcomes(rows) for s, rows in answers_at(out, (0, trained["step"])).items()}
+    at = answers_at(out, (0, trained["step"]))
+    before, after = judged_at_both(at[0], at[trained["step"]])
     what = method_name(cfg)
     header, rows, numbers = paper_table([dict(name=f"trained ({trained['step']} steps)", method=what, steps=trained["step"],
-                                         vanilla=at[0], trained=at[trained["step"]])], True)
+                                         vanilla=outcomes(before), trained=outcomes(after))], True)
     # The paper's columns; the changes and their tests follow the table.
     header, rows = ["model", "first try", "second try"] + header[7:], [[r[0], r[3], r[4]] + r[7:] for r in rows]
     forgot = forgetting_columns(header, rows, forgetting)
@@ -142,6 +151,10 @@ def write_report(cfg: dict, out: Path, evals, metrics, wall, split_size, forgett
              f"- first try, vanilla -> trained: {change_text(numbers[0]['change_first'])}",
              f"- second try, vanilla -> trained: {change_text(numbers[0]['change_second'])}"]
     lines += [f"- forgetting, {name} first try: {change_text(f['change'])}" for name, f in forgot.items()]
+    unjudged, episodes = len(at[0]) - len(before), sum(m.get("not_judged", 0) for m in metrics)
+    if unjudged or episodes:
+        lines += [f"- not judged (the sandbox could not run the program): {unjudged} test items, left out of the table "
+                  f"at both evaluations; {episodes} training episodes, which got no loss"]
     lines += ["", f"Mean reward (retry success) per step: first {pct(rewards[0] if rewards else None)}, last "
               f"{pct(rewards[-1] if rewards else None)}; zero-variance groups on average "
               f"{pct(sum(m['zero_variance_groups'] for m in metrics) / max(len(metrics), 1))}.", "",

@@ -23,15 +23,16 @@ LOSS_TYPES = ("grpo", "bnpo", "dr_grpo", "dapo")
 SCALES = ("group", "batch", "none")
 
 
-def group_advantages(rewards: torch.Tensor, group_size: int, scale: str = "group",
-                     eps: float = 1e-4, tol: float = 1e-6, batch_std: float | None = None) -> torch.Tensor:
+def group_advantages(rewards: torch.Tensor, group_size: int, scale: str = "group", eps: float = 1e-4,
+                     tol: float = 1e-6, batch_std: float | None = None, valid: torch.Tensor | None = None) -> torch.Tensor:
     """rewards (B,) with groups as contiguous runs of group_size -> advantages (B,).
 
     "group": (r - group mean) / (group std + eps); "batch": divide by the std of the whole batch
     (`batch_std` when given: the global batch's, over all ranks; else that of `rewards`);
     "none": r - group mean. std is Bessel-corrected (torch.std). A group whose rewards are all equal
     within `tol` carries no signal and gets exactly 0 (float noise would otherwise be amplified by
-    1 / (std + eps)).
+    1 / (std + eps)). `valid` (B,) bool: rewards that count; the others (episodes the sandbox could not
+    judge) get 0 and are left out of their group's mean and std, as if the group were that much smaller.
     """
     if scale not in SCALES:
         raise ValueError(f"scale must be one of {SCALES}, got {scale!r}")
@@ -39,6 +40,14 @@ def group_advantages(rewards: torch.Tensor, group_size: int, scale: str = "group
         raise ValueError(f"need 1-D rewards whose length {tuple(rewards.shape)} is a multiple of "
                          f"group_size {group_size}")
     rewards = rewards.float()
+    if valid is not None and not bool(valid.all()):
+        out = torch.zeros_like(rewards)
+        std = batch_std if batch_std is not None or scale != "batch" else rewards[valid].std().item()
+        for start in range(0, rewards.numel(), group_size):
+            rows = torch.arange(start, start + group_size)[valid[start:start + group_size]]
+            if len(rows) > 1:
+                out[rows] = group_advantages(rewards[rows], len(rows), scale, eps, tol, std)
+        return out
     if group_size == 1:
         return torch.zeros_like(rewards)
     groups = rewards.view(-1, group_size)                         # (B / G, G)

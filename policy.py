@@ -104,8 +104,9 @@ def grpo_update(cfg, d, pol, episodes, length_limit: int) -> dict:
     trained = [e.ids[e.span[0]:e.span[1]] for e in episodes]
     # --mask-truncated-completions zeroes a cut row's mask but keeps its tokens in the forward pass:
     # every rank then runs the same forward and backward calls whatever its data (FSDP's collectives
-    # must line up), and a micro-batch whose rows were all cut still has a graph to run backward on.
-    kept = [0.0 if cfg.mask_truncated_completions and e.truncated else 1.0 for e in episodes]
+    # must line up), and a micro-batch whose rows were all cut still has a graph to run backward on. An
+    # episode the sandbox could not judge is masked the same way: it gets no loss.
+    kept = [0.0 if (cfg.mask_truncated_completions and e.truncated) or not e.judged else 1.0 for e in episodes]
     local_tokens = sum(len(t) * k for t, k in zip(trained, kept))
     total_tokens, total_rows = par.all_sum([local_tokens, len(episodes)], d)
     sums, loss_total, grad_norm = dict(tokens=0.0, clip_sum=0.0, ratio_sum=0.0, kl_sum=0.0), 0.0, 0.0

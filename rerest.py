@@ -92,10 +92,9 @@ class Config(MachineFlags):     # + --bf16, --gradient-checkpointing, --cuda-gra
     micro_batch_size: int = flag(4, "sequences (DPO: pairs) per forward/backward pass")
     sampling_batch_size: int = flag(16, "problems per rank in one sampling call of a stage (a call covers this x "
                                     "ranks problems, so every rank has work)")
-    self_consistency: int = flag(0, "mbpp: also sample N solutions per test problem, let the reflector revise each "
-                                 "from the problem prompt (which holds the asserts with their expected values) and "
-                                 "the program's outputs on the test inputs, and majority-vote by the revised programs' "
-                                 "outputs on those inputs (0: off)")
+    self_consistency: int = flag(0, "mbpp: also sample N solutions per test problem, let the reflector revise each from the "
+                                 "problem prompt (which holds the asserts with their expected values) and the program's outputs "
+                                 "on the test inputs, and majority-vote by the revised programs' outputs on those inputs (0: off)")
     require_isolation: bool = flag(False, "mbpp: refuse to start when the code sandbox cannot isolate programs "
                                    "(bubblewrap missing or no namespaces) instead of running them with process limits only")
     save_total_limit: int = flag(2, "checkpoints (one per epoch) kept per trained model while it trains, the "
@@ -134,8 +133,14 @@ def sample_key(sample: dict) -> str:
 
 
 def solution_row(tok, key, tokens, verdict, **extra):
+    # base: MBPP's own tests alone; judged False: the sandbox could not run it (no success, failure or test result)
     return dict(key=key, tokens=tokens, text=tok.decode(tokens, skip_special_tokens=True), ok=verdict.ok,
-                feedback=verdict.feedback, **extra)
+                feedback=verdict.feedback, **({} if verdict.base is None else dict(base=verdict.base)),
+                **({"judged": False} if verdict.infra else {}), **extra)
+
+
+def is_failure(s: dict) -> bool:
+    return not s["ok"] and s.get("judged", True)
 
 
 def passing(rows: list[dict]) -> list[dict]:
@@ -169,8 +174,7 @@ class Stage:
 def timed(stage, *args) -> Stage:
     """Runs a sampling stage (steps 1-2), timed."""
     t = time.time()
-    rows = stage(*args)
-    return Stage(rows, time.time() - t)
+    return Stage(stage(*args), time.time() - t)
 
 
 @dataclass
@@ -218,7 +222,7 @@ def reflect(cfg, d, reflector, tok, task, examples, samples, out, name, reflecto
     """The reflector corrects failed samples from their feedback (greedy); each correction is verified."""
     failed, per_problem = [], Counter()
     for s in samples:
-        if not s["ok"] and per_problem[s["key"]] < cfg.reflections_per_problem:
+        if is_failure(s) and per_problem[s["key"]] < cfg.reflections_per_problem:
             per_problem[s["key"]] += 1
             failed.append(s)
     h = settings_hash(reflector_id, cfg.reflections_per_problem, cfg.max_completion_length, [s["text"] for s in failed])
@@ -292,7 +296,7 @@ def dpo_pairs(samples, d_m, d_r) -> tuple[list[tuple[dict, dict]], dict]:
     pool_of, pairs, counts, turn = {}, [], dict(own_correction=0, fallback=0, unpaired=0), Counter()
     for s in d_m:
         pool_of.setdefault(s["key"], []).append(s)
-    for s in (s for s in samples if not s["ok"]):
+    for s in filter(is_failure, samples):
         pool = pool_of.get(s["key"])
         kind = "own_correction" if sample_key(s) in own else "fallback" if pool else "unpaired"
         counts[kind] += 1
@@ -353,8 +357,8 @@ def train_agents(s: Setup, samples: Stage, zero_shot: Stage,
 
 @torch.no_grad()
 def evaluate(cfg, d, model, tok, task, test, out, name, model_id) -> dict[str, bool]:
-    """Greedy pass@1 on the test problems: {test problem key: passed}, per problem, so that rows can be
-    compared item by item (report)."""
+    """Greedy pass@1 on the test problems: each problem's solution row (per_item reads them), so that rows
+    can be compared item by item (report)."""
     h = settings_hash(model_id, cfg.task, cfg.data_dir, cfg.eval_size, cfg.max_completion_length)
 
     def work(keys, examples):
@@ -362,17 +366,18 @@ def evaluate(cfg, d, model, tok, task, test, out, name, model_id) -> dict[str, b
         verdicts = task.check_batch([tok.decode(t, skip_special_tokens=True) for t in gen.tokens], examples)
         return [solution_row(tok, k, t, v) for k, t, v in zip(keys, gen.tokens, verdicts)]
 
-    rows = run_cached(out / f"eval-{name}-{h}.jsonl", [(ex.id, ex) for ex in test], work, d, f"5 eval {name}",
+    return run_cached(out / f"eval-{name}-{h}.jsonl", [(ex.id, ex) for ex in test], work, d, f"5 eval {name}",
                       cfg.sampling_batch_size)
-    return per_item(rows)
 
 
-def per_item(rows) -> dict[str, bool]:
-    # A key written twice (two runs appending to one cache) keeps its first row, the one a run would score.
+def per_item(rows, field: str = "ok") -> dict[str, bool] | None:
+    """{test problem key: passed} from rows that say `field` ("base": MBPP's own tests alone; None when none
+    does). A key written twice (two runs appending to one cache) keeps its first judged row."""
     items = {}
     for r in rows:
-        items.setdefault(r["key"], bool(r["ok"]))
-    return items
+        if r.get("judged", True) and field in r:
+            items.setdefault(r["key"], bool(r[field]))
+    return items if items or field == "ok" else None
 
 
 @torch.no_grad()
@@ -409,7 +414,7 @@ def self_consistency(cfg, d, model, reflector, reflector_id, tok, task, test, ou
             winner = Counter(group).most_common(1)[0][0]
             chosen.append(revised[i * N + group.index(winner)])
         verdicts = task.check_batch(chosen, examples)        # in parallel, as every other stage checks
-        return [dict(key=key, ok=v.ok, text=text) for key, text, v in zip(keys, chosen, verdicts)]
+        return [dict(key=key, ok=v.ok, text=text, **({"judged": False} if v.infra else {})) for key, text, v in zip(keys, chosen, verdicts)]
 
     rows = run_cached(out / f"sc-{name}-{h}.jsonl", [(ex.id, ex) for ex in test], work, d, f"5 self-consistency {name}",
                       cfg.sampling_batch_size)
@@ -420,10 +425,10 @@ def evaluate_model(s: Setup, model, name: str, model_id: str, seconds: float) ->
     """A row of the table as report reads it: items (pass@1 per test problem), sc_items with
     --self-consistency (revised by the zero-shot reflector), time (`seconds` plus the evaluation's)."""
     t, cfg = time.time(), s.cfg
-    row = dict(items=evaluate(cfg, s.d, model, s.tok, s.task, s.test, s.out, name, model_id))
+    answers = evaluate(cfg, s.d, model, s.tok, s.task, s.test, s.out, name, model_id)
+    row = dict(items=(items := per_item(answers)), base_items=per_item(answers, "base"), not_judged=len(s.test) - len(items))
     if cfg.self_consistency:
-        row["sc_items"] = self_consistency(cfg, s.d, model, s.reflector, s.reflector_id, s.tok, s.task, s.test, s.out,
-                                           name, model_id)
+        row["sc_items"] = self_consistency(cfg, s.d, model, s.reflector, s.reflector_id, s.tok, s.task, s.test, s.out, name, model_id)
     row["time"] = seconds + time.time() - t
     return row
 
@@ -490,8 +495,7 @@ def run(argv=None):
     check_flags(cfg)
     out = Path(cfg.out or DEFAULT_OUT.format(task=cfg.task))
     cfg.data_dir = data_dir_used(cfg.data_dir)     # the folder used ($RRR_DATA_DIR too): recorded and hashed
-    d = par.init_distributed(cfg.device)
-    tracker = Tracker()
+    d, tracker = par.init_distributed(cfg.device), Tracker()
     try:
         resolve_machine_flags(cfg, d)
         s = setup(cfg, d, out)

@@ -111,7 +111,6 @@ class Config(MachineFlags):     # + --bf16, --gradient-checkpointing, --cuda-gra
     seed: int = flag(0, "seed for data order, sampling and offline data")
 
 
-
 @dataclass
 class Failure:
     id: str                    # the training example
@@ -131,6 +130,7 @@ class Episode:
     sampled: int               # tokens sampled for this episode (trained part + retry)
     text: dict = field(default_factory=dict)
     advantage: float = 0.0
+    judged: bool = True        # False: the sandbox could not run the retry; no reward, no loss
 
 
 # --- 1. data and the model: data.load_splits, policy.load_policy -----------------------------------
@@ -193,22 +193,23 @@ def evaluate(cfg, d, pol, task, examples, step, out) -> dict:
         for part, prompts, gen1, verdicts in first_tries(cfg, pol, task, mine):
             these = [dict(id=ex.id, first=v.ok, second=v.ok, attempt=pol.decode(t))     # + MBPP's visible tests alone
                      | ({} if v.base is None else dict(first_base=v.base, second_base=v.base))
+                     | ({"judged": False} if v.infra else {})       # the sandbox failed: left out of accuracy
                      for ex, v, t in zip(part, verdicts, gen1.tokens)]
-            failed = [i for i, v in enumerate(verdicts) if not v.ok]
+            failed = [i for i, v in enumerate(verdicts) if not v.ok and not v.infra]
             if failed:
-                prefixes = [reflection_prefix(pol, task, prompts[i], gen1.tokens[i], stop_of(gen1.tokens[i], gen1.finished[i]))
-                            for i in failed]
+                prefixes = [reflection_prefix(pol, task, prompts[i], gen1.tokens[i], stop_of(gen1.tokens[i], gen1.finished[i])) for i in failed]
                 refl, retries = reflect_and_retry(cfg, pol, task, prefixes, num_samples=1, temperature=0.0, gen=None)
                 again = task.check_batch([pol.decode(t) for t in retries.tokens], [part[i] for i in failed])
                 for j, (i, v) in enumerate(zip(failed, again)):
                     these[i].update(second=v.ok, reflection=pol.decode(refl.tokens[j]) if refl else GENERIC_REFLECTION,
-                                    retry=pol.decode(retries.tokens[j]))
-                    if v.base is not None:
-                        these[i]["second_base"] = these[i]["first_base"] or v.base
+                                    retry=pol.decode(retries.tokens[j]), **({"judged": False} if v.infra else {}),
+                                    **({} if v.base is None else dict(second_base=these[i]["first_base"] or v.base)))
             rows += these
             bar.update(len(part))
-    first, second, n = par.all_sum([sum(r["first"] for r in rows), sum(r["second"] for r in rows), len(mine)], d)
-    result = dict(step=step, first=first / n, second=second / n, n=int(n))
+    judged = [r for r in rows if r.get("judged", True)]
+    first, second, n, unjudged = par.all_sum([sum(r["first"] for r in judged), sum(r["second"] for r in judged),
+                                              len(judged), len(rows) - len(judged)], d)
+    result = dict(step=step, first=first / max(n, 1), second=second / max(n, 1), n=int(n), not_judged=int(unjudged))
     all_rows = par.all_gather_objects(rows, d)
     if d.main:     # the answers first: the summary line says that the evaluation is complete
         append_jsonl(out / "eval_answers.jsonl", [dict(r, step=step) for rs in all_rows for r in rs])
@@ -296,7 +297,7 @@ def sample_until_failure(cfg, pol, task, examples, gen) -> list[dict]:
         for i, ex in enumerate(pending):
             for j in range(n):
                 r = i * n + j
-                if not verdicts[r].ok and ex.id not in found:
+                if not verdicts[r].ok and not verdicts[r].infra and ex.id not in found:
                     found[ex.id] = dict(id=ex.id, failed=True, attempt=g.tokens[r], feedback=verdicts[r].feedback,
                                         attempt_stop=stop_of(g.tokens[r], g.finished[r]), samples=used[ex.id] + j + 1)
             used[ex.id] += n
@@ -362,7 +363,8 @@ def rollout(cfg, d, pol, task, failures, examples, step) -> list[Episode]:
             contexts, trained = [p + generic_turn(pol, task) for p in prefixes], retries
     verdicts = task.check_batch([pol.decode(t) for t in retries.tokens], [exs[r // G] for r in range(len(retries.tokens))])
     rewards = torch.tensor([float(v.ok) for v in verdicts])
-    advantages = advantages_of(cfg, d, rewards)
+    judged = torch.tensor([not v.infra for v in verdicts])          # an unjudged episode sits out its group
+    advantages = advantages_of(cfg, d, rewards, judged)
     episodes = []
     for r, toks in enumerate(trained.tokens):
         ctx, failure = contexts[r // G], failures[r // G]
@@ -378,17 +380,17 @@ def rollout(cfg, d, pol, task, failures, examples, step) -> list[Episode]:
         episodes.append(Episode(id=exs[r // G].id, ids=list(ctx) + list(toks), span=(len(ctx), len(ctx) + len(toks)),
                                 reward=rewards[r].item(), truncated=not trained.finished[r],
                                 sampled=len(toks) + (len(retries.tokens[r]) if reflected else 0), text=text,
-                                advantage=advantages[r].item()))
+                                advantage=advantages[r].item(), judged=bool(judged[r])))
     return episodes
 
 
-def advantages_of(cfg, d, rewards):
+def advantages_of(cfg, d, rewards, judged):
     if cfg.scale_rewards != "batch":
-        return group_advantages(rewards, cfg.num_generations, scale=cfg.scale_rewards)
+        return group_advantages(rewards, cfg.num_generations, scale=cfg.scale_rewards, valid=judged)
     # "batch" divides by the std of the whole global batch, all ranks together (Bessel-corrected).
-    s, s2, n = par.all_sum([rewards.sum(), (rewards ** 2).sum(), rewards.numel()], d)
-    std = (max(s2 - s * s / n, 0.0) / max(n - 1, 1)) ** 0.5
-    return group_advantages(rewards, cfg.num_generations, scale="batch", batch_std=std)
+    s, s2, n = par.all_sum([rewards[judged].sum(), (rewards[judged] ** 2).sum(), judged.sum()], d)
+    std = (max(s2 - s * s / max(n, 1), 0.0) / max(n - 1, 1)) ** 0.5
+    return group_advantages(rewards, cfg.num_generations, scale="batch", batch_std=std, valid=judged)
 
 
 def trained_length_limit(cfg) -> int:
@@ -400,16 +402,16 @@ def trained_length_limit(cfg) -> int:
 def step_metrics(cfg, d, step, episodes, stats, sample_seconds, train_seconds) -> dict:
     """Global means over all ranks' episodes. `trained_*` describe the trained part: the reflection in RRR."""
     rewards = torch.tensor([e.reward for e in episodes])
-    G = cfg.num_generations
+    G, judged = cfg.num_generations, sum(e.judged for e in episodes)
     trained = sum(e.span[1] - e.span[0] for e in episodes)
     g = par.all_sum([rewards.sum(), len(episodes), zero_variance_fraction(rewards, G) * len(episodes) / G,
                      trained, sum(e.truncated for e in episodes), sum(e.sampled for e in episodes),
-                     sum(len(e.ids) for e in episodes)], d)
-    n, groups = max(g[1], 1), max(g[1] / G, 1)
-    return dict(step=step, reward=g[0] / n, zero_variance_groups=g[2] / groups, trained_length=g[3] / n,
-                trained_truncated=g[4] / n, **stats, sample_tokens_per_s=g[5] / max(sample_seconds, 1e-9),
-                train_tokens_per_s=g[6] / max(train_seconds, 1e-9), sample_seconds=sample_seconds,
-                train_seconds=train_seconds, step_seconds=sample_seconds + train_seconds)
+                     sum(len(e.ids) for e in episodes), judged], d)
+    n, groups = max(g[1], 1), max(g[1] / G, 1)     # an unjudged episode's reward is 0: the mean is over the judged
+    return dict(step=step, reward=g[0] / max(g[7], 1), not_judged=int(g[1] - g[7]), zero_variance_groups=g[2] / groups,
+                trained_length=g[3] / n, trained_truncated=g[4] / n, **stats,
+                sample_tokens_per_s=g[5] / max(sample_seconds, 1e-9), train_tokens_per_s=g[6] / max(train_seconds, 1e-9),
+                sample_seconds=sample_seconds, train_seconds=train_seconds, step_seconds=sample_seconds + train_seconds)
 
 
 def train_step(cfg, d, pol, task, failures, examples, step, out) -> dict:
@@ -429,8 +431,9 @@ def train_step(cfg, d, pol, task, failures, examples, step, out) -> dict:
 
 # --- the driver ---------------------------------------------------------------------------------------
 
-def eval_scalars(e: dict) -> dict:
-    return {"eval/first_try": e["first"], "eval/second_try": e["second"]}
+def log_eval(tracker, evals, result):
+    evals.append(result)
+    tracker.log({"eval/first_try": result["first"], "eval/second_try": result["second"]}, result["step"])
 
 
 def check_flags(cfg):
@@ -483,8 +486,7 @@ def run(argv=None):
         start = state["step"] if state else 0
         evals, metrics = resume_logs(d, out, start)
         if not evals:
-            evals.append(evaluate(cfg, d, pol, task, test, 0, out))                       # 2
-            tracker.log(eval_scalars(evals[-1]), evals[-1]["step"])
+            log_eval(tracker, evals, evaluate(cfg, d, pol, task, test, 0, out))                 # 2
         forgetting_before = evaluate_forgetting(cfg, d, pol, 0, out)
         failures = build_failure_set(cfg, d, pol, task, train, out)                        # 3
         if not failures:
@@ -496,14 +498,12 @@ def run(argv=None):
             tracker.log(metrics[-1], metrics[-1]["step"])
             bar.set_postfix(reward=f"{metrics[-1]['reward']:.2f}", loss=f"{metrics[-1]['loss']:.4f}")
             if cfg.eval_every and (step + 1) % cfg.eval_every == 0 and step + 1 < cfg.steps:
-                evals.append(evaluate(cfg, d, pol, task, test, step + 1, out))             # 5
-                tracker.log(eval_scalars(evals[-1]), evals[-1]["step"])
+                log_eval(tracker, evals, evaluate(cfg, d, pol, task, test, step + 1, out))       # 5
             if cfg.save_every and (step + 1) % cfg.save_every == 0:
                 par.save_checkpoint(out / "checkpoints", step + 1, pol.model, pol.optimizer, dict(), d,
                                     save_total_limit=cfg.save_total_limit)
         if evals[-1]["step"] != cfg.steps:
-            evals.append(evaluate(cfg, d, pol, task, test, cfg.steps, out))                # 5
-            tracker.log(eval_scalars(evals[-1]), evals[-1]["step"])
+            log_eval(tracker, evals, evaluate(cfg, d, pol, task, test, cfg.steps, out))          # 5
         forgetting_after = evaluate_forgetting(cfg, d, pol, cfg.steps, out)
         if d.main:
             split_size = test_split_size(task, cfg.data_dir, cfg.seed)

@@ -331,16 +331,21 @@ def change_text(change: dict) -> str:
 
 
 def main_guard(run, argv=None):
-    """Runs `run()`; bad input ends with one line on stderr and exit code 2 (rank 0 prints it)."""
+    """Runs `run()`; bad input ends with one line on stderr and exit code 2 (rank 0 prints it); a batch
+    the sandbox could mostly not run (verifiers.InfrastructureError), with one line and exit code 3."""
     from data import DataError
     from model import ModelError
     from parallel import SharedFolderError
+    from verifiers import InfrastructureError
     try:
         run(argv)
     except (BadInput, DataError, ModelError, SharedFolderError) as e:
         if int(os.environ.get("RANK", 0)) == 0:
             print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
+    except InfrastructureError as e:     # met by one rank or several; torchrun then stops the rest
+        print(f"error: {e}; the last checkpoint stands (--resume continues)", file=sys.stderr)
+        sys.exit(3)
 
 
 def require(module: str, install: str, purpose: str):

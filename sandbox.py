@@ -1,6 +1,6 @@
 """A fresh, isolated process per program: what verifiers.check_code runs MBPP-style programs in.
 
-    run_batch(items, workers, timeout, mode) -> [(tests, {"done", "results", "failure", "timed_out"}), ...]
+    run_batch(items, workers, timeout, mode) -> [(tests, {"done", "results", "failure", "timed_out", "infra"}), ...]
 
 The verdict is decided where the program cannot reach. The parent splits each assert (`_plan`): the
 parts that need the program (for `assert f(3) == 9`, the call `f(3)`) go to the child; the expected
@@ -337,7 +337,9 @@ def _kill_session(sid: int):
 
 def run_program(completion: str, tests, setup: str, timeout: float, mode: str) -> dict:
     """Runs one program in the sandbox. Returns {"done": bool, "results": [[ok, output], ...],
-    "failure": str | None, "timed_out": bool}; results stop at the first test the child never answered."""
+    "failure": str | None, "timed_out": bool, "infra": None}; results stop at the first test the child never
+    answered. Raises OSError when no pipe, folder or process can be had; "infra" says why when the process
+    started but never reached the program (see run_batch)."""
     program = extract_program(completion)
     names = _names_bound(program) | _names_bound(setup or "")
     plans = [_plan(t, mode, names) for t in tests]
@@ -347,7 +349,7 @@ def run_program(completion: str, tests, setup: str, timeout: float, mode: str) -
                              blocked=BLOCKED_MODULES, preload=PRELOADED_MODULES, nobody=NOBODY))
     isolated = USE_ISOLATION and isolation()[0]
     read_end, write_end = os.pipe()
-    claims, failure, done, timed_out = {}, None, False, False
+    claims, failure, done, timed_out, started = {}, None, False, False, False
     with tempfile.TemporaryDirectory(prefix="rrr-sandbox-") as folder:
         if os.getuid() == 0:
             os.chown(folder, NOBODY, NOBODY)      # the child runs as nobody (see sandbox_child.py)
@@ -358,6 +360,9 @@ def run_program(completion: str, tests, setup: str, timeout: float, mode: str) -
                                     stdin=subprocess.PIPE, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                                     cwd=folder, pass_fds=(write_end,), start_new_session=True,
                                     env={"PATH": "/usr/bin:/bin", "HOME": home, "TMPDIR": home, "LC_ALL": "C.UTF-8"})
+        except OSError:
+            os.close(read_end)
+            raise
         finally:
             os.close(write_end)
         try:
@@ -390,7 +395,9 @@ def run_program(completion: str, tests, setup: str, timeout: float, mode: str) -
                             row = ast.literal_eval(raw.decode("utf-8", "replace"))
                         except (ValueError, SyntaxError, TypeError, MemoryError, RecursionError, SystemError):
                             continue
-                        if row == ("end",):
+                        if row == ("started",):
+                            started = True
+                        elif row == ("end",):
                             done = True
                         elif isinstance(row, tuple) and len(row) == 2 and row[0] == "failure" and failure is None:
                             failure, done = str(row[1]), True
@@ -401,10 +408,25 @@ def run_program(completion: str, tests, setup: str, timeout: float, mode: str) -
             _kill_session(proc.pid)
             proc.wait()
             os.close(read_end)
+    if not started:     # the child writes ("started",) before the program runs: nothing it does can unwrite it
+        return _not_run(f"the sandbox's process did not start within {timeout:g} s" if timed_out else
+                        f"the sandbox's process exited with status {proc.returncode} before the program ran")
     if failure is not None:
-        return dict(done=True, results=[[False, failure]] * len(tests), failure=failure, timed_out=False)
+        return dict(done=True, results=[[False, failure]] * len(tests), failure=failure, timed_out=False, infra=None)
     results = _verdicts(plans, claims)
-    return dict(done=done and len(results) == len(tests), results=results, failure=None, timed_out=timed_out)
+    return dict(done=done and len(results) == len(tests), results=results, failure=None, timed_out=timed_out,
+                infra=None)
+
+
+def _not_run(why: str) -> dict:
+    return dict(done=False, results=[], failure=None, timed_out=False, infra=why)
+
+
+def _run_or_not(item, timeout, mode) -> dict:
+    try:
+        return run_program(*item, timeout, mode)
+    except OSError as e:        # out of processes, memory, file descriptors or disk
+        return _not_run(f"the sandbox could not start a process ({e})")
 
 
 def local_share_of_cores() -> int:
@@ -418,10 +440,18 @@ def local_share_of_cores() -> int:
 
 def run_batch(items, workers, timeout, mode) -> list[tuple[list, dict]]:
     """items: (completion, tests, setup); mode "check" (run the asserts) or "outputs" (evaluate what
-    each test's left-hand side computes). Returns (tests, run_program's result) per item, in order."""
+    each test's left-hand side computes). Returns (tests, run_program's result) per item, in order.
+
+    A program that could not be run for reasons outside it (no process, bwrap refusing, a process that
+    never reached the program) is tried once more; if it fails again, its result's "infra" says why,
+    and its results say nothing about the program."""
     if timeout <= 0:
         raise ValueError("timeout must be positive")
     items = [(c if isinstance(c, str) else str(c), list(t), s or "") for c, t, s in items]
     workers = max(1, min(workers or local_share_of_cores(), len(items) or 1))
     with ThreadPoolExecutor(workers) as pool:
-        return list(pool.map(lambda item: (item[1], run_program(*item, timeout, mode)), items))
+        runs = list(pool.map(lambda item: _run_or_not(item, timeout, mode), items))
+        again = [i for i, run in enumerate(runs) if run["infra"]]     # a shortage that may have passed
+        for i, run in zip(again, pool.map(lambda i: _run_or_not(items[i], timeout, mode), again)):
+            runs[i] = run
+    return [(item[1], run) for item, run in zip(items, runs)]

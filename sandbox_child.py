@@ -2,7 +2,8 @@
 
 It reads the job from stdin, limits itself, disables destructive functions, runs the program, evaluates
 each part of each test it was sent and writes one line per part on the report descriptor:
-(test, part, True, value, shown) or (test, part, False, error, ""), then ("end",). It never sees an
+("started",) just before the program runs, then (test, part, True, value, shown) or
+(test, part, False, error, "") per part, then ("end",). It never sees an
 expected value and decides nothing: sandbox.py compares. Standard library only, and as little of it as
 possible: start-up time is most of the cost of a check.
 """
@@ -107,6 +108,7 @@ def main():
     os.open = guarded_os_open
 
     namespace = {"__name__": "solution", "__builtins__": builtins}
+    send(("started",))      # before the program runs: without this line, the machinery failed, not the program
     try:
         _exec(_compile(job["program"], "solution.py", "exec"), namespace)
         _exec(_compile(job["setup"], "setup.py", "exec"), namespace)   # MBPP's setup may use the program's classes

@@ -1,7 +1,9 @@
 """Binary verifiers with feedback: the reward of RRR and the environment feedback of Re-ReST.
 
 Each checker takes a raw model completion (any string at all) and returns Verdict(ok, feedback), where
-feedback is one short, specific sentence a reflector can act on. No checker raises on a completion.
+feedback is one short, specific sentence a reflector can act on. No checker raises on a completion. A
+program the sandbox could not run for reasons outside it (no process, bwrap refusing) gets
+Verdict(False, "not judged: ...", infra=True): no reward either way (see stop_if_unjudged).
 
     check_countdown(completion, nums, target)        last <answer>, exact rational arithmetic, own parser
     check_function_calls(completion, answers, tools) xLAM/APIGen calls, or BFCL possible answers by BFCL's rules
@@ -26,6 +28,25 @@ class Verdict(NamedTuple):
     ok: bool
     feedback: str
     base: bool | None = None    # with hidden tests (MBPP): whether the visible tests alone pass, EvalPlus's "base"
+    infra: bool = False         # not judged: the machinery failed, not the program (ok is then False)
+
+
+NOT_RUN = "<not run: "           # code_outputs_batch's value where the sandbox could not run the program
+MAX_NOT_JUDGED = 0.1           # the share of a batch that may go unjudged before a run stops
+
+
+class InfrastructureError(RuntimeError):
+    """Too many programs of a batch could not be run: the machine is failing, and going on would
+    train on noise."""
+
+
+def stop_if_unjudged(verdicts: list[Verdict]) -> list[Verdict]:
+    """The verdicts, unless more than MAX_NOT_JUDGED of them are infrastructure errors."""
+    bad = [v for v in verdicts if v.infra]
+    if len(bad) > MAX_NOT_JUDGED * len(verdicts):
+        raise InfrastructureError(f"{len(bad)} of {len(verdicts)} programs of a batch could not be run (more than "
+                                  f"{MAX_NOT_JUDGED:.0%}), for example: {bad[0].feedback}")
+    return verdicts
 
 
 def short(value, limit=200) -> str:
@@ -363,6 +384,8 @@ def _shown(x: Fraction) -> str:
 
 def _feedback(tests, run: dict, timeout: float) -> Verdict:
     results = run["results"]
+    if run["infra"]:
+        return Verdict(False, f"not judged: {run['infra']}", infra=True)
     if run["done"] and run["failure"] and not any(ok for ok, _ in results):
         return Verdict(False, run["failure"] if not tests else f"{run['failure']}; no test could run")
     if run["done"] and results and all(ok for ok, _ in results) and len(results) == len(tests):
@@ -395,7 +418,7 @@ def check_code_batch(items, workers: int | None = None, timeout: float = 5.0) ->
 
 
 def _with_hidden(tests, hidden, run: dict, timeout: float) -> Verdict:
-    if not hidden:
+    if not hidden or run["infra"]:
         return _feedback(tests, run, timeout)
     n, results = len(tests), run["results"]
     visible = _feedback(tests, dict(run, results=results[:n], done=run["done"] or len(results) > n), timeout)
@@ -409,11 +432,12 @@ def _with_hidden(tests, hidden, run: dict, timeout: float) -> Verdict:
 def code_outputs_batch(items, workers: int | None = None, timeout: float = 5.0) -> list[list[str]]:
     """For each (completion, tests, setup): the repr of what each test's left-hand side evaluates to
     (the program's output on that test's input), never looking at the expected value; "<Error: ...>"
-    or "<TIMEOUT>" where it has none. Re-ReST's self-consistency votes with these."""
+    or "<TIMEOUT>" where it has none, NOT_RUN... where the sandbox could not run it. Re-ReST's self-consistency
+    votes with these."""
     out = []
     for tests, run in run_batch(items, workers, timeout, "outputs"):
         values = [v if ok else f"<{v}>" for ok, v in run["results"]]
-        if run["done"] and run["failure"]:
-            values = [f"<{run['failure']}>"] * len(tests)
+        if (run["done"] and run["failure"]) or run["infra"]:
+            values = [f"<{run['failure']}>" if run["failure"] else NOT_RUN + run["infra"] + ">"] * len(tests)
         out.append(values + ["<TIMEOUT>" if run["timed_out"] else "<not run>"] * (len(tests) - len(values)))
     return out

@@ -31,6 +31,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
+from verifiers import stop_if_unjudged
+
 SAMPLES = Path(__file__).resolve().parent / "samples"
 
 # The RRR paper's reflection prompts, verbatim.
@@ -87,8 +89,8 @@ class Task:
         if len(completions) != len(examples):
             raise ValueError(f"{len(completions)} completions for {len(examples)} examples")
         if self.batch_checker is not None:
-            return self.batch_checker(completions, examples)
-        return [self.checker(c, ex) for c, ex in zip(completions, examples)]
+            return stop_if_unjudged(self.batch_checker(completions, examples))
+        return stop_if_unjudged([self.checker(c, ex) for c, ex in zip(completions, examples)])
 
 
 def resolve_data_dir(flag_value) -> Path | None:

@@ -147,7 +147,7 @@ def make_hidden_tests(rows: list[dict], workers=None, progress=True) -> dict[str
     """rows: {"task_id", "code", "tests", "setup"} -> {str(task_id): hidden asserts}."""
     from tqdm import tqdm
 
-    from verifiers import code_outputs_batch
+    from verifiers import NOT_RUN, InfrastructureError, code_outputs_batch
     calls = {r["task_id"]: mutated_calls(r["tests"], f"mbpp-hidden/{r['task_id']}") for r in rows}
     items = [(f"```python\n{r['code']}\n```", calls[r["task_id"]], r["setup"]) for r in rows]
     runs = []
@@ -156,6 +156,10 @@ def make_hidden_tests(rows: list[dict], workers=None, progress=True) -> dict[str
         for start in tqdm(range(0, len(items), 32), desc="MBPP hidden tests (reference runs)", disable=not progress,
                           leave=False):
             values += code_outputs_batch(items[start:start + 32], workers=workers)
+        lost = sum(any(v.startswith(NOT_RUN) for v in vs) for vs in values)
+        if lost:        # tests made without these programs' values would be cached as if they were all there are
+            raise InfrastructureError(f"the sandbox could not run {lost} reference programs: MBPP's hidden tests "
+                                      "were not made (nothing cached)")
         runs.append(values)
     return {str(r["task_id"]): hidden_asserts(calls[r["task_id"]], a, b) for r, a, b in zip(rows, *runs)}
 

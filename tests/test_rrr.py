@@ -24,7 +24,9 @@ from test_grpo import free_port
 from tiny import (PLANTED_PUZZLE, PLANTED_REFLECTIONS, REPO, save_planted_reflection_model,
                   save_tiny_chat_model)
 
-ENV = dict(os.environ, PYTHONPATH=os.environ.get("STUBPATH", "") + os.pathsep + str(REPO), OMP_NUM_THREADS="1")
+# Offline data unless a test passes --data-dir: the runs' item ids are the generator's and the samples'.
+ENV = {k: v for k, v in os.environ.items() if k != "RRR_DATA_DIR"}
+ENV.update(PYTHONPATH=os.environ.get("STUBPATH", "") + os.pathsep + str(REPO), OMP_NUM_THREADS="1")
 
 
 @pytest.fixture(scope="module")
