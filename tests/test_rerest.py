@@ -234,6 +234,16 @@ def test_report_intervals_and_mcnemar_equal_hand_computations():
            "+50.0 pts, p = 0.0625, within noise |" in table
     assert summary["rows"]["Re-ReST"]["sc"]["change"]["p_value"] == 2 / 32
 
+    # MBPP's own tests alone (EvalPlus's base column) beside visible plus hidden, paired with base's the same way.
+    rows = {"base": dict(items=solved({0}), base_items=solved({0, 1}), time=60.0),
+            "Re-ReST": dict(items=solved({0}), base_items=solved(range(6)), time=60.0)}
+    cfg = parse_config(rerest.Config, ["--data-dir", "/real/data"])
+    text, table, summary = rerest_report.report(cfg, rows, {}, 10)
+    assert "pass@1 [95% CI], MBPP's own tests only" in table.splitlines()[0]
+    assert "| Re-ReST | 10.0% [1.8, 40.4] | +0.0 pts, p = 1, within noise | 60.0% [31.3, 83.2] | " \
+           "+40.0 pts, p = 0.125, within noise |" in table            # gained 4, lost 0: 2 / 2^4
+    assert summary["rows"]["Re-ReST"]["pass1_base"]["k"] == 6
+
 
 @pytest.mark.slow
 @pytest.mark.parametrize("nproc", [1, 2])
@@ -260,6 +270,13 @@ def test_tiny_end_to_end_prints_the_table(tmp_path, tiny_chat, nproc):
     assert summary["test"] == dict(n=4, split_size=split, task="mbpp")
     assert summary["config"]["model"] == str(tiny_chat) and summary["config"]["out"] == str(out.resolve())
     assert all(r["pass1"] is None or len(r["items"]) == 4 for r in summary["rows"].values())
+    # The column of MBPP's own tests alone: each answer checked again with the visible tests only.
+    from verifiers import check_code_batch
+    assert "MBPP's own tests only" in done.stdout
+    answers = read_jsonl(next(out.glob("eval-base-*.jsonl")))
+    tests = {ex.id: ex.reference for ex in get_task("mbpp").load("test", data_dir=resolve_data_dir(None))}
+    alone = check_code_batch([(a["text"], tests[a["key"]]["tests"], tests[a["key"]]["setup"]) for a in answers])
+    assert summary["rows"]["base"]["base_items"] == {a["key"]: v.ok for a, v in zip(answers, alone)}
     samples = read_jsonl(next(out.glob("samples-*.jsonl")))
     dpo = summary["dpo_pairs"]
     assert dpo["own_correction"] + dpo["fallback"] == dpo["pairs"]
