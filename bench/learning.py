@@ -22,7 +22,6 @@ resumed from its last checkpoint (rrr.py --resume).
 """
 
 import argparse
-import json
 import os
 import subprocess
 import sys

@@ -5,7 +5,6 @@ never raises, and takes time linear in the completion's length."""
 import contextlib
 import json
 import signal
-import time
 
 import pytest
 from hypothesis import HealthCheck, given, settings
