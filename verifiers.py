@@ -437,7 +437,9 @@ def code_outputs_batch(items, workers: int | None = None, timeout: float = 5.0) 
     out = []
     for tests, run in run_batch(items, workers, timeout, "outputs"):
         values = [v if ok else f"<{v}>" for ok, v in run["results"]]
-        if (run["done"] and run["failure"]) or run["infra"]:
-            values = [f"<{run['failure']}>" if run["failure"] else NOT_RUN + run["infra"] + ">"] * len(tests)
+        if run["infra"]:
+            values = [f"{NOT_RUN}{run['infra']}>"] * len(tests)
+        elif run["done"] and run["failure"]:
+            values = [f"<{run['failure']}>"] * len(tests)
         out.append(values + ["<TIMEOUT>" if run["timed_out"] else "<not run>"] * (len(tests) - len(values)))
     return out

@@ -89,8 +89,10 @@ class Task:
         if len(completions) != len(examples):
             raise ValueError(f"{len(completions)} completions for {len(examples)} examples")
         if self.batch_checker is not None:
-            return stop_if_unjudged(self.batch_checker(completions, examples))
-        return stop_if_unjudged([self.checker(c, ex) for c, ex in zip(completions, examples)])
+            verdicts = self.batch_checker(completions, examples)
+        else:
+            verdicts = [self.checker(c, ex) for c, ex in zip(completions, examples)]
+        return stop_if_unjudged(verdicts)
 
 
 def resolve_data_dir(flag_value) -> Path | None:

@@ -179,3 +179,12 @@ def test_reports_leave_unjudged_items_out_and_count_them(tmp_path):
     change = summary["rows"]["Re-ReST"]["pass1"]["change"]
     assert (change["n"], change["gained"], change["lost"]) == (9, 3, 0)
     assert "Not judged (the sandbox could not run the program" in text and "Re-ReST, 1 problems" in text
+
+
+def test_hidden_tests_are_not_made_from_a_failing_sandbox(monkeypatch):
+    from data.mbpp_hidden import make_hidden_tests
+    row = dict(task_id=1, code="def f(x):\n    return x * x", tests=["assert f(3) == 9"], setup="")
+    assert make_hidden_tests([row], progress=False)["1"]            # a working sandbox makes some
+    monkeypatch.setattr(sandbox, "_child_source", lambda: "import os\nos._exit(7)")
+    with pytest.raises(InfrastructureError, match="could not run 1 reference programs"):
+        make_hidden_tests([row], progress=False)
