@@ -2,6 +2,9 @@
 and, for one run, rrr.py's report (`write_report`: report.md, report.json, plot.png).
 
     python compare.py runs/rrr-countdown runs/generic-countdown runs/grpo-countdown [--out runs/comparison.md]
+    python compare.py runs/*         # every finished run; what is not a run folder is skipped with a note
+
+It writes the table to --out (default runs/comparison.md) and its numbers beside it (runs/comparison.json).
 
 Each run contributes its last evaluation: first-try and second-try accuracy with 95% Wilson intervals,
 and the change from the vanilla model on the same test items with an exact McNemar test. Runs must
@@ -43,11 +46,17 @@ def answers_at(folder: Path, steps) -> dict:
     return {step: {r["id"]: r for r in answers if r["step"] == step} for step in steps}
 
 
-def load_run(folder: Path) -> dict:
-    """A finished run: its settings, and its per-item results at the vanilla and the last evaluation."""
+def load_run(folder: Path) -> dict | None:
+    """A finished run: its settings, and its per-item results at the vanilla and the last evaluation. None
+    for what is not a run at all (a file, as this script's own output in runs/; a folder without config.json),
+    so that `runs/*` can be given; a run that has not finished is refused."""
     report = folder / "report.json"
+    if not folder.exists():
+        raise BadInput(f"{folder}: no such file or folder")
+    if not (folder / "config.json").exists():
+        return None
     if not report.exists():
-        raise BadInput(f"{folder}: no report.json (not an rrr.py run folder, or not finished)")
+        raise BadInput(f"{folder}: no report.json (the run has not finished)")
     data = json.loads(report.read_text())
     cfg, last = data["config"], data["trained"]["step"]
     at = answers_at(folder, (0, last))
@@ -108,7 +117,12 @@ CAPTION = ("Accuracy with its 95% Wilson interval; changes from the vanilla mode
 
 
 def compare(folders: list[Path]) -> tuple[str, dict]:
-    runs = [load_run(f) for f in folders]
+    loaded = {f: load_run(f) for f in folders}
+    for folder in (f for f, r in loaded.items() if r is None):
+        print(f"skipped {folder}: not an rrr.py run folder (no config.json)", file=sys.stderr)
+    runs = [r for r in loaded.values() if r is not None]
+    if not runs:
+        raise BadInput("none of the given paths is an rrr.py run folder (each has config.json and report.json)")
     first = runs[0]
     for run in runs[1:]:
         # The recorded settings compare as a resume does (setting_differs: the embedded model's names, no warm start).
@@ -131,7 +145,7 @@ def write_report(cfg: dict, out: Path, evals, metrics, wall, split_size, forgett
     """rrr.py's report.md, report.json and plot.png for one run (cfg: its config as a dict): the paper's
     table with 95% Wilson intervals and, on the same test items, the exact McNemar test of each change
     from the vanilla model (this module's table, one run), plus the forgetting check's columns
-    (forgetting: {task: (before, after)}, each {item id: solved}). Returns the table."""
+    (forgetting: {task: (before, after)}, each {item id: solved}). Returns the table with its legend."""
     vanilla, trained = evals[0], evals[-1]
     at = answers_at(out, (0, trained["step"]))
     before, after = judged_at_both(at[0], at[trained["step"]])
@@ -166,7 +180,7 @@ def write_report(cfg: dict, out: Path, evals, metrics, wall, split_size, forgett
                                          vanilla=vanilla, trained=trained, paired=numbers[0], forgetting=forgot,
                                          evals=evals, steps=metrics, wall_seconds=wall))
     plot_rrr(out / "plot.png", metrics, evals, title=f"{what} on {cfg['task']}")
-    return table
+    return table + "\n\n" + CAPTION
 
 
 def forgetting_columns(header: list, rows: list, forgetting: dict) -> dict:

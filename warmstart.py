@@ -27,11 +27,9 @@ import json
 import time
 from pathlib import Path
 
-import parallel as par
-from data import DataError, data_dir_used, get_task, resolve_data_dir
-from data.countdown import TIERS, generate_puzzles, prompt, solve_countdown
-from model import EMBEDDED_NAMES, cache_root, chat_ids, load_tokenizer
-from runs import BadInput, bf16_by_default, main_guard, write_json
+from data import data_dir_used, get_task, resolve_data_dir
+from data.countdown import TIERS, check_warm_start, generate_puzzles, prompt, solve_countdown
+from runs import EMBEDDED_NAMES, BadInput, bf16_by_default, cache_root, check_model_name, main_guard, write_json
 
 WARM_SEED = 1_000_001        # the labelled puzzles' own generator seed: not a run's --seed
 TASKS = tuple(TIERS)         # the tasks whose puzzles a solver answers
@@ -49,6 +47,31 @@ class TrainSettings:
         self.gradient_checkpointing, self.learning_rate = False, LEARNING_RATE
         self.batch_size, self.micro_batch_size, self.epochs = BATCH_SIZE, BATCH_SIZE, 1
         self.dpo_beta, self.save_total_limit = 0.1, save_total_limit
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--task", default="countdown_easy", choices=TASKS, help="the task whose puzzles are answered")
+    ap.add_argument("--puzzles", type=int, default=1000, help="labelled puzzles to fine-tune on (one epoch)")
+    ap.add_argument("--model", default=None, help="base model: Hugging Face folder or hub id (default: the embedded one)")
+    ap.add_argument("--data-dir", default=None, help="data folder, for the test split to keep out (default "
+                    "$RRR_DATA_DIR, else the offline data)")
+    ap.add_argument("--bf16", action=argparse.BooleanOptionalAction, default=None,
+                    help="bf16 compute (default: as rrr.py chooses for this machine)")
+    args = ap.parse_args(argv)
+    if args.puzzles < 1:
+        raise BadInput("--puzzles must be at least 1")
+    check_model_name(args.model)
+    resolve_data_dir(args.data_dir)
+    return args
+
+
+if __name__ == "__main__":      # a bad flag fails here, in a fraction of a second, before torch loads (3-5 s)
+    main_guard(parse_args)
+
+# torch and the modules that load it come after the early check of the command line, on purpose.
+import parallel as par
+from model import chat_ids, load_tokenizer
 
 
 def labelled_examples(task_name: str, puzzles: int, data_dir) -> tuple[list[tuple[list[int], int, str]], int]:
@@ -76,12 +99,6 @@ def warm_start_folder(task_name: str, puzzles: int, base_model: str | None, data
                           bf16=bf16, lr=LEARNING_RATE, batch=BATCH_SIZE, seed=WARM_SEED, version=1), sort_keys=True)
     digest = hashlib.sha256(key.encode()).hexdigest()[:10]
     return cache_root() / "warm-start" / f"{task_name}-{puzzles}-{digest}"
-
-
-def check_warm_start(task_name: str, puzzles: int):
-    """One line, before a run writes anything, for a warm start that cannot be made."""
-    if puzzles and task_name not in TASKS:
-        raise BadInput(f"--warm-start needs a task with a solver ({', '.join(TASKS)}), not {task_name}")
 
 
 def warm_start(d, task_name: str, puzzles: int, base_model: str | None, data_dir=None, bf16: bool = False) -> tuple[Path, dict]:
@@ -122,25 +139,13 @@ def model_for_run(cfg, d) -> tuple[str, dict | None]:
 
 
 def run(argv=None):
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--task", default="countdown_easy", choices=TASKS, help="the task whose puzzles are answered")
-    ap.add_argument("--puzzles", type=int, default=1000, help="labelled puzzles to fine-tune on (one epoch)")
-    ap.add_argument("--model", default=None, help="base model: Hugging Face folder or hub id (default: the embedded one)")
-    ap.add_argument("--data-dir", default=None, help="data folder, for the test split to keep out (default "
-                    "$RRR_DATA_DIR, else the offline data)")
-    ap.add_argument("--bf16", action=argparse.BooleanOptionalAction, default=None,
-                    help="bf16 compute (default: as rrr.py chooses for this machine)")
-    args = ap.parse_args(argv)
-    if args.puzzles < 1:
-        raise BadInput("--puzzles must be at least 1")
+    args = parse_args(argv)
     d = par.init_distributed()
     try:
         bf16 = bf16_by_default(d.device) if args.bf16 is None else args.bf16
         folder, card = warm_start(d, args.task, args.puzzles, args.model, args.data_dir, bf16)
         if d.main:
             print(f"{folder}\n{card['description']}")
-    except DataError as e:
-        raise BadInput(str(e)) from None
     finally:
         par.close_distributed()
 

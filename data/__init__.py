@@ -31,6 +31,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
+from runs import BadInput
 from verifiers import stop_if_unjudged
 
 SAMPLES = Path(__file__).resolve().parent / "samples"
@@ -42,7 +43,7 @@ REFLECT_ANSWER = ("You tried solving the problem and got the wrong answer. Refle
                   "short explanation that will help you do better next time.")
 
 
-class DataError(Exception):
+class DataError(BadInput):
     """A missing or malformed data file; the message names the file (and line)."""
 
 

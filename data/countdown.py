@@ -98,6 +98,13 @@ def puzzle_split(nums, target) -> str:
 TIERS = {"countdown": dict(counts=(3, 4), largest=99), "countdown_easy": dict(counts=(3,), largest=20)}
 
 
+def check_warm_start(task_name: str, puzzles: int):
+    """One line, before a run writes anything, for a labelled warm start (warmstart.py) that cannot be made:
+    it needs a task whose puzzles the solver answers."""
+    if puzzles and task_name not in TIERS:
+        raise DataError(f"--warm-start needs a task with a solver ({', '.join(TIERS)}), not {task_name}")
+
+
 def generate_puzzles(n: int, split: str, seed: int, tier: str = "countdown") -> list[tuple[list[int], int]]:
     """n distinct solvable puzzles of `split`. As in the Stream-of-Search generator that the data set's
     statistics match: draw the count (3 or 4; 3 in the easy tier) and the target first, then redraw the

@@ -166,7 +166,7 @@ def make_hidden_tests(rows: list[dict], workers=None, progress=True) -> dict[str
 
 def hidden_tests(path: Path, rows: list[dict]) -> dict[str, list[str]]:
     """The hidden tests of every problem in the data file at `path` (rows: all of its problems), made once
-    and cached in $RRR_CACHE (as model.cache_root: default ~/.cache/rrr)."""
+    and cached in $RRR_CACHE (as runs.cache_root: default ~/.cache/rrr)."""
     digest = hashlib.sha256(Path(path).read_bytes()).hexdigest()[:16]
     folder = Path(os.environ.get("RRR_CACHE", Path.home() / ".cache" / "rrr")) / "mbpp-hidden"
     cached = folder / f"{digest}-v{GENERATOR_VERSION}.json"

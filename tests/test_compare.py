@@ -24,6 +24,7 @@ def fake_run(folder: Path, *, task="countdown", model=None, method="rrr", reflec
     cfg = dict(task=task, model=model, method=method, reflection=reflection)
     if warm_start:
         cfg.update(warm_start=warm_start, warm_start_model=dict(description=f"SFT on {warm_start} answers", folder="f"))
+    (folder / "config.json").write_text(json.dumps(cfg))
     (folder / "report.json").write_text(json.dumps(dict(config=cfg, trained=dict(step=steps))))
     rows = [dict(id=f"q{i}", step=0, first=i in vanilla_first, second=i in vanilla_second) for i in ids]
     rows += [dict(id=f"q{i}", step=steps, first=i in first, second=i in second) for i in ids]
@@ -72,6 +73,35 @@ def test_three_runs_side_by_side_and_a_refusal(tmp_path):
     e = fake_run(tmp_path / "fewer", ids=range(9))
     with pytest.raises(runs.BadInput, match="another test items"):
         compare.compare([a, e])
+
+
+def test_the_same_command_twice_gives_the_same_result(tmp_path):
+    """`compare.py runs/*` writes runs/comparison.md and .json by default: given again, the glob also names
+    those files, which are skipped with a note, as is a folder that is not a run; an unfinished run is
+    refused before anything is written."""
+    folder = tmp_path / "runs"
+    fake_run(folder / "rrr", first=range(7), second=range(8))
+    fake_run(folder / "grpo", method="grpo", first=range(10), second=range(10))
+    (folder / "notes").mkdir()
+
+    def compare_all():
+        paths = sorted(str(p.relative_to(tmp_path)) for p in folder.iterdir())     # what the shell's runs/* gives
+        done = subprocess.run([sys.executable, str(REPO / "compare.py"), *paths], cwd=tmp_path,
+                              capture_output=True, text=True, timeout=120)
+        assert done.returncode == 0, done.stderr
+        return done, (folder / "comparison.md").read_text(), (folder / "comparison.json").read_text()
+    first, second = compare_all(), compare_all()
+    assert first[1:] == second[1:] and first[0].stdout == second[0].stdout
+    assert "skipped runs/notes: not an rrr.py run folder" in first[0].stderr
+    assert "skipped runs/comparison.json" in second[0].stderr and "skipped runs/comparison.md" in second[0].stderr
+    assert json.loads(second[2])["n"] == 10 and len(json.loads(second[2])["runs"]) == 2
+    (folder / "unfinished").mkdir()
+    (folder / "unfinished" / "config.json").write_text("{}")
+    (folder / "comparison.md").unlink()
+    done = subprocess.run([sys.executable, str(REPO / "compare.py"), "runs/rrr", "runs/unfinished"], cwd=tmp_path,
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 2 and "runs/unfinished: no report.json (the run has not finished)" in done.stderr
+    assert not (folder / "comparison.md").exists()
 
 
 def test_config_file_with_a_flag_overriding_it(tmp_path):

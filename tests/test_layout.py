@@ -27,3 +27,13 @@ def test_no_reference_to_notes_outside_the_repository():
     hits = [p.relative_to(ROOT).as_posix() for p in tracked("*.py", "*.md", "*.json", "*.txt", "*.sh")
             if name in p.read_text(errors="replace")]
     assert hits == []
+
+
+def test_ci_runs_the_readmes_test_command():
+    """What a user runs is what CI runs: .ci/run's last line is the README's test command, character for
+    character (before it, .ci/run only installs bubblewrap)."""
+    readme = (ROOT / "README.md").read_text().splitlines()
+    commands = [line.strip() for line in readme if line.startswith("    ") and line.strip().endswith("python -m pytest -q")]
+    ci = [line for line in (ROOT / ".ci" / "run").read_text().splitlines() if line.strip() and not line.startswith("#")]
+    assert len(commands) == 1 and ci[-1] == commands[0]
+    assert "tensorboard" in commands[0]      # else the TensorBoard tests skip for a user and run in CI

@@ -217,3 +217,37 @@ def test_bf16_default_follows_the_hardware(monkeypatch, device, amx, expected):
     given = types.SimpleNamespace(bf16=False, batch_size=2)
     runs.resolve_machine_flags(given, par.Dist(0, 1, torch.device(device)))
     assert given.bf16 is False
+
+
+# A bad flag or value of every script, and the start of its one line.
+BAD_COMMAND_LINES = [
+    (["rrr.py", "--task", "nosuch"], "error: argument --task: invalid choice"),
+    (["rrr.py", "--steps", "0"], "error: --steps must be at least 1"),
+    (["rrr.py", "--model", "./no-such-model"], "error: no such folder"),
+    (["rrr.py", "--data-dir", "/no/such/folder"], "error: data folder"),
+    (["rrr.py", "--task", "mbpp", "--warm-start", "10"], "error: --warm-start needs a task with a solver"),
+    (["rerest.py", "--k", "0"], "error: --k must be at least 1"),
+    (["rerest.py", "--task", "countdown", "--self-consistency", "3"], "error: --self-consistency votes"),
+    (["warmstart.py", "--puzzles", "0"], "error: --puzzles must be at least 1"),
+    (["compare.py", "/no/such/run"], "error: /no/such/run"),
+]
+
+
+@pytest.mark.parametrize("argv, message", BAD_COMMAND_LINES, ids=[" ".join(a) for a, _ in BAD_COMMAND_LINES])
+def test_bad_command_lines_fail_before_torch_loads(argv, message):
+    """One line and exit code 2, without importing torch (which alone takes 2-5 s): the script is run as
+    __main__ in a fresh interpreter that reports whether torch was loaded when it exited."""
+    import subprocess
+    import time
+    from pathlib import Path
+    root = Path(__file__).resolve().parents[1]
+    probe = ("import runpy, sys\nsys.argv = {argv!r}\ntry:\n    runpy.run_path({script!r}, run_name='__main__')\n"
+             "finally:\n    print('torch loaded' if 'torch' in sys.modules else 'no torch')")
+    started = time.perf_counter()
+    done = subprocess.run([sys.executable, "-c", probe.format(argv=argv, script=str(root / argv[0]))], cwd=root,
+                          capture_output=True, text=True, timeout=60)
+    seconds = time.perf_counter() - started
+    assert done.returncode == 2, done.stderr
+    assert done.stderr.strip().startswith(message) and len(done.stderr.strip().splitlines()) == 1, done.stderr
+    assert done.stdout.strip() == "no torch"
+    assert seconds < 2.0, f"{seconds:.1f} s"
