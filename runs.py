@@ -13,6 +13,7 @@ import math
 import numbers
 import os
 import sys
+import threading
 import time
 import types
 import typing
@@ -412,25 +413,38 @@ def require(module: str, install: str, purpose: str):
 
 _OPEN_BARS = []             # the open progress_bar()s, innermost last
 _SHOWN = [0.0]              # when show_progress last redrew
+HEARTBEAT_SECONDS = 5.0     # a bar is redrawn at least this often, its elapsed time moving
 
 
 @contextmanager
 def progress_bar(**tqdm_args):
     """A tqdm bar that the long calls inside it report on with show_progress (each sampling call its decode
     steps, each update its micro-batches), so that a bar whose unit takes a minute still moves every few
-    seconds."""
-    bar = tqdm(**tqdm_args)
+    seconds. A single long operation (a prefill, a forward and backward pass, a conversion) shows at least
+    its elapsed time every HEARTBEAT_SECONDS, redrawn from a thread (torch computes without the GIL)."""
+    bar, stop = tqdm(**tqdm_args), threading.Event()
     _OPEN_BARS.append(bar)
+
+    def heartbeat():
+        while not stop.wait(HEARTBEAT_SECONDS):
+            bar.refresh()
+    beating = threading.Thread(target=heartbeat, daemon=True)
+    if not bar.disable:
+        beating.start()
     try:
         yield bar
     finally:
+        stop.set()
+        if beating.is_alive():
+            beating.join()
         _OPEN_BARS.remove(bar)
         bar.close()
 
 
-def show_progress(text: str):
-    """`text` after the innermost open bar, at most once a second (a GPU decodes hundreds of steps a second)."""
-    if _OPEN_BARS and time.monotonic() - _SHOWN[0] >= 1.0:
+def show_progress(text: str, now: bool = False):
+    """`text` after the innermost open bar, at most once a second (a GPU decodes hundreds of steps a second)
+    unless `now` (a call's first line, which names what the following seconds are spent on)."""
+    if _OPEN_BARS and (now or time.monotonic() - _SHOWN[0] >= 1.0):
         _SHOWN[0] = time.monotonic()
         _OPEN_BARS[-1].set_postfix_str(text)
 
