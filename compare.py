@@ -6,11 +6,12 @@ and, for one run, rrr.py's report (`write_report`: report.md, report.json, plot.
 
 It writes the table to --out (default runs/comparison.md) and its numbers beside it (runs/comparison.json).
 
-Each run contributes its last evaluation: first-try and second-try accuracy with 95% Wilson intervals,
-and the change from the vanilla model on the same test items with an exact McNemar test. Runs must
+Each run contributes its last evaluation: accuracy after each try (first, second, and more with rrr.py's
+--attempts) with 95% Wilson intervals, and the change from the vanilla model on the same test items with an
+exact McNemar test. Runs must
 share the task, the test items and the vanilla model (one line and exit 2 otherwise); when their
-vanilla evaluations agree item by item (greedy decoding of the same model) they are shown once and
-every run is paired with it, else each run is paired with its own.
+vanilla evaluations agree item by item on the tries they share (greedy decoding of the same model with the
+same prompts) they are shown once and every run is paired with it, else each run is paired with its own.
 """
 
 import argparse
@@ -23,14 +24,35 @@ from runs import (BadInput, change_text, main_guard, markdown_table, paired_chan
                   setting_differs, wilson_interval, with_interval, write_json)
 
 
-BASE = ("first_base", "second_base")      # MBPP: the visible tests alone (EvalPlus's "base"; the main columns are "plus")
+ORDINALS = ("first", "second", "third", "fourth", "fifth", "sixth", "seventh", "eighth", "ninth", "tenth")
+
+
+def try_name(k: int) -> str:
+    """"first", "second", ... for try k = 0, 1, ... (rrr.py's --attempts)."""
+    return ORDINALS[k] if k < len(ORDINALS) else f"{k + 1}th"
 
 
 def outcomes(rows: dict) -> dict:
-    """{item id: eval_answers row} -> {"first": {id: solved}, "second": {id: solved}}, and for a task with
-    hidden tests "first_base" and "second_base": solved by the visible tests alone."""
-    kinds = ("first", "second") + (BASE if rows and all(BASE[0] in r for r in rows.values()) else ())
-    return {kind: {i: bool(r[kind]) for i, r in rows.items()} for kind in kinds}
+    """{item id: eval_answers row} -> {"tries": [{id: solved after try k}, ...], "base": the same by the
+    visible tests alone for a task with hidden tests (MBPP, EvalPlus's "base"; the tries are "plus"), else
+    None}. Rows of rrr.py's --attempts K > 2 carry `tries` (and `tries_base`); others the first two."""
+    if not rows:
+        return dict(tries=[{}, {}], base=None)
+    one = next(iter(rows.values()))
+    K = len(one["tries"]) if "tries" in one else 2
+
+    def solved(key, base):
+        if key in one:
+            return [{i: bool(r[key][k]) for i, r in rows.items()} for k in range(K)]
+        return [{i: bool(r[f"{try_name(k)}{'_base' if base else ''}"]) for i, r in rows.items()} for k in range(2)]
+    has_base = "first_base" in one
+    return dict(tries=solved("tries", False), base=solved("tries_base", True) if has_base else None)
+
+
+def agree(a: dict, b: dict) -> bool:
+    """Two evaluations' outcomes agree on every try and base column that both have."""
+    m = min(len(a["tries"]), len(b["tries"]))
+    return a["tries"][:m] == b["tries"][:m] and (a["base"] is None or b["base"] is None or a["base"][:m] == b["base"][:m])
 
 
 def judged_at_both(before: dict, after: dict) -> tuple[dict, dict]:
@@ -75,40 +97,53 @@ def model_text(cfg: dict) -> str:
 
 
 def method_name(cfg: dict) -> str:
-    return {"grpo": "GRPO on first attempts"}.get(cfg["method"], f"RRR, {cfg['reflection']} reflection")
+    """The method and, when not the paper's, the self-correction variant (rrr.py's --attempts, --reflection-feedback)."""
+    name = {"grpo": "GRPO on first attempts"}.get(cfg["method"], f"RRR, {cfg['reflection']} reflection")
+    variants = ([f"{cfg['attempts']} tries"] if cfg.get("attempts", 2) != 2 else []) + \
+               (["feedback in the reflection prompt"] if cfg.get("reflection_feedback") else [])
+    return ", ".join([name] + variants)
 
 
 def paper_table(runs: list[dict], shared: bool) -> tuple[list, list, list]:
-    """The paper's table (first and second try) with intervals and paired tests: a vanilla row (shared:
-    the first run's, else each run's own) and a row per trained run. Returns (header, rows, numbers)."""
-    n = len(runs[0]["vanilla"]["first"])
-    header = ["run", "method", "steps", "first try", "second try", "first try vs vanilla", "second try vs vanilla"]
+    """The paper's table (accuracy after each try) with intervals and paired tests: a vanilla row (shared:
+    the run's with the most tries, else each run's own) and a row per trained run; a run with fewer tries
+    than another has "-" in the other's columns. Returns (header, rows, numbers)."""
+    n = len(runs[0]["vanilla"]["tries"][0])
+    K = max(len(r["trained"]["tries"]) for r in runs)
+    header = (["run", "method", "steps"] + [f"{try_name(k)} try" for k in range(K)]
+              + [f"{try_name(k)} try vs vanilla" for k in range(K)])
     # With hidden tests (MBPP) the tries count visible and hidden tests; MBPP's own tests alone follow, so
     # that results stay comparable with papers (EvalPlus's base and plus columns).
-    base = [k for k in BASE if all(k in r["vanilla"] and k in r["trained"] for r in runs)]
-    header += [f"{k.split('_')[0]} try, MBPP's own tests" for k in base]
+    base = all(r["vanilla"]["base"] is not None and r["trained"]["base"] is not None for r in runs)
+    header += [f"{try_name(k)} try, MBPP's own tests" for k in range(K)] if base else []
     rows, numbers = [], []
 
+    def accuracies(o, key="tries"):
+        return [with_interval(sum(o[key][k].values()), n) if k < len(o[key]) else "-" for k in range(K)]
+
     def vanilla_row(name, v):
-        return ([name, "-", 0, with_interval(sum(v["first"].values()), n), with_interval(sum(v["second"].values()), n), "", ""]
-                + [with_interval(sum(v[k].values()), n) for k in base])
+        return [name, "-", 0] + accuracies(v) + [""] * K + (accuracies(v, "base") if base else [])
+    longest = max((r["vanilla"] for r in runs), key=lambda v: len(v["tries"]))
     if shared:
-        rows.append(vanilla_row("vanilla", runs[0]["vanilla"]))
+        rows.append(vanilla_row("vanilla", longest))
     for run in runs:
-        before, after = (runs[0] if shared else run)["vanilla"], run["trained"]
-        change = {k: paired_change(before[k], after[k]) for k in ("first", "second")}
+        before, after = longest if shared else run["vanilla"], run["trained"]
+        tries = len(after["tries"])
+        change = [paired_change(before["tries"][k], after["tries"][k]) for k in range(tries)]
         if not shared:
             rows.append(vanilla_row(run["name"] + " (its vanilla)", before))
-        rows.append([run["name"], run["method"], run["steps"], with_interval(sum(after["first"].values()), n),
-                     with_interval(sum(after["second"].values()), n), change_text(change["first"]),
-                     change_text(change["second"])] + [with_interval(sum(after[k].values()), n) for k in base])
-        numbers.append(dict(name=run["name"], method=run["method"], steps=run["steps"],
-                            first=sum(after["first"].values()) / n, second=sum(after["second"].values()) / n,
-                            interval_first=wilson_interval(sum(after["first"].values()), n),
-                            interval_second=wilson_interval(sum(after["second"].values()), n),
-                            change_first=change["first"], change_second=change["second"],
-                            **{k: sum(after[k].values()) / n for k in base},
-                            **{f"vanilla_{k}": sum(before[k].values()) / n for k in base}))
+        rows.append([run["name"], run["method"], run["steps"]] + accuracies(after)
+                    + [change_text(c) for c in change] + ["-"] * (K - tries) + (accuracies(after, "base") if base else []))
+        solved = [sum(after["tries"][k].values()) for k in range(tries)]
+        numbers.append(dict(name=run["name"], method=run["method"], steps=run["steps"], first=solved[0] / n,
+                            second=solved[1] / n, interval_first=wilson_interval(solved[0], n),
+                            interval_second=wilson_interval(solved[1], n), change_first=change[0], change_second=change[1],
+                            **({f"{try_name(k)}_base": sum(after["base"][k].values()) / n for k in range(tries)}
+                               | {f"vanilla_{try_name(k)}_base": sum(before["base"][k].values()) / n for k in range(tries)}
+                               if base else {}),
+                            tries=[s / n for s in solved], intervals=[wilson_interval(s, n) for s in solved], changes=change,
+                            # each try against the one before, on the same items (a solved item stays solved)
+                            successive=[paired_change(after["tries"][k - 1], after["tries"][k]) for k in range(1, tries)]))
     return header, rows, numbers
 
 
@@ -126,16 +161,16 @@ def compare(folders: list[Path]) -> tuple[str, dict]:
     first = runs[0]
     for run in runs[1:]:
         # The recorded settings compare as a resume does (setting_differs: the embedded model's names, no warm start).
-        for what, key in (("task", lambda r: r["cfg"]["task"]), ("test items", lambda r: sorted(r["vanilla"]["first"])),
+        for what, key in (("task", lambda r: r["cfg"]["task"]), ("test items", lambda r: sorted(r["vanilla"]["tries"][0])),
                           ("model", lambda r: r["cfg"]["model"]), ("warm_start", lambda r: r["cfg"].get("warm_start"))):
             if key(run) != key(first) and (what not in ("model", "warm_start") or setting_differs(what, key(first), key(run))):
                 what = {"model": "vanilla model", "warm_start": "warm start"}.get(what, what)
                 raise BadInput(f"{run['name']} has another {what} than {first['name']}: not comparable")
-    # Greedy decoding of one model gives one vanilla evaluation; if the runs' differ (other max lengths,
-    # say), each is paired with its own.
-    shared = all(r["vanilla"] == first["vanilla"] for r in runs)
+    # Greedy decoding of one model gives one vanilla evaluation, up to the tries a run makes; where the runs'
+    # differ (other max lengths, or feedback in the reflection prompt, say), each is paired with its own.
+    shared = all(agree(a["vanilla"], b["vanilla"]) for a in runs for b in runs)
     header, rows, numbers = paper_table(runs, shared)
-    cfg, n = first["cfg"], len(first["vanilla"]["first"])
+    cfg, n = first["cfg"], len(first["vanilla"]["tries"][0])
     title = (f"# {cfg['task']}: {n} test items, vanilla model {model_text(cfg)}\n\n"
              + CAPTION + ("" if shared else " The vanilla evaluations differ item by item: each run is paired with its own."))
     return title + "\n\n" + markdown_table(header, rows), dict(task=cfg["task"], n=n, shared_vanilla=shared, runs=numbers)
@@ -152,8 +187,9 @@ def write_report(cfg: dict, out: Path, evals, metrics, wall, split_size, forgett
     what = method_name(cfg)
     header, rows, numbers = paper_table([dict(name=f"trained ({trained['step']} steps)", method=what, steps=trained["step"],
                                          vanilla=outcomes(before), trained=outcomes(after))], True)
-    # The paper's columns; the changes and their tests follow the table.
-    header, rows = ["model", "first try", "second try"] + header[7:], [[r[0], r[3], r[4]] + r[7:] for r in rows]
+    # The paper's columns (accuracy after each try); the changes and their tests follow the table.
+    keep = [i for i, name in enumerate(header) if i == 0 or name.endswith((" try", "MBPP's own tests"))]
+    header, rows = ["model"] + [header[i] for i in keep[1:]], [[r[i] for i in keep] for r in rows]
     forgot = forgetting_columns(header, rows, forgetting)
     table = markdown_table(header, rows)
     subset = "the whole split" if trained["n"] >= split_size else "a subset (--eval-size), not the paper's full test set"
@@ -161,9 +197,11 @@ def write_report(cfg: dict, out: Path, evals, metrics, wall, split_size, forgett
     lines = [f"# {what} on {cfg['task']}: {model_text(cfg)}", "",
              f"Test set: {trained['n']} of {split_size} {cfg['task']} test examples, {subset}. Training: {len(metrics)} "
              f"steps of {cfg['batch_size']} failures x {cfg['num_generations']} generations. Wall time {wall / 60:.1f} min.", "",
-             table, "", CAPTION, "",
-             f"- first try, vanilla -> trained: {change_text(numbers[0]['change_first'])}",
-             f"- second try, vanilla -> trained: {change_text(numbers[0]['change_second'])}"]
+             table, "", CAPTION, ""]
+    lines += [f"- {try_name(k)} try, vanilla -> trained: {change_text(c)}" for k, c in enumerate(numbers[0]["changes"])]
+    v = outcomes(before)["tries"]       # what each reflection and retry adds, on the same items
+    lines += [f"- {try_name(k)} try against the {try_name(k - 1)}: vanilla {change_text(paired_change(v[k - 1], v[k]))}; "
+              f"trained {change_text(numbers[0]['successive'][k - 1])}" for k in range(1, len(v))]
     lines += [f"- forgetting, {name} first try: {change_text(f['change'])}" for name, f in forgot.items()]
     unjudged, episodes = len(at[0]) - len(before), sum(m.get("not_judged", 0) for m in metrics)
     if unjudged or episodes:

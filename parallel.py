@@ -284,6 +284,12 @@ def epoch_order(n: int, seed: int, epoch: int) -> list[int]:
     return torch.randperm(n, generator=torch.Generator().manual_seed(seed * 7919 + epoch)).tolist()
 
 
+def sampling_generator(seed: int, d: Dist, purpose: int, step: int) -> torch.Generator:
+    """A sampling generator with a distinct, reproducible seed per (run seed, purpose, step, rank):
+    resuming needs no saved sampler state."""
+    return torch.Generator(d.device).manual_seed(((seed * 1_000_003 + purpose) * 1_000_003 + step) * 1_009 + d.rank)
+
+
 def rank_chunks(items: list, per_rank: int, d: Dist):
     """Splits `items` into chunks of per_rank x world (every rank gets per_rank of each, the last chunk
     aside) and yields (chunk, this rank's share of it). Sizing chunks by the world keeps every rank

@@ -37,7 +37,8 @@ class Policy:
 
 @dataclass
 class MicroBatch:
-    """One forward/backward pass of the update: whole groups of G episodes, `rows` in all."""
+    """One forward/backward pass of the update: whole groups of G episodes (one context each; rrr.py's
+    tries after the first retry have a context of their own), `rows` in all."""
     groups: list[tuple[list[int], list[list[int]]]]   # (shared context, [trained tokens of each episode])
     advantages: torch.Tensor                # (rows,)
     mask: torch.Tensor                      # (rows, T): 1 on the trained tokens that get a loss
@@ -82,6 +83,11 @@ def sampling(pol):
         par.free_weights(pol.sampler)
 
 
+def stop_of(tokens, finished):
+    """The stop token that ended a sampled row (None: cut at its length limit): how its next turn opens."""
+    return tokens[-1] if finished else None
+
+
 def sample(model, stops, prompts, cfg, *, temperature, max_new_tokens=None, num_samples=1, generator=None, cache=None,
            keep_cache=False):
     """sampler.generate with the run's flags: up to max_new_tokens (default --max-completion-length) per row,
@@ -90,6 +96,8 @@ def sample(model, stops, prompts, cfg, *, temperature, max_new_tokens=None, num_
     needed again after a move between devices (rerest.py's par.off_device)."""
     fuse_projections(model)
     limit = max_new_tokens or cfg.max_completion_length
+    if prompts:
+        show_progress(f"sampling {len(prompts) * num_samples} rows: prefill", now=True)
     return generate(model, prompts, max_new_tokens=limit, num_samples=num_samples,
                     temperature=temperature, stop_token_ids=stops, generator=generator, cache=cache,
                     keep_cache=keep_cache, cuda_graphs=cfg.cuda_graphs,
@@ -149,13 +157,24 @@ def micro_batches(cfg, d, pol, episodes, trained, kept) -> list[MicroBatch]:
     at least), with the reference model's log-probs and, for --num-iterations > 1, the sampling policy's."""
     G = cfg.num_generations
     per_micro = max(1, cfg.micro_batch_size // G)            # whole groups per forward/backward pass
+    starts = list(range(0, len(episodes), G * per_micro))
+    # Ranks can hold different numbers of episodes (rrr.py's --attempts > 2: a chain goes on only while its
+    # retries fail). Each runs as many micro-batches as the busiest, the extra ones a copy of its first with
+    # no loss, so that FSDP's collectives (here the reference model's, later the update's) line up.
+    most = max(par.all_gather_objects(len(starts), d)) if d.world > 1 else len(starts)
     batches = []
-    for start in range(0, len(episodes), G * per_micro):
+    for number, start in enumerate(starts + [0] * (most - len(starts))):
         rows = list(range(start, min(start + G * per_micro, len(episodes))))
-        groups = [(episodes[r].ids[:episodes[r].span[0]], [trained[q] for q in rows[i:i + G]])
-                  for i, r in enumerate(rows) if i % G == 0]
-        adv = torch.tensor([episodes[r].advantage for r in rows], device=d.device)
-        mask = right_pad([torch.full((len(trained[r]),), kept[r]) for r in rows]).to(d.device)     # (rows, T)
+        groups = []         # (context, [trained parts]): runs of up to G rows with one context, computed once
+        for r in rows:
+            context = episodes[r].ids[:episodes[r].span[0]]
+            if groups and len(groups[-1][1]) < G and groups[-1][0] == context:
+                groups[-1][1].append(trained[r])
+            else:
+                groups.append((context, [trained[r]]))
+        extra = number >= len(starts)
+        adv = torch.tensor([0.0 if extra else episodes[r].advantage for r in rows], device=d.device)
+        mask = right_pad([torch.full((len(trained[r]),), 0.0 if extra else kept[r]) for r in rows]).to(d.device)  # (rows, T)
         ref = None
         if cfg.beta > 0:
             with torch.no_grad():

@@ -1,25 +1,31 @@
 """Reflect, Retry, Reward (Bensal et al. 2025): GRPO that rewards only the self-reflection.
 
-    python rrr.py --task countdown                                  # embedded SmolLM2-135M, 2-core CPU, ~8 min
+    python rrr.py --task countdown                                  # embedded SmolLM2-135M, 2-core CPU, ~10 min
     torchrun --nproc_per_node=8 rrr.py --task countdown --model Qwen/Qwen2.5-1.5B-Instruct ...
     torchrun --nproc_per_node=2 rrr.py --task countdown             # 2 CPU processes (gloo)
 
 The algorithm, one function per step (the README lists the same steps), in the order `run` calls them:
   1. load_splits          the task's train and test examples (data/); policy.load_policy: the model
                           (after warmstart.py's labelled warm start, with --warm-start)
-  2. evaluate             first-try and second-try accuracy of the untrained model (and, with
-                          --forgetting-eval, evaluate_forgetting: another task's first try)
-  3. build_failure_set    up to --failure-samples first attempts per training query; keep the failures
-  4. train_step           per step: step_batch picks the failures; rollout samples G reflections per
-                          failure and one retry each, reward = the verifier on the retry, advantages per
-                          group; policy.grpo_update trains only the reflection tokens (micro-batches of
-                          whole groups, FSDP, the optimizer)
+  2. evaluate             accuracy after each try (first, second, ... --attempts) of the untrained model
+                          (and, with --forgetting-eval, evaluate_forgetting: another task's first try)
+  3. build_failure_set    (failures.py) up to --failure-samples first attempts per training query; keep
+                          the failures
+  4. train_step           per step: step_batch picks the failures; rollout (rrr_rollout) samples G
+                          reflections per failure and one retry each, reward = the verifier on the retry,
+                          advantages per group; policy.grpo_update trains only the reflection tokens
+                          (micro-batches of whole groups, FSDP, the optimizer)
   5. evaluate + write_report  every --eval-every steps and at the end; report.md/.json (95% intervals, paired
                           tests; compare.py), plot.png; final/ (parallel.export_hf)
 
 Where to change things: the reward is `task.check_batch` (verifiers.py via data/); the prompts are the
-task's `reflection_prompt` / `retry_prompt` (data/); the loss is grpo.policy_loss; which tokens are trained
-is `Episode.span`, set in `rollout`.
+task's `reflection_prompt` / `retry_prompt` (data/), or --reflection-prompt / --retry-prompt, and
+`reflection_text` builds the reflection turn; the loss is grpo.policy_loss; which tokens are trained is
+`Episode.span`, set in `rrr_rollout`.
+
+Self-correction variants, off by default (the paper's algorithm): --attempts K > 2 reflects and retries
+again after each failed retry (rrr_rollout says how groups are formed and what it costs);
+--reflection-feedback shows the verifier's feedback on the failed try in the reflection prompt.
 
 Simplifications: one retry per reflection; evaluation is greedy; the training sequence of an episode stops
 at the end of its reflection (the retry comes later in the sequence, so it cannot change the reflection
@@ -37,12 +43,12 @@ from data import TASKS, data_dir_used, get_task, load_splits, resolve_data_dir, 
 from data.countdown import check_warm_start
 from runs import (EMBEDDED_MODEL, REPORT_TO, BadInput, announce, MachineFlags, Tracker, append_jsonl, check_at_least,
                   check_model_name, flag, main_guard, open_tracker, parse_config, prepare_out, progress_bar,
-                  read_jsonl, resolve_machine_flags, setting_differs)
+                  read_jsonl, resolve_machine_flags)
 
 GENERIC_REFLECTION = ("I made a mistake in my previous answer. I will read the task again carefully, "
                       "check every step, and then give a corrected answer.")
 DEFAULT_OUT = "runs/{method}-{task}"
-SEED_FAILURE_SET, SEED_ROLLOUT = 1, 2     # sampling-seed purposes (seed_for): the failure set's chunks, the rollouts
+SEED_ROLLOUT = 2          # the rollouts' sampling-seed purpose (par.sampling_generator; the failure set's is 1)
 EVAL_BATCH = 32          # examples per greedy sampling call in evaluation
 AT_LEAST_ONE = ("steps", "train_size", "eval_size", "batch_size", "num_generations", "failure_samples",
                 "max_completion_length", "max_reflection_length", "micro_batch_size", "num_iterations",
@@ -64,6 +70,13 @@ class Config(MachineFlags):     # + --bf16, --gradient-checkpointing, --cuda-gra
     method: str = flag("rrr", "rrr: train the reflection; grpo: plain GRPO on first attempts", choices=["rrr", "grpo"])
     reflection: str = flag("model", "model: the model writes its reflection; generic: a fixed generic text "
                            "(a control: then the retry tokens are trained)", choices=["model", "generic"])
+    attempts: int = flag(2, "tries per query: a first try, then a reflection and a retry after each failed try, up to "
+                         "this many tries in all (the paper: 2); evaluation reports accuracy after each try, training "
+                         "rewards each reflection by the retry after it")
+    reflection_feedback: bool = flag(False, "the reflection prompt also shows the verifier's feedback on the failed try "
+                                     "(MBPP: the visible tests' part only); off: the paper's prompt alone")
+    reflection_prompt: str | None = flag(None, "the reflection prompt (default: the task's, the paper's verbatim)")
+    retry_prompt: str | None = flag(None, "the retry prompt (default: the task's, which asks for its answer format)")
     steps: int = flag(8, "training steps")
     train_size: int = flag(32, "training queries to draw failures from")
     eval_size: int = flag(32, "test examples to evaluate on (the report says which part of the split that is)")
@@ -111,6 +124,11 @@ def check_flags(cfg):
     resolve_data_dir(cfg.data_dir)
     if cfg.method == "grpo" and cfg.reflection == "generic":
         raise BadInput("--reflection generic applies to --method rrr only")
+    if cfg.attempts < 2:
+        raise BadInput("--attempts must be at least 2 (a first try and a retry)")
+    for name in ("reflection_prompt", "retry_prompt"):
+        if getattr(cfg, name) is not None and not getattr(cfg, name).strip():
+            raise BadInput(f"--{name.replace('_', '-')} is empty: give the prompt's text, or leave the flag out for the task's")
 
 
 if __name__ == "__main__":      # a bad flag fails here, in a fraction of a second, before torch loads (3-5 s)
@@ -121,19 +139,11 @@ import torch
 
 import parallel as par
 from compare import write_report
+from failures import Failure, build_failure_set, check_failure_set
 from grpo import group_advantages, zero_variance_fraction
 from model import chat_ids, next_turn_ids
-from policy import grpo_update, load_policy, sample, sampling
+from policy import grpo_update, load_policy, sample, sampling, stop_of
 from warmstart import model_for_run
-
-
-@dataclass
-class Failure:
-    id: str                    # the training example
-    attempt: list[int]         # the failed first attempt, as sampled
-    attempt_stop: int | None   # the stop token that ended it (None: cut at max length)
-    feedback: str              # the verifier's verdict on it
-    samples: int               # first attempts drawn until this one failed
 
 
 @dataclass
@@ -147,6 +157,7 @@ class Episode:
     text: dict = field(default_factory=dict)
     advantage: float = 0.0
     judged: bool = True        # False: the sandbox could not run the retry; no reward, no loss
+    scored_try: int = 2        # the try whose success is the reward: 2 is the first retry (1: plain GRPO's attempt)
 
 
 # --- 1. data and the model are data.load_splits and policy.load_policy --------------------------------
@@ -157,35 +168,45 @@ def turn(tokenizer, text: str, ended_with: int | None) -> tuple[int, ...]:
     return tuple(next_turn_ids(tokenizer, text, ended_with))
 
 
-def stop_of(tokens, finished):
-    return tokens[-1] if finished else None
-
-
-def generic_turn(pol, task) -> list[int]:
+def generic_turn(cfg, pol) -> list[int]:
     """The fixed generic reflection as a finished assistant turn, then the retry-prompt turn."""
     tok = pol.tokenizer
     return (list(tok(GENERIC_REFLECTION, add_special_tokens=False)["input_ids"]) + [tok.eos_token_id]
-            + list(turn(tok, task.retry_prompt, tok.eos_token_id)))
+            + list(turn(tok, cfg.retry_prompt, tok.eos_token_id)))
 
 
-def reflect_and_retry(cfg, pol, task, prefixes, num_samples, temperature, gen):
-    """prefixes: prompt + attempt 1 + the reflection-prompt turn. Samples num_samples reflections per
-    prefix (prefilled once, shared), then one retry after each, continuing the reflection's cache.
-    Returns (reflections, retries); reflections is None with --reflection generic."""
+def reflection_text(cfg, feedback: str) -> str:
+    """The reflection prompt's turn: --reflection-prompt (the task's by default) and, with
+    --reflection-feedback, the verifier's feedback on the failed try (Verdict.feedback_to_show: for MBPP
+    the visible tests' results; hidden tests are never described)."""
+    return f"{cfg.reflection_prompt}\n\nFeedback on that answer: {feedback}" if cfg.reflection_feedback else cfg.reflection_prompt
+
+
+def reflection_prefix(cfg, pol, context, attempt, stop, feedback):
+    """context + the failed try + the reflection-prompt turn: what a reflection is sampled after."""
+    return list(context) + list(attempt) + list(turn(pol.tokenizer, reflection_text(cfg, feedback), stop))
+
+
+def reflect_and_retry(cfg, pol, prefixes, num_samples, temperature, gen):
+    """prefixes: a conversation up to a failed try + the reflection-prompt turn (reflection_prefix). Samples
+    num_samples reflections per prefix (prefilled once, shared), then one retry after each, continuing the
+    reflection's cache. Returns (reflections, retries, the context each retry was sampled after: prefix +
+    reflection + retry-prompt turn); reflections is None with --reflection generic."""
     if cfg.reflection == "generic":
-        retries = sample(pol.sampler, pol.stops, [p + generic_turn(pol, task) for p in prefixes], cfg,
-                         temperature=temperature, num_samples=num_samples, generator=gen)
-        return None, retries
+        contexts = [p + generic_turn(cfg, pol) for p in prefixes]
+        retries = sample(pol.sampler, pol.stops, contexts, cfg, temperature=temperature, num_samples=num_samples, generator=gen)
+        return None, retries, [contexts[r // num_samples] for r in range(len(retries.tokens))]
     refl = sample(pol.sampler, pol.stops, prefixes, cfg, temperature=temperature, max_new_tokens=cfg.max_reflection_length,
                   num_samples=num_samples, generator=gen, keep_cache=True)
-    chunks = [list(turn(pol.tokenizer, task.retry_prompt, stop_of(t, f))) for t, f in zip(refl.tokens, refl.finished)]
+    chunks = [list(turn(pol.tokenizer, cfg.retry_prompt, stop_of(t, f))) for t, f in zip(refl.tokens, refl.finished)]
     retries = sample(pol.sampler, pol.stops, chunks, cfg, temperature=temperature, generator=gen, cache=refl.cache)
     refl.cache = None        # consumed by the retry, which grew it in place: free it now
-    return refl, retries
+    return refl, retries, [prefixes[r // num_samples] + list(refl.tokens[r]) + chunks[r] for r in range(len(chunks))]
 
 
-def reflection_prefix(pol, task, prompt_ids, attempt, stop):
-    return list(prompt_ids) + list(attempt) + list(turn(pol.tokenizer, task.reflection_prompt, stop))
+def next_reflection_prefix(cfg, pol, context, retry, finished, verdict):
+    """A chain whose retry failed, ready for its next reflection (--attempts > 2)."""
+    return reflection_prefix(cfg, pol, context, retry, stop_of(retry, finished), verdict.feedback_to_show())
 
 
 def first_tries(cfg, pol, task, examples):
@@ -200,31 +221,54 @@ def first_tries(cfg, pol, task, examples):
 
 @torch.no_grad()
 def evaluate(cfg, d, pol, task, examples, step, out) -> dict:
-    """Greedy first try on each example; for the failures, greedy reflection and retry. A first-try
-    success counts as a second-try success. Each rank takes its share; counts are summed. Each item's
-    row in eval_answers.jsonl holds its attempt and, when the first try failed, the reflection and retry."""
-    mine, rows = examples[d.rank::d.world], []
+    """Greedy first try on each example; for the failures, greedy reflection and retry, again after each
+    failed retry up to --attempts tries. A solved item stays solved: accuracy after try k counts the items
+    solved by any of the first k tries. Each rank takes its share; counts are summed. Each item's row in
+    eval_answers.jsonl holds its attempt and, when the first try failed, the reflection and retry (with
+    --attempts > 2, `tries`: solved after each try, and `later_tries`: each further reflection and retry)."""
+    mine, rows, K = examples[d.rank::d.world], [], cfg.attempts
     with sampling(pol), progress_bar(total=len(mine), desc=f"eval step {step}", disable=not d.main, leave=False) as bar:
         for part, prompts, gen1, verdicts in first_tries(cfg, pol, task, mine):
             these = [dict(id=ex.id, first=v.ok, second=v.ok, attempt=pol.decode(t))     # + MBPP's visible tests alone
                      | ({} if v.base is None else dict(first_base=v.base, second_base=v.base))
                      | ({"judged": False} if v.infra else {})       # the sandbox failed: left out of accuracy
+                     | (dict(tries=[v.ok] * K) | ({} if v.base is None else dict(tries_base=[v.base] * K)) if K > 2 else {})
                      for ex, v, t in zip(part, verdicts, gen1.tokens)]
             failed = [i for i, v in enumerate(verdicts) if not v.ok and not v.infra]
-            if failed:
-                prefixes = [reflection_prefix(pol, task, prompts[i], gen1.tokens[i], stop_of(gen1.tokens[i], gen1.finished[i])) for i in failed]
-                refl, retries = reflect_and_retry(cfg, pol, task, prefixes, num_samples=1, temperature=0.0, gen=None)
+            prefixes = [reflection_prefix(cfg, pol, prompts[i], gen1.tokens[i], stop_of(gen1.tokens[i], gen1.finished[i]),
+                                          verdicts[i].feedback_to_show()) for i in failed]
+            for k in range(2, K + 1):       # try k: a reflection on the failed try k - 1, then a retry
+                if not failed:
+                    break
+                refl, retries, contexts = reflect_and_retry(cfg, pol, prefixes, num_samples=1, temperature=0.0, gen=None)
                 again = task.check_batch([pol.decode(t) for t in retries.tokens], [part[i] for i in failed])
                 for j, (i, v) in enumerate(zip(failed, again)):
-                    these[i].update(second=v.ok, reflection=pol.decode(refl.tokens[j]) if refl else GENERIC_REFLECTION,
-                                    retry=pol.decode(retries.tokens[j]), **({"judged": False} if v.infra else {}),
-                                    **({} if v.base is None else dict(second_base=these[i]["first_base"] or v.base)))
+                    texts = dict(reflection=pol.decode(refl.tokens[j]) if refl else GENERIC_REFLECTION,
+                                 retry=pol.decode(retries.tokens[j]))
+                    unjudged = {"judged": False} if v.infra else {}
+                    if k == 2:
+                        these[i].update(second=v.ok, **texts, **unjudged,
+                                        **({} if v.base is None else dict(second_base=these[i]["first_base"] or v.base)))
+                    else:
+                        these[i].setdefault("later_tries", []).append(dict(texts, ok=v.ok))
+                        these[i].update(unjudged)
+                    if K > 2:       # from this try on, solved if it was before or is now
+                        these[i]["tries"][k - 1:] = [these[i]["tries"][k - 2] or v.ok] * (K - k + 1)
+                        if v.base is not None:
+                            these[i]["tries_base"][k - 1:] = [these[i]["tries_base"][k - 2] or v.base] * (K - k + 1)
+                going = [j for j, v in enumerate(again) if not v.ok and not v.infra and k < K]
+                prefixes = [next_reflection_prefix(cfg, pol, contexts[j], retries.tokens[j], retries.finished[j], again[j])
+                            for j in going]
+                failed = [failed[j] for j in going]
             rows += these
             bar.update(len(part))
     judged = [r for r in rows if r.get("judged", True)]
-    first, second, n, unjudged = par.all_sum([sum(r["first"] for r in judged), sum(r["second"] for r in judged),
-                                              len(judged), len(rows) - len(judged)], d)
-    result = dict(step=step, first=first / max(n, 1), second=second / max(n, 1), n=int(n), not_judged=int(unjudged))
+    solved = [sum(r["tries"][k] if K > 2 else r[("first", "second")[k]] for r in judged) for k in range(K)]
+    counts = par.all_sum(solved + [len(judged), len(rows) - len(judged)], d)
+    n, unjudged = counts[K], counts[K + 1]
+    result = dict(step=step, first=counts[0] / max(n, 1), second=counts[1] / max(n, 1), n=int(n), not_judged=int(unjudged))
+    if K > 2:
+        result["tries"] = [c / max(n, 1) for c in counts[:K]]
     all_rows = par.all_gather_objects(rows, d)
     if d.main:     # the answers first: the summary line says that the evaluation is complete
         append_jsonl(out / "eval_answers.jsonl", [dict(r, step=step) for rs in all_rows for r in rs])
@@ -255,93 +299,7 @@ def evaluate_forgetting(cfg, d, pol, step, out) -> dict:
     return results
 
 
-# --- 3. the failure set ----------------------------------------------------------------------------
-
-def seed_for(cfg, purpose: int, step: int, rank: int) -> int:
-    """A distinct, reproducible sampling seed per (purpose, step, rank): resuming needs no saved sampler state."""
-    return ((cfg.seed * 1_000_003 + purpose) * 1_000_003 + step) * 1_009 + rank
-
-
-def generator(cfg, d, purpose, step):
-    return torch.Generator(d.device).manual_seed(seed_for(cfg, purpose, step, d.rank))
-
-
-def failure_set_meta(cfg) -> dict:
-    """The settings a failure set depends on: its first line, which a run reusing or resuming it must match."""
-    return dict(task=cfg.task, model=cfg.model, warm_start=cfg.warm_start, data_dir=cfg.data_dir, train_size=cfg.train_size, seed=cfg.seed,
-                failure_samples=cfg.failure_samples, max_completion_length=cfg.max_completion_length,
-                temperature=cfg.temperature)
-
-
-def check_failure_set(cfg, path: Path, train):
-    """Refuses, in one line, a failure set at `path` whose meta line shows other settings than this run's;
-    another run's (--failure-set) must also hold every training query. Only reads: run() checks
-    --failure-set with it before the run folder exists, so a refused run creates and changes nothing."""
-    if cfg.failure_set and not path.is_file():
-        raise BadInput(f"--failure-set {path}: no such file")
-    try:
-        rows = read_jsonl(path)
-    except (OSError, UnicodeDecodeError) as e:
-        raise BadInput(f"{path}: cannot be read ({type(e).__name__})") from None
-    if not rows and not cfg.failure_set:
-        return
-    theirs, ours = rows[0].get("meta") if rows and isinstance(rows[0], dict) else None, failure_set_meta(cfg)
-    if not isinstance(theirs, dict):
-        raise BadInput(f"{path}: not a failure set (its first line is not a meta line)")
-    changed = sorted(k for k in set(theirs) | set(ours) if setting_differs(k, theirs.get(k), ours.get(k)))
-    if changed:
-        what = ", ".join(f"{k}: {theirs.get(k)!r} there, {ours.get(k)!r} here" for k in changed)
-        raise BadInput(f"{path} was built with other settings ({what})")
-    have = {r.get("id") for r in rows[1:] if isinstance(r, dict)}
-    missing = sum(ex.id not in have for ex in train)
-    if missing and cfg.failure_set:  # a run killed while building it: resume that run, or let this one build its own
-        raise BadInput(f"--failure-set {path} lacks {missing} of this run's {len(train)} training queries")
-
-
-def sample_until_failure(cfg, pol, task, examples, gen) -> list[dict]:
-    """First attempts at each example in rounds of 1, 2, 4, ... per example that has not failed yet, up to
-    --failure-samples in all: its first failed attempt (with the verifier's feedback and the number of
-    attempts drawn), or failed=False."""
-    found, used = {}, {ex.id: 0 for ex in examples}
-    pending, n = list(examples), 1
-    while pending:
-        n = min(n, cfg.failure_samples - used[pending[0].id])
-        prompts = [chat_ids(pol.tokenizer, ex.messages) for ex in pending]
-        g = sample(pol.sampler, pol.stops, prompts, cfg, temperature=cfg.temperature, num_samples=n, generator=gen)
-        verdicts = task.check_batch([pol.decode(t) for t in g.tokens], [ex for ex in pending for _ in range(n)])
-        for i, ex in enumerate(pending):
-            for j in range(n):
-                r = i * n + j
-                if not verdicts[r].ok and not verdicts[r].infra and ex.id not in found:
-                    found[ex.id] = dict(id=ex.id, failed=True, attempt=g.tokens[r], feedback=verdicts[r].feedback,
-                                        attempt_stop=stop_of(g.tokens[r], g.finished[r]), samples=used[ex.id] + j + 1)
-            used[ex.id] += n
-        pending = [ex for ex in pending if ex.id not in found and used[ex.id] < cfg.failure_samples]
-        n *= 2
-    return [found.get(ex.id, dict(id=ex.id, failed=False, samples=used[ex.id])) for ex in examples]
-
-
-@torch.no_grad()
-def build_failure_set(cfg, d, pol, task, train, out) -> list[Failure]:
-    """Samples first attempts per training query until one fails (sample_until_failure) and keeps the
-    queries that failed, with that attempt. Written to failures.jsonl chunk by chunk (--sampling-batch-size
-    queries per rank), after a meta line of the settings it depends on. par.resumable_chunks numbers the
-    chunks alike in every run, and a chunk's sampling seed is its number: an interrupted run resumes where it
-    stopped and samples each chunk exactly as an uninterrupted run does."""
-    path = Path(cfg.failure_set) if cfg.failure_set else out / "failures.jsonl"
-    par.on_rank0(d, check_failure_set, cfg, path, train)          # rank 0 reads, and refuses for all
-    with sampling(pol):
-        done = par.resumable_chunks(
-            path, [(ex.id, ex) for ex in train], d=d, per_rank=cfg.sampling_batch_size, desc="failure set",
-            header=dict(meta=failure_set_meta(cfg)), key="id",
-            work=lambda number, ids, examples: sample_until_failure(cfg, pol, task, examples,
-                                                                    generator(cfg, d, SEED_FAILURE_SET, number)))
-    rows = [done[ex.id][0] for ex in train]
-    return [Failure(id=r["id"], attempt=r["attempt"], attempt_stop=r["attempt_stop"], feedback=r["feedback"],
-                    samples=r["samples"]) for r in rows if r["failed"]]
-
-
-# --- 4. training ------------------------------------------------------------------------------------
+# --- 3. the failure set is failures.build_failure_set; 4. training ------------------------------------
 
 def step_batch(cfg, d, failures, step) -> list[Failure]:
     """This rank's share of the failures for `step`: a seeded permutation per epoch, so the data position
@@ -357,45 +315,80 @@ def step_batch(cfg, d, failures, step) -> list[Failure]:
 
 @torch.no_grad()
 def rollout(cfg, d, pol, task, failures, examples, step) -> list[Episode]:
-    """This rank's failures -> num_generations episodes each, with rewards and advantages. Samples
-    from pol.sampler: call it inside `sampling(pol)`."""
-    G = cfg.num_generations
-    gen = generator(cfg, d, SEED_ROLLOUT, step)
+    """This rank's failures -> episodes with rewards and advantages (rrr_rollout; grpo_rollout with
+    --method grpo). Samples from pol.sampler: call it inside `sampling(pol)`."""
+    gen = par.sampling_generator(cfg.seed, d, SEED_ROLLOUT, step)
     exs = [examples[f.id] for f in failures]
     prompts = [chat_ids(pol.tokenizer, ex.messages) for ex in exs]
-    reflected = False                   # whether the model wrote a reflection, which is then what is trained
-    if cfg.method == "grpo":            # plain GRPO: G first attempts; the attempt is trained and scored
-        contexts = prompts
-        trained = retries = sample(pol.sampler, pol.stops, prompts, cfg, temperature=cfg.temperature, num_samples=G,
-                                   generator=gen)
-    else:
-        prefixes = [reflection_prefix(pol, task, p, f.attempt, f.attempt_stop) for p, f in zip(prompts, failures)]
-        refl, retries = reflect_and_retry(cfg, pol, task, prefixes, num_samples=G, temperature=cfg.temperature, gen=gen)
-        reflected = refl is not None
-        if reflected:                   # RRR: the reflection is trained; the retry only decides the reward
-            contexts, trained = prefixes, refl
-        else:                           # generic reflection: the retry is all the model wrote
-            contexts, trained = [p + generic_turn(pol, task) for p in prefixes], retries
-    verdicts = task.check_batch([pol.decode(t) for t in retries.tokens], [exs[r // G] for r in range(len(retries.tokens))])
-    rewards = torch.tensor([float(v.ok) for v in verdicts])
-    judged = torch.tensor([not v.infra for v in verdicts])          # an unjudged episode sits out its group
+    return (grpo_rollout if cfg.method == "grpo" else rrr_rollout)(cfg, d, pol, task, failures, exs, prompts, gen)
+
+
+def rewards_of(verdicts, slots: list[int], size: int):
+    """Rewards (the verifier's success) and whether each was judged, at `slots` of `size` places; an
+    unjudged or empty place sits out its group."""
+    rewards, judged = torch.zeros(size), torch.zeros(size, dtype=torch.bool)
+    rewards[slots] = torch.tensor([float(v.ok) for v in verdicts])
+    judged[slots] = torch.tensor([not v.infra for v in verdicts], dtype=torch.bool)
+    return rewards, judged
+
+
+def grpo_rollout(cfg, d, pol, task, failures, exs, prompts, gen) -> list[Episode]:
+    """Plain GRPO (the control): G first attempts at each failure's query, each trained and scored."""
+    G = cfg.num_generations
+    attempts = sample(pol.sampler, pol.stops, prompts, cfg, temperature=cfg.temperature, num_samples=G, generator=gen)
+    verdicts = task.check_batch([pol.decode(t) for t in attempts.tokens], [exs[r // G] for r in range(len(attempts.tokens))])
+    rewards, judged = rewards_of(verdicts, list(range(len(verdicts))), len(verdicts))
     advantages = advantages_of(cfg, d, rewards, judged)
+    return [Episode(id=exs[r // G].id, ids=list(prompts[r // G]) + list(toks), span=(len(prompts[r // G]), len(prompts[r // G]) + len(toks)),
+                    reward=rewards[r].item(), truncated=not attempts.finished[r], sampled=len(toks),
+                    text=dict(prompt=exs[r // G].messages[-1]["content"], attempt=pol.decode(toks), reflection=None,
+                              feedback=verdicts[r].feedback),
+                    advantage=advantages[r].item(), judged=bool(judged[r]), scored_try=1)
+            for r, toks in enumerate(attempts.tokens)]
+
+
+def rrr_rollout(cfg, d, pol, task, failures, exs, prompts, gen) -> list[Episode]:
+    """RRR: G reflections on each failure's first attempt (its prefix prefilled once, shared) and one retry
+    after each; reward = the verifier on the retry; advantages within each failure's group of G. The
+    reflection is trained, and the retry only decides its reward (--reflection generic: the retry is
+    trained, being all the model wrote).
+
+    --attempts K > 2: each chain whose retry failed reflects on that retry and retries again, up to K tries
+    in all. A reflection's reward is the retry right after it, and its group is the chains of the same
+    failure that reached the same try (group_advantages over the failure's G slots, the others left out).
+    A failure then costs up to (K - 1) x G reflections and retries in sampled tokens instead of G (fewer as
+    retries succeed), each later try prefilled on its own (the G chains no longer share a prefix), and the
+    trained sequences grow by a reflection and a retry per try."""
+    G, slots = cfg.num_generations, len(failures) * cfg.num_generations
+    going = list(range(slots))                  # slot r: chain r % G of failure r // G
+    prefixes = [reflection_prefix(cfg, pol, p, f.attempt, f.attempt_stop, f.feedback_shown) for p, f in zip(prompts, failures)]
+    attempt = [pol.decode(f.attempt) for f in failures for _ in range(G)]            # the try reflected on, per slot
+    shown = [reflection_text(cfg, f.feedback_shown) for f in failures for _ in range(G)]
     episodes = []
-    for r, toks in enumerate(trained.tokens):
-        ctx, failure = contexts[r // G], failures[r // G]
-        if cfg.method == "grpo":
-            text = dict(prompt=exs[r // G].messages[-1]["content"], attempt=pol.decode(toks), reflection=None,
-                        feedback=verdicts[r].feedback)
-        else:
-            text = dict(prompt=exs[r // G].messages[-1]["content"], attempt=pol.decode(failure.attempt),
-                        reflection_prompt=task.reflection_prompt,
-                        reflection=pol.decode(toks) if reflected else None,
-                        retry_prompt=task.retry_prompt, retry=pol.decode(retries.tokens[r]),
-                        feedback=verdicts[r].feedback)
-        episodes.append(Episode(id=exs[r // G].id, ids=list(ctx) + list(toks), span=(len(ctx), len(ctx) + len(toks)),
-                                reward=rewards[r].item(), truncated=not trained.finished[r],
-                                sampled=len(toks) + (len(retries.tokens[r]) if reflected else 0), text=text,
-                                advantage=advantages[r].item(), judged=bool(judged[r])))
+    for k in range(2, cfg.attempts + 1):        # every rank runs every try: advantages_of may all-reduce
+        per = G if k == 2 else 1
+        refl, retries, contexts = reflect_and_retry(cfg, pol, prefixes, num_samples=per, temperature=cfg.temperature, gen=gen)
+        verdicts = task.check_batch([pol.decode(t) for t in retries.tokens], [exs[r // G] for r in going])
+        rewards, judged = rewards_of(verdicts, going, slots)
+        advantages = advantages_of(cfg, d, rewards, judged)
+        for j, r in enumerate(going):
+            ctx, trained = (prefixes[j // per], refl) if refl else (contexts[j], retries)
+            toks = trained.tokens[j]
+            text = dict(prompt=exs[r // G].messages[-1]["content"], attempt=attempt[r], reflection_prompt=shown[r],
+                        reflection=pol.decode(toks) if refl else None, retry_prompt=cfg.retry_prompt,
+                        retry=pol.decode(retries.tokens[j]), feedback=verdicts[j].feedback)
+            episodes.append(Episode(id=exs[r // G].id, ids=list(ctx) + list(toks), span=(len(ctx), len(ctx) + len(toks)),
+                                    reward=rewards[r].item(), truncated=not trained.finished[j],
+                                    sampled=len(toks) + (len(retries.tokens[j]) if refl else 0), text=text,
+                                    advantage=advantages[r].item(), judged=bool(judged[r]), scored_try=k))
+        if k < cfg.attempts:        # the chains whose retry failed go on
+            keep = [j for j, v in enumerate(verdicts) if not v.ok and not v.infra]
+            for j in keep:
+                attempt[going[j]] = pol.decode(retries.tokens[j])
+                shown[going[j]] = reflection_text(cfg, verdicts[j].feedback_to_show())
+            prefixes = [next_reflection_prefix(cfg, pol, contexts[j], retries.tokens[j], retries.finished[j], verdicts[j])
+                        for j in keep]
+            going = [going[j] for j in keep]
     return episodes
 
 
@@ -415,18 +408,26 @@ def trained_length_limit(cfg) -> int:
 
 
 def step_metrics(cfg, d, step, episodes, stats, sample_seconds, train_seconds) -> dict:
-    """Global means over all ranks' episodes. `trained_*` describe the trained part: the reflection in RRR."""
+    """Global means over all ranks' episodes. `trained_*` describe the trained part: the reflection in RRR.
+    Groups are those of the first retry (GRPO's: the attempts); with --attempts > 2, `reward_try<k>` is
+    the mean reward of the reflections before try k (`reward`: of all of them)."""
     rewards = torch.tensor([e.reward for e in episodes])
     G, judged = cfg.num_generations, sum(e.judged for e in episodes)
     trained = sum(e.span[1] - e.span[0] for e in episodes)
-    g = par.all_sum([rewards.sum(), len(episodes), zero_variance_fraction(rewards, G) * len(episodes) / G,
+    first = torch.tensor([e.reward for e in episodes if e.scored_try <= 2])      # the first n x G episodes
+    tries = range(2, cfg.attempts + 1) if cfg.attempts > 2 else ()
+    per_try = [(sum(e.reward for e in episodes if e.scored_try == k), sum(e.judged for e in episodes if e.scored_try == k))
+               for k in tries]
+    g = par.all_sum([rewards.sum(), len(episodes), zero_variance_fraction(first, G) * len(first) / G,
                      trained, sum(e.truncated for e in episodes), sum(e.sampled for e in episodes),
-                     sum(len(e.ids) for e in episodes), judged], d)
-    n, groups = max(g[1], 1), max(g[1] / G, 1)     # an unjudged episode's reward is 0: the mean is over the judged
-    return dict(step=step, reward=g[0] / max(g[7], 1), not_judged=int(g[1] - g[7]), zero_variance_groups=g[2] / groups,
-                trained_length=g[3] / n, trained_truncated=g[4] / n, **stats,
-                sample_tokens_per_s=g[5] / max(sample_seconds, 1e-9), train_tokens_per_s=g[6] / max(train_seconds, 1e-9),
-                sample_seconds=sample_seconds, train_seconds=train_seconds, step_seconds=sample_seconds + train_seconds)
+                     sum(len(e.ids) for e in episodes), judged, len(first)] + [x for pair in per_try for x in pair], d)
+    n, groups = max(g[1], 1), max(g[8] / G, 1)     # an unjudged episode's reward is 0: the mean is over the judged
+    row = dict(step=step, reward=g[0] / max(g[7], 1), not_judged=int(g[1] - g[7]), zero_variance_groups=g[2] / groups,
+               trained_length=g[3] / n, trained_truncated=g[4] / n, **stats,
+               sample_tokens_per_s=g[5] / max(sample_seconds, 1e-9), train_tokens_per_s=g[6] / max(train_seconds, 1e-9),
+               sample_seconds=sample_seconds, train_seconds=train_seconds, step_seconds=sample_seconds + train_seconds)
+    row |= {f"reward_try{k}": g[9 + 2 * i] / max(g[10 + 2 * i], 1) for i, k in enumerate(tries)}
+    return row
 
 
 def train_step(cfg, d, pol, task, failures, examples, step, out) -> dict:
@@ -446,6 +447,12 @@ def train_step(cfg, d, pol, task, failures, examples, step, out) -> dict:
 
 # --- the driver ---------------------------------------------------------------------------------------
 
+def resolve_prompts(cfg):
+    """--reflection-prompt and --retry-prompt as used, the task's where not given: config.json records them."""
+    task = get_task(cfg.task)
+    cfg.reflection_prompt, cfg.retry_prompt = cfg.reflection_prompt or task.reflection_prompt, cfg.retry_prompt or task.retry_prompt
+
+
 def log_eval(tracker, evals, result):
     evals.append(result)
     tracker.log({"eval/first_try": result["first"], "eval/second_try": result["second"]}, result["step"])
@@ -458,8 +465,9 @@ def run(argv=None):
     # config.json and report.json record the model, data folder and run folder used; the same flags resolve
     # alike, so --resume still compares like with like.
     cfg.model, cfg.data_dir, cfg.out = cfg.model or EMBEDDED_MODEL, data_dir_used(cfg.data_dir), str(out)
-    announce(out, cfg, ("task", "model", "method", "reflection", "warm_start", "steps", "batch_size", "num_generations",
-                        "learning_rate", "eval_size"))
+    resolve_prompts(cfg)
+    announce(out, cfg, ("task", "model", "method", "reflection", "attempts", "reflection_feedback", "warm_start", "steps",
+                        "batch_size", "num_generations", "learning_rate", "eval_size"))
     started = time.time()
     d, tracker = par.init_distributed(cfg.device), Tracker()
     try:

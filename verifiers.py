@@ -29,6 +29,12 @@ class Verdict(NamedTuple):
     feedback: str
     base: bool | None = None    # with hidden tests (MBPP): whether the visible tests alone pass, EvalPlus's "base"
     infra: bool = False         # not judged: the machinery failed, not the program (ok is then False)
+    shown: str | None = None    # what a prompt may show of feedback: with hidden tests, the visible tests' part
+
+    def feedback_to_show(self) -> str:
+        """The feedback a model may be shown (rrr.py's --reflection-feedback): all of it, except that hidden
+        tests are never described, not even by their count."""
+        return self.feedback if self.shown is None else self.shown
 
 
 NOT_RUN = "<not run: "           # code_outputs_batch's value where the sandbox could not run the program
@@ -426,7 +432,7 @@ def _with_hidden(tests, hidden, run: dict, timeout: float) -> Verdict:
     if not failed:
         return visible._replace(base=visible.ok)
     note = f"{failed} of {len(hidden)} hidden tests failed (their inputs are not shown)"
-    return Verdict(False, f"{visible.feedback}\n{note}", base=visible.ok)
+    return Verdict(False, f"{visible.feedback}\n{note}", base=visible.ok, shown=visible.feedback)
 
 
 def code_outputs_batch(items, workers: int | None = None, timeout: float = 5.0) -> list[list[str]]:

@@ -37,7 +37,7 @@ def ours(args):
     task, train, _ = load_splits("countdown", None, args.prompts, 1, 0)
     pol = rrr.load_policy(cfg, d)
     pol.stops = []                                   # no early stop: every completion is full length
-    failures = [rrr.Failure(ex.id, [], None, "", 1) for ex in train]
+    failures = [rrr.Failure(ex.id, [], None, "", "", 1) for ex in train]
     examples = {ex.id: ex for ex in train}
     times = []
     for step in range(args.steps + 1):

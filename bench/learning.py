@@ -11,10 +11,12 @@ and everything below starts from that model. Then, one after the other, with one
                                           the failure set)
   2. rrr.py --reflection generic         (the same failure set: --failure-set from run 1)
   3. rrr.py --method grpo                (the same failure set)
-and compare.py's table of the three (first and second try with 95% intervals, exact McNemar tests
+  and, with --arms, RRR's self-correction variants on the same failure set: feedback (--reflection-feedback:
+  the verifier's feedback in the reflection prompt) and three-tries (--attempts 3);
+and compare.py's table of the runs (accuracy after each try with 95% intervals, exact McNemar tests
 against the vanilla evaluation they share) on --eval-size held-out puzzles. Written to --out: each run's
 folder, comparison.md/.json (the table), learning.png (reward and zero-variance groups per step, and
-first- and second-try accuracy per evaluation, for the three methods) and learning.json beside it
+first- and second-try accuracy per evaluation, per run) and learning.json beside it
 (every evaluation's per-item results and every step's metrics, per method).
 
 A run killed half-way is continued by the same command: finished runs are kept, an unfinished one is
@@ -35,13 +37,18 @@ from plots import _figure, _save, _steps_axis  # noqa: E402
 from runs import read_jsonl, write_json  # noqa: E402
 
 METHODS = {"rrr": ["--method", "rrr"], "generic": ["--method", "rrr", "--reflection", "generic"],
-           "grpo": ["--method", "grpo"]}
-LABELS = {"rrr": "RRR (model's reflection)", "generic": "generic reflection", "grpo": "GRPO on first attempts"}
+           "grpo": ["--method", "grpo"],
+           # the self-correction variants (optional arms, --arms): the verifier's feedback in the reflection
+           # prompt (as RLEF, Gehring et al. 2024), and a third try (multi-attempt RL, Chung et al. 2025)
+           "feedback": ["--method", "rrr", "--reflection-feedback"], "three-tries": ["--method", "rrr", "--attempts", "3"]}
+LABELS = {"rrr": "RRR (model's reflection)", "generic": "generic reflection", "grpo": "GRPO on first attempts",
+          "feedback": "RRR, feedback in the reflection prompt", "three-tries": "RRR, three tries"}
+DEFAULT_ARMS = ("rrr", "generic", "grpo")
 
 
 def parse_args(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--out", type=Path, default=Path("runs/learning"), help="folder for the three runs and the results")
+    ap.add_argument("--out", type=Path, default=Path("runs/learning"), help="folder for the runs and the results")
     ap.add_argument("--task", default="countdown_easy", help="task (one with a solver for the warm start)")
     ap.add_argument("--warm-start", type=int, default=800, help="labelled puzzles the warm start fine-tunes on")
     ap.add_argument("--eval-size", type=int, default=300, help="held-out test puzzles every evaluation scores")
@@ -51,9 +58,15 @@ def parse_args(argv=None):
     ap.add_argument("--num-generations", type=int, default=8, help="G: reflections (or attempts) per failure")
     ap.add_argument("--learning-rate", type=float, default=5e-5, help="AdamW learning rate of every method")
     ap.add_argument("--eval-every", type=int, default=0, help="evaluate every N steps as well (0: before and after training only)")
-    ap.add_argument("--seed", type=int, default=0, help="one seed for the three runs")
-    ap.add_argument("--extra", default="", help="more rrr.py flags for all three runs, as one string")
-    return ap.parse_args(argv)
+    ap.add_argument("--seed", type=int, default=0, help="one seed for every run")
+    ap.add_argument("--extra", default="", help="more rrr.py flags for every run, as one string")
+    ap.add_argument("--arms", nargs="+", default=list(DEFAULT_ARMS), choices=list(METHODS),
+                    help="the runs, in order (rrr first: the others reuse its failure set); feedback and "
+                         "three-tries are RRR's self-correction variants")
+    args = ap.parse_args(argv)
+    if args.arms[0] != "rrr":
+        ap.error("--arms must start with rrr, whose failure set the other arms reuse")
+    return args
 
 
 def rrr_args(args, method: str) -> list[str]:
@@ -83,7 +96,7 @@ def run_method(args, method: str):
 
 
 def learning_figure(path: Path, logs: dict):
-    """Two panels, the three methods in each: (a) reward (solid) and zero-variance groups (dotted) per
+    """Two panels, every run in each: (a) reward (solid) and zero-variance groups (dotted) per
     training step; (b) first-try (solid) and second-try (dashed) test accuracy per evaluation."""
     from matplotlib.ticker import PercentFormatter
     fig = _figure((12.0, 4.5))
@@ -112,15 +125,15 @@ def main(argv=None):
     args = parse_args(argv)
     args.out.mkdir(parents=True, exist_ok=True)
     started = time.time()
-    for method in METHODS:
+    for method in args.arms:
         run_method(args, method)
-    table, numbers = compare([args.out / m for m in METHODS])
+    table, numbers = compare([args.out / m for m in args.arms])
     (args.out / "comparison.md").write_text(table + "\n")
     write_json(args.out / "comparison.json", numbers)
     logs = {m: dict(metrics=read_jsonl(args.out / m / "metrics.jsonl"), evals=read_jsonl(args.out / m / "evals.jsonl"),
-                    answers=[dict(step=r["step"], id=r["id"], first=r["first"], second=r["second"])
+                    answers=[dict(step=r["step"], id=r["id"], tries=r.get("tries", [r["first"], r["second"]]))
                              for r in read_jsonl(args.out / m / "eval_answers.jsonl")])
-            for m in METHODS}
+            for m in args.arms}
     write_json(args.out / "learning.json", dict(settings=vars(args) | dict(out=str(args.out)), runs=logs))
     learning_figure(args.out / "learning.png", logs)
     print(f"\n{table}\n\nwritten: {args.out / 'comparison.md'}, {args.out / 'learning.png'}, "

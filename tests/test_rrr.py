@@ -16,6 +16,7 @@ import torch
 from safetensors.torch import load_file
 
 import parallel as par
+import failures
 import rrr
 from data import load_splits
 from policy import Policy
@@ -214,7 +215,7 @@ def test_failure_set_resumed_after_a_kill_equals_an_uninterrupted_one(tmp_path, 
         pol = rrr.load_policy(cfg, d)
         task, train, _ = load_splits(cfg.task, cfg.data_dir, cfg.train_size, cfg.eval_size, cfg.seed)
         (tmp_path / "a").mkdir()
-        straight = rrr.build_failure_set(cfg, d, pol, task, train, tmp_path / "a")
+        straight = failures.build_failure_set(cfg, d, pol, task, train, tmp_path / "a")
         text = (tmp_path / "a" / "failures.jsonl").read_text()
         lines = text.splitlines(keepends=True)
         assert len(lines) == 1 + 7 and len(straight) >= 4
@@ -224,7 +225,7 @@ def test_failure_set_resumed_after_a_kill_equals_an_uninterrupted_one(tmp_path, 
             out = tmp_path / name
             out.mkdir()
             (out / "failures.jsonl").write_text("".join(lines[:cut]) + lines[cut][:len(lines[cut]) // 2])
-            resumed = rrr.build_failure_set(cfg, d, pol, task, train, out)
+            resumed = failures.build_failure_set(cfg, d, pol, task, train, out)
             assert [asdict(f) for f in resumed] == [asdict(f) for f in straight], name
             assert (out / "failures.jsonl").read_text() == text, name
     finally:
@@ -234,7 +235,7 @@ def test_failure_set_resumed_after_a_kill_equals_an_uninterrupted_one(tmp_path, 
 @pytest.mark.parametrize("case", ["missing", "foreign", "unfinished"])
 def test_failure_set_missing_or_foreign_is_refused_and_nothing_created(tmp_path, tiny_chat, case):
     args = common_args(tiny_chat, tmp_path / "out")
-    meta = rrr.failure_set_meta(parse_config(rrr.Config, args))
+    meta = failures.failure_set_meta(parse_config(rrr.Config, args))
     shared = tmp_path / "failures.jsonl"
     rows = [dict(id=f"countdown-gen-train-s5-{i}", failed=False, samples=1) for i in range(4)]
     if case == "foreign":       # another run's: a seed and a model other than this run's
@@ -318,12 +319,13 @@ def test_trained_span_is_exactly_the_reflection_embedded(embedded, tmp_path):
     model, tok = embedded
     cfg = parse_config(rrr.Config, ["--task", "countdown", "--max-completion-length", "24",
                                     "--max-reflection-length", "160", "--num-generations", "3", "--beta", "0"])
+    rrr.resolve_prompts(cfg)
     task, train, _ = load_splits("countdown", None, 2, 1, 0)
     d = par.Dist(0, 1, torch.device("cpu"))
     pol = Policy(model, model, None, tok, [tok.eos_token_id], None)
     prompts = [rrr.chat_ids(tok, ex.messages) for ex in train]
     gen = rrr.sample(pol.sampler, pol.stops, prompts, cfg, max_new_tokens=24, temperature=0)
-    failures = [rrr.Failure(ex.id, t, rrr.stop_of(t, f), "", 1) for ex, t, f in zip(train, gen.tokens, gen.finished)]
+    failures = [rrr.Failure(ex.id, t, rrr.stop_of(t, f), "", "", 1) for ex, t, f in zip(train, gen.tokens, gen.finished)]
     episodes = rrr.rollout(cfg, d, pol, task, failures, {ex.id: ex for ex in train}, step=0)
     assert len(episodes) == 6
     ended = 0

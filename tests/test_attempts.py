@@ -1,0 +1,246 @@
+"""rrr.py's self-correction variants: --attempts K (more than one retry), --reflection-feedback (the
+verifier's feedback in the reflection prompt), prompts replaced from the command line or --config, and
+compare.py's per-try accounting."""
+
+import json
+import math
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+import compare
+import rrr
+from runs import mcnemar_exact, parse_config, read_jsonl, wilson_interval
+from test_rrr import ENV, REPO, common_args, free_port, run_rrr
+from tiny import PLANTED_PUZZLE, save_planted_reflection_model
+from verifiers import check_code, check_countdown
+
+FIXTURE = Path(__file__).parent / "fixtures" / "rrr_two_attempts"
+TIMES = ("sample_tokens_per_s", "train_tokens_per_s", "sample_seconds", "train_seconds", "step_seconds")
+
+
+@pytest.fixture(scope="module")
+def planted(tmp_path_factory):
+    """The planted-reflection model (tiny.py) and a data folder holding its one puzzle 8 times per split."""
+    folder = tmp_path_factory.mktemp("planted")
+    model = save_planted_reflection_model(folder / "model")
+    data = folder / "data" / "countdown"
+    data.mkdir(parents=True)
+    for split in ("train", "test"):
+        (data / f"countdown_3to4_{split}.jsonl").write_text((json.dumps(PLANTED_PUZZLE) + "\n") * 8)
+    return model, folder / "data"
+
+
+def planted_args(planted, out, **extra):
+    """The settings FIXTURE was recorded with."""
+    model, data = planted
+    settings = dict(data_dir=data, steps=2, train_size=8, eval_size=4, batch_size=4, num_generations=4,
+                    max_completion_length=16, learning_rate=1e-2, weight_decay=0, beta=0.01, log_episodes=100,
+                    eval_every=1, seed=0)
+    return common_args(model, out, **(settings | extra))
+
+
+def same_values(got, want, where):
+    """Equal, floats to 1e-6 relative: on the machine that recorded FIXTURE the files are equal byte for
+    byte, and another CPU's kernels may round the last bits of a loss differently."""
+    if isinstance(want, float):
+        assert got == pytest.approx(want, rel=1e-6, abs=1e-9), where
+    elif isinstance(want, dict):
+        assert list(got) == list(want), where
+        for k in want:
+            same_values(got[k], want[k], f"{where}.{k}")
+    elif isinstance(want, list):
+        assert len(got) == len(want), where
+        for i, (g, w) in enumerate(zip(got, want)):
+            same_values(g, w, f"{where}[{i}]")
+    else:
+        assert got == want, where
+
+
+def test_two_attempts_reproduce_the_algorithm_before_attempts_existed(tmp_path, planted):
+    """--attempts 2 (the default) is the paper's algorithm as it was before --attempts existed: FIXTURE holds
+    that version's evaluations, per-item answers, step metrics (less their timings) and episodes, recorded
+    from a fixed-seed run of the planted-reflection model with rewards in both steps."""
+    out = tmp_path / "run"
+    done = run_rrr(planted_args(planted, out))
+    assert done.returncode == 0, done.stderr[-3000:]
+    for name in ("evals.jsonl", "eval_answers.jsonl", "metrics.jsonl"):
+        got = [{k: v for k, v in r.items() if k not in TIMES} for r in read_jsonl(out / name)]
+        same_values(got, read_jsonl(FIXTURE / name), name)
+    want = read_jsonl(FIXTURE / "episodes.jsonl")
+    got = read_jsonl(out / "episodes.jsonl")
+    assert [e["scored_try"] for e in got] == [2] * len(want)          # the one field episodes gained
+    same_values([{k: v for k, v in e.items() if k != "scored_try"} for e in got], want, "episodes.jsonl")
+    assert 0 < sum(m["reward"] for m in read_jsonl(FIXTURE / "metrics.jsonl")) < 2     # rewards that vary
+
+
+def hand_advantages(rewards):
+    """group_advantages' "group" scaling by hand: (r - mean) / (Bessel std + 1e-4), 0 for equal rewards."""
+    if len(rewards) < 2 or max(rewards) == min(rewards):
+        return [0.0] * len(rewards)
+    mean = sum(rewards) / len(rewards)
+    std = math.sqrt(sum((r - mean) ** 2 for r in rewards) / (len(rewards) - 1))
+    return [(r - mean) / (std + 1e-4) for r in rewards]
+
+
+@pytest.mark.parametrize("nproc", [1, 2])
+def test_three_attempts_reward_each_reflection_by_the_retry_after_it(tmp_path, planted, nproc):
+    """--attempts 3 on the planted model: a chain whose retry failed reflects on that retry and retries again.
+    Checked from the logged episodes, by hand: each reward is the verifier's on the retry that follows the
+    reflection; the third try's reflection is sampled after the failed retry it reflects on; advantages are
+    group-normalised among the chains of one failure that reached the same try; the per-try rewards in
+    metrics.jsonl and the evaluation's accuracy after each try agree with the logged rows. On 2 ranks,
+    whose episode counts then differ, the update's collectives still line up (the run ends)."""
+    out = tmp_path / "run"
+    args = planted_args(planted, out, attempts=3, micro_batch_size=4)
+    if nproc == 2:
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={free_port()}",
+               str(REPO / "rrr.py")] + args
+        done = subprocess.run(cmd, env=ENV, capture_output=True, text=True, timeout=600)
+    else:
+        done = run_rrr(args)
+    assert done.returncode == 0, done.stderr[-3000:]
+    episodes, metrics = read_jsonl(out / "episodes.jsonl"), read_jsonl(out / "metrics.jsonl")
+    third = [e for e in episodes if e["scored_try"] == 3]
+    assert third, "no chain reached a third try"
+    for e in episodes:      # the verifier's verdict on the retry after the reflection
+        assert e["reward"] == float(check_countdown(e["text"]["retry"], PLANTED_PUZZLE["nums"], PLANTED_PUZZLE["target"]).ok)
+    for e in third:      # the try reflected on is a retry that failed, and it is in the context
+        assert not check_countdown(e["text"]["attempt"], PLANTED_PUZZLE["nums"], PLANTED_PUZZLE["target"]).ok
+        assert e["text"]["attempt"].strip() in rrr_decoded(out, e)
+    for step in (1, 2):
+        rows = [e for e in episodes if e["step"] == step]
+        for k in (2, 3):
+            at_k = [e for e in rows if e["scored_try"] == k]
+            for fid in {e["id"] for e in at_k}:      # the training ids are distinct within a step here
+                group = [e for e in at_k if e["id"] == fid]
+                assert [e["advantage"] for e in group] == pytest.approx(hand_advantages([e["reward"] for e in group]), abs=1e-5)
+            m = next(m for m in metrics if m["step"] == step)
+            assert m[f"reward_try{k}"] == pytest.approx(sum(e["reward"] for e in at_k) / max(len(at_k), 1))
+        assert len([e for e in rows if e["scored_try"] == 2]) == 16 and len([e for e in rows if e["scored_try"] == 3]) <= 16
+    for ev in read_jsonl(out / "evals.jsonl"):
+        answers = [r for r in read_jsonl(out / "eval_answers.jsonl") if r["step"] == ev["step"]]
+        for k in range(3):      # solved after try k: the first try, or any retry up to it
+            solved = [r["first"] or (k >= 1 and r["second"]) or any(t["ok"] for t in r.get("later_tries", [])[:max(k - 1, 0)])
+                      for r in answers]
+            assert ev["tries"][k] == pytest.approx(sum(solved) / len(answers))
+            assert [r["tries"][k] for r in answers] == solved
+
+
+def rrr_decoded(out, episode):
+    from model import load_tokenizer
+    return load_tokenizer(json.loads((out / "config.json").read_text())["model"]).decode(episode["ids"])
+
+
+def test_feedback_reaches_the_reflection_prompt_and_hidden_inputs_never_do():
+    """--reflection-feedback: the reflection turn holds the verifier's feedback on the failed try; for MBPP
+    only the visible tests' results, never the hidden tests (not their inputs, not their count)."""
+    program = "```python\ndef double(x):\n    return x + 2\n```"
+    verdict = check_code(program, ["assert double(2) == 4", "assert double(5) == 10"],
+                         hidden=["assert double(918273) == 1836546"])
+    assert not verdict.ok and "918273" not in verdict.feedback_to_show() and "hidden" in verdict.feedback
+    assert "double(5)" in verdict.feedback_to_show()
+    cfg = parse_config(rrr.Config, ["--task", "mbpp", "--reflection-feedback"])
+    rrr.resolve_prompts(cfg)
+    text = rrr.reflection_text(cfg, verdict.feedback_to_show())
+    assert text.startswith(cfg.reflection_prompt) and verdict.feedback_to_show() in text
+    assert "918273" not in text and "hidden" not in text
+    plain = parse_config(rrr.Config, ["--task", "mbpp"])
+    rrr.resolve_prompts(plain)
+    assert rrr.reflection_text(plain, verdict.feedback_to_show()) == plain.reflection_prompt      # the paper's, verbatim
+
+
+def test_feedback_in_the_sequences_a_run_trains_on(tmp_path, planted):
+    """End to end on Countdown: with --reflection-feedback every episode's reflection prompt, as recorded
+    and as the tokens the update sees, carries the verifier's sentence on the try it reflects on."""
+    out = tmp_path / "run"
+    done = run_rrr(planted_args(planted, out, steps=1, eval_every=0) + ["--reflection-feedback"])
+    assert done.returncode == 0, done.stderr[-3000:]
+    failures = {r["id"]: r for r in read_jsonl(out / "failures.jsonl")[1:]}
+    for e in read_jsonl(out / "episodes.jsonl"):
+        feedback = failures[e["id"]]["feedback"]
+        assert e["text"]["reflection_prompt"].endswith(f"Feedback on that answer: {feedback}")
+        assert f"Feedback on that answer: {feedback}" in rrr_decoded(out, e)
+
+
+def test_prompts_from_a_config_file_are_recorded_and_used(tmp_path, planted):
+    config = tmp_path / "prompts.json"
+    config.write_text(json.dumps(dict(reflection_prompt="Say in one line what went wrong.",
+                                      retry_prompt="Answer again as <answer> EQUATION </answer>.")))
+    out = tmp_path / "run"
+    done = run_rrr(planted_args(planted, out, steps=1, eval_every=0) + ["--config", str(config)])
+    assert done.returncode == 0, done.stderr[-3000:]
+    recorded = json.loads((out / "config.json").read_text())
+    assert recorded["reflection_prompt"] == "Say in one line what went wrong."
+    assert recorded["retry_prompt"] == "Answer again as <answer> EQUATION </answer>."
+    for e in read_jsonl(out / "episodes.jsonl"):
+        assert e["text"]["reflection_prompt"] == "Say in one line what went wrong."
+        assert "Say in one line what went wrong." in rrr_decoded(out, e)
+    # Without the flags the task's prompts are recorded, as used.
+    default = parse_config(rrr.Config, ["--task", "countdown"])
+    rrr.resolve_prompts(default)
+    from data import get_task
+    assert (default.reflection_prompt, default.retry_prompt) == (get_task("countdown").reflection_prompt,
+                                                                 get_task("countdown").retry_prompt)
+
+
+@pytest.mark.parametrize("value", ["", "   "])
+@pytest.mark.parametrize("where", ["flag", "config"])
+def test_an_empty_prompt_is_refused_in_one_line(tmp_path, value, where):
+    if where == "flag":
+        args = [f"--retry-prompt={value}"]
+    else:
+        (tmp_path / "c.json").write_text(json.dumps(dict(reflection_prompt=value)))
+        args = ["--config", str(tmp_path / "c.json")]
+    done = subprocess.run([sys.executable, str(REPO / "rrr.py"), "--out", str(tmp_path / "out")] + args, env=ENV,
+                          capture_output=True, text=True, timeout=60)
+    assert done.returncode == 2 and len(done.stderr.strip().splitlines()) == 1, done.stderr
+    assert "prompt is empty" in done.stderr and not (tmp_path / "out").exists()
+
+
+def fake_run(folder: Path, tries: dict, vanilla: dict, n=10, attempts=3, **cfg):
+    """A finished run as compare.py reads it, with --attempts `attempts`: tries[k] (vanilla[k]) = the items
+    (by index) that try k + 1 solves at the last (the vanilla) evaluation; solved stays solved."""
+    folder.mkdir(parents=True)
+    config = dict(task="countdown", model=None, method="rrr", reflection="model", attempts=attempts, **cfg)
+    (folder / "config.json").write_text(json.dumps(config))
+    (folder / "report.json").write_text(json.dumps(dict(config=config, trained=dict(step=4))))
+    rows = []
+    for step, solved_by in ((0, vanilla), (4, tries)):
+        for i in range(n):
+            after = [any(i in solved_by[j] for j in range(k + 1)) for k in range(attempts)]
+            rows.append(dict(id=f"q{i}", step=step, first=after[0], second=after[1]) | (dict(tries=after) if attempts > 2 else {}))
+    (folder / "eval_answers.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return folder
+
+
+def test_per_try_accuracy_intervals_and_tests_of_a_hand_built_run(tmp_path):
+    """Three tries, counted by hand: the vanilla model solves items 0-1 at the first try, 2 at the second, 3
+    at the third (2, 3, 4 solved after each); the trained one solves 0-3 first, 4-5 second, 6-8 third (4, 6, 9)."""
+    vanilla = {0: {0, 1}, 1: {2}, 2: {3}}
+    a = fake_run(tmp_path / "three", {0: {0, 1, 2, 3}, 1: {4, 5}, 2: {6, 7, 8}}, vanilla)
+    b = fake_run(tmp_path / "two", {0: {0, 1, 2}, 1: {3}}, vanilla, attempts=2)
+    table, data = compare.compare([a, b])
+    assert data["shared_vanilla"]       # the two-try run's vanilla evaluation is the first two tries of the other's
+    three, two = data["runs"]
+    assert three["tries"] == [0.4, 0.6, 0.9] and two["tries"] == [0.3, 0.4]
+    assert three["intervals"][2] == pytest.approx(wilson_interval(9, 10))
+    # Against vanilla (2, 3, 4 solved): gains only, 2, 3 and 5 of them.
+    assert [(c["gained"], c["lost"]) for c in three["changes"]] == [(2, 0), (3, 0), (5, 0)]
+    assert three["changes"][2]["p_value"] == pytest.approx(mcnemar_exact(5, 0)) == pytest.approx(2 / 32)
+    # Each try against the one before: 2 more items at try 2, 3 more at try 3.
+    assert [(c["gained"], c["lost"]) for c in three["successive"]] == [(2, 0), (3, 0)]
+    assert three["method"] == "RRR, model reflection, 3 tries" and two["method"] == "RRR, model reflection"
+    header = table.splitlines()[4]
+    assert "third try" in header and "third try vs vanilla" in header
+    assert "| vanilla | - | 0 | 20.0% [5.7, 51.0] | 30.0% [10.8, 60.3] | 40.0% [16.8, 68.7] |" in table
+    row = next(line for line in table.splitlines() if line.startswith(f"| {b} |"))
+    assert row.count("| - |") == 2          # no third try, nor its change
+    # Feedback in the reflection prompt changes the vanilla model's second try: each run is paired with its own.
+    c = fake_run(tmp_path / "feedback", {0: {0, 1}, 1: {2, 3, 4}}, {0: {0, 1}, 1: {2, 3}}, attempts=2, reflection_feedback=True)
+    table, data = compare.compare([a, c])
+    assert not data["shared_vanilla"] and "(its vanilla)" in table
+    assert data["runs"][1]["method"] == "RRR, model reflection, feedback in the reflection prompt"
+    assert [(ch["gained"], ch["lost"]) for ch in data["runs"][1]["changes"]] == [(0, 0), (1, 0)]
