@@ -17,7 +17,6 @@ checkpointing per decoder layer that keeps the KV cache (`checkpoint_layers`).
 import importlib.util
 import os
 import shutil
-import sys
 import tempfile
 from pathlib import Path
 
@@ -72,7 +71,8 @@ def embedded_model_path() -> Path:
     if not (package_dir / EMBEDDED_GGUF).exists():
         raise ModelError(f"{package_dir / EMBEDDED_GGUF} is missing; reinstall with `{EMBEDDED_PIP}`")
     # Reading the GGUF tokenizer alone takes about 20 s on 2 cores: the bar's clock shows that it is working.
-    with progress_bar(total=None, desc=f"converting {EMBEDDED_GGUF} (once)", bar_format="{desc}: {elapsed}"):
+    with progress_bar(total=None, desc=f"converting {EMBEDDED_GGUF} to safetensors in {folder} (once)",
+                      bar_format="{desc}: {elapsed}"):
         _convert_gguf(package_dir, EMBEDDED_GGUF, folder)
     return folder
 
@@ -80,7 +80,6 @@ def embedded_model_path() -> Path:
 def _convert_gguf(package_dir: Path, gguf_name: str, folder: Path) -> None:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    print(f"converting {gguf_name} to safetensors in {folder} (once)", file=sys.stderr)
     tokenizer = AutoTokenizer.from_pretrained(package_dir, gguf_file=gguf_name)
     gguf_model = AutoModelForCausalLM.from_pretrained(package_dir, gguf_file=gguf_name, dtype=torch.float32)
     # The weights are dequantised now, but transformers still marks the model as GGUF-quantised and

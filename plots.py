@@ -99,6 +99,8 @@ def plot_rrr(path: Path, metrics: list[dict], evals: list[dict], title: str | No
     if evals:
         at = [e["step"] for e in evals]
         _two_lines(b, at, _values(evals, "second"), _values(evals, "first"), "second try (after reflection)", "first try")
+        for k in range(2, len(evals[-1].get("tries", []))):       # rrr.py's --attempts > 2
+            b.plot(at, [e["tries"][k] for e in evals], marker="^", ms=5, ls=":", color=f"C{k}", label=f"try {k + 1}")
     else:
         _no_data(b, "no evaluations")
     b.set(title="(b) test accuracy per evaluation", xlabel="training step", ylabel="accuracy", ylim=(-0.03, 1.03))

@@ -244,3 +244,30 @@ def test_per_try_accuracy_intervals_and_tests_of_a_hand_built_run(tmp_path):
     assert not data["shared_vanilla"] and "(its vanilla)" in table
     assert data["runs"][1]["method"] == "RRR, model reflection, feedback in the reflection prompt"
     assert [(ch["gained"], ch["lost"]) for ch in data["runs"][1]["changes"]] == [(0, 0), (1, 0)]
+
+
+@pytest.mark.parametrize("control", [["--reflection", "generic"], ["--method", "grpo"]])
+def test_the_controls_take_the_variants(tmp_path, planted, control):
+    """--reflection generic and --method grpo with three tries and feedback: the generic control trains its
+    retries (a third try included, after the fixed reflection); plain GRPO trains first attempts and is
+    evaluated after each of the three tries."""
+    out = tmp_path / "run"
+    done = run_rrr(planted_args(planted, out, steps=1, eval_every=0, attempts=3) + ["--reflection-feedback"] + control)
+    assert done.returncode == 0, done.stderr[-3000:]
+    episodes = read_jsonl(out / "episodes.jsonl")
+    assert all(len(ev["tries"]) == 3 for ev in read_jsonl(out / "evals.jsonl"))
+    for e in episodes:
+        trained = rrr_decoded_span(out, e)
+        if control[0] == "--method":
+            assert e["scored_try"] == 1 and trained.strip() == e["text"]["attempt"].strip()
+        else:
+            assert e["scored_try"] in (2, 3) and trained.strip() == e["text"]["retry"].strip()
+            assert rrr.GENERIC_REFLECTION in rrr_decoded(out, e)
+    if control[0] == "--reflection":
+        assert any(e["scored_try"] == 3 for e in episodes)
+
+
+def rrr_decoded_span(out, episode):
+    from model import load_tokenizer
+    tok = load_tokenizer(json.loads((out / "config.json").read_text())["model"])
+    return tok.decode(episode["ids"][episode["span"][0]:episode["span"][1]], skip_special_tokens=True)
