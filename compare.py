@@ -15,7 +15,9 @@ same prompts) they are shown once and every run is paired with it, else each run
 """
 
 import argparse
+import itertools
 import json
+import operator
 import sys
 from pathlib import Path
 
@@ -47,6 +49,14 @@ def outcomes(rows: dict) -> dict:
         return [{i: bool(r[f"{try_name(k)}{'_base' if base else ''}"]) for i, r in rows.items()} for k in range(2)]
     has_base = "first_base" in one
     return dict(tries=solved("tries", False), base=solved("tries_base", True) if has_base else None)
+
+
+def solved_after_each_try(row: dict, K: int, base: bool = False) -> list[bool]:
+    """rrr.py's eval_answers row -> [solved after try 1, ..., after try K] (base: by MBPP's visible tests
+    alone): a solved item stays solved. Its later tries are in `later_tries`; the chain stops at a success."""
+    oks = [row["first_base"], row["second_base"]] if base else [row["first"], row["second"]]
+    oks += [t.get("base", False) if base else t["ok"] for t in row.get("later_tries", [])]
+    return list(itertools.accumulate(oks + [False] * (K - len(oks)), operator.or_))
 
 
 def agree(a: dict, b: dict) -> bool:

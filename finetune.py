@@ -42,6 +42,14 @@ def sft_data(tok, rows, prompt_of) -> list[tuple[list[int], list[int]]]:
     return data
 
 
+def shown_parts(rows: list, size: int):
+    """rows in micro-batches of `size`, each named on the progress bar as it starts."""
+    parts = [rows[start:start + size] for start in range(0, len(rows), size)]
+    for number, part in enumerate(parts, 1):
+        show_progress(f"micro-batch {number}/{len(parts)}")
+        yield part
+
+
 def train_model(cfg, d, init: str | None, data: list, folder: Path, kind: str = "sft") -> Path:
     """Fine-tunes `init` and exports it to `folder` (Hugging Face format, LoRA merged). data: for "sft",
     (prompt_ids, target_ids) pairs; for "dpo", (prompt_ids, chosen_ids, rejected_ids) triples."""
@@ -72,16 +80,12 @@ def train_model(cfg, d, init: str | None, data: list, folder: Path, kind: str = 
             mine = picked[d.rank * per_rank:(d.rank + 1) * per_rank]
             if kind == "sft":
                 total_tokens = sum(len(t) for _, t in picked)
-                for start in range(0, len(mine), cfg.micro_batch_size):
-                    show_progress(f"micro-batch {start // cfg.micro_batch_size + 1}/{-(-len(mine) // cfg.micro_batch_size)}")
-                    part = mine[start:start + cfg.micro_batch_size]
+                for part in shown_parts(mine, cfg.micro_batch_size):
                     ids, attn, mask = pad_batch([p + t for p, t in part], [(len(p), len(p) + len(t)) for p, t in part], d.device)
                     loss = sft_loss(token_logprobs(model, ids, attn, mask), mask, total_tokens)
                     (loss * d.world).backward()        # FSDP averages over ranks
             else:
-                for start in range(0, len(mine), cfg.micro_batch_size):
-                    show_progress(f"micro-batch {start // cfg.micro_batch_size + 1}/{-(-len(mine) // cfg.micro_batch_size)}")
-                    part = mine[start:start + cfg.micro_batch_size]
+                for part in shown_parts(mine, cfg.micro_batch_size):
                     seqs = [p + c for p, c, _ in part] + [p + r for p, _, r in part]
                     spans = [(len(p), len(p) + len(c)) for p, c, _ in part] + [(len(p), len(p) + len(r)) for p, _, r in part]
                     ids, attn, mask = pad_batch(seqs, spans, d.device)

@@ -95,13 +95,13 @@ def sample(model, stops, prompts, cfg, *, temperature, max_new_tokens=None, num_
     decoding multiplies by views, not per-call copies: a no-op when they already are (rrr.py's sampler),
     needed again after a move between devices (rerest.py's par.off_device)."""
     fuse_projections(model)
-    limit = max_new_tokens or cfg.max_completion_length
+    limit, rows = max_new_tokens or cfg.max_completion_length, len(prompts) * num_samples
     if prompts:
-        show_progress(f"sampling {len(prompts) * num_samples} rows: prefill", now=True)
+        show_progress(f"sampling {rows} rows: prefill", now=True)
     return generate(model, prompts, max_new_tokens=limit, num_samples=num_samples,
                     temperature=temperature, stop_token_ids=stops, generator=generator, cache=cache,
                     keep_cache=keep_cache, cuda_graphs=cfg.cuda_graphs,
-                    progress=lambda k: show_progress(f"sampling {len(prompts) * num_samples} rows: token {k}/{limit}"))
+                    progress=lambda k: show_progress(f"sampling {rows} rows: token {k}/{limit}"))
 
 
 def grpo_update(cfg, d, pol, episodes, length_limit: int) -> dict:

@@ -138,7 +138,7 @@ if __name__ == "__main__":      # a bad flag fails here, in a fraction of a seco
 import torch
 
 import parallel as par
-from compare import write_report
+from compare import solved_after_each_try, write_report
 from failures import Failure, build_failure_set, check_failure_set
 from grpo import group_advantages, zero_variance_fraction
 from model import chat_ids, next_turn_ids
@@ -232,7 +232,6 @@ def evaluate(cfg, d, pol, task, examples, step, out) -> dict:
             these = [dict(id=ex.id, first=v.ok, second=v.ok, attempt=pol.decode(t))     # + MBPP's visible tests alone
                      | ({} if v.base is None else dict(first_base=v.base, second_base=v.base))
                      | ({"judged": False} if v.infra else {})       # the sandbox failed: left out of accuracy
-                     | (dict(tries=[v.ok] * K) | ({} if v.base is None else dict(tries_base=[v.base] * K)) if K > 2 else {})
                      for ex, v, t in zip(part, verdicts, gen1.tokens)]
             failed = [i for i, v in enumerate(verdicts) if not v.ok and not v.infra]
             prefixes = [reflection_prefix(cfg, pol, prompts[i], gen1.tokens[i], stop_of(gen1.tokens[i], gen1.finished[i]),
@@ -241,25 +240,24 @@ def evaluate(cfg, d, pol, task, examples, step, out) -> dict:
                 if not failed:
                     break
                 refl, retries, contexts = reflect_and_retry(cfg, pol, prefixes, num_samples=1, temperature=0.0, gen=None)
-                again = task.check_batch([pol.decode(t) for t in retries.tokens], [part[i] for i in failed])
+                retry_texts = [pol.decode(t) for t in retries.tokens]
+                again = task.check_batch(retry_texts, [part[i] for i in failed])
                 for j, (i, v) in enumerate(zip(failed, again)):
-                    texts = dict(reflection=pol.decode(refl.tokens[j]) if refl else GENERIC_REFLECTION,
-                                 retry=pol.decode(retries.tokens[j]))
+                    texts = dict(reflection=pol.decode(refl.tokens[j]) if refl else GENERIC_REFLECTION, retry=retry_texts[j])
                     unjudged = {"judged": False} if v.infra else {}
                     if k == 2:
                         these[i].update(second=v.ok, **texts, **unjudged,
                                         **({} if v.base is None else dict(second_base=these[i]["first_base"] or v.base)))
                     else:
-                        these[i].setdefault("later_tries", []).append(dict(texts, ok=v.ok))
+                        these[i].setdefault("later_tries", []).append(dict(texts, ok=v.ok) | ({} if v.base is None else dict(base=v.base)))
                         these[i].update(unjudged)
-                    if K > 2:       # from this try on, solved if it was before or is now
-                        these[i]["tries"][k - 1:] = [these[i]["tries"][k - 2] or v.ok] * (K - k + 1)
-                        if v.base is not None:
-                            these[i]["tries_base"][k - 1:] = [these[i]["tries_base"][k - 2] or v.base] * (K - k + 1)
                 going = [j for j, v in enumerate(again) if not v.ok and not v.infra and k < K]
                 prefixes = [next_reflection_prefix(cfg, pol, contexts[j], retries.tokens[j], retries.finished[j], again[j])
                             for j in going]
                 failed = [failed[j] for j in going]
+            for r in these if K > 2 else ():
+                r |= dict(tries=solved_after_each_try(r, K)) | (dict(tries_base=solved_after_each_try(r, K, base=True))
+                                                                if "first_base" in r else {})
             rows += these
             bar.update(len(part))
     judged = [r for r in rows if r.get("judged", True)]
@@ -368,7 +366,8 @@ def rrr_rollout(cfg, d, pol, task, failures, exs, prompts, gen) -> list[Episode]
     for k in range(2, cfg.attempts + 1):        # every rank runs every try: advantages_of may all-reduce
         per = G if k == 2 else 1
         refl, retries, contexts = reflect_and_retry(cfg, pol, prefixes, num_samples=per, temperature=cfg.temperature, gen=gen)
-        verdicts = task.check_batch([pol.decode(t) for t in retries.tokens], [exs[r // G] for r in going])
+        retry_texts = [pol.decode(t) for t in retries.tokens]
+        verdicts = task.check_batch(retry_texts, [exs[r // G] for r in going])
         rewards, judged = rewards_of(verdicts, going, slots)
         advantages = advantages_of(cfg, d, rewards, judged)
         for j, r in enumerate(going):
@@ -376,7 +375,7 @@ def rrr_rollout(cfg, d, pol, task, failures, exs, prompts, gen) -> list[Episode]
             toks = trained.tokens[j]
             text = dict(prompt=exs[r // G].messages[-1]["content"], attempt=attempt[r], reflection_prompt=shown[r],
                         reflection=pol.decode(toks) if refl else None, retry_prompt=cfg.retry_prompt,
-                        retry=pol.decode(retries.tokens[j]), feedback=verdicts[j].feedback)
+                        retry=retry_texts[j], feedback=verdicts[j].feedback)
             episodes.append(Episode(id=exs[r // G].id, ids=list(ctx) + list(toks), span=(len(ctx), len(ctx) + len(toks)),
                                     reward=rewards[r].item(), truncated=not trained.finished[j],
                                     sampled=len(toks) + (len(retries.tokens[j]) if refl else 0), text=text,
@@ -384,7 +383,7 @@ def rrr_rollout(cfg, d, pol, task, failures, exs, prompts, gen) -> list[Episode]
         if k < cfg.attempts:        # the chains whose retry failed go on
             keep = [j for j, v in enumerate(verdicts) if not v.ok and not v.infra]
             for j in keep:
-                attempt[going[j]] = pol.decode(retries.tokens[j])
+                attempt[going[j]] = retry_texts[j]
                 shown[going[j]] = reflection_text(cfg, verdicts[j].feedback_to_show())
             prefixes = [next_reflection_prefix(cfg, pol, contexts[j], retries.tokens[j], retries.finished[j], verdicts[j])
                         for j in keep]
