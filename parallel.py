@@ -46,8 +46,7 @@ from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
 from model import checkpoint_layers, checkpointing_by_default, decoder_layers, make_readable, merge_lora
-from runs import BadInput, append_jsonl, progress_bar, read_jsonl, write_atomic, write_jsonl
-from sandbox import local_share_of_cores
+from runs import BadInput, append_jsonl, local_share_of_cores, progress_bar, read_jsonl, write_atomic, write_jsonl
 
 
 @dataclass

@@ -23,11 +23,22 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-from verifiers import InfrastructureError
-
 
 class BadInput(Exception):
     """Bad flags, a missing model or data, or a run folder in the way: one line and exit code 2."""
+
+
+class InfrastructureError(RuntimeError):
+    """Too many programs of a batch could not be run: the machine is failing, and going on would
+    train on noise (one line and exit code 3)."""
+
+
+def local_share_of_cores() -> int:
+    """This process's share of the machine's cores: torch's threads on CPU and the sandbox's programs run
+    at once. torchrun starts LOCAL_WORLD_SIZE ranks on a node; every rank taking all the cores would
+    oversubscribe the node 8x on 8 GPUs and turn correct programs into timeouts."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    return max(1, cores // int(os.environ.get("LOCAL_WORLD_SIZE", 1)))
 
 
 # --- --model: checked before torch loads, so that a bad value fails at once -----------------------------
@@ -389,7 +400,7 @@ def change_text(change: dict) -> str:
 def main_guard(run, argv=None):
     """Runs `run()`; bad input (BadInput, which every module's input errors derive from) ends with one line
     on stderr and exit code 2 (rank 0 prints it); a batch the sandbox could mostly not run
-    (verifiers.InfrastructureError), with one line and exit code 3."""
+    (InfrastructureError), with one line and exit code 3."""
     try:
         run(argv)
     except BadInput as e:

@@ -49,6 +49,8 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+from runs import local_share_of_cores
+
 MEMORY_LIMIT = 1 << 30           # bytes of address space
 FILE_LIMIT = 16 << 20            # bytes per file written
 VALUE_LIMIT = 1 << 20            # bytes of one value sent back (an output larger than this fails its test)
@@ -427,15 +429,6 @@ def _run_or_not(item, timeout, mode) -> dict:
         return run_program(*item, timeout, mode)
     except OSError as e:        # out of processes, memory, file descriptors or disk
         return _not_run(f"the sandbox could not start a process ({e})")
-
-
-def local_share_of_cores() -> int:
-    """This process's share of the machine's cores, the default number of programs run at once (and
-    of torch threads on CPU). torchrun starts LOCAL_WORLD_SIZE ranks on a node, each checking its
-    own part of a batch; every rank taking all the cores would oversubscribe the node 8x on 8 GPUs
-    and turn correct programs into timeouts."""
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-    return max(1, cores // int(os.environ.get("LOCAL_WORLD_SIZE", 1)))
 
 
 def run_batch(items, workers, timeout, mode) -> list[tuple[list, dict]]:

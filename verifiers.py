@@ -21,7 +21,8 @@ from collections import Counter
 from fractions import Fraction
 from typing import NamedTuple
 
-from sandbox import extract_program, run_batch  # noqa: F401  (extract_program: part of the API)
+from runs import InfrastructureError
+from sandbox import run_batch
 
 
 class Verdict(NamedTuple):
@@ -39,11 +40,6 @@ class Verdict(NamedTuple):
 
 NOT_RUN = "<not run: "           # code_outputs_batch's value where the sandbox could not run the program
 MAX_NOT_JUDGED = 0.1           # the share of a batch that may go unjudged before a run stops
-
-
-class InfrastructureError(RuntimeError):
-    """Too many programs of a batch could not be run: the machine is failing, and going on would
-    train on noise."""
 
 
 def stop_if_unjudged(verdicts: list[Verdict]) -> list[Verdict]:

@@ -16,6 +16,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+import runs  # noqa: E402
 import sandbox  # noqa: E402
 from data import get_task  # noqa: E402
 from verifiers import check_code_batch  # noqa: E402
@@ -40,7 +41,7 @@ def main():
                           for line in code.splitlines()), tests, setup, hidden) for code, tests, setup, hidden in passing]
     mixed = [p if i % 2 else f for i, (p, f) in enumerate(zip(passing, failing))]
     hidden = sum(len(h) for *_, h in passing)
-    print(f"{len(rows)} programs ({sum(len(r['tests']) for r in rows)} visible and {hidden} hidden tests), {args.workers or sandbox.local_share_of_cores()} workers, {os.cpu_count()} cores")
+    print(f"{len(rows)} programs ({sum(len(r['tests']) for r in rows)} visible and {hidden} hidden tests), {args.workers or runs.local_share_of_cores()} workers, {os.cpu_count()} cores")
     print(sandbox.isolation()[1])
     for isolated in (True, False) if sandbox.isolation()[0] else (False,):
         sandbox.USE_ISOLATION = isolated

@@ -12,6 +12,7 @@ import pytest
 import torch
 
 import parallel as par
+from runs import local_share_of_cores
 import sandbox
 from model import checkpoint_layers
 from grpo import head_logprobs, packed_logprobs, policy_loss
@@ -297,9 +298,9 @@ def test_run_folder_that_a_rank_cannot_see_fails_with_one_line(tmp_path, tiny_ch
 def test_sandbox_workers_share_the_cores_among_local_ranks(monkeypatch):
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
     monkeypatch.setenv("LOCAL_WORLD_SIZE", "1")
-    assert sandbox.local_share_of_cores() == cores
+    assert local_share_of_cores() == cores
     monkeypatch.setenv("LOCAL_WORLD_SIZE", str(cores * 4))
-    assert sandbox.local_share_of_cores() == 1
+    assert local_share_of_cores() == 1
     seen = []
 
     class Pool(sandbox.ThreadPoolExecutor):

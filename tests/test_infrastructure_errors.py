@@ -23,7 +23,8 @@ from runs import main_guard, parse_config
 from test_compare import fake_run
 from test_rrr import common_args
 from tiny import save_tiny_chat_model
-from verifiers import MAX_NOT_JUDGED, InfrastructureError, Verdict, check_code, check_code_batch, stop_if_unjudged
+from runs import InfrastructureError
+from verifiers import MAX_NOT_JUDGED, Verdict, check_code, check_code_batch, stop_if_unjudged
 
 TESTS = ["assert f(3) == 9"]
 RIGHT, WRONG = "def f(x):\n    return x * x", "def f(x):\n    return 0"
