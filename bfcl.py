@@ -1,19 +1,24 @@
-"""BFCL possible answers, judged as BFCL's AST checker judges Python calls: verifiers.check_function_calls
-hands BFCL rows here. A possible answer is {function name: {parameter: [acceptable values]}}, "" among
-the values marking a parameter that may be left out.
+"""BFCL possible answers, judged as BFCL's AST checker (ShishirPatil/gorilla, berkeley-function-call-
+leaderboard) judges Python calls, quirks included, so that a pass here is a pass there:
+verifiers.check_function_calls hands BFCL rows here. A possible answer is {function name: {parameter:
+[acceptable values]}}, "" among the values marking a parameter that may be left out.
+
+Where BFCL's checker would raise on a completion, the call fails. Not followed: its renaming of dotted
+function names for some API models (our prompt shows the names as they are). It checks "any" as a string
+and "tuple" as a list.
 """
 
 import re
 
-from verifiers import no_call, short
-
-# BFCL possible answers, judged as BFCL's AST checker (ShishirPatil/gorilla, berkeley-function-call-
-# leaderboard) judges Python calls, quirks included, so that a pass here is a pass there. Where it would
-# raise on a completion, the call fails. Not followed: its renaming of dotted function names for some API
-# models (our prompt shows the names as they are). It checks "any" as a string and "tuple" as a list.
 _BFCL_TYPES = {"string": str, "integer": int, "float": float, "boolean": bool, "array": list, "tuple": list,
                "dict": dict, "any": str}
 _TYPE_NAMES = {str: "string", int: "integer", float: "float", bool: "boolean", list: "list", dict: "object"}
+
+
+def no_call(calls, expected_names, name) -> str:
+    """What is wrong when no call satisfies the expected call to `name` (xLAM answers too)."""
+    wrong = sorted({c["name"] for c in calls} - set(expected_names))
+    return f"unknown function {wrong[0]!r}" if wrong else f"no call to {name}"
 
 
 def bfcl_problem(calls, answers, tools) -> str | None:
@@ -25,7 +30,7 @@ def bfcl_problem(calls, answers, tools) -> str | None:
     for answer in answers:
         name, params = next(iter(answer.items()))
         doc = next((t for t in tools or [] if isinstance(t, dict) and t.get("name") == name), None)
-        problems = [(j, _bfcl_problem(calls[j], name, params, doc)) for j in free]
+        problems = [(j, _call_problem(calls[j], name, params, doc)) for j in free]
         taken = next((j for j, problem in problems if problem is None), None)
         if taken is None:
             named = [problem for j, problem in problems if calls[j]["name"] == name]
@@ -35,7 +40,13 @@ def bfcl_problem(calls, answers, tools) -> str | None:
     return None
 
 
-def _bfcl_problem(call, name, params, doc) -> str | None:
+def _shown(value) -> str:
+    # repr, so that a tab or a quote shows; at most 60 characters
+    text = repr(value)
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
+def _call_problem(call, name, params, doc) -> str | None:
     """None when the call passes BFCL's checks against one possible answer; else the first failing one.
     Without the function's doc (tools=None, or no doc of that name) each parameter is taken to have the
     type of its first acceptable value, arrays get no item-type check (but an array of objects is still
@@ -61,15 +72,16 @@ def _bfcl_problem(call, name, params, doc) -> str | None:
         variable = hint is not None and hint is not outer
         if type(value) is outer:
             if item is not None and not any(_items_typed(value, a, item) for a in acceptable):
-                return f"argument {key!r} of {name} should be a list of {_TYPE_NAMES[item]}s, got {short(value, 60)}"
+                return (f"argument {key!r} of {name} should be a list of {_TYPE_NAMES[item]}s, "
+                        f"got {_shown(value)}")
         elif type(value) is hint:
             variable = True
         elif outer is not None:
-            return f"argument {key!r} of {name} should be of type {_TYPE_NAMES[outer]}, got {short(repr(value), 60)}"
+            return f"argument {key!r} of {name} should be of type {_TYPE_NAMES[outer]}, got {_shown(value)}"
         if not _bfcl_value_ok(value, acceptable, None if variable else outer, item):
-            shown = [a for a in acceptable if a != ""]    # repr, so that a tab or a quote shows
-            expected = short(repr(shown[0]), 60) if len(shown) == 1 else f"one of {short(shown, 60)}"
-            return f"argument {key!r} of {name} is {short(repr(value), 60)}, expected {expected}"
+            shown = [a for a in acceptable if a != ""]
+            expected = _shown(shown[0]) if len(shown) == 1 else f"one of {_shown(shown)}"
+            return f"argument {key!r} of {name} is {_shown(value)}, expected {expected}"
     for key, acceptable in params.items():
         if key not in args and "" not in acceptable:    # "" marks a parameter that may be left out
             return f"missing argument {key!r} in {name}"
@@ -80,7 +92,8 @@ def _declared_type(spec, acceptable):
     """(type, item type or None) of a parameter: from its doc, else from its first acceptable value."""
     if isinstance(spec, dict) and spec.get("type") in _BFCL_TYPES:
         items = spec.get("items") if spec["type"] in ("array", "tuple") else None
-        return _BFCL_TYPES[spec["type"]], _BFCL_TYPES.get(items.get("type")) if isinstance(items, dict) else None
+        item = _BFCL_TYPES.get(items.get("type")) if isinstance(items, dict) else None
+        return _BFCL_TYPES[spec["type"]], item
     first = next((a for a in acceptable if a != ""), None)
     if type(first) not in _TYPE_NAMES:    # none, or null
         return None, None
@@ -108,7 +121,7 @@ def _bfcl_value_ok(value, acceptable, outer, item) -> bool:
     dicts 1, 1.0 and true are equal. List order matters."""
     if outer is dict:
         return _dict_ok(value, acceptable)
-    if outer is list and item is dict:    # each object against its counterpart in an acceptable list ("" = [])
+    if outer is list and item is dict:    # object by object against an acceptable list ("" = [])
         return any(isinstance(want, (list, str)) and len(want) == len(value)
                    and all(_dict_ok(v, [w]) for v, w in zip(value, want)) for want in acceptable)
     if outer is str:
@@ -125,8 +138,8 @@ def _dict_ok(value, acceptable) -> bool:
     # out; a dict or list nested in the value is compared with == only.
     return isinstance(value, dict) and any(
         isinstance(want, dict)
-        and all(k in want and isinstance(want[k], (list, str)) and _standard(v) in [_standard(x) for x in want[k]]
-                for k, v in value.items())
+        and all(k in want and isinstance(want[k], (list, str))
+                and _standard(v) in [_standard(x) for x in want[k]] for k, v in value.items())
         and all(k in value or (isinstance(ok, (list, str)) and "" in ok) for k, ok in want.items())
         for want in acceptable)
 

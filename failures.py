@@ -14,7 +14,7 @@ from model import chat_ids
 from policy import sample, sampling, stop_of
 from runs import BadInput, read_jsonl, setting_differs
 
-SEED_FAILURE_SET = 1        # the failure set's sampling-seed purpose (par.sampling_generator); rrr.py's rollouts use 2
+SEED_FAILURE_SET = 1        # the failure set's seed purpose (par.sampling_generator); rrr.py's rollouts: 2
 
 
 @dataclass
@@ -27,12 +27,11 @@ class Failure:
     samples: int               # first attempts drawn until this one failed
 
 
-
 def failure_set_meta(cfg) -> dict:
-    """The settings a failure set depends on: its first line, which a run reusing or resuming it must match."""
-    return dict(task=cfg.task, model=cfg.model, warm_start=cfg.warm_start, data_dir=cfg.data_dir, train_size=cfg.train_size, seed=cfg.seed,
-                failure_samples=cfg.failure_samples, max_completion_length=cfg.max_completion_length,
-                temperature=cfg.temperature)
+    """The settings a failure set depends on: its first line, which a run reusing or resuming it matches."""
+    return dict(task=cfg.task, model=cfg.model, warm_start=cfg.warm_start, data_dir=cfg.data_dir,
+                train_size=cfg.train_size, seed=cfg.seed, failure_samples=cfg.failure_samples,
+                max_completion_length=cfg.max_completion_length, temperature=cfg.temperature)
 
 
 def check_failure_set(cfg, path: Path, train):
@@ -54,9 +53,11 @@ def check_failure_set(cfg, path: Path, train):
     if changed:
         what = ", ".join(f"{k}: {theirs.get(k)!r} there, {ours.get(k)!r} here" for k in changed)
         raise BadInput(f"{path} was built with other settings ({what})")
+    if any(isinstance(r, dict) and r.get("failed") and "feedback_shown" not in r for r in rows[1:]):
+        raise BadInput(f"{path} was written by an older version (no feedback_shown): delete it to rebuild it")
     have = {r.get("id") for r in rows[1:] if isinstance(r, dict)}
     missing = sum(ex.id not in have for ex in train)
-    if missing and cfg.failure_set:  # a run killed while building it: resume that run, or let this one build its own
+    if missing and cfg.failure_set:  # a run killed while building it: resume that run, or build one here
         raise BadInput(f"--failure-set {path} lacks {missing} of this run's {len(train)} training queries")
 
 
@@ -69,15 +70,19 @@ def sample_until_failure(cfg, pol, task, examples, gen) -> list[dict]:
     while pending:
         n = min(n, cfg.failure_samples - used[pending[0].id])
         prompts = [chat_ids(pol.tokenizer, ex.messages) for ex in pending]
-        g = sample(pol.sampler, pol.stops, prompts, cfg, temperature=cfg.temperature, num_samples=n, generator=gen)
-        verdicts = task.check_batch([pol.decode(t) for t in g.tokens], [ex for ex in pending for _ in range(n)])
+        g = sample(pol.sampler, pol.stops, prompts, cfg, temperature=cfg.temperature, num_samples=n,
+                   generator=gen)
+        verdicts = task.check_batch([pol.decode(t) for t in g.tokens],
+                                    [ex for ex in pending for _ in range(n)])
         for i, ex in enumerate(pending):
             for j in range(n):
                 r = i * n + j
                 if not verdicts[r].ok and not verdicts[r].infra and ex.id not in found:
-                    found[ex.id] = dict(id=ex.id, failed=True, attempt=g.tokens[r], feedback=verdicts[r].feedback,
-                                        feedback_shown=verdicts[r].feedback_to_show(),
-                                        attempt_stop=stop_of(g.tokens[r], g.finished[r]), samples=used[ex.id] + j + 1)
+                    v = verdicts[r]
+                    found[ex.id] = dict(id=ex.id, failed=True, attempt=g.tokens[r], feedback=v.feedback,
+                                        feedback_shown=v.feedback_to_show(),
+                                        attempt_stop=stop_of(g.tokens[r], g.finished[r]),
+                                        samples=used[ex.id] + j + 1)
             used[ex.id] += n
         pending = [ex for ex in pending if ex.id not in found and used[ex.id] < cfg.failure_samples]
         n *= 2
@@ -93,13 +98,15 @@ def build_failure_set(cfg, d, pol, task, train, out) -> list[Failure]:
     stopped and samples each chunk exactly as an uninterrupted run does."""
     path = Path(cfg.failure_set) if cfg.failure_set else out / "failures.jsonl"
     par.on_rank0(d, check_failure_set, cfg, path, train)          # rank 0 reads, and refuses for all
+
+    def work(number, ids, examples):       # a chunk's sampling seed is its number
+        gen = par.sampling_generator(cfg.seed, d, SEED_FAILURE_SET, number)
+        return sample_until_failure(cfg, pol, task, examples, gen)
+
     with sampling(pol):
-        done = par.resumable_chunks(
-            path, [(ex.id, ex) for ex in train], d=d, per_rank=cfg.sampling_batch_size, desc="failure set",
-            header=dict(meta=failure_set_meta(cfg)), key="id",
-            work=lambda number, ids, examples: sample_until_failure(cfg, pol, task, examples,
-                                                                    par.sampling_generator(cfg.seed, d, SEED_FAILURE_SET, number)))
+        done = par.resumable_chunks(path, [(ex.id, ex) for ex in train], work, d=d,
+                                    per_rank=cfg.sampling_batch_size, desc="failure set",
+                                    header=dict(meta=failure_set_meta(cfg)), key="id")
     rows = [done[ex.id][0] for ex in train]
     return [Failure(id=r["id"], attempt=r["attempt"], attempt_stop=r["attempt_stop"], feedback=r["feedback"],
-                    feedback_shown=r.get("feedback_shown", r["feedback"]), samples=r["samples"])     # older sets: no hidden tests
-            for r in rows if r["failed"]]
+                    feedback_shown=r["feedback_shown"], samples=r["samples"]) for r in rows if r["failed"]]

@@ -13,11 +13,41 @@ import torch
 import torch.nn.functional as F
 
 import parallel as par
-from grpo import pad_batch, token_logprobs
+from grpo import head_logprobs, pad_ids
 from model import add_lora, chat_ids, load_model
 from runs import progress_bar, show_progress
 
 MAX_GRAD_NORM = 1.0
+
+
+def span_mask(spans: list[tuple[int, int]], length: int, device=None) -> torch.Tensor:
+    """(B, length) float mask with 1 on positions start <= t < end of each row's (start, end) span."""
+    t = torch.arange(length, device=device)
+    bounds = torch.tensor(spans, dtype=torch.long, device=device).view(-1, 2)
+    return ((t[None] >= bounds[:, :1]) & (t[None] < bounds[:, 1:])).float()
+
+
+def pad_batch(seqs: list[list[int]], spans: list[tuple[int, int]], device=None):
+    """`pad_ids` on `device`, with the span mask of `span_mask`: pad slots are never trained."""
+    ids, attn = pad_ids(seqs)
+    return ids.to(device), attn.to(device), span_mask(spans, ids.shape[1], device=device)
+
+
+def token_logprobs(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, mask: torch.Tensor,
+                   chunk_size: int = 1024) -> torch.Tensor:
+    """(B, T) log-probs of input_ids where mask is 1, zeros elsewhere. `logprobs[b, t]` is
+    log p(input_ids[b, t] | input_ids[b, :t]), so position 0 is never trained. The model's own forward
+    (FSDP gathers and frees as usual) keeps the final-norm hidden states, and the head runs only on
+    those whose next token is trained (grpo.head_logprobs)."""
+    if mask[:, 0].any():
+        raise ValueError("position 0 has no prefix and cannot be trained")
+    out = model(input_ids=input_ids, attention_mask=attention_mask, output_hidden_states=True,
+                logits_to_keep=1)
+    hidden = out.hidden_states[-1]                               # (B, T, H), after the final norm
+    where = mask[:, 1:].bool()                                   # next token trained
+    values = head_logprobs(model, hidden[:, :-1][where], input_ids[:, 1:][where], chunk_size)
+    result = torch.zeros(mask.shape, dtype=torch.float32, device=hidden.device)
+    return result.masked_scatter(torch.nn.functional.pad(where, (1, 0)), values)
 
 
 def sft_loss(logprobs, mask, total_tokens):
@@ -81,20 +111,23 @@ def train_model(cfg, d, init: str | None, data: list, folder: Path, kind: str = 
             if kind == "sft":
                 total_tokens = sum(len(t) for _, t in picked)
                 for part in shown_parts(mine, cfg.micro_batch_size):
-                    ids, attn, mask = pad_batch([p + t for p, t in part], [(len(p), len(p) + len(t)) for p, t in part], d.device)
+                    spans = [(len(p), len(p) + len(t)) for p, t in part]
+                    ids, attn, mask = pad_batch([p + t for p, t in part], spans, d.device)
                     loss = sft_loss(token_logprobs(model, ids, attn, mask), mask, total_tokens)
                     (loss * d.world).backward()        # FSDP averages over ranks
             else:
                 for part in shown_parts(mine, cfg.micro_batch_size):
                     seqs = [p + c for p, c, _ in part] + [p + r for p, _, r in part]
-                    spans = [(len(p), len(p) + len(c)) for p, c, _ in part] + [(len(p), len(p) + len(r)) for p, _, r in part]
+                    spans = ([(len(p), len(p) + len(c)) for p, c, _ in part]
+                             + [(len(p), len(p) + len(r)) for p, _, r in part])
                     ids, attn, mask = pad_batch(seqs, spans, d.device)
                     sums = token_logprobs(model, ids, attn, mask).sum(1)
                     with torch.no_grad():
                         ref_sums = token_logprobs(ref, ids, attn, mask).sum(1)
                     ref.reshard()      # its root stays gathered after a forward that has no backward
                     n = len(part)
-                    loss = dpo_loss(sums[:n], sums[n:], ref_sums[:n], ref_sums[n:], cfg.dpo_beta).sum() / cfg.batch_size
+                    loss = dpo_loss(sums[:n], sums[n:], ref_sums[:n], ref_sums[n:], cfg.dpo_beta)
+                    loss = loss.sum() / cfg.batch_size
                     (loss * d.world).backward()
             torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad], MAX_GRAD_NORM)
             optimizer.step()

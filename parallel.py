@@ -1,30 +1,12 @@
-"""Distributed plumbing shared by rrr.py and rerest.py: one code path for 1 CPU process, N CPU
-processes (gloo) and N GPUs (NCCL).
+"""Distributed plumbing shared by rrr.py, rerest.py and finetune.py: one code path for 1 CPU process, N CPU
+processes (gloo) and N GPUs (NCCL). A process group always exists (without torchrun, a 1-process one), so
+single-process runs exercise the same FSDP2 code as 8-GPU runs.
 
-- `init_distributed`: a process group always exists; without torchrun it is a 1-process group, so
-  single-process runs exercise the same FSDP code as 8-GPU runs. On CPU it sets the thread count
-  per process and `keep_freed_memory`.
-- `shard_model`: FSDP2 (`fully_shard`) per decoder layer, then the root. On CUDA the parameters
-  stay fp32 (the master weights) and compute runs in bf16 (`MixedPrecisionPolicy`).
-- `copy_full_weights`: all-gathers the sharded weights into an ordinary module that each rank
-  samples from on its own. Decoding then needs no collective at all, so ranks whose rows end after
-  different numbers of steps can never deadlock. Sampling from the FSDP-sharded model itself does:
-  a rank whose rows have all ended stops decoding while its peers wait in a weight gather it never
-  joins (DeepSpeed issue #8262 reports the same hang).
-- `save_checkpoint` / `load_checkpoint`: torch.distributed.checkpoint of model + optimizer, plus a
-  JSON state (step, history, ...) and every RNG state of every rank; written to a temporary
-  folder and renamed, so a crash never leaves a half checkpoint behind; `save_total_limit` keeps
-  the newest N (TRL's name).
-- `export_hf`: the final model in Hugging Face format (safetensors, config, tokenizer, chat template),
-  LoRA adapters merged.
-- Who does what: `rank_chunks` splits work so that every rank has some, `epoch_order` is the data order
-  of an epoch on every rank, `on_rank0` lets rank 0 alone touch the run folder, and `resumable_chunks`
-  is a stage whose rows survive a crash (rrr's failure set, every Re-ReST cache).
-
-FSDP averages gradients over ranks; losses that are already normalised by a global count (the
-"dapo" token count) are multiplied by the world size first, so the result is the global sum.
+FSDP averages gradients over ranks; losses that are already normalised by a global count (the "dapo" token
+count) are multiplied by the world size first, so the result is the global sum.
 """
 
+import ctypes
 import datetime
 import gc
 import json
@@ -40,13 +22,17 @@ import numpy as np
 import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
-from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict, get_state_dict,
-                                                     set_state_dict)
+from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict,
+                                                     get_state_dict, set_state_dict)
 from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+from transformers import AutoModelForCausalLM
+from transformers.cache_utils import Cache
+from transformers.utils import logging as hf_logging
 
-from model import checkpoint_layers, checkpointing_by_default, decoder_layers, make_readable, merge_lora
-from runs import BadInput, append_jsonl, local_share_of_cores, progress_bar, read_jsonl, write_atomic, write_jsonl
+from model import decoder_layers, make_readable, merge_lora
+from runs import (BadInput, append_jsonl, local_share_of_cores, progress_bar, read_jsonl, write_atomic,
+                  write_jsonl)
 
 
 @dataclass
@@ -60,55 +46,47 @@ class Dist:
         return self.rank == 0
 
 
+# Waiting while rank 0 alone writes a large export can take longer than NCCL's 10-minute timeout: those
+# waits (`barrier(slow=True)`) go through a CPU (gloo) group of their own with a long timeout.
+_SLOW_GROUP = None
+
+
 def init_distributed(device: str | None = None) -> Dist:
     """Joins torchrun's process group, or makes a 1-process one. `device`: "cpu", "cuda" or None (auto)."""
+    global _SLOW_GROUP
     use_cuda = torch.cuda.is_available() if device is None else device == "cuda"
     if use_cuda and not torch.cuda.is_available():
         raise RuntimeError("--device cuda was asked for, but CUDA is not available")
-    local_rank = int(os.environ.get("LOCAL_RANK", 0))
-    dev = torch.device("cuda", local_rank) if use_cuda else torch.device("cpu")
+    dev = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0))) if use_cuda else torch.device("cpu")
     if use_cuda:
         torch.cuda.set_device(dev)
     if not dist.is_initialized():
         backend = "nccl" if use_cuda else "gloo"
+        device_id = dev if use_cuda else None
         if "WORLD_SIZE" in os.environ and "MASTER_ADDR" in os.environ:
-            dist.init_process_group(backend, device_id=dev if use_cuda else None)
+            dist.init_process_group(backend, device_id=device_id)
         else:
             dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1,
-                                    device_id=dev if use_cuda else None)
-    global _SLOW_GROUP
-    # Waiting while rank 0 alone writes a large export can take longer than NCCL's 10-minute
-    # timeout: those waits go through a CPU (gloo) group of their own with a long timeout.
+                                    device_id=device_id)
     _SLOW_GROUP = dist.new_group(backend="gloo", timeout=datetime.timedelta(hours=4))
     if not use_cuda:
         # N processes on one CPU share its cores; more threads than cores only adds contention.
         torch.set_num_threads(local_share_of_cores())
         keep_freed_memory()
     if dist.get_rank() != 0:
-        quiet_rank()
+        # Every rank runs the same code and would print the same warnings into rank 0's progress bars:
+        # rank 0 prints each one once.
+        hf_logging.set_verbosity_error()
+        warnings.simplefilter("ignore")
     return Dist(dist.get_rank(), dist.get_world_size(), dev)
 
 
-def quiet_rank():
-    """Silences transformers' logging and Python warnings on a rank other than 0: every rank runs the same
-    code and would print the same warning, into rank 0's progress bars; rank 0 prints each one once."""
-    from transformers.utils import logging as hf_logging
-    hf_logging.set_verbosity_error()
-    warnings.simplefilter("ignore")
-
-
-_SLOW_GROUP = None
-
-
 def keep_freed_memory() -> bool:
-    """Makes glibc keep freed memory for reuse instead of handing it back to the OS (Linux only).
-
-    By default every freed block over 32 MB (a chunk of output-head logits, the embedding's gradient)
-    goes back to the OS, and the next one faults in fresh zeroed pages: about 10 GB of page faults per
-    GRPO step of the benchmark, a quarter of the update's time on the 2-core CPU (BENCHMARKS.md). The
-    cost is that the process keeps its high-water mark of memory. Returns whether it took effect."""
+    """Makes glibc keep freed memory for reuse; returns whether it took effect. By default every freed block
+    over 32 MB (a chunk of head logits, the embedding's gradient) goes back to the OS and the next one faults
+    in fresh zeroed pages: about 10 GB of page faults per GRPO step of the benchmark, a quarter of the
+    update's time on the 2-core CPU (BENCHMARKS.md). The cost: the process keeps its high-water mark."""
     try:
-        import ctypes
         libc = ctypes.CDLL("libc.so.6")
         M_TRIM_THRESHOLD, M_MMAP_MAX = -1, -4
         return bool(libc.mallopt(M_MMAP_MAX, 0)) and bool(libc.mallopt(M_TRIM_THRESHOLD, 2**31 - 1))
@@ -125,15 +103,46 @@ def close_distributed():
         dist.destroy_process_group()
 
 
+# --- sharding and activation checkpointing -----------------------------------------------------------
+
+def checkpointing_by_default(model) -> bool:
+    """Activation checkpointing pays for itself above about 1B parameters, where activations (about
+    6 MB per token for a 7B model) rather than weights fill a GPU during the update."""
+    return sum(p.numel() for p in model.parameters()) > 1e9
+
+
+def checkpoint_layers(model):
+    """Each decoder layer keeps only its input for backward and recomputes the rest. Hugging Face's own
+    gradient checkpointing drops the KV cache, which grpo.packed_logprobs needs (its prefix pass fills a
+    cache that the continuation pass reads). Here the layer runs with the cache, and before the recompute
+    in backward the cache's layers get back the attributes they had before its forward: the recompute sees
+    what the forward saw, whatever was appended since (the keys and values stay alive until backward, as
+    in any cache)."""
+    for layer in decoder_layers(model):
+        def checkpointed(*args, _forward=layer.forward, _layer=layer, **kwargs):
+            if not (torch.is_grad_enabled() and _layer.training):
+                return _forward(*args, **kwargs)
+            cache_layers = [c for v in kwargs.values() if isinstance(v, Cache) for c in v.layers]
+            before, ran = [dict(vars(c)) for c in cache_layers], []
+
+            def run(*a):
+                if ran:                          # the recompute in backward
+                    for c, saved in zip(cache_layers, before):
+                        c.__dict__.update(saved)
+                ran.append(True)
+                return _forward(*a, **kwargs)
+
+            return torch.utils.checkpoint.checkpoint(run, *args, use_reentrant=False)
+
+        layer.forward = checkpointed
+
+
 def shard_model(model, d: Dist, bf16: bool = False, checkpointing: bool | None = False):
     """FSDP2 over the world: each decoder layer is one unit (gathered for its forward and backward only),
     the root holds the rest (embeddings, final norm, head). The model may sit on the CPU: each unit is
-    moved to the device as it is sharded, so no rank ever holds the whole model there.
-
-    bf16: parameters stay fp32 (the master weights, and what the optimizer updates); each unit is
-    gathered in bf16 for compute and its gradients are reduced in fp32 (TRL's `--bf16`).
-    checkpointing: decoder layers keep only their input for backward (`checkpoint_layers`); None
-    decides by size (`checkpointing_by_default`)."""
+    moved to the device as it is sharded, so no rank ever holds the whole model there. bf16: parameters
+    stay fp32 (the master weights the optimizer updates); each unit is gathered in bf16 for compute and
+    its gradients are reduced in fp32 (TRL's `--bf16`). checkpointing: None decides by size."""
     # The outputs read here (logits, hidden states) are never modified in place, which is the case
     # this warning is about; it would otherwise print on every forward.
     warnings.filterwarnings("ignore", message="FSDP2-wrapped module .* returned a view tensor")
@@ -187,33 +196,13 @@ def _head_is_embedding(model) -> bool:
 
 @torch.no_grad()
 def copy_full_weights(sharded, plain):
-    """plain <- the full weights of the sharded model, one FSDP unit at a time (a decoder layer, then
-    the root), gathered in the compute dtype: with bf16, half the traffic and a transient of one
-    layer. Storage freed by `free_weights` is allocated again. A collective: every rank calls it."""
-    allocate_weights(plain)
-    target = dict(plain.named_parameters())
-    names = {id(m): n for n, m in sharded.named_modules()}
-    for unit in [*decoder_layers(sharded), sharded]:
-        gathered = hasattr(unit, "unshard")
-        if gathered:
-            unit.unshard()
-        prefix = names[id(unit)] + "." if names[id(unit)] else ""
-        for name, p in unit.named_parameters():
-            if not hasattr(p, "full_tensor"):     # the root's walk also meets the layers' shards: skip
-                target[prefix + name].copy_(p)
-        if gathered:
-            unit.reshard()
-
-
-def free_weights(plain):
-    """Frees the parameters' memory but keeps their shapes; `copy_full_weights` fills them again.
-    The sampler's full copy exists only while sampling."""
-    for p in plain.parameters():
-        p.untyped_storage().resize_(0)
-
-
-def allocate_weights(plain):
-    need = {}                  # storage -> bytes its views need (tied or fused weights share one)
+    """plain <- the full weights of the sharded model, one FSDP unit at a time (a decoder layer, then the
+    root), gathered in the compute dtype: with bf16, half the traffic and a transient of one layer. A
+    collective. Each rank then samples from `plain` on its own, so decoding needs no collective and ranks
+    whose rows end after different numbers of steps cannot deadlock. Sampling from the sharded model does:
+    a rank whose rows have all ended stops decoding while its peers wait in a weight gather it never joins
+    (DeepSpeed issue #8262 reports the same hang)."""
+    need = {}        # storage freed by free_weights -> bytes its views need (tied or fused weights share one)
     for p in plain.parameters():
         s = p.untyped_storage()
         end = (p.storage_offset() + p.numel()) * p.element_size()
@@ -221,7 +210,40 @@ def allocate_weights(plain):
     for s, nbytes in need.values():
         if s.nbytes() < nbytes:
             s.resize_(nbytes)
+    target = dict(plain.named_parameters())
+    names = {id(m): n for n, m in sharded.named_modules()}
+    for unit in [*decoder_layers(sharded), sharded]:
+        unit.unshard()
+        prefix = names[id(unit)] + "." if names[id(unit)] else ""
+        for name, p in unit.named_parameters():
+            if not hasattr(p, "full_tensor"):     # the root's walk also meets the layers' shards: skip
+                target[prefix + name].copy_(p)
+        unit.reshard()
 
+
+def free_weights(plain):
+    """Frees the parameters' memory but keeps their shapes, until `copy_full_weights` fills them again."""
+    for p in plain.parameters():
+        p.untyped_storage().resize_(0)
+
+
+@contextmanager
+def off_device(*modules):
+    """Moves the modules' weights to host memory for the duration of the block (on a GPU, a model
+    being trained should not share it with idle copies of others); a no-op on the CPU."""
+    moved = list({id(m): m for m in modules if next(m.parameters()).device.type != "cpu"}.values())
+    devices = [next(m.parameters()).device for m in moved]
+    for m in moved:
+        m.to("cpu")
+    try:
+        yield
+    finally:
+        gc.collect()         # what the block trained holds reference cycles (FSDP's hooks): free it first
+        for m, device in zip(moved, devices):
+            m.to(device)
+
+
+# --- collectives, and who does what -------------------------------------------------------------------
 
 def all_sum(values, d: Dist) -> list[float]:
     t = torch.tensor([float(v) for v in values], dtype=torch.float64, device=d.device)
@@ -241,9 +263,14 @@ def broadcast_object(obj, d: Dist):
     return box[0]
 
 
+def barrier(slow: bool = False):
+    """slow: for waits on one rank's long file writing (an export), with a timeout of hours."""
+    dist.barrier(group=_SLOW_GROUP if slow else None)
+
+
 def on_rank0(d: Dist, work, *args):
-    """work(*args) on rank 0 only (it reads and writes the run folder); its result, or its BadInput, on every
-    rank. Every rank checking the folder itself would race with rank 0 creating it."""
+    """work(*args) on rank 0 only (it reads and writes the run folder); its result, or its BadInput, on
+    every rank. Every rank checking the folder itself would race with rank 0 creating it."""
     outcome = None
     if d.main:
         try:
@@ -256,27 +283,6 @@ def on_rank0(d: Dist, work, *args):
     return outcome[1]
 
 
-def barrier(slow: bool = False):
-    """slow: for waits on one rank's long file writing (an export), with a timeout of hours."""
-    dist.barrier(group=_SLOW_GROUP if slow else None)
-
-
-@contextmanager
-def off_device(*modules):
-    """Moves the modules' weights to host memory for the duration of the block (on a GPU, a model
-    being trained should not share it with idle copies of others); a no-op on the CPU."""
-    moved = list({id(m): m for m in modules if next(m.parameters()).device.type != "cpu"}.values())
-    devices = [next(m.parameters()).device for m in moved]
-    for m in moved:
-        m.to("cpu")
-    try:
-        yield
-    finally:
-        gc.collect()         # what the block trained holds reference cycles (FSDP's hooks): free it first
-        for m, device in zip(moved, devices):
-            m.to(device)
-
-
 def epoch_order(n: int, seed: int, epoch: int) -> list[int]:
     """The data order of an epoch: a permutation of range(n) seeded by the run's seed and the epoch alone,
     the same on every rank, so that the position in the data is a function of the step."""
@@ -286,7 +292,8 @@ def epoch_order(n: int, seed: int, epoch: int) -> list[int]:
 def sampling_generator(seed: int, d: Dist, purpose: int, step: int) -> torch.Generator:
     """A sampling generator with a distinct, reproducible seed per (run seed, purpose, step, rank):
     resuming needs no saved sampler state."""
-    return torch.Generator(d.device).manual_seed(((seed * 1_000_003 + purpose) * 1_000_003 + step) * 1_009 + d.rank)
+    return torch.Generator(d.device).manual_seed(
+        ((seed * 1_000_003 + purpose) * 1_000_003 + step) * 1_009 + d.rank)
 
 
 def rank_chunks(items: list, per_rank: int, d: Dist):
@@ -299,19 +306,18 @@ def rank_chunks(items: list, per_rank: int, d: Dist):
         yield chunk, chunk[d.rank::d.world]
 
 
-def resumable_chunks(path: Path, items: list[tuple[str, object]], work, d: Dist, *, per_rank: int, desc: str,
-                     header: dict | None = None, key: str = "key", rows_per_item: int = 1) -> dict[str, list[dict]]:
-    """A stage whose rows are kept in the JSON-lines file `path`, so that a crash loses at most one chunk.
-    items: (key, payload) pairs, split into chunks of per_rank items per rank over the whole list
-    (rank_chunks), numbered alike in every run. work(number, keys, payloads) does this rank's share of chunk
-    `number` and returns its rows, rows_per_item per item, each holding its item's key in row[key]. Rank 0
-    reads and writes; every rank works. Returns {key: rows} for every item.
+def resumable_chunks(path: Path, items: list[tuple[str, object]], work, d: Dist, *, per_rank: int,
+                     desc: str, header: dict | None = None, key: str = "key",
+                     rows_per_item: int = 1) -> dict[str, list[dict]]:
+    """A stage whose rows are kept in the JSON-lines file `path` (rrr's failure set, every Re-ReST cache),
+    so that a crash loses at most one chunk of `rank_chunks(items, per_rank, d)`. items: (key, payload)
+    pairs. work(number, keys, payloads) does this rank's share of chunk `number` and returns its rows,
+    rows_per_item per item, each holding its item's key in row[key]. Returns {key: rows} for every item.
 
-    A chunk with a row missing (a crash can cut its write short) is redone whole: its rows were made
-    together (one batch, one seed), and redoing only the missing ones would draw them in a smaller batch,
-    with other random numbers. The file first starts again from `header` (its first line, when given) and
-    the whole chunks' rows, written aside and renamed, so that a crash leaves the old file or the new one
-    and the file ends as an uninterrupted run's."""
+    A chunk with a row missing (a crash can cut its write short) is redone whole: its rows were made in one
+    batch with one seed, which redoing only the missing ones would not repeat. The file first starts again
+    from `header` (its first line, when given) and the whole chunks' rows, written aside and renamed, so
+    that a crash leaves the old file or the new one and the file ends as an uninterrupted run's."""
     rows = broadcast_object(read_jsonl(path) if d.main else None, d)
     found = {}
     for r in rows[1:] if header else rows:
@@ -335,17 +341,15 @@ def resumable_chunks(path: Path, items: list[tuple[str, object]], work, d: Dist,
     return done
 
 
-STEP_LOGS = ("evals.jsonl", "metrics.jsonl", "eval_answers.jsonl", "episodes.jsonl")     # rrr.py's; rows carry a "step"
-
-
 def resume_step_logs(d: Dist, out: Path, start: int) -> tuple[list, list]:
-    """rrr.py's evaluations and step metrics up to checkpoint `start`, read by rank 0 for everyone (on several
-    nodes only the shared folder is certain). What a crash left after the checkpoint is dropped from every
-    per-step log, to be recomputed identically; so are the answers of an evaluation whose summary line
-    (written after them) is missing."""
+    """rrr.py's evaluations and step metrics up to checkpoint `start`, read by rank 0 for everyone (on
+    several nodes only the shared folder is certain). What a crash left after the checkpoint is dropped
+    from every per-step log, to be recomputed identically; so are the answers of an evaluation whose
+    summary line (written after them) is missing."""
     logs = None
     if d.main:
-        logs = {name: [r for r in read_jsonl(out / name) if r["step"] <= start] for name in STEP_LOGS}
+        names = ("evals.jsonl", "metrics.jsonl", "eval_answers.jsonl", "episodes.jsonl")
+        logs = {name: [r for r in read_jsonl(out / name) if r["step"] <= start] for name in names}
         evaluated = {r["step"] for r in logs["evals.jsonl"]}
         logs["eval_answers.jsonl"] = [r for r in logs["eval_answers.jsonl"] if r["step"] in evaluated]
         for name, rows in logs.items():
@@ -357,19 +361,18 @@ def resume_step_logs(d: Dist, out: Path, start: int) -> tuple[list, list]:
 
 def check_shared_folder(folder: Path, d: Dist):
     """Every rank must see the files rank 0 writes in `folder` (checkpoints, logs, the failure set):
-    rank 0 writes a file with a fresh token and each rank reads it back. Raises SharedFolderError on
-    every rank, naming the ranks that cannot see it, rather than letting them hang or diverge later."""
-    token = broadcast_object(os.urandom(8).hex() if d.main else None, d)
-    probe = Path(folder) / f".rank0-{token}"
-    problem = None
+    rank 0 writes a file with a fresh token and each rank reads it back. Raises BadInput on every rank,
+    naming the ranks that cannot see it, rather than letting them hang or diverge later."""
+    token, problem = os.urandom(8).hex(), None
     if d.main:
         try:
-            probe.write_text(token)
+            (Path(folder) / f".rank0-{token}").write_text(token)
         except OSError as e:
             problem = f"rank 0 cannot write to {folder}: {e}"
-    problem = broadcast_object(problem, d)
+    token, problem = broadcast_object((token, problem), d)
     if problem:
-        raise SharedFolderError(problem)
+        raise BadInput(problem)
+    probe = Path(folder) / f".rank0-{token}"
     try:
         seen = probe.read_text() == token
     except OSError:
@@ -379,34 +382,19 @@ def check_shared_folder(folder: Path, d: Dist):
     if d.main:
         probe.unlink()
     if blind:
-        raise SharedFolderError(f"ranks {blind} cannot see {folder} as rank 0 wrote it: with several nodes, "
-                                "--out must be on a filesystem that every node shares")
+        raise BadInput(f"ranks {blind} cannot see {folder} as rank 0 wrote it: with several nodes, "
+                       "--out must be on a filesystem that every node shares")
 
 
-class SharedFolderError(BadInput):
-    pass
-
-
-# --- checkpoints -----------------------------------------------------------------------------------
-
-def _rng_states() -> dict:
-    return dict(torch=torch.get_rng_state(), python=random.getstate(), numpy=np.random.get_state(),
-                cuda=torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None)
-
-
-def _set_rng_states(states: dict):
-    torch.set_rng_state(states["torch"])
-    random.setstate(states["python"])
-    np.random.set_state(states["numpy"])
-    if states.get("cuda") is not None and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(states["cuda"])
-
+# --- checkpoints and export ---------------------------------------------------------------------------
 
 def save_checkpoint(folder: Path, step: int, model, optimizer, state: dict, d: Dist,
                     save_total_limit: int | None = None):
-    """folder/step_NNNNNN holds the DCP shards, state.json and rng_rank{r}.pt; folder/latest names it.
-    save_total_limit (TRL's name): once the new checkpoint is complete, delete all but the newest N
-    (None: keep every one)."""
+    """folder/step_NNNNNN holds the torch.distributed.checkpoint shards of model + optimizer, state.json
+    (`state` plus step and world) and every rank's RNG states, rng_rank{r}.pt; folder/latest names it.
+    Written to step_NNNNNN.tmp and renamed, so a crash never leaves a half checkpoint behind.
+    save_total_limit: once the new checkpoint is complete, delete all but the newest N (None:
+    keep every one)."""
     folder = Path(folder)
     final = folder / f"step_{step:06d}"
     tmp = folder / f"step_{step:06d}.tmp"
@@ -416,7 +404,9 @@ def save_checkpoint(folder: Path, step: int, model, optimizer, state: dict, d: D
     barrier()
     model_sd, optim_sd = get_state_dict(model, optimizer)
     dcp.save({"model": model_sd, "optim": optim_sd}, checkpoint_id=str(tmp))
-    torch.save(_rng_states(), tmp / f"rng_rank{d.rank}.pt")
+    rng = dict(torch=torch.get_rng_state(), python=random.getstate(), numpy=np.random.get_state(),
+               cuda=torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None)
+    torch.save(rng, tmp / f"rng_rank{d.rank}.pt")
     barrier()
     if d.main:
         (tmp / "state.json").write_text(json.dumps(dict(state, step=step, world=d.world)))
@@ -432,54 +422,52 @@ def save_checkpoint(folder: Path, step: int, model, optimizer, state: dict, d: D
 
 
 def load_checkpoint(folder: Path, model, optimizer, d: Dist) -> dict | None:
-    """Restores the latest checkpoint in `folder` into model and optimizer; returns its state or None."""
-    def read():
-        pointer = Path(folder) / "latest"
-        if not pointer.exists():
-            return None
-        path = Path(folder) / pointer.read_text().strip()
-        return str(path), json.loads((path / "state.json").read_text())
-
+    """Restores the latest checkpoint in `folder` into model and optimizer; returns its state or None.
+    The RNG states come back only on the world they were saved with."""
+    folder = Path(folder)
     # Rank 0 decides, so that every rank enters dcp.load (a collective) or none does.
-    found = broadcast_object(read() if d.main else None, d)
+    found = None
+    if d.main and (folder / "latest").exists():
+        path = folder / (folder / "latest").read_text().strip()
+        found = path, json.loads((path / "state.json").read_text())
+    found = broadcast_object(found, d)
     if found is None:
         return None
-    path, state = Path(found[0]), found[1]
+    path, state = found
     model_sd, optim_sd = get_state_dict(model, optimizer)
     loaded = {"model": model_sd, "optim": optim_sd}
     dcp.load(loaded, checkpoint_id=str(path))
     set_state_dict(model, optimizer, model_state_dict=loaded["model"], optim_state_dict=loaded["optim"])
-    rng = path / f"rng_rank{d.rank}.pt"
-    if state.get("world") == d.world and rng.exists():
-        _set_rng_states(torch.load(rng, weights_only=False))
+    if state["world"] == d.world:
+        rng = torch.load(path / f"rng_rank{d.rank}.pt", weights_only=False)
+        torch.set_rng_state(rng["torch"])
+        random.setstate(rng["python"])
+        np.random.set_state(rng["numpy"])
+        if rng["cuda"] is not None and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all(rng["cuda"])
     return state
-
-
-def full_state_on_rank0(model) -> dict:
-    """The full state dict on rank 0's CPU, gathered one parameter at a time (empty on other ranks)."""
-    return get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
 
 
 def merged_state(model) -> dict:
     """The full weights on rank 0 (gathered one parameter at a time to its CPU; empty on the other ranks),
     with every LoRA adapter merged, in plain Hugging Face names. A collective."""
-    return merge_lora(full_state_on_rank0(model), model)
+    options = StateDictOptions(full_state_dict=True, cpu_offload=True)
+    return merge_lora(get_model_state_dict(model, options=options), model)
 
 
 def export_hf(model, tokenizer, folder: Path, d: Dist):
-    """Writes the model in Hugging Face format (fp32 master weights with any LoRA adapter merged); a
-    collective. Rank 0 builds the model on the meta device
-    and puts the gathered tensors in place: no random initialisation, no second copy. The others wait
-    in the slow barrier while it writes. Written to a temporary folder and renamed; the files get the
-    modes the umask gives (safetensors writes 0600)."""
-    from transformers import AutoModelForCausalLM
-
+    """Writes the model in Hugging Face format (safetensors of the fp32 master weights with any LoRA adapter
+    merged, config, tokenizer and chat template); a collective. Rank 0 builds the model on the meta device
+    and puts the gathered tensors in place: no random initialisation, no second copy. The others wait in
+    the slow barrier while it writes. Written to a temporary folder and renamed; the files get the modes
+    the umask gives (safetensors writes 0600)."""
     state = merged_state(model)
     if d.main:
         folder = Path(folder)
         with torch.device("meta"):
             plain = AutoModelForCausalLM.from_config(model.config, dtype=torch.float32)
-        tied = {k for k, _ in plain.named_parameters(remove_duplicate=False)} - {k for k, _ in plain.named_parameters()}
+        tied = ({k for k, _ in plain.named_parameters(remove_duplicate=False)}
+                - {k for k, _ in plain.named_parameters()})
         missing, unexpected = plain.load_state_dict(state, strict=False, assign=True)
         if unexpected or set(missing) - tied:
             raise RuntimeError(f"export: missing {missing}, unexpected {unexpected}")

@@ -16,7 +16,8 @@ import torch
 
 import parallel as par
 from grpo import objective_share, packed_logprobs, policy_loss, right_pad, summarize_stats
-from model import checkpointing_by_default, load_model, stop_token_ids
+from model import load_model, stop_token_ids
+from parallel import checkpointing_by_default
 from runs import BadInput, show_progress
 from sampler import decoder_body, fuse_projections, generate
 
@@ -88,8 +89,8 @@ def stop_of(tokens, finished):
     return tokens[-1] if finished else None
 
 
-def sample(model, stops, prompts, cfg, *, temperature, max_new_tokens=None, num_samples=1, generator=None, cache=None,
-           keep_cache=False):
+def sample(model, stops, prompts, cfg, *, temperature, max_new_tokens=None, num_samples=1, generator=None,
+           cache=None, keep_cache=False):
     """sampler.generate with the run's flags: up to max_new_tokens (default --max-completion-length) per row,
     CUDA graphs unless --no-cuda-graphs. The model's q/k/v and gate/up are laid back to back first, so that
     decoding multiplies by views, not per-call copies: a no-op when they already are (rrr.py's sampler),
@@ -116,7 +117,8 @@ def grpo_update(cfg, d, pol, episodes, length_limit: int) -> dict:
     # every rank then runs the same forward and backward calls whatever its data (FSDP's collectives
     # must line up), and a micro-batch whose rows were all cut still has a graph to run backward on. An
     # episode the sandbox could not judge is masked the same way: it gets no loss.
-    kept = [0.0 if (cfg.mask_truncated_completions and e.truncated) or not e.judged else 1.0 for e in episodes]
+    kept = [0.0 if (cfg.mask_truncated_completions and e.truncated) or not e.judged else 1.0
+            for e in episodes]
     local_tokens = sum(len(t) * k for t, k in zip(trained, kept))
     total_tokens, total_rows = par.all_sum([local_tokens, len(episodes)], d)
     sums, loss_total, grad_norm = dict(tokens=0.0, clip_sum=0.0, ratio_sum=0.0, kl_sum=0.0), 0.0, 0.0
@@ -128,10 +130,11 @@ def grpo_update(cfg, d, pol, episodes, length_limit: int) -> dict:
         for i, mb in enumerate(batches):
             show_progress(f"update: micro-batch {i + 1}/{len(batches)}")
             lp = right_pad(packed_logprobs(pol.model, mb.groups, d.device))            # (rows, T)
-            loss, st = policy_loss(lp, lp.detach() if mb.old_logprobs is None else mb.old_logprobs, mb.advantages,
-                                   mb.mask, ref_logprobs=mb.ref_logprobs, beta=cfg.beta, epsilon=cfg.epsilon,
-                                   epsilon_high=cfg.epsilon_high, loss_type=cfg.loss_type,
-                                   max_completion_length=length_limit, total_tokens=total_tokens)
+            old = lp.detach() if mb.old_logprobs is None else mb.old_logprobs
+            loss, st = policy_loss(lp, old, mb.advantages, mb.mask, ref_logprobs=mb.ref_logprobs,
+                                   beta=cfg.beta, epsilon=cfg.epsilon, epsilon_high=cfg.epsilon_high,
+                                   loss_type=cfg.loss_type, max_completion_length=length_limit,
+                                   total_tokens=total_tokens)
             share = objective_share(cfg.loss_type, len(mb.advantages), total_rows, mb.mask.sum().item(),
                                     local_tokens, d.world)
             # Gradients are reduce-scattered after every micro-batch: skipping that for all but the last
@@ -143,8 +146,9 @@ def grpo_update(cfg, d, pol, episodes, length_limit: int) -> dict:
         if cfg.max_grad_norm > 0:
             norm = torch.nn.utils.clip_grad_norm_(pol.model.parameters(), cfg.max_grad_norm)
         else:
-            norm = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(par.full_tensor(p.grad))
-                                                         for p in pol.model.parameters() if p.grad is not None]))
+            norms = [torch.linalg.vector_norm(par.full_tensor(p.grad)) for p in pol.model.parameters()
+                     if p.grad is not None]
+            norm = torch.linalg.vector_norm(torch.stack(norms))
         grad_norm = float(par.full_tensor(norm))
         pol.optimizer.step()
         pol.optimizer.zero_grad(set_to_none=True)
@@ -174,12 +178,13 @@ def micro_batches(cfg, d, pol, episodes, trained, kept) -> list[MicroBatch]:
                 groups.append((context, [trained[r]]))
         extra = number >= len(starts)
         adv = torch.tensor([0.0 if extra else episodes[r].advantage for r in rows], device=d.device)
-        mask = right_pad([torch.full((len(trained[r]),), 0.0 if extra else kept[r]) for r in rows]).to(d.device)  # (rows, T)
+        mask = right_pad([torch.full((len(trained[r]),), 0.0 if extra else kept[r]) for r in rows])
+        mask = mask.to(d.device)                            # (rows, T)
         ref = None
         if cfg.beta > 0:
             with torch.no_grad():
                 ref = right_pad(packed_logprobs(pol.ref, groups, d.device)).float()
-            pol.ref.reshard()       # the root's gathered weights (embeddings, head) are not needed until next time
+            pol.ref.reshard()       # the root's gathered weights (embeddings, head) wait till next time
         batches.append(MicroBatch(groups, adv, mask, ref))
     if cfg.num_iterations > 1:          # the policy that sampled: fixed before the first update
         with torch.no_grad():

@@ -1,6 +1,6 @@
 """Reflect, Retry, Reward (Bensal et al. 2025): GRPO that rewards only the self-reflection.
 
-    python rrr.py --task countdown                                  # embedded SmolLM2-135M, 2-core CPU, ~10 min
+    python rrr.py --task countdown                          # embedded SmolLM2-135M, 2-core CPU, ~10 min
     torchrun --nproc_per_node=8 rrr.py --task countdown --model Qwen/Qwen2.5-1.5B-Instruct ...
     torchrun --nproc_per_node=2 rrr.py --task countdown             # 2 CPU processes (gloo)
 
@@ -12,16 +12,15 @@ The algorithm, one function per step (the README lists the same steps), in the o
   3. build_failure_set    (failures.py) up to --failure-samples first attempts per training query; keep
                           the failures
   4. train_step           per step: step_batch picks the failures; rollout (rrr_rollout) samples G
-                          reflections per failure and one retry each, reward = the verifier on the retry,
+                          reflections per failure and one retry each, reward() of the retry's verdict,
                           advantages per group; policy.grpo_update trains only the reflection tokens
-                          (micro-batches of whole groups, FSDP, the optimizer)
-  5. evaluate + write_report  every --eval-every steps and at the end; report.md/.json (95% intervals, paired
-                          tests; compare.py), plot.png; final/ (parallel.export_hf)
+  5. evaluate, write_rrr_report  every --eval-every steps and at the end: report.md/.json (report.py),
+                          plot.png; final/ (parallel.export_hf)
 
-Where to change things: the reward is `task.check_batch` (verifiers.py via data/); the prompts are the
-task's `reflection_prompt` / `retry_prompt` (data/), or --reflection-prompt / --retry-prompt, and
-`reflection_text` builds the reflection turn; the loss is grpo.policy_loss; which tokens are trained is
-`Episode.span`, set in `rrr_rollout`.
+Where to change things: the reward is `reward(verdict)`, the verdict coming from the task's verifier
+(`verify` in data/<task>.py, calling verifiers.py); the prompts are the task's `reflection_prompt` /
+`retry_prompt`, or --reflection-prompt / --retry-prompt, and `reflection_text` builds the reflection
+turn; the loss is grpo.policy_loss; which tokens are trained is `Episode.span`, set in `rrr_rollout`.
 
 Self-correction variants, off by default (the paper's algorithm): --attempts K > 2 reflects and retries
 again after each failed retry (rrr_rollout says how groups are formed and what it costs);
@@ -41,76 +40,88 @@ from pathlib import Path
 
 from data import TASKS, data_dir_used, get_task, load_splits, resolve_data_dir, test_split_size
 from data.countdown import check_warm_start
-from runs import (EMBEDDED_MODEL, REPORT_TO, BadInput, announce, MachineFlags, Tracker, append_jsonl, check_at_least,
-                  check_model_name, flag, main_guard, open_tracker, parse_config, prepare_out, progress_bar,
-                  read_jsonl, resolve_machine_flags)
+from runs import (EMBEDDED_MODEL, REPORT_TO, BadInput, MachineFlags, Tracker, announce, append_jsonl,
+                  check_at_least, check_model_name, flag, main_guard, open_tracker, parse_config, prepare_out,
+                  progress_bar, read_jsonl, resolve_machine_flags)
 
 GENERIC_REFLECTION = ("I made a mistake in my previous answer. I will read the task again carefully, "
                       "check every step, and then give a corrected answer.")
 DEFAULT_OUT = "runs/{method}-{task}"
-SEED_ROLLOUT = 2          # the rollouts' sampling-seed purpose (par.sampling_generator; the failure set's is 1)
+SEED_ROLLOUT = 2          # the rollouts' seed purpose (par.sampling_generator; the failure set's is 1)
 EVAL_BATCH = 32          # examples per greedy sampling call in evaluation
 AT_LEAST_ONE = ("steps", "train_size", "eval_size", "batch_size", "num_generations", "failure_samples",
                 "max_completion_length", "max_reflection_length", "micro_batch_size", "num_iterations",
                 "sampling_batch_size", "save_total_limit")
-NOT_NEGATIVE = ("warm_start", "temperature", "learning_rate", "weight_decay", "max_grad_norm", "beta", "epsilon", "epsilon_high",
-                "eval_every", "save_every", "log_episodes")
+NOT_NEGATIVE = ("warm_start", "temperature", "learning_rate", "weight_decay", "max_grad_norm", "beta",
+                "epsilon", "epsilon_high", "eval_every", "save_every", "log_episodes")
 
 
 @dataclass
 class Config(MachineFlags):     # + --bf16, --gradient-checkpointing, --cuda-graphs, --device
     task: str = flag("countdown", "task to train on", choices=TASKS)
-    model: str | None = flag(None, "Hugging Face model folder or hub id (default: the embedded SmolLM2-135M-Instruct)")
-    warm_start: int = flag(0, "first fine-tune --model on this many solver-written answers to generated puzzles "
-                           "outside the test split (warmstart.py; cached): a labelled warm start that gives a small "
-                           "model the partial skill RRR needs; recorded in config.json and the report (0: none)")
-    data_dir: str | None = flag(None, "folder with the real data sets (countdown/, function_calling/); default "
-                                "$RRR_DATA_DIR, else offline data (generated Countdown, small samples)")
+    model: str | None = flag(None, "Hugging Face model folder or hub id (default: the embedded "
+                             "SmolLM2-135M-Instruct)")
+    warm_start: int = flag(0, "first fine-tune --model on this many solver-written answers to generated "
+                           "puzzles outside the test split (warmstart.py; cached): a labelled warm start "
+                           "that gives a small model the partial skill RRR needs; recorded in config.json "
+                           "and the report (0: none)")
+    data_dir: str | None = flag(None, "folder with the real data sets (countdown/, function_calling/); "
+                                "default $RRR_DATA_DIR, else offline data (generated Countdown, small "
+                                "samples)")
     out: str | None = flag(None, "run folder (default runs/<method>-<task>)")
-    method: str = flag("rrr", "rrr: train the reflection; grpo: plain GRPO on first attempts", choices=["rrr", "grpo"])
+    method: str = flag("rrr", "rrr: train the reflection; grpo: plain GRPO on first attempts",
+                       choices=["rrr", "grpo"])
     reflection: str = flag("model", "model: the model writes its reflection; generic: a fixed generic text "
                            "(a control: then the retry tokens are trained)", choices=["model", "generic"])
-    attempts: int = flag(2, "tries per query: a first try, then a reflection and a retry after each failed try, up to "
-                         "this many tries in all (the paper: 2); evaluation reports accuracy after each try, training "
-                         "rewards each reflection by the retry after it")
-    reflection_feedback: bool = flag(False, "the reflection prompt also shows the verifier's feedback on the failed try "
-                                     "(MBPP: the visible tests' part only); off: the paper's prompt alone")
-    reflection_prompt: str | None = flag(None, "the reflection prompt (default: the task's, the paper's verbatim)")
-    retry_prompt: str | None = flag(None, "the retry prompt (default: the task's, which asks for its answer format)")
+    attempts: int = flag(2, "tries per query: a first try, then a reflection and a retry after each failed "
+                         "try, up to this many tries in all (the paper: 2); evaluation reports accuracy "
+                         "after each try, training rewards each reflection by the retry after it")
+    reflection_feedback: bool = flag(False, "the reflection prompt also shows the verifier's feedback on the "
+                                     "failed try (MBPP: the visible tests' part only); off: the paper's "
+                                     "prompt alone")
+    reflection_prompt: str | None = flag(None, "the reflection prompt (default: the task's, the paper's "
+                                         "verbatim)")
+    retry_prompt: str | None = flag(None, "the retry prompt (default: the task's, which asks for its answer "
+                                    "format)")
     steps: int = flag(8, "training steps")
     train_size: int = flag(32, "training queries to draw failures from")
-    eval_size: int = flag(32, "test examples to evaluate on (the report says which part of the split that is)")
-    forgetting_eval: list[str] | None = flag(None, "forgetting check (the paper's): greedy first-try accuracy on this "
-                                             "task's test split (--eval-size examples) before and after training",
-                                             choices=TASKS)
+    eval_size: int = flag(32, "test examples to evaluate on (the report says which part of the split that "
+                          "is)")
+    forgetting_eval: list[str] | None = flag(None, "forgetting check (the paper's): greedy first-try "
+                                             "accuracy on this task's test split (--eval-size examples) "
+                                             "before and after training", choices=TASKS)
     batch_size: int = flag(2, "failures per step, over all ranks (a multiple of the number of ranks)")
     num_generations: int = flag(4, "reflections per failure: the GRPO group size G")
-    failure_samples: int = flag(4, "first attempts drawn per training query at most, stopping at the first failure (paper: 64)")
+    failure_samples: int = flag(4, "first attempts per training query at most, until one fails (paper: 64)")
     max_completion_length: int = flag(128, "tokens per attempt (first try and retry)")
     max_reflection_length: int = flag(64, "tokens per reflection")
     temperature: float = flag(1.0, "sampling temperature for training rollouts and the failure set")
     learning_rate: float = flag(1e-6, "AdamW learning rate")
     weight_decay: float = flag(0.0, "AdamW weight decay")
     max_grad_norm: float = flag(1.0, "gradient clipping norm (0: off)")
-    beta: float = flag(0.001, "k3 KL coefficient to the initial model (paper: 0.001; 0 skips the reference model)")
+    beta: float = flag(0.001, "k3 KL coefficient to the initial model (paper: 0.001; 0 skips the reference "
+                       "model)")
     epsilon: float = flag(0.2, "PPO clip range, lower side")
     epsilon_high: float | None = flag(None, "PPO clip range, upper side (default: --epsilon)")
     loss_type: str = flag("dapo", "token aggregation: grpo (per-sequence means), bnpo (local token mean), "
-                          "dr_grpo (sum / (B * the trained part's length limit: --max-reflection-length in RRR)), dapo (global token mean)",
-                          choices=["grpo", "bnpo", "dr_grpo", "dapo"])
-    scale_rewards: str = flag("group", "advantage scaling: group std, batch std, or none", choices=["group", "batch", "none"])
+                          "dr_grpo (sum / (B * the trained part's length limit: --max-reflection-length in "
+                          "RRR)), dapo (global token mean)", choices=["grpo", "bnpo", "dr_grpo", "dapo"])
+    scale_rewards: str = flag("group", "advantage scaling: group std, batch std, or none",
+                              choices=["group", "batch", "none"])
     num_iterations: int = flag(1, "updates per rollout batch (PPO epochs); >1 uses the clipped ratio")
-    mask_truncated_completions: bool = flag(False, "give no loss to reflections cut at --max-reflection-length")
+    mask_truncated_completions: bool = flag(False, "give no loss to reflections cut at "
+                                            "--max-reflection-length")
     micro_batch_size: int = flag(8, "rows per forward/backward pass")
-    sampling_batch_size: int = flag(16, "training queries per rank in one sampling call of the failure set (a call "
-                                    "covers this x ranks queries, so every rank has work)")
+    sampling_batch_size: int = flag(16, "training queries per rank in one sampling call of the failure set "
+                                    "(a call covers this x ranks queries, so every rank has work)")
     eval_every: int = flag(0, "evaluate every N steps (0: only before and after training)")
     save_every: int = flag(4, "checkpoint every N steps (0: never)")
-    save_total_limit: int = flag(2, "checkpoints kept, the newest (TRL's name); 1 keeps only the last")
-    report_to: str = flag("none", "where per-step metrics also go, while the run goes (TRL's name): tensorboard "
+    save_total_limit: int = flag(1, "checkpoints kept, the newest (1: the last, all --resume needs)")
+    report_to: str = flag("none", "where per-step metrics also go, while the run goes: tensorboard "
                           "writes <out>/tensorboard; wandb logs to Weights & Biases", choices=list(REPORT_TO))
     resume: bool = flag(False, "continue the run in --out from its last checkpoint")
-    failure_set: str | None = flag(None, "reuse the failures.jsonl of another run (same task, model and training queries)")
+    failure_set: str | None = flag(None, "reuse the failures.jsonl of another run (same task, model and "
+                                   "training queries)")
     log_episodes: int = flag(4, "whole episodes per step written to episodes.jsonl")
     seed: int = flag(0, "seed for data order, sampling and offline data")
 
@@ -128,7 +139,8 @@ def check_flags(cfg):
         raise BadInput("--attempts must be at least 2 (a first try and a retry)")
     for name in ("reflection_prompt", "retry_prompt"):
         if getattr(cfg, name) is not None and not getattr(cfg, name).strip():
-            raise BadInput(f"--{name.replace('_', '-')} is empty: give the prompt's text, or leave the flag out for the task's")
+            raise BadInput(f"--{name.replace('_', '-')} is empty: give the prompt's text, or leave the flag "
+                           "out for the task's")
 
 
 if __name__ == "__main__":      # a bad flag fails here, in a fraction of a second, before torch loads (3-5 s)
@@ -138,7 +150,7 @@ if __name__ == "__main__":      # a bad flag fails here, in a fraction of a seco
 import torch
 
 import parallel as par
-from compare import solved_after_each_try, write_report
+from report import solved_after_each_try, write_rrr_report
 from failures import Failure, build_failure_set, check_failure_set
 from grpo import group_advantages, zero_variance_fraction
 from model import chat_ids, next_turn_ids
@@ -157,11 +169,11 @@ class Episode:
     text: dict = field(default_factory=dict)
     advantage: float = 0.0
     judged: bool = True        # False: the sandbox could not run the retry; no reward, no loss
-    scored_try: int = 2        # the try whose success is the reward: 2 is the first retry (1: plain GRPO's attempt)
+    scored_try: int = 2        # the try whose success is the reward: 2, the first retry (1: plain GRPO's)
 
 
 # --- 1. data and the model are data.load_splits and policy.load_policy --------------------------------
-# --- 2 and 5. evaluation (5's report: compare.write_report); first, the sampling pieces it shares ------
+# --- 2 and 5. evaluation (5's report: report.write_rrr_report); first, the sampling pieces it shares --
 
 @functools.lru_cache(maxsize=256)
 def turn(tokenizer, text: str, ended_with: int | None) -> tuple[int, ...]:
@@ -179,7 +191,9 @@ def reflection_text(cfg, feedback: str) -> str:
     """The reflection prompt's turn: --reflection-prompt (the task's by default) and, with
     --reflection-feedback, the verifier's feedback on the failed try (Verdict.feedback_to_show: for MBPP
     the visible tests' results; hidden tests are never described)."""
-    return f"{cfg.reflection_prompt}\n\nFeedback on that answer: {feedback}" if cfg.reflection_feedback else cfg.reflection_prompt
+    if cfg.reflection_feedback:
+        return f"{cfg.reflection_prompt}\n\nFeedback on that answer: {feedback}"
+    return cfg.reflection_prompt
 
 
 def reflection_prefix(cfg, pol, context, attempt, stop, feedback):
@@ -192,16 +206,20 @@ def reflect_and_retry(cfg, pol, prefixes, num_samples, temperature, gen):
     num_samples reflections per prefix (prefilled once, shared), then one retry after each, continuing the
     reflection's cache. Returns (reflections, retries, the context each retry was sampled after: prefix +
     reflection + retry-prompt turn); reflections is None with --reflection generic."""
+    def draw(prompts, **kw):
+        return sample(pol.sampler, pol.stops, prompts, cfg, temperature=temperature, generator=gen, **kw)
+
     if cfg.reflection == "generic":
         contexts = [p + generic_turn(cfg, pol) for p in prefixes]
-        retries = sample(pol.sampler, pol.stops, contexts, cfg, temperature=temperature, num_samples=num_samples, generator=gen)
+        retries = draw(contexts, num_samples=num_samples)
         return None, retries, [contexts[r // num_samples] for r in range(len(retries.tokens))]
-    refl = sample(pol.sampler, pol.stops, prefixes, cfg, temperature=temperature, max_new_tokens=cfg.max_reflection_length,
-                  num_samples=num_samples, generator=gen, keep_cache=True)
-    chunks = [list(turn(pol.tokenizer, cfg.retry_prompt, stop_of(t, f))) for t, f in zip(refl.tokens, refl.finished)]
-    retries = sample(pol.sampler, pol.stops, chunks, cfg, temperature=temperature, generator=gen, cache=refl.cache)
+    refl = draw(prefixes, max_new_tokens=cfg.max_reflection_length, num_samples=num_samples, keep_cache=True)
+    chunks = [list(turn(pol.tokenizer, cfg.retry_prompt, stop_of(t, f)))
+              for t, f in zip(refl.tokens, refl.finished)]
+    retries = draw(chunks, cache=refl.cache)
     refl.cache = None        # consumed by the retry, which grew it in place: free it now
-    return refl, retries, [prefixes[r // num_samples] + list(refl.tokens[r]) + chunks[r] for r in range(len(chunks))]
+    contexts = [prefixes[r // num_samples] + list(refl.tokens[r]) + chunks[r] for r in range(len(chunks))]
+    return refl, retries, contexts
 
 
 def next_reflection_prefix(cfg, pol, context, retry, finished, verdict):
@@ -219,6 +237,11 @@ def first_tries(cfg, pol, task, examples):
         yield part, prompts, gen, task.check_batch([pol.decode(t) for t in gen.tokens], part)
 
 
+def with_base(key, value) -> dict:
+    """MBPP's result on its visible tests alone (Verdict.base), where the task has one."""
+    return {} if value is None else {key: value}
+
+
 @torch.no_grad()
 def evaluate(cfg, d, pol, task, examples, step, out) -> dict:
     """Greedy first try on each example; for the failures, greedy reflection and retry, again after each
@@ -227,46 +250,51 @@ def evaluate(cfg, d, pol, task, examples, step, out) -> dict:
     eval_answers.jsonl holds its attempt and, when the first try failed, the reflection and retry (with
     --attempts > 2, `tries`: solved after each try, and `later_tries`: each further reflection and retry)."""
     mine, rows, K = examples[d.rank::d.world], [], cfg.attempts
-    with sampling(pol), progress_bar(total=len(mine), desc=f"eval step {step}", disable=not d.main, leave=False) as bar:
+    with sampling(pol), progress_bar(total=len(mine), desc=f"eval step {step}", disable=not d.main,
+                                     leave=False) as bar:
         for part, prompts, gen1, verdicts in first_tries(cfg, pol, task, mine):
-            these = [dict(id=ex.id, first=v.ok, second=v.ok, attempt=pol.decode(t))     # + MBPP's visible tests alone
-                     | ({} if v.base is None else dict(first_base=v.base, second_base=v.base))
+            these = [dict(id=ex.id, first=v.ok, second=v.ok, attempt=pol.decode(t))
+                     | with_base("first_base", v.base) | with_base("second_base", v.base)
                      | ({"judged": False} if v.infra else {})       # the sandbox failed: left out of accuracy
                      for ex, v, t in zip(part, verdicts, gen1.tokens)]
             failed = [i for i, v in enumerate(verdicts) if not v.ok and not v.infra]
-            prefixes = [reflection_prefix(cfg, pol, prompts[i], gen1.tokens[i], stop_of(gen1.tokens[i], gen1.finished[i]),
-                                          verdicts[i].feedback_to_show()) for i in failed]
+            prefixes = [next_reflection_prefix(cfg, pol, prompts[i], gen1.tokens[i], gen1.finished[i],
+                                               verdicts[i]) for i in failed]
             for k in range(2, K + 1):       # try k: a reflection on the failed try k - 1, then a retry
                 if not failed:
                     break
-                refl, retries, contexts = reflect_and_retry(cfg, pol, prefixes, num_samples=1, temperature=0.0, gen=None)
+                refl, retries, contexts = reflect_and_retry(cfg, pol, prefixes, 1, temperature=0.0, gen=None)
                 retry_texts = [pol.decode(t) for t in retries.tokens]
                 again = task.check_batch(retry_texts, [part[i] for i in failed])
                 for j, (i, v) in enumerate(zip(failed, again)):
-                    texts = dict(reflection=pol.decode(refl.tokens[j]) if refl else GENERIC_REFLECTION, retry=retry_texts[j])
+                    texts = dict(reflection=pol.decode(refl.tokens[j]) if refl else GENERIC_REFLECTION,
+                                 retry=retry_texts[j])
                     unjudged = {"judged": False} if v.infra else {}
                     if k == 2:
-                        these[i].update(second=v.ok, **texts, **unjudged,
-                                        **({} if v.base is None else dict(second_base=these[i]["first_base"] or v.base)))
+                        base = None if v.base is None else these[i]["first_base"] or v.base
+                        these[i].update(second=v.ok, **texts, **unjudged, **with_base("second_base", base))
                     else:
-                        these[i].setdefault("later_tries", []).append(dict(texts, ok=v.ok) | ({} if v.base is None else dict(base=v.base)))
+                        later = dict(texts, ok=v.ok) | with_base("base", v.base)
+                        these[i].setdefault("later_tries", []).append(later)
                         these[i].update(unjudged)
                 going = [j for j, v in enumerate(again) if not v.ok and not v.infra and k < K]
-                prefixes = [next_reflection_prefix(cfg, pol, contexts[j], retries.tokens[j], retries.finished[j], again[j])
-                            for j in going]
+                prefixes = [next_reflection_prefix(cfg, pol, contexts[j], retries.tokens[j],
+                                                   retries.finished[j], again[j]) for j in going]
                 failed = [failed[j] for j in going]
             for r in these if K > 2 else ():
-                r |= dict(tries=solved_after_each_try(r, K)) | (dict(tries_base=solved_after_each_try(r, K, base=True))
-                                                                if "first_base" in r else {})
+                r["tries"] = solved_after_each_try(r, K)
+                if "first_base" in r:
+                    r["tries_base"] = solved_after_each_try(r, K, base=True)
             rows += these
             bar.update(len(part))
     judged = [r for r in rows if r.get("judged", True)]
     solved = [sum(r["tries"][k] if K > 2 else r[("first", "second")[k]] for r in judged) for k in range(K)]
     counts = par.all_sum(solved + [len(judged), len(rows) - len(judged)], d)
-    n, unjudged = counts[K], counts[K + 1]
-    result = dict(step=step, first=counts[0] / max(n, 1), second=counts[1] / max(n, 1), n=int(n), not_judged=int(unjudged))
+    n = max(counts[K], 1)
+    result = dict(step=step, first=counts[0] / n, second=counts[1] / n, n=int(counts[K]),
+                  not_judged=int(counts[K + 1]))
     if K > 2:
-        result["tries"] = [c / max(n, 1) for c in counts[:K]]
+        result["tries"] = [c / n for c in counts[:K]]
     all_rows = par.all_gather_objects(rows, d)
     if d.main:     # the answers first: the summary line says that the evaluation is complete
         append_jsonl(out / "eval_answers.jsonl", [dict(r, step=step) for rs in all_rows for r in rs])
@@ -285,7 +313,8 @@ def evaluate_forgetting(cfg, d, pol, step, out) -> dict:
         if results[name]:
             continue
         task = get_task(name)
-        examples = task.load("test", data_dir=resolve_data_dir(cfg.data_dir), size=cfg.eval_size, seed=cfg.seed)
+        examples = task.load("test", data_dir=resolve_data_dir(cfg.data_dir), size=cfg.eval_size,
+                             seed=cfg.seed)
         rows = []
         with sampling(pol):
             for part, _, _, verdicts in first_tries(cfg, pol, task, examples[d.rank::d.world]):
@@ -311,41 +340,59 @@ def step_batch(cfg, d, failures, step) -> list[Failure]:
     return picked[d.rank * share:(d.rank + 1) * share]
 
 
-@torch.no_grad()
-def rollout(cfg, d, pol, task, failures, examples, step) -> list[Episode]:
-    """This rank's failures -> episodes with rewards and advantages (rrr_rollout; grpo_rollout with
-    --method grpo). Samples from pol.sampler: call it inside `sampling(pol)`."""
-    gen = par.sampling_generator(cfg.seed, d, SEED_ROLLOUT, step)
-    exs = [examples[f.id] for f in failures]
-    prompts = [chat_ids(pol.tokenizer, ex.messages) for ex in exs]
-    return (grpo_rollout if cfg.method == "grpo" else rrr_rollout)(cfg, d, pol, task, failures, exs, prompts, gen)
+def reward(verdict) -> float:
+    """The reward of one scored try, from the task's verifier (verifiers.Verdict). Binary, as in the
+    paper: 1 when the retry (plain GRPO: the attempt) is correct. Edit here for partial credit."""
+    return float(verdict.ok)
 
 
 def rewards_of(verdicts, slots: list[int], size: int):
-    """Rewards (the verifier's success) and whether each was judged, at `slots` of `size` places; an
-    unjudged or empty place sits out its group."""
+    """reward() and whether each was judged, at `slots` of `size` places; an unjudged or empty place sits
+    out its group."""
     rewards, judged = torch.zeros(size), torch.zeros(size, dtype=torch.bool)
-    rewards[slots] = torch.tensor([float(v.ok) for v in verdicts])
+    rewards[slots] = torch.tensor([reward(v) for v in verdicts])
     judged[slots] = torch.tensor([not v.infra for v in verdicts], dtype=torch.bool)
     return rewards, judged
 
 
-def grpo_rollout(cfg, d, pol, task, failures, exs, prompts, gen) -> list[Episode]:
+def advantages_of(cfg, d, rewards, judged):
+    if cfg.scale_rewards != "batch":
+        return group_advantages(rewards, cfg.num_generations, scale=cfg.scale_rewards, valid=judged)
+    # "batch" divides by the std of the whole global batch, all ranks together (Bessel-corrected).
+    s, s2, n = par.all_sum([rewards[judged].sum(), (rewards[judged] ** 2).sum(), judged.sum()], d)
+    std = (max(s2 - s * s / max(n, 1), 0.0) / max(n - 1, 1)) ** 0.5
+    return group_advantages(rewards, cfg.num_generations, scale="batch", batch_std=std, valid=judged)
+
+
+@torch.no_grad()
+def rollout(cfg, d, pol, task, failures, examples, step) -> list[Episode]:
+    """This rank's failures -> episodes with rewards and advantages: rrr_rollout, or grpo_rollout with
+    --method grpo. Samples from pol.sampler: call it inside `sampling(pol)`."""
+    gen = par.sampling_generator(cfg.seed, d, SEED_ROLLOUT, step)
+    return (grpo_rollout if cfg.method == "grpo" else rrr_rollout)(cfg, d, pol, task, failures, examples, gen)
+
+
+def grpo_rollout(cfg, d, pol, task, failures, examples, gen) -> list[Episode]:
     """Plain GRPO (the control): G first attempts at each failure's query, each trained and scored."""
     G = cfg.num_generations
-    attempts = sample(pol.sampler, pol.stops, prompts, cfg, temperature=cfg.temperature, num_samples=G, generator=gen)
-    verdicts = task.check_batch([pol.decode(t) for t in attempts.tokens], [exs[r // G] for r in range(len(attempts.tokens))])
+    exs = [examples[f.id] for f in failures]
+    prompts = [chat_ids(pol.tokenizer, ex.messages) for ex in exs]
+    attempts = sample(pol.sampler, pol.stops, prompts, cfg, temperature=cfg.temperature, num_samples=G,
+                      generator=gen)
+    texts = [pol.decode(t) for t in attempts.tokens]
+    verdicts = task.check_batch(texts, [exs[r // G] for r in range(len(texts))])
     rewards, judged = rewards_of(verdicts, list(range(len(verdicts))), len(verdicts))
     advantages = advantages_of(cfg, d, rewards, judged)
-    return [Episode(id=exs[r // G].id, ids=list(prompts[r // G]) + list(toks), span=(len(prompts[r // G]), len(prompts[r // G]) + len(toks)),
-                    reward=rewards[r].item(), truncated=not attempts.finished[r], sampled=len(toks),
-                    text=dict(prompt=exs[r // G].messages[-1]["content"], attempt=pol.decode(toks), reflection=None,
+    return [Episode(id=exs[r // G].id, ids=list(prompts[r // G]) + list(toks),
+                    span=(len(prompts[r // G]), len(prompts[r // G]) + len(toks)), reward=rewards[r].item(),
+                    truncated=not attempts.finished[r], sampled=len(toks),
+                    text=dict(prompt=exs[r // G].messages[-1]["content"], attempt=texts[r], reflection=None,
                               feedback=verdicts[r].feedback),
                     advantage=advantages[r].item(), judged=bool(judged[r]), scored_try=1)
             for r, toks in enumerate(attempts.tokens)]
 
 
-def rrr_rollout(cfg, d, pol, task, failures, exs, prompts, gen) -> list[Episode]:
+def rrr_rollout(cfg, d, pol, task, failures, examples, gen) -> list[Episode]:
     """RRR: G reflections on each failure's first attempt (its prefix prefilled once, shared) and one retry
     after each; reward = the verifier on the retry; advantages within each failure's group of G. The
     reflection is trained, and the retry only decides its reward (--reflection generic: the retry is
@@ -358,14 +405,16 @@ def rrr_rollout(cfg, d, pol, task, failures, exs, prompts, gen) -> list[Episode]
     retries succeed), each later try prefilled on its own (the G chains no longer share a prefix), and the
     trained sequences grow by a reflection and a retry per try."""
     G, slots = cfg.num_generations, len(failures) * cfg.num_generations
+    exs = [examples[f.id] for f in failures]
     going = list(range(slots))                  # slot r: chain r % G of failure r // G
-    prefixes = [reflection_prefix(cfg, pol, p, f.attempt, f.attempt_stop, f.feedback_shown) for p, f in zip(prompts, failures)]
-    attempt = [pol.decode(f.attempt) for f in failures for _ in range(G)]            # the try reflected on, per slot
+    prefixes = [reflection_prefix(cfg, pol, chat_ids(pol.tokenizer, ex.messages), f.attempt, f.attempt_stop,
+                                  f.feedback_shown) for ex, f in zip(exs, failures)]
+    attempt = [pol.decode(f.attempt) for f in failures for _ in range(G)]    # the try reflected on, per slot
     shown = [reflection_text(cfg, f.feedback_shown) for f in failures for _ in range(G)]
     episodes = []
     for k in range(2, cfg.attempts + 1):        # every rank runs every try: advantages_of may all-reduce
         per = G if k == 2 else 1
-        refl, retries, contexts = reflect_and_retry(cfg, pol, prefixes, num_samples=per, temperature=cfg.temperature, gen=gen)
+        refl, retries, contexts = reflect_and_retry(cfg, pol, prefixes, per, cfg.temperature, gen)
         retry_texts = [pol.decode(t) for t in retries.tokens]
         verdicts = task.check_batch(retry_texts, [exs[r // G] for r in going])
         rewards, judged = rewards_of(verdicts, going, slots)
@@ -373,11 +422,12 @@ def rrr_rollout(cfg, d, pol, task, failures, exs, prompts, gen) -> list[Episode]
         for j, r in enumerate(going):
             ctx, trained = (prefixes[j // per], refl) if refl else (contexts[j], retries)
             toks = trained.tokens[j]
-            text = dict(prompt=exs[r // G].messages[-1]["content"], attempt=attempt[r], reflection_prompt=shown[r],
-                        reflection=pol.decode(toks) if refl else None, retry_prompt=cfg.retry_prompt,
-                        retry=retry_texts[j], feedback=verdicts[j].feedback)
-            episodes.append(Episode(id=exs[r // G].id, ids=list(ctx) + list(toks), span=(len(ctx), len(ctx) + len(toks)),
-                                    reward=rewards[r].item(), truncated=not trained.finished[j],
+            text = dict(prompt=exs[r // G].messages[-1]["content"], attempt=attempt[r],
+                        reflection_prompt=shown[r], reflection=pol.decode(toks) if refl else None,
+                        retry_prompt=cfg.retry_prompt, retry=retry_texts[j], feedback=verdicts[j].feedback)
+            episodes.append(Episode(id=exs[r // G].id, ids=list(ctx) + list(toks),
+                                    span=(len(ctx), len(ctx) + len(toks)), reward=rewards[r].item(),
+                                    truncated=not trained.finished[j],
                                     sampled=len(toks) + (len(retries.tokens[j]) if refl else 0), text=text,
                                     advantage=advantages[r].item(), judged=bool(judged[r]), scored_try=k))
         if k < cfg.attempts:        # the chains whose retry failed go on
@@ -385,48 +435,46 @@ def rrr_rollout(cfg, d, pol, task, failures, exs, prompts, gen) -> list[Episode]
             for j in keep:
                 attempt[going[j]] = retry_texts[j]
                 shown[going[j]] = reflection_text(cfg, verdicts[j].feedback_to_show())
-            prefixes = [next_reflection_prefix(cfg, pol, contexts[j], retries.tokens[j], retries.finished[j], verdicts[j])
-                        for j in keep]
+            prefixes = [next_reflection_prefix(cfg, pol, contexts[j], retries.tokens[j], retries.finished[j],
+                                               verdicts[j]) for j in keep]
             going = [going[j] for j in keep]
     return episodes
-
-
-def advantages_of(cfg, d, rewards, judged):
-    if cfg.scale_rewards != "batch":
-        return group_advantages(rewards, cfg.num_generations, scale=cfg.scale_rewards, valid=judged)
-    # "batch" divides by the std of the whole global batch, all ranks together (Bessel-corrected).
-    s, s2, n = par.all_sum([rewards[judged].sum(), (rewards[judged] ** 2).sum(), judged.sum()], d)
-    std = (max(s2 - s * s / max(n, 1), 0.0) / max(n - 1, 1)) ** 0.5
-    return group_advantages(rewards, cfg.num_generations, scale="batch", batch_std=std, valid=judged)
 
 
 def trained_length_limit(cfg) -> int:
     # dr_grpo divides by the length limit of what is trained: the reflection's in RRR; with a generic
     # reflection the retry is trained, and in plain GRPO the first attempt, both --max-completion-length.
-    return cfg.max_reflection_length if cfg.method == "rrr" and cfg.reflection == "model" else cfg.max_completion_length
+    if cfg.method == "rrr" and cfg.reflection == "model":
+        return cfg.max_reflection_length
+    return cfg.max_completion_length
 
 
 def step_metrics(cfg, d, step, episodes, stats, sample_seconds, train_seconds) -> dict:
     """Global means over all ranks' episodes. `trained_*` describe the trained part: the reflection in RRR.
     Groups are those of the first retry (GRPO's: the attempts); with --attempts > 2, `reward_try<k>` is
     the mean reward of the reflections before try k (`reward`: of all of them)."""
-    rewards = torch.tensor([e.reward for e in episodes])
-    G, judged = cfg.num_generations, sum(e.judged for e in episodes)
-    trained = sum(e.span[1] - e.span[0] for e in episodes)
+    G = cfg.num_generations
     first = torch.tensor([e.reward for e in episodes if e.scored_try <= 2])      # the first n x G episodes
     tries = range(2, cfg.attempts + 1) if cfg.attempts > 2 else ()
-    per_try = [(sum(e.reward for e in episodes if e.scored_try == k), sum(e.judged for e in episodes if e.scored_try == k))
-               for k in tries]
-    g = par.all_sum([rewards.sum(), len(episodes), zero_variance_fraction(first, G) * len(first) / G,
-                     trained, sum(e.truncated for e in episodes), sum(e.sampled for e in episodes),
-                     sum(len(e.ids) for e in episodes), judged, len(first)] + [x for pair in per_try for x in pair], d)
-    n, groups = max(g[1], 1), max(g[8] / G, 1)     # an unjudged episode's reward is 0: the mean is over the judged
-    row = dict(step=step, reward=g[0] / max(g[7], 1), not_judged=int(g[1] - g[7]), zero_variance_groups=g[2] / groups,
-               trained_length=g[3] / n, trained_truncated=g[4] / n, **stats,
-               sample_tokens_per_s=g[5] / max(sample_seconds, 1e-9), train_tokens_per_s=g[6] / max(train_seconds, 1e-9),
-               sample_seconds=sample_seconds, train_seconds=train_seconds, step_seconds=sample_seconds + train_seconds)
-    row |= {f"reward_try{k}": g[9 + 2 * i] / max(g[10 + 2 * i], 1) for i, k in enumerate(tries)}
-    return row
+    local = dict(reward=sum(e.reward for e in episodes), episodes=len(episodes),
+                 judged=sum(e.judged for e in episodes), first=len(first),
+                 flat_groups=zero_variance_fraction(first, G) * len(first) / G,
+                 trained=sum(e.span[1] - e.span[0] for e in episodes),
+                 truncated=sum(e.truncated for e in episodes), sampled=sum(e.sampled for e in episodes),
+                 tokens=sum(len(e.ids) for e in episodes))
+    for k in tries:
+        local[f"reward_try{k}"] = sum(e.reward for e in episodes if e.scored_try == k)
+        local[f"judged_try{k}"] = sum(e.judged for e in episodes if e.scored_try == k)
+    g = dict(zip(local, par.all_sum(list(local.values()), d)))       # summed over the ranks, by name
+    n = max(g["episodes"], 1)     # an unjudged episode's reward is 0: the mean reward is over the judged
+    return dict(step=step, reward=g["reward"] / max(g["judged"], 1),
+                not_judged=int(g["episodes"] - g["judged"]),
+                zero_variance_groups=g["flat_groups"] / max(g["first"] / G, 1),
+                trained_length=g["trained"] / n, trained_truncated=g["truncated"] / n, **stats,
+                sample_tokens_per_s=g["sampled"] / max(sample_seconds, 1e-9),
+                train_tokens_per_s=g["tokens"] / max(train_seconds, 1e-9), sample_seconds=sample_seconds,
+                train_seconds=train_seconds, step_seconds=sample_seconds + train_seconds,
+                **{f"reward_try{k}": g[f"reward_try{k}"] / max(g[f"judged_try{k}"], 1) for k in tries})
 
 
 def train_step(cfg, d, pol, task, failures, examples, step, out) -> dict:
@@ -440,16 +488,18 @@ def train_step(cfg, d, pol, task, failures, examples, step, out) -> dict:
     everyone = [e for es in par.all_gather_objects(episodes, d) for e in es]
     if d.main:
         append_jsonl(out / "metrics.jsonl", [row])
-        append_jsonl(out / "episodes.jsonl", [dict(step=step + 1, **asdict(e)) for e in everyone[:cfg.log_episodes]])
+        logged = everyone[:cfg.log_episodes]
+        append_jsonl(out / "episodes.jsonl", [dict(step=step + 1, **asdict(e)) for e in logged])
     return row
 
 
 # --- the driver ---------------------------------------------------------------------------------------
 
 def resolve_prompts(cfg):
-    """--reflection-prompt and --retry-prompt as used, the task's where not given: config.json records them."""
+    """--reflection-prompt and --retry-prompt as used (the task's where not given), for config.json."""
     task = get_task(cfg.task)
-    cfg.reflection_prompt, cfg.retry_prompt = cfg.reflection_prompt or task.reflection_prompt, cfg.retry_prompt or task.retry_prompt
+    cfg.reflection_prompt = cfg.reflection_prompt or task.reflection_prompt
+    cfg.retry_prompt = cfg.retry_prompt or task.retry_prompt
 
 
 def log_eval(tracker, evals, result):
@@ -461,12 +511,12 @@ def run(argv=None):
     cfg = parse_config(Config, argv, description=__doc__)
     check_flags(cfg)
     out = Path(cfg.out or DEFAULT_OUT.format(method=cfg.method, task=cfg.task))
-    # config.json and report.json record the model, data folder and run folder used; the same flags resolve
-    # alike, so --resume still compares like with like.
+    # config.json and report.json record the model, data folder, run folder and prompts used; the same
+    # flags resolve alike, so --resume still compares like with like.
     cfg.model, cfg.data_dir, cfg.out = cfg.model or EMBEDDED_MODEL, data_dir_used(cfg.data_dir), str(out)
     resolve_prompts(cfg)
-    announce(out, cfg, ("task", "model", "method", "reflection", "attempts", "reflection_feedback", "warm_start", "steps",
-                        "batch_size", "num_generations", "learning_rate", "eval_size"))
+    announce(out, cfg, ("task", "model", "method", "reflection", "attempts", "reflection_feedback",
+                        "warm_start", "steps", "batch_size", "num_generations", "learning_rate", "eval_size"))
     started = time.time()
     d, tracker = par.init_distributed(cfg.device), Tracker()
     try:
@@ -474,7 +524,7 @@ def run(argv=None):
         task, train, test = load_splits(cfg.task, cfg.data_dir, cfg.train_size, cfg.eval_size, cfg.seed)  # 1
         if cfg.failure_set:     # before the run folder exists: a refused run leaves nothing behind
             par.on_rank0(d, check_failure_set, cfg, Path(cfg.failure_set), train)
-        start_from, warm = model_for_run(cfg, d)     # --warm-start: built once, cached, described in config.json
+        start_from, warm = model_for_run(cfg, d)     # --warm-start: built once, cached, in config.json
         recorded = dict(asdict(cfg), **({"warm_start_model": warm} if warm else {}))
         saved = par.on_rank0(d, prepare_out, out, recorded, cfg.resume)
         par.check_shared_folder(out, d)
@@ -507,7 +557,8 @@ def run(argv=None):
         if d.main:
             split_size = test_split_size(task, cfg.data_dir, cfg.seed)
             forgetting = {k: (forgetting_before[k], forgetting_after[k]) for k in forgetting_before}
-            table = write_report(recorded, out, evals, metrics, time.time() - started, split_size, forgetting)
+            wall = time.time() - started
+            table = write_rrr_report(recorded, out, evals, metrics, wall, split_size, forgetting)
             print(f"\n{table}\n\nreport: {out / 'report.md'}")
         par.export_hf(pol.model, pol.tokenizer, out / "final", d)
     finally:

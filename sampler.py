@@ -4,50 +4,34 @@
                    stop_token_ids=[eos], generator=torch.Generator(model.device).manual_seed(0))
     gen.tokens[i * 8 + j]   # sample j of prompt i, ending with the stop token when one ended it
 
-The transformer body is the Hugging Face module's own (its norms, projections, MLPs and rotary
-embedding); only attention and the cache are done here, because HF's dynamic cache concatenates
-every step and cannot share one prefill between the samples of a prompt.
+The transformer body is the Hugging Face module's own (norms, projections, MLPs, rotary embedding);
+only attention and the cache are done here, because HF's dynamic cache concatenates every step and
+cannot share one prefill between the samples of a prompt.
 
-Cache layout. Each row keeps its tokens left-aligned in a preallocated (rows, kv_heads, capacity,
-head_dim) buffer per layer, with its own length. A row's position ids are simply its slot indices,
-so prompts of different lengths need no padding inside the sequence and no position-id fix-ups;
-batches of chunks are right-padded, and the pad slots lie past the row's length, where attention
-never looks and the next write overwrites them. Every attention call gets an explicit boolean mask
-(key slot <= query position), never `is_causal`, because a chunk appended to an existing cache is
-not top-left aligned.
+Cache layout: per layer a preallocated (rows, kv_heads, capacity, head_dim) buffer; each row keeps its
+tokens left-aligned with its own length, so a row's position ids are its slot indices and prompts of
+different lengths need no padding inside the sequence. Chunks are right-padded; pad slots lie past
+the row's length, where attention never looks. Every attention call gets an explicit boolean mask
+(key slot <= query position), never `is_causal`: a chunk appended to a cache is not top-left aligned.
 
-Sharing and continuing. Each unique prompt is prefilled once; its cache is then copied to its
-`num_samples` rows and the first token is sampled per row. With `keep_cache=True` the returned
-`Generation.cache` holds every row's cache, and `generate(model, chunks, cache=gen.cache)` appends
-`chunks[r]` to row r (after the row's last sampled token, which was never fed to the model) and
-samples on from there. RRR uses this twice: prompt + attempt 1 + reflection prompt is prefilled once
-and shared by the G reflections, then each reflection row is continued with the retry instruction,
-so no token of the shared prefix is ever recomputed.
+Sharing and continuing: each unique prompt is prefilled once and its cache copied to its
+`num_samples` rows. With `keep_cache=True`, `generate(model, chunks, cache=gen.cache)` appends
+`chunks[r]` to row r (after the row's last sampled token, never fed yet) and samples on. RRR prefills
+prompt + attempt + reflection prompt once for G reflections, then continues each with the retry.
 
-A decode step has fixed shapes and never waits for the device. The cache is allocated once per
-call; the step attends over a window of it that grows in blocks of slots (the host knows that no
-row is longer than the longest prompt plus the steps taken, so it needs no look at the lengths);
-lengths, masks and the "has this row stopped" flags are updated with tensor ops. Only every
-`CHECK_EVERY` steps does the host read how many rows still run, its one sync: it stops when none
-do, and when at most half do, the running rows move to the front of the cache and the working
-batch shrinks to them (finished rows' caches are set aside behind them with `keep_cache`). A call
-therefore makes at most one host sync per `CHECK_EVERY` decode steps plus a constant number (reading
-a kept cache, the results), which tests/test_sampler.py counts.
+A decode step has fixed shapes and never waits for the device: the attention window grows in blocks
+the host computes itself. Only every `CHECK_EVERY` steps does the host read how many rows still run
+(its one sync); when at most half do, they move to the front and the working batch shrinks to them.
+tests/test_sampler.py counts the syncs. The model must be unsharded; under FSDP, sample from a copy.
 
-On CUDA each shape of the step (working batch x window) is captured once as a CUDA graph and then
-replayed, one launch instead of some 30 kernels per layer (`cuda_graphs=False` runs it eagerly, with
-the same kernels and so the same samples). Sampling runs eagerly after each step, from the caller's
-generator either way.
-
-The model must be an ordinary (unsharded) module; under FSDP, sample from an unsharded copy.
+The last section, "performance only", holds what changes speed and not samples: fused projections,
+the CPU matrix route, CUDA graphs (`cuda_graphs=False` runs the same kernels eagerly).
 """
 
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
-
-from grpo import right_pad
 
 CHECK_EVERY = 8   # decode steps between the host's looks at how many rows still run (k >= 4)
 
@@ -138,39 +122,6 @@ def _front(cache: KVCache, n: int) -> KVCache:
                    cache.lengths[:n], cache.last_token[:n])
 
 
-def _joined(weights: list[torch.Tensor]) -> torch.Tensor | None:
-    """The (sum of outs, in) matrix that `weights` form when they lie back to back in one buffer (see
-    `fuse_projections`), as a view; None when they do not."""
-    first, offset = weights[0], weights[0].storage_offset()
-    for w in weights:
-        if (w.untyped_storage()._cdata != first.untyped_storage()._cdata or w.storage_offset() != offset
-                or not w.is_contiguous() or w.shape[1:] != first.shape[1:]):
-            return None
-        offset += w.numel()
-    return first.as_strided((sum(w.shape[0] for w in weights), *first.shape[1:]), first.stride())
-
-
-@torch.no_grad()
-def fuse_projections(model):
-    """Moves each layer's q/k/v and gate/up weights (and biases) into one buffer each, back to back,
-    leaving the module's parameters as views into it: decoding then multiplies by q/k/v (and by
-    gate/up) as one matrix without keeping a fused copy beside the weights. The module computes
-    exactly as before. Works a layer at a time, and skips what is already laid out so."""
-    for layer in decoder_body(model).layers:
-        attn, mlp = layer.self_attn, layer.mlp
-        for group in ((attn.q_proj, attn.k_proj, attn.v_proj), (mlp.gate_proj, mlp.up_proj)):
-            for name in ("weight", "bias"):
-                params = [getattr(m, name) for m in group]
-                if any(p is None for p in params) or _joined(params) is not None:
-                    continue
-                fused = torch.cat([p.detach() for p in params])
-                start = 0
-                for p in params:
-                    p.data = fused[start:start + p.shape[0]]
-                    start += p.shape[0]
-    return model
-
-
 @dataclass
 class _Weights:
     """What decoding reads besides the modules, built per call: q/k/v and gate/up as one matrix each
@@ -198,22 +149,11 @@ def _prepare(model, capacity: int, like: torch.Tensor) -> _Weights:
     return _Weights(layers, cos[0], sin[0])
 
 
-def _linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
-    flat = x.reshape(-1, x.shape[-1])
-    if x.device.type == "cpu" and flat.shape[0] <= 64:
-        # Decoding on CPU: MKL runs (W @ x^T)^T up to 1.2x faster than F.linear for 8-32 rows (fp32,
-        # a step's projections measured: BENCHMARKS.md). A prefill's many rows keep F.linear: there
-        # the transposed result would slow every op after it.
-        y = (weight @ flat.t()).t().reshape(*x.shape[:-1], weight.shape[0])
-        return y if bias is None else y + bias
-    return F.linear(x, weight, bias)
-
-
 def _forward(model, w: _Weights, cache: KVCache, tokens: torch.Tensor, window: int) -> torch.Tensor:
     """Writes `tokens` (rows, C) to row r's cache slots lengths[r] .. lengths[r] + C - 1 and returns the
-    last layer's hidden states (rows, C, hidden), before the final norm. Attention reads slots [0, window) up to each query's own
-    position; `window` comes from the host, so nothing here waits for the device. Lengths are not
-    advanced: the caller knows which tokens count."""
+    last layer's hidden states (rows, C, hidden), before the final norm. Attention reads slots [0, window)
+    up to each query's own position; `window` comes from the host, so nothing here waits for the device.
+    Lengths are not advanced: the caller knows which tokens count."""
     body = decoder_body(model)
     heads, kv_heads, head_dim = _attention_geometry(model)
     groups = heads // kv_heads
@@ -262,43 +202,13 @@ def _rotate_half(x):
 
 def _logits(model, hidden: torch.Tensor) -> torch.Tensor:
     """(rows, hidden) last-layer states -> (rows, vocab) fp32 logits: the final norm, then the head."""
-    logits = _linear(decoder_body(model).norm(hidden), model.lm_head.weight, model.lm_head.bias).float()
-    softcap = getattr(model.config, "final_logit_softcapping", None)
-    if softcap:
-        logits = torch.tanh(logits / softcap) * softcap
-    return logits
+    return _linear(decoder_body(model).norm(hidden), model.lm_head.weight, model.lm_head.bias).float()
 
 
 def _decode_step(model, w: _Weights, work: KVCache, window: int) -> torch.Tensor:
     """Feeds every working row's last sampled token: (rows, vocab) logits. Fixed shapes for a given
     working batch and window, no host sync: this is what a CUDA graph captures."""
     return _logits(model, _forward(model, w, work, work.last_token[:, None], window)[:, 0])
-
-
-def _step_function(model, w: _Weights, work: KVCache, window: int, side: "torch.cuda.Stream | None"):
-    """A function running one decode step of this shape: eagerly, or with a CUDA stream `side`, as a
-    replay of the step captured on that stream as a CUDA graph. The graph reads the working rows'
-    tokens and lengths from the cache's own buffers, which decoding updates in place, and writes its
-    logits to one output buffer that each replay reuses."""
-    if side is None:
-        return lambda: _decode_step(model, w, work, window)
-    main = torch.cuda.current_stream(side.device)
-    side.wait_stream(main)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.stream(side):
-        # Capture needs one warm-up run first; it writes the cache slots that the replay writes again.
-        _decode_step(model, w, work, window)
-        # capture_begin/end rather than the torch.cuda.graph context, which synchronizes the device
-        # and empties the allocator's cache at every capture.
-        graph.capture_begin()
-        logits = _decode_step(model, w, work, window)
-        graph.capture_end()
-    main.wait_stream(side)
-
-    def replay():
-        graph.replay()
-        return logits
-    return replay
 
 
 def _sample(logits, temperature, top_k, top_p, generator):
@@ -326,8 +236,10 @@ def _sample(logits, temperature, top_k, top_p, generator):
 
 
 def _pad(chunks: list[list[int]], device) -> tuple[torch.Tensor, torch.Tensor]:
-    """Chunks -> right-padded token ids (rows, longest) and each chunk's length, on `device`."""
-    return right_pad(chunks).to(device), torch.tensor([len(c) for c in chunks], device=device)
+    """Chunks (none empty) -> right-padded token ids (rows, longest) and each chunk's length, on `device`."""
+    rows = [torch.tensor(c, dtype=torch.long) for c in chunks]
+    ids = torch.nn.utils.rnn.pad_sequence(rows, batch_first=True)
+    return ids.to(device), torch.tensor([len(c) for c in chunks], device=device)
 
 
 def window_block_for(device: torch.device) -> int:
@@ -353,7 +265,7 @@ def generate(model, prompts: list[list[int]], *, max_new_tokens: int, num_sample
     it is grown and written in place, so it cannot be continued twice.
     temperature == 0 means greedy (then logprobs are of the raw logits).
     cuda_graphs: on CUDA, replay each decode-step shape as a captured graph; False decodes eagerly.
-    progress: called with the number of decode steps done, every CHECK_EVERY steps (where the host looks anyway).
+    progress: called with the number of decode steps done, every CHECK_EVERY steps (the host looks then).
     """
     if max_new_tokens < 1 or num_samples < 1:
         raise ValueError("max_new_tokens and num_samples must be >= 1")
@@ -431,7 +343,7 @@ def generate(model, prompts: list[list[int]], *, max_new_tokens: int, num_sample
         # No row is longer than the longest after the prefill plus the tokens fed since.
         window = min(capacity, _round_up(longest + step + 1, window_block))
         if step_key != (n, window):
-            step_key, step_fn, logits = (n, window), None, None   # the old graph goes before the next is captured
+            step_key, step_fn, logits = (n, window), None, None   # the old graph goes before the next one
             step_fn = _step_function(model, w, work, window, side)
         logits = step_fn()
         work.lengths += running                  # stopped rows do not grow
@@ -446,6 +358,78 @@ def generate(model, prompts: list[list[int]], *, max_new_tokens: int, num_sample
     return Generation(tokens=[t[:k] for t, k in zip(toks, counts)],
                       logprobs=[lp[:k] for lp, k in zip(lps, counts)],
                       finished=finished.tolist(), cache=final_cache)
+
+
+# --- performance only: what changes speed and not samples (a first reading can skip it) ---------------
+
+def _joined(weights: list[torch.Tensor]) -> torch.Tensor | None:
+    """The (sum of outs, in) matrix that `weights` form when they lie back to back in one buffer (see
+    `fuse_projections`), as a view; None when they do not."""
+    first, offset = weights[0], weights[0].storage_offset()
+    for w in weights:
+        if (w.untyped_storage()._cdata != first.untyped_storage()._cdata or w.storage_offset() != offset
+                or not w.is_contiguous() or w.shape[1:] != first.shape[1:]):
+            return None
+        offset += w.numel()
+    return first.as_strided((sum(w.shape[0] for w in weights), *first.shape[1:]), first.stride())
+
+
+@torch.no_grad()
+def fuse_projections(model):
+    """Moves each layer's q/k/v and gate/up weights (and biases) into one buffer each, back to back,
+    leaving the module's parameters as views into it: decoding then multiplies by q/k/v (and by
+    gate/up) as one matrix without keeping a fused copy beside the weights. The module computes
+    exactly as before. Works a layer at a time, and skips what is already laid out so."""
+    for layer in decoder_body(model).layers:
+        attn, mlp = layer.self_attn, layer.mlp
+        for group in ((attn.q_proj, attn.k_proj, attn.v_proj), (mlp.gate_proj, mlp.up_proj)):
+            for name in ("weight", "bias"):
+                params = [getattr(m, name) for m in group]
+                if any(p is None for p in params) or _joined(params) is not None:
+                    continue
+                fused = torch.cat([p.detach() for p in params])
+                start = 0
+                for p in params:
+                    p.data = fused[start:start + p.shape[0]]
+                    start += p.shape[0]
+    return model
+
+
+def _linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    flat = x.reshape(-1, x.shape[-1])
+    if x.device.type == "cpu" and flat.shape[0] <= 64:
+        # Decoding on CPU: MKL runs (W @ x^T)^T up to 1.2x faster than F.linear for 8-32 rows (fp32,
+        # a step's projections measured: BENCHMARKS.md). A prefill's many rows keep F.linear: there
+        # the transposed result would slow every op after it.
+        y = (weight @ flat.t()).t().reshape(*x.shape[:-1], weight.shape[0])
+        return y if bias is None else y + bias
+    return F.linear(x, weight, bias)
+
+
+def _step_function(model, w: _Weights, work: KVCache, window: int, side: "torch.cuda.Stream | None"):
+    """A function running one decode step of this shape: eagerly, or with a CUDA stream `side`, as a
+    replay of the step captured on that stream as a CUDA graph. The graph reads the working rows'
+    tokens and lengths from the cache's own buffers, which decoding updates in place, and writes its
+    logits to one output buffer that each replay reuses."""
+    if side is None:
+        return lambda: _decode_step(model, w, work, window)
+    main = torch.cuda.current_stream(side.device)
+    side.wait_stream(main)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.stream(side):
+        # Capture needs one warm-up run first; it writes the cache slots that the replay writes again.
+        _decode_step(model, w, work, window)
+        # capture_begin/end rather than the torch.cuda.graph context, which synchronizes the device
+        # and empties the allocator's cache at every capture.
+        graph.capture_begin()
+        logits = _decode_step(model, w, work, window)
+        graph.capture_end()
+    main.wait_stream(side)
+
+    def replay():
+        graph.replay()
+        return logits
+    return replay
 
 
 def main():
@@ -464,7 +448,8 @@ def main():
     ap.add_argument("--seed", type=int, default=0, help="sampling seed")
     args = ap.parse_args()
     model, tokenizer = load_model(args.model)
-    ids = tokenizer.apply_chat_template([{"role": "user", "content": args.prompt}], add_generation_prompt=True)
+    messages = [{"role": "user", "content": args.prompt}]
+    ids = tokenizer.apply_chat_template(messages, add_generation_prompt=True)
     ids = list(ids["input_ids"] if hasattr(ids, "keys") else ids)
     start = time.perf_counter()
     gen = generate(model, [ids], max_new_tokens=args.max_new_tokens, num_samples=args.num_samples,

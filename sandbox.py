@@ -1,7 +1,5 @@
 """A fresh, isolated process per program: what verifiers.check_code runs MBPP-style programs in.
 
-    run_batch(items, workers, timeout, mode) -> [(tests, {"done", "results", "failure", "timed_out", "infra"}), ...]
-
 The verdict is decided where the program cannot reach. The parent splits each assert (`_plan`): the
 parts that need the program (for `assert f(3) == 9`, the call `f(3)`) go to the child; the expected
 value and the comparison stay here. The child sends back each part's value as built-in data, read
@@ -13,10 +11,10 @@ process, and claiming a value is no different from returning it.
 
 What this cannot stop: a program that special-cases the inputs of the tests it is shown (MBPP's prompt
 lists its asserts, expected values included); data/mbpp_hidden.py's hidden tests are the answer to that.
-An expected value the parent cannot keep (one written
-with a name the program defines, or inside an expression with the call, as in `abs(f(x) - 3.1) < 1e-6`,
-split only at the `<`) is computed by the child; MBPP's 2,935 asserts are all `call == literal`. A
-test that is not an assert passes when the program says it ran.
+An expected value the parent cannot keep (one written with a name the program defines, or inside an
+expression with the call, as in `abs(f(x) - 3.1) < 1e-6`, split only at the `<`) is computed by the
+child; MBPP's 2,935 asserts are all `call == literal`. A test that is not an assert passes when the
+program says it ran.
 
 Isolation (Linux, bubblewrap): each program gets no network (its own network namespace), its own PID
 namespace, and a filesystem with only the system's /usr, the Python installation (both read-only) and
@@ -58,11 +56,12 @@ RESULT_LIMIT = 8 << 20           # bytes read back from one program in all
 NOBODY = 65534                   # the user id the child switches to when started as root
 # Imported before that switch, since a Python installed under /root cannot be read by nobody without
 # isolation: what MBPP's solutions import, and a few more. Each costs start-up time.
-PRELOADED_MODULES = ("re", "math", "cmath", "collections", "heapq", "itertools", "functools", "operator", "bisect",
-                     "array", "copy", "datetime", "string", "struct", "time", "random")
-BLOCKED_MODULES = ("ctypes", "_ctypes", "subprocess", "_posixsubprocess", "multiprocessing", "_multiprocessing",
-                   "socket", "_socket", "pty", "shutil", "signal", "_signal", "faulthandler", "threading",
-                   "_thread", "asyncio", "concurrent", "mmap", "posix", "_posixshmem", "importlib.util")
+PRELOADED_MODULES = ("re", "math", "cmath", "collections", "heapq", "itertools", "functools", "operator",
+                     "bisect", "array", "copy", "datetime", "string", "struct", "time", "random")
+BLOCKED_MODULES = ("ctypes", "_ctypes", "subprocess", "_posixsubprocess", "multiprocessing",
+                   "_multiprocessing", "socket", "_socket", "pty", "shutil", "signal", "_signal",
+                   "faulthandler", "threading", "_thread", "asyncio", "concurrent", "mmap", "posix",
+                   "_posixshmem", "importlib.util")
 # Names an assert may use that the parent evaluates itself: the builtins and these modules.
 JUDGE_MODULES = {"math": math, "cmath": cmath}
 
@@ -90,7 +89,7 @@ def _names_bound(program: str) -> frozenset:
     try:
         tree = ast.parse(program)
     except (SyntaxError, ValueError, RecursionError, MemoryError, SystemError):
-        # SystemError: CPython 3.11's "AST constructor recursion depth mismatch" after deep nesting (gh-106905)
+        # SystemError: CPython 3.11's "AST constructor recursion depth mismatch" on deep nesting (gh-106905)
         return frozenset()
     names = set()
     for n in ast.walk(tree):
@@ -132,7 +131,8 @@ def _plan(test: str, mode: str, program_names: frozenset = frozenset()) -> tuple
             return n
         isclose = (isinstance(n, ast.Call) and isinstance(n.func, ast.Attribute) and n.func.attr == "isclose"
                    and isinstance(n.func.value, ast.Name) and n.func.value.id in JUDGE_MODULES)
-        if isinstance(n, _JUDGED_HERE) or isclose or (isinstance(n, ast.UnaryOp) and isinstance(n.op, ast.Not)):
+        negation = isinstance(n, ast.UnaryOp) and isinstance(n.op, ast.Not)
+        if isinstance(n, _JUDGED_HERE) or isclose or negation:
             for field, value in ast.iter_fields(n):
                 if isclose and field == "func":
                     continue        # the parent's math.isclose, also where the program imports math itself
@@ -147,11 +147,6 @@ def _plan(test: str, mode: str, program_names: frozenset = frozenset()) -> tuple
         return ast.Name(f"_part{len(parts) - 1}", ast.Load())
     judge = ast.unparse(split(expr))
     return ("assert", tuple(parts), judge)
-
-
-@functools.lru_cache(maxsize=4096)
-def _compiled(judge: str):
-    return compile(judge, "<test>", "eval")
 
 
 class _Object:
@@ -169,8 +164,8 @@ class _Object:
         return "<object>"
 
 
-_BUILTIN_TYPES = {t.__name__: t for t in (bool, int, float, complex, str, bytes, list, tuple, dict, set, frozenset,
-                                          type(None))}
+_BUILTIN_TYPES = {t.__name__: t for t in (bool, int, float, complex, str, bytes, list, tuple, dict, set,
+                                          frozenset, type(None))}
 
 
 def _decode(x):
@@ -183,9 +178,7 @@ def _decode(x):
         return float.fromhex(x[1])
     if tag == "c":
         return complex(float.fromhex(x[1]), float.fromhex(x[2]))
-    if tag in ("s", "b"):
-        if type(x[1]) is not (str if tag == "s" else bytes):
-            raise ValueError("malformed value")
+    if tag in ("s", "b") and type(x[1]) is (str if tag == "s" else bytes):
         return x[1]
     if tag == "d":
         return {_decode(k): _decode(v) for k, v in x[1]}
@@ -212,10 +205,6 @@ class _Parts(dict):
         return _decode(value)
 
 
-def _describe(e: BaseException) -> str:
-    return "assertion failed" if isinstance(e, AssertionError) else f"{type(e).__name__}: {e}"[:200]
-
-
 def _verdicts(plans, claims: dict) -> list:
     """[ok, output] per test, in order, up to the first test the child never answered. `claims` maps
     (test, part) to the child's first line about it."""
@@ -236,11 +225,12 @@ def _verdicts(plans, claims: dict) -> list:
             continue
         try:
             values = _Parts({f"_part{p}": c for p, c in enumerate(lines)})
-            results.append([bool(eval(_compiled(judge), {"__builtins__": builtins, **JUDGE_MODULES}, values)), shown])
+            results.append([bool(eval(judge, {"__builtins__": builtins, **JUDGE_MODULES}, values)), shown])
         except _PartFailed as e:
             results.append([False, str(e)])
         except Exception as e:      # a malformed claim, or the assert raising, as a failing assert would
-            results.append([False, shown or _describe(e)])
+            described = "assertion failed" if isinstance(e, AssertionError) else f"{type(e).__name__}: {e}"
+            results.append([False, shown or described[:200]])
     return results
 
 
@@ -251,12 +241,10 @@ _ISOLATION = None                # (available, line) once probed
 
 
 def _bwrap_command(folder: str) -> list[str]:
-    """bwrap's arguments: new network, PID, IPC and UTS namespaces; a filesystem with only /usr (the
-    system's libraries), the Python installation, both read-only, a fresh /proc and /dev, and `folder`
-    as /sandbox. The parents of the Python installation are made traversable (0755): a Python under
-    /root must be readable by the user nobody the child becomes."""
-    command = ["bwrap", "--unshare-net", "--unshare-pid", "--unshare-ipc", "--unshare-uts", "--die-with-parent",
-               "--ro-bind", "/usr", "/usr"]
+    """bwrap's arguments, `folder` becoming /sandbox. The parents of the Python installation are made
+    traversable (0755): a Python under /root must be readable by the user nobody the child becomes."""
+    command = ["bwrap", "--unshare-net", "--unshare-pid", "--unshare-ipc", "--unshare-uts",
+               "--die-with-parent", "--ro-bind", "/usr", "/usr"]
     for top in ("/bin", "/sbin", "/lib", "/lib32", "/lib64"):
         if os.path.islink(top):                 # merged /usr: /lib -> usr/lib
             command += ["--symlink", os.readlink(top), top]
@@ -264,23 +252,15 @@ def _bwrap_command(folder: str) -> list[str]:
             command += ["--ro-bind", top, top]
     roots = {os.path.realpath(p) for p in (sys.base_prefix, sys.prefix, os.path.dirname(sys.executable),
                                            os.path.dirname(os.path.realpath(sys.executable)))}
-    roots = sorted(r for r in roots if not any(r.startswith(top + "/") for top in ("/usr", "/bin", "/lib", "/lib64")))
     made = set()
-    for root in roots:
-        parents = [p for p in reversed(list(_parents(root))) if p not in made]
-        for parent in parents:
-            command += ["--perms", "0755", "--dir", parent]
-            made.add(parent)
+    for root in sorted(r for r in roots if not r.startswith(("/usr/", "/bin/", "/lib/", "/lib64/"))):
+        for parent in reversed(Path(root).parents[:-1]):       # all but "/", outermost first
+            if str(parent) not in made:
+                command += ["--perms", "0755", "--dir", str(parent)]
+                made.add(str(parent))
         command += ["--ro-bind", root, root]
-    return command + ["--proc", "/proc", "--dev", "/dev", "--bind", folder, "/sandbox", "--chdir", "/sandbox", "--"]
-
-
-def _parents(path: str):
-    while True:
-        path = os.path.dirname(path)
-        if path == "/":
-            return
-        yield path
+    return command + ["--proc", "/proc", "--dev", "/dev", "--bind", folder, "/sandbox", "--chdir", "/sandbox",
+                      "--"]
 
 
 def isolation() -> tuple[bool, str]:
@@ -297,15 +277,15 @@ def isolation() -> tuple[bool, str]:
             with tempfile.TemporaryDirectory(prefix="rrr-sandbox-") as folder:
                 os.chmod(folder, 0o755)
                 try:
-                    probe = subprocess.run(_bwrap_command(folder) + [sys.executable, "-I", "-S", "-c", "print(1 + 1)"],
-                                           capture_output=True, text=True, timeout=30)
+                    command = _bwrap_command(folder) + [sys.executable, "-I", "-S", "-c", "print(1 + 1)"]
+                    probe = subprocess.run(command, capture_output=True, text=True, timeout=30)
                     if probe.stdout.strip() != "2":
                         last = (probe.stderr.strip().splitlines() or ["no output"])[-1]
                         why = f"bwrap cannot create the namespaces here ({last})"
                 except (OSError, subprocess.TimeoutExpired) as e:
                     why = f"bwrap cannot run here ({e})"
-        _ISOLATION = (why is None, "code sandbox: isolated by bubblewrap (no network, own PID namespace, only the Python "
-                      "installation and its own folder visible)" if why is None else
+        _ISOLATION = (why is None, "code sandbox: isolated by bubblewrap (no network, own PID namespace, "
+                      "only the Python installation and its own folder visible)" if why is None else
                       f"code sandbox: NOT isolated, {why}: programs run with process limits only")
     return _ISOLATION
 
@@ -337,31 +317,66 @@ def _kill_session(sid: int):
             continue
 
 
+def _read_report(read_end: int, deadline: float) -> tuple:
+    """(claims, failure, started, done, timed_out) from the child's lines, each read as a Python literal
+    or skipped. `claims` maps (test, part) to the first line about it: a later one does not overwrite it."""
+    claims, failure, started, done = {}, None, False, False
+    buffer, size = b"", 0
+    with selectors.DefaultSelector() as sel:
+        sel.register(read_end, selectors.EVENT_READ)
+        while not done:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                return claims, failure, started, done, True
+            if not sel.select(left):
+                continue
+            chunk = os.read(read_end, 65536)
+            size += len(chunk)
+            if not chunk or size > RESULT_LIMIT:
+                break       # every writer is gone, or too much came back
+            *lines, buffer = (buffer + chunk).split(b"\n")
+            for line in lines:
+                try:
+                    row = ast.literal_eval(line.decode("utf-8", "replace"))
+                except (ValueError, SyntaxError, TypeError, MemoryError, RecursionError, SystemError):
+                    continue
+                if not isinstance(row, tuple):
+                    continue
+                if row == ("started",):
+                    started = True
+                elif row == ("end",):
+                    done = True
+                elif len(row) == 2 and row[0] == "failure" and failure is None:
+                    failure, done = str(row[1]), True
+                elif len(row) == 5 and type(row[0]) is int and type(row[1]) is int and type(row[2]) is bool:
+                    claims.setdefault((row[0], row[1]), row[2:])
+    return claims, failure, started, done, False
+
+
 def run_program(completion: str, tests, setup: str, timeout: float, mode: str) -> dict:
     """Runs one program in the sandbox. Returns {"done": bool, "results": [[ok, output], ...],
-    "failure": str | None, "timed_out": bool, "infra": None}; results stop at the first test the child never
-    answered. Raises OSError when no pipe, folder or process can be had; "infra" says why when the process
-    started but never reached the program (see run_batch)."""
+    "failure": str | None, "timed_out": bool, "infra": None}; results stop at the first test the child
+    never answered. Raises OSError when no pipe, folder or process can be had; "infra" says why when the
+    process started but never reached the program (see run_batch)."""
     program = extract_program(completion)
-    names = _names_bound(program) | _names_bound(setup or "")
+    names = _names_bound(program) | _names_bound(setup)
     plans = [_plan(t, mode, names) for t in tests]
-    job = marshal.dumps(dict(program=program, setup=setup or "",
-                             tests=[(kind, parts) for kind, parts, _ in plans], memory=MEMORY_LIMIT,
-                             file_size=FILE_LIMIT, cpu=int(timeout) + 1, value_limit=VALUE_LIMIT,
-                             blocked=BLOCKED_MODULES, preload=PRELOADED_MODULES, nobody=NOBODY))
+    job = marshal.dumps(dict(program=program, setup=setup, tests=[(kind, parts) for kind, parts, _ in plans],
+                             memory=MEMORY_LIMIT, file_size=FILE_LIMIT, cpu=int(timeout) + 1,
+                             value_limit=VALUE_LIMIT, blocked=BLOCKED_MODULES, preload=PRELOADED_MODULES,
+                             nobody=NOBODY))
     isolated = USE_ISOLATION and isolation()[0]
     read_end, write_end = os.pipe()
-    claims, failure, done, timed_out, started = {}, None, False, False, False
     with tempfile.TemporaryDirectory(prefix="rrr-sandbox-") as folder:
         if os.getuid() == 0:
             os.chown(folder, NOBODY, NOBODY)      # the child runs as nobody (see sandbox_child.py)
-        prefix = _bwrap_command(folder) if isolated else []
         home = "/sandbox" if isolated else folder
+        env = {"PATH": "/usr/bin:/bin", "HOME": home, "TMPDIR": home, "LC_ALL": "C.UTF-8"}
         try:
-            proc = subprocess.Popen(prefix + [sys.executable, "-I", "-S", "-c", _child_source(), str(write_end), str(os.getpid())],
-                                    stdin=subprocess.PIPE, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                                    cwd=folder, pass_fds=(write_end,), start_new_session=True,
-                                    env={"PATH": "/usr/bin:/bin", "HOME": home, "TMPDIR": home, "LC_ALL": "C.UTF-8"})
+            command = [sys.executable, "-I", "-S", "-c", _child_source(), str(write_end), str(os.getpid())]
+            proc = subprocess.Popen((_bwrap_command(folder) if isolated else []) + command, cwd=folder,
+                                    env=env, stdin=subprocess.PIPE, stdout=subprocess.DEVNULL,
+                                    stderr=subprocess.DEVNULL, pass_fds=(write_end,), start_new_session=True)
         except OSError:
             os.close(read_end)
             raise
@@ -374,50 +389,18 @@ def run_program(completion: str, tests, setup: str, timeout: float, mode: str) -
                 proc.stdin.close()
             except BrokenPipeError:
                 pass
-            buffer, size = b"", 0
-            with selectors.DefaultSelector() as sel:
-                sel.register(read_end, selectors.EVENT_READ)
-                while not done:
-                    left = deadline - time.monotonic()
-                    if left <= 0:
-                        timed_out = True
-                        break
-                    if not sel.select(left):
-                        continue
-                    chunk = os.read(read_end, 65536)
-                    if not chunk:
-                        break       # every writer is gone
-                    size += len(chunk)
-                    if size > RESULT_LIMIT:
-                        break
-                    buffer += chunk
-                    *complete, buffer = buffer.split(b"\n")
-                    for raw in complete:
-                        try:
-                            row = ast.literal_eval(raw.decode("utf-8", "replace"))
-                        except (ValueError, SyntaxError, TypeError, MemoryError, RecursionError, SystemError):
-                            continue
-                        if row == ("started",):
-                            started = True
-                        elif row == ("end",):
-                            done = True
-                        elif isinstance(row, tuple) and len(row) == 2 and row[0] == "failure" and failure is None:
-                            failure, done = str(row[1]), True
-                        elif (isinstance(row, tuple) and len(row) == 5 and type(row[0]) is int and type(row[1]) is int
-                              and type(row[2]) is bool):
-                            claims.setdefault((row[0], row[1]), row[2:])   # the first claim about a part stands
+            claims, failure, started, done, timed_out = _read_report(read_end, deadline)
         finally:
             _kill_session(proc.pid)
             proc.wait()
             os.close(read_end)
-    if not started:     # the child writes ("started",) before the program runs: nothing it does can unwrite it
+    if not started:     # written before the program runs: nothing the program does can unwrite it
         return _not_run(f"the sandbox's process did not start within {timeout:g} s" if timed_out else
                         f"the sandbox's process exited with status {proc.returncode} before the program ran")
-    if failure is not None:
-        return dict(done=True, results=[[False, failure]] * len(tests), failure=failure, timed_out=False, infra=None)
-    results = _verdicts(plans, claims)
-    return dict(done=done and len(results) == len(tests), results=results, failure=None, timed_out=timed_out,
-                infra=None)
+    # A failure (the program raising before the tests) ends the report: done, and no test passes.
+    results = _verdicts(plans, claims) if failure is None else [[False, failure]] * len(tests)
+    return dict(done=done and len(results) == len(tests), results=results, failure=failure,
+                timed_out=timed_out, infra=None)
 
 
 def _not_run(why: str) -> dict:

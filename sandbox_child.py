@@ -1,9 +1,8 @@
 """What runs inside the sandbox's process (sandbox.py sends this file's text to `python -I -S -c`).
 
-It reads the job from stdin, limits itself, disables destructive functions, runs the program, evaluates
-each part of each test it was sent and writes one line per part on the report descriptor:
-("started",) just before the program runs, then (test, part, True, value, shown) or
-(test, part, False, error, "") per part, then ("end",). It never sees an
+It reads the job from stdin, limits itself, disables destructive functions, runs the program and writes
+one line per part of each test on the report descriptor: ("started",) just before the program runs, then
+(test, part, True, value, shown) or (test, part, False, error, ""), then ("end",). It never sees an
 expected value and decides nothing: sandbox.py compares. Standard library only, and as little of it as
 possible: start-up time is most of the cost of a check.
 """
@@ -37,8 +36,9 @@ def main():
     # Private references, taken before the program can replace builtins: an honest program that
     # rebinds `repr` or `isinstance` must not change what is reported.
     _type, _repr, _isinstance, _len, _eval, _exec, _compile = type, repr, isinstance, len, eval, exec, compile
-    _BaseException, _AssertionError, _exit, _write, _realpath = BaseException, AssertionError, os._exit, os.write, os.path.realpath
-    _hex, _join_bytes, _str_of, _complex_parts = int.__format__, b"".join, str.__str__, complex.__getnewargs__
+    _BaseException, _AssertionError, _exit, _write = BaseException, AssertionError, os._exit, os.write
+    _realpath, _hex, _join_bytes, _str_of = os.path.realpath, int.__format__, b"".join, str.__str__
+    _complex_parts = complex.__getnewargs__
     builtin_types = (bool, int, float, complex, str, bytes, list, tuple, dict, set, frozenset, type(None))
 
     def encode(x, depth=0):
@@ -76,10 +76,11 @@ def main():
 
     for module, names in ((os, ("system", "popen", "kill", "killpg", "fork", "forkpty", "setsid", "setpgid",
                                 "remove", "unlink", "rmdir", "removedirs", "rename", "renames", "replace",
-                                "truncate", "chmod", "chown", "lchown", "putenv", "unsetenv", "execv", "execve",
-                                "execvp", "spawnv", "spawnve", "posix_spawn", "posix_spawnp", "chdir", "chroot",
-                                "link", "symlink", "mkfifo", "_exit", "abort")),
-                          (resource, ("setrlimit", "prlimit")), (builtins, ("exit", "quit", "help", "input"))):
+                                "truncate", "chmod", "chown", "lchown", "putenv", "unsetenv", "execv",
+                                "execve", "execvp", "spawnv", "spawnve", "posix_spawn", "posix_spawnp",
+                                "chdir", "chroot", "link", "symlink", "mkfifo", "_exit", "abort")),
+                          (resource, ("setrlimit", "prlimit")),
+                          (builtins, ("exit", "quit", "help", "input"))):
         for name in names:
             if hasattr(module, name):
                 setattr(module, name, None)
@@ -108,10 +109,10 @@ def main():
     os.open = guarded_os_open
 
     namespace = {"__name__": "solution", "__builtins__": builtins}
-    send(("started",))      # before the program runs: without this line, the machinery failed, not the program
+    send(("started",))      # before the program runs: without it, the machinery failed, not the program
     try:
         _exec(_compile(job["program"], "solution.py", "exec"), namespace)
-        _exec(_compile(job["setup"], "setup.py", "exec"), namespace)   # MBPP's setup may use the program's classes
+        _exec(_compile(job["setup"], "setup.py", "exec"), namespace)  # MBPP's setup may use its classes
     except SyntaxError as e:
         send(("failure", f"SyntaxError: {e.msg} (line {e.lineno})"))
         _exit(0)
@@ -135,7 +136,8 @@ def main():
                     shown = f"<{_type(value).__name__}>"
                 line = _repr((t, p, True, encode(value), shown)) + "\n"
                 if _len(line) > job["value_limit"]:
-                    line = _repr((t, p, False, f"the output is larger than {job['value_limit']} bytes", shown)) + "\n"
+                    too_large = f"the output is larger than {job['value_limit']} bytes"
+                    line = _repr((t, p, False, too_large, shown)) + "\n"
                 _write(report, line.encode("utf-8", "replace"))
             except _BaseException as e:     # reported, and raised where the parent's judge uses it
                 send((t, p, False, describe(e), ""))

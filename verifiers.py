@@ -5,22 +5,19 @@ feedback is one short, specific sentence a reflector can act on. No checker rais
 program the sandbox could not run for reasons outside it (no process, bwrap refusing) gets
 Verdict(False, "not judged: ...", infra=True): no reward either way (see stop_if_unjudged).
 
-    check_countdown(completion, nums, target)        last <answer>, exact rational arithmetic, own parser
-    check_function_calls(completion, answers, tools) xLAM/APIGen calls, or BFCL possible answers by BFCL's rules
-    check_code(completion, tests, setup, hidden)     MBPP asserts (visible, then hidden) run in a fresh, limited process
-    check_code_batch(items, workers, timeout)        the same for many programs, in parallel
-    code_outputs_batch(items, workers, timeout)      what each program returns on the tests' inputs
-    check_math(completion, answer)                   GSM8K: the final number
-
-Code runs in sandbox.py's fresh, isolated processes; the parent, not the program, decides each test: see there.
+Countdown: the last <answer>, in exact rational arithmetic, by its own parser. Function calls: xLAM/APIGen
+calls, or BFCL possible answers by BFCL's rules. Code (MBPP): the asserts, visible then hidden, run in
+sandbox.py's fresh, isolated processes, the parent deciding each test. GSM8K: the final number.
 """
 
 import json
+import operator
 import re
 from collections import Counter
 from fractions import Fraction
 from typing import NamedTuple
 
+from bfcl import bfcl_problem, no_call
 from runs import InfrastructureError
 from sandbox import run_batch
 
@@ -28,13 +25,13 @@ from sandbox import run_batch
 class Verdict(NamedTuple):
     ok: bool
     feedback: str
-    base: bool | None = None    # with hidden tests (MBPP): whether the visible tests alone pass, EvalPlus's "base"
+    base: bool | None = None    # with hidden tests: whether the visible ones alone pass (EvalPlus's "base")
     infra: bool = False         # not judged: the machinery failed, not the program (ok is then False)
-    shown: str | None = None    # what a prompt may show of feedback: with hidden tests, the visible tests' part
+    shown: str | None = None    # what a prompt may show of feedback: with hidden tests, the visible part
 
     def feedback_to_show(self) -> str:
-        """The feedback a model may be shown (rrr.py's --reflection-feedback): all of it, except that hidden
-        tests are never described, not even by their count."""
+        """The feedback a model may be shown (rrr.py's --reflection-feedback): all of it, except that
+        hidden tests are never described, not even by their count."""
         return self.feedback if self.shown is None else self.shown
 
 
@@ -46,8 +43,8 @@ def stop_if_unjudged(verdicts: list[Verdict]) -> list[Verdict]:
     """The verdicts, unless more than MAX_NOT_JUDGED of them are infrastructure errors."""
     bad = [v for v in verdicts if v.infra]
     if len(bad) > MAX_NOT_JUDGED * len(verdicts):
-        raise InfrastructureError(f"{len(bad)} of {len(verdicts)} programs of a batch could not be run (more than "
-                                  f"{MAX_NOT_JUDGED:.0%}), for example: {bad[0].feedback}")
+        raise InfrastructureError(f"{len(bad)} of {len(verdicts)} programs of a batch could not be run (more "
+                                  f"than {MAX_NOT_JUDGED:.0%}), for example: {bad[0].feedback}")
     return verdicts
 
 
@@ -59,6 +56,7 @@ def short(value, limit=200) -> str:
 # --- Countdown ---------------------------------------------------------------------------------------
 
 MAX_EXPRESSION, MAX_DEPTH, MAX_DIGITS = 200, 20, 6
+_OPERATIONS = {"+": operator.add, "-": operator.sub, "*": operator.mul, "/": operator.truediv}
 
 
 def between(text: str, opening: str, closing: str) -> list[str]:
@@ -82,8 +80,7 @@ def check_countdown(completion: str, nums, target) -> Verdict:
     if len(expression) > MAX_EXPRESSION:
         return Verdict(False, f"the answer is longer than {MAX_EXPRESSION} characters")
     try:
-        tokens = _tokens(expression)
-        value, used = _Parser(tokens).parse()
+        value, used = _Parser(_tokens(expression)).parse()
     except ValueError as e:
         return Verdict(False, str(e))
     given, got = Counter(nums), Counter(used)
@@ -92,7 +89,8 @@ def check_countdown(completion: str, nums, target) -> Verdict:
             return Verdict(False, f"uses {n}, which is not one of the numbers {list(nums)}")
         if got[n] > given[n]:
             times = {2: "twice", 3: "three times"}.get(got[n], f"{got[n]} times")
-            return Verdict(False, f"uses {n} {times}" + (f", but it is given {given[n]} times" if given[n] > 1 else ""))
+            given_times = f", but it is given {given[n]} times" if given[n] > 1 else ""
+            return Verdict(False, f"uses {n} {times}{given_times}")
     missing = sorted((given - got).elements())
     if missing:
         return Verdict(False, f"does not use {', '.join(map(str, missing))}")
@@ -103,24 +101,17 @@ def check_countdown(completion: str, nums, target) -> Verdict:
 
 
 def _tokens(text: str) -> list:
-    tokens, i = [], 0
-    while i < len(text):
-        c = text[i]
-        if c.isspace():
-            i += 1
-        elif c in "0123456789":
-            j = i
-            while j < len(text) and text[j] in "0123456789":
-                j += 1
-            if j - i > MAX_DIGITS:
-                raise ValueError(f"the number {text[i:j][:12]}... is too long")
-            tokens.append(int(text[i:j]))
-            i = j
-        elif c in "+-*/()":
-            tokens.append(c)
-            i += 1
+    tokens = []
+    for number, other in re.findall(r"([0-9]+)|(\S)", text):     # \S: what str.isspace() is not
+        if len(number) > MAX_DIGITS:
+            raise ValueError(f"the number {number[:12]}... is too long")
+        if number:
+            tokens.append(int(number))
+        elif other in "+-*/()":
+            tokens.append(other)
         else:
-            raise ValueError(f"unexpected character {c!r}: only numbers, + - * / and parentheses are allowed")
+            raise ValueError(f"unexpected character {other!r}: "
+                             "only numbers, + - * / and parentheses are allowed")
     return tokens
 
 
@@ -141,23 +132,20 @@ class _Parser:
         return self.tokens[self.i] if self.i < len(self.tokens) else None
 
     def expression(self, depth):
-        value = self.term(depth)
-        while self.peek() in ("+", "-"):
-            op = self.tokens[self.i]
-            self.i += 1
-            right = self.term(depth)
-            value = value + right if op == "+" else value - right
-        return value
+        return self.left_to_right(depth, ("+", "-"), self.term)
 
     def term(self, depth):
-        value = self.factor(depth)
-        while self.peek() in ("*", "/"):
+        return self.left_to_right(depth, ("*", "/"), self.factor)
+
+    def left_to_right(self, depth, ops, operand):
+        value = operand(depth)
+        while self.peek() in ops:
             op = self.tokens[self.i]
             self.i += 1
-            right = self.factor(depth)
+            right = operand(depth)
             if op == "/" and right == 0:
                 raise ValueError("division by zero")
-            value = value * right if op == "*" else value / right
+            value = _OPERATIONS[op](value, right)
         return value
 
     def factor(self, depth):
@@ -176,7 +164,8 @@ class _Parser:
                 raise ValueError("a '(' is never closed")
             self.i += 1
             return value
-        raise ValueError(f"expected a number or '(', got {token!r}" + (" (no unary minus)" if token == "-" else ""))
+        unary = " (no unary minus)" if token == "-" else ""
+        raise ValueError(f"expected a number or '(', got {token!r}{unary}")
 
 
 # --- function calls ----------------------------------------------------------------------------------
@@ -273,25 +262,18 @@ def check_function_calls(completion: str, answers: list, tools: list | None = No
     if len(calls) != len(answers):
         return Verdict(False, f"expected {len(answers)} call{'s' * (len(answers) != 1)}, got {len(calls)}")
     if not xlam:
-        from bfcl import bfcl_problem     # here, not at the top: bfcl.py imports this module
         problem = bfcl_problem(calls, answers, tools)
         return Verdict(problem is None, problem or "correct calls")
-    if _perfect_matching(len(answers), lambda i, j: _call_matches_xlam(calls[j], answers[i]) is None):
+    if _perfect_matching(len(answers), lambda i, j: _xlam_call_problem(calls[j], answers[i]) is None):
         return Verdict(True, "correct calls")
     # Explain the first expected call that no call satisfies, against the closest call of its name.
     for answer in answers:
-        problems = [_call_matches_xlam(c, answer) for c in calls if c["name"] == answer["name"]]
+        problems = [_xlam_call_problem(c, answer) for c in calls if c["name"] == answer["name"]]
         if not problems:
             return Verdict(False, no_call(calls, [a["name"] for a in answers], answer["name"]))
         if None not in problems:
             return Verdict(False, min(problems, key=len))
     return Verdict(False, "the calls do not match the expected ones one to one")
-
-
-def no_call(calls, expected_names, name) -> str:
-    """What is wrong when no call satisfies the expected call to `name`."""
-    wrong = sorted({c["name"] for c in calls} - set(expected_names))
-    return f"unknown function {wrong[0]!r}" if wrong else f"no call to {name}"
 
 
 def _perfect_matching(n, fits) -> bool:
@@ -309,7 +291,7 @@ def _perfect_matching(n, fits) -> bool:
     return all(place(i, set()) for i in range(n))
 
 
-def _call_matches_xlam(call, answer) -> str | None:
+def _xlam_call_problem(call, answer) -> str | None:
     """None when the call equals the expected one; else what differs."""
     name, want, got = answer["name"], answer["arguments"], call["arguments"]
     if call["name"] != name:
@@ -350,24 +332,16 @@ def _to_number(text: str) -> Fraction | None:
 
 
 def check_math(completion: str, answer) -> Verdict:
-    if isinstance(answer, str):
-        ref = answer.split("####")[-1].strip()
-        expected = _to_number(ref)
-    else:
-        expected = Fraction(str(answer))
+    expected = (_to_number(answer.split("####")[-1].strip()) if isinstance(answer, str)
+                else Fraction(str(answer)))
     if expected is None:
         raise ValueError(f"reference answer {answer!r} has no number")
-    after = completion.split("####")[-1] if "####" in completion else None
+    # The first number after the last ####, else the last in the last \boxed{}, else the last in the text.
+    after = completion.split("####")[-1] if "####" in completion else ""
     boxed = re.findall(r"\\boxed\{([^{}]*)\}", completion)
-    for source in (after, boxed[-1] if boxed else None, completion):
-        if source is None:
-            continue
-        found = re.findall(_NUMBER, source)
-        if found:
-            got = _to_number(found[0] if source is after else found[-1])
-            break
-    else:
-        return Verdict(False, "no number found")
+    found = (re.findall(_NUMBER, after)[:1] or re.findall(_NUMBER, boxed[-1] if boxed else "")
+             or re.findall(_NUMBER, completion))
+    got = _to_number(found[-1]) if found else None
     if got is None:
         return Verdict(False, "no number found")
     if got == expected:
@@ -384,25 +358,7 @@ def _shown(x: Fraction) -> str:
         return f"{x.numerator // x.denominator}..."
 
 
-def _feedback(tests, run: dict, timeout: float) -> Verdict:
-    results = run["results"]
-    if run["infra"]:
-        return Verdict(False, f"not judged: {run['infra']}", infra=True)
-    if run["done"] and run["failure"] and not any(ok for ok, _ in results):
-        return Verdict(False, run["failure"] if not tests else f"{run['failure']}; no test could run")
-    if run["done"] and results and all(ok for ok, _ in results) and len(results) == len(tests):
-        return Verdict(True, "Tests passed:\n" + "\n".join(tests))
-    if not run["done"] and not results:
-        why = f"timed out after {timeout:g} s" if run["timed_out"] else "the program stopped before the tests ran"
-        return Verdict(False, why + " (exiting, a crash, or the memory limit)" * (not run["timed_out"]))
-    passed = [t for t, (ok, _) in zip(tests, results) if ok]
-    failed = [f"{t}  # output: {short(out)}" for t, (ok, out) in zip(tests, results) if not ok]
-    missing = tests[len(results):]
-    if missing:
-        label = "TIMEOUT" if run["timed_out"] else "the program stopped here"
-        failed += [f"{missing[0]}  # output: {label}"] + [f"{t}  # output: not run" for t in missing[1:]]
-    return Verdict(False, "\n".join(["Tests passed:"] + (passed or ["(none)"]) + ["Tests failed:"] + failed))
-
+# --- code (MBPP) -------------------------------------------------------------------------------------
 
 def check_code(completion: str, tests, setup: str = "", hidden=None, timeout: float = 5.0) -> Verdict:
     """Passes only when the program and every assert in `tests` and `hidden` ran in the sandbox and passed."""
@@ -431,11 +387,31 @@ def _with_hidden(tests, hidden, run: dict, timeout: float) -> Verdict:
     return Verdict(False, f"{visible.feedback}\n{note}", base=visible.ok, shown=visible.feedback)
 
 
+def _feedback(tests, run: dict, timeout: float) -> Verdict:
+    results = run["results"]
+    if run["infra"]:
+        return Verdict(False, f"not judged: {run['infra']}", infra=True)
+    if run["done"] and run["failure"] and not any(ok for ok, _ in results):
+        return Verdict(False, run["failure"] if not tests else f"{run['failure']}; no test could run")
+    if run["done"] and results and all(ok for ok, _ in results) and len(results) == len(tests):
+        return Verdict(True, "Tests passed:\n" + "\n".join(tests))
+    if not run["done"] and not results:
+        stopped = "the program stopped before the tests ran (exiting, a crash, or the memory limit)"
+        return Verdict(False, f"timed out after {timeout:g} s" if run["timed_out"] else stopped)
+    passed = [t for t, (ok, _) in zip(tests, results) if ok]
+    failed = [f"{t}  # output: {short(out)}" for t, (ok, out) in zip(tests, results) if not ok]
+    missing = tests[len(results):]
+    if missing:
+        label = "TIMEOUT" if run["timed_out"] else "the program stopped here"
+        failed += [f"{missing[0]}  # output: {label}"] + [f"{t}  # output: not run" for t in missing[1:]]
+    return Verdict(False, "\n".join(["Tests passed:"] + (passed or ["(none)"]) + ["Tests failed:"] + failed))
+
+
 def code_outputs_batch(items, workers: int | None = None, timeout: float = 5.0) -> list[list[str]]:
     """For each (completion, tests, setup): the repr of what each test's left-hand side evaluates to
     (the program's output on that test's input), never looking at the expected value; "<Error: ...>"
-    or "<TIMEOUT>" where it has none, NOT_RUN... where the sandbox could not run it. Re-ReST's self-consistency
-    votes with these."""
+    or "<TIMEOUT>" where it has none, NOT_RUN... where the sandbox could not run it. Re-ReST's
+    self-consistency votes with these."""
     out = []
     for tests, run in run_batch(items, workers, timeout, "outputs"):
         values = [v if ok else f"<{v}>" for ok, v in run["results"]]

@@ -8,17 +8,15 @@ partial skill with labels, as a warm start that runs say what they are:
     python warmstart.py --task countdown_easy --puzzles 1000       # prints the cached model's folder
     python rrr.py --task countdown_easy --warm-start 1000          # RRR from that model
 
-The labels: the first `--puzzles` train-split puzzles of the task's own generator under a seed of their
-own (WARM_SEED), each answered by data/countdown.solve_countdown as "<answer> EQUATION </answer>" (the
-task's answer format, with no thinking written before it). Every puzzle of the task's whole test split
-is left out by its numbers and target: the offline generators keep the splits apart by a hash already,
-and with --data-dir the real test file is checked the same way. One epoch of full fine-tuning
-(finetune.train_model: the loss covers the answer tokens only).
+The labels: the first `--puzzles` train-split puzzles of the task's generator under a seed of their own
+(WARM_SEED), answered by data/countdown.solve_countdown as "<answer> EQUATION </answer>" (no thinking
+before it), leaving out every puzzle of the task's whole test split (with --data-dir, the real test file's).
+One epoch of full fine-tuning (finetune.train_model: the loss covers the answer tokens only).
 
-The model is cached in $RRR_CACHE/warm-start/<task>-<puzzles>-<hash of every setting> (default
-~/.cache/rrr), with `warm_start.json` describing it; rrr.py records that description in config.json and
-its report. Building it is a collective (every rank of a torchrun job calls it) and resumable: the
-trainer keeps a checkpoint per epoch and the export is written to a temporary folder and renamed.
+Cached in $RRR_CACHE/warm-start/<task>-<puzzles>-<hash of every setting>, with `warm_start.json`
+describing it, which rrr.py records in config.json and its report. Building it is a collective (every rank
+of a torchrun job calls it) and resumable: the trainer keeps a checkpoint per epoch and the export is
+written to a temporary folder and renamed.
 """
 
 import argparse
@@ -26,34 +24,28 @@ import hashlib
 import json
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 from data import data_dir_used, get_task, resolve_data_dir
 from data.countdown import TIERS, check_warm_start, generate_puzzles, prompt, solve_countdown
-from runs import EMBEDDED_NAMES, BadInput, bf16_by_default, cache_root, check_model_name, main_guard, write_json
+from runs import (EMBEDDED_NAMES, BadInput, OneLineParser, bf16_by_default, cache_root, check_model_name,
+                  main_guard, write_json)
 
 WARM_SEED = 1_000_001        # the labelled puzzles' own generator seed: not a run's --seed
-TASKS = tuple(TIERS)         # the tasks whose puzzles a solver answers
 LEARNING_RATE = 1e-4
 BATCH_SIZE = 16
-DESCRIPTION = ("supervised fine-tuning (1 epoch, full) on {puzzles} solver-written answers to generated {task} "
-               "train-split puzzles, none of them in the test split")
-
-
-class TrainSettings:
-    """The fields finetune.train_model reads."""
-
-    def __init__(self, seed, bf16, save_total_limit=1):
-        self.lora_r, self.lora_alpha, self.seed, self.bf16 = 0, 16, seed, bf16
-        self.gradient_checkpointing, self.learning_rate = False, LEARNING_RATE
-        self.batch_size, self.micro_batch_size, self.epochs = BATCH_SIZE, BATCH_SIZE, 1
-        self.dpo_beta, self.save_total_limit = 0.1, save_total_limit
+DESCRIPTION = ("supervised fine-tuning (1 epoch, full) on {puzzles} solver-written answers to generated "
+               "{task} train-split puzzles, none of them in the test split")
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--task", default="countdown_easy", choices=TASKS, help="the task whose puzzles are answered")
+    # OneLineParser: argparse's own errors (an unknown flag, say) are one line too, not the usage block.
+    ap = OneLineParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--task", default="countdown_easy", choices=tuple(TIERS),
+                    help="the task whose puzzles are answered")
     ap.add_argument("--puzzles", type=int, default=1000, help="labelled puzzles to fine-tune on (one epoch)")
-    ap.add_argument("--model", default=None, help="base model: Hugging Face folder or hub id (default: the embedded one)")
+    ap.add_argument("--model", default=None,
+                    help="base model: Hugging Face folder or hub id (default: the embedded one)")
     ap.add_argument("--data-dir", default=None, help="data folder, for the test split to keep out (default "
                     "$RRR_DATA_DIR, else the offline data)")
     ap.add_argument("--bf16", action=argparse.BooleanOptionalAction, default=None,
@@ -90,24 +82,20 @@ def labelled_examples(task_name: str, puzzles: int, data_dir) -> tuple[list[tupl
     return [(n, t, f"<answer> {solve_countdown(n, t)} </answer>") for n, t in kept], len(drawn) - len(kept)
 
 
-def warm_start_folder(task_name: str, puzzles: int, base_model: str | None, data_dir, bf16: bool) -> Path:
-    """The cache folder, named by every setting the weights depend on. `data_dir` as resolved
-    (data_dir_used: the flag and $RRR_DATA_DIR alike), and only for the task whose test split it changes:
-    countdown_easy is always generated."""
-    data_dir = data_dir_used(data_dir) if task_name == "countdown" else None
-    key = json.dumps(dict(task=task_name, puzzles=puzzles, model=base_model or "embedded", data_dir=data_dir,
-                          bf16=bf16, lr=LEARNING_RATE, batch=BATCH_SIZE, seed=WARM_SEED, version=1), sort_keys=True)
-    digest = hashlib.sha256(key.encode()).hexdigest()[:10]
-    return cache_root() / "warm-start" / f"{task_name}-{puzzles}-{digest}"
-
-
-def warm_start(d, task_name: str, puzzles: int, base_model: str | None, data_dir=None, bf16: bool = False) -> tuple[Path, dict]:
+def warm_start(d, task_name: str, puzzles: int, base_model: str | None, data_dir=None,
+               bf16: bool = False) -> tuple[Path, dict]:
     """The warm-started model's folder (built on first use, a collective) and its description."""
     from finetune import train_model
 
     check_warm_start(task_name, puzzles)
-    folder = warm_start_folder(task_name, puzzles, None if base_model in EMBEDDED_NAMES else base_model,
-                               data_dir, bf16)
+    # The cache folder is named by every setting the weights depend on; the data folder only for the task
+    # whose test split it changes (countdown_easy is always generated).
+    key = json.dumps(dict(task=task_name, puzzles=puzzles,
+                          model="embedded" if base_model in EMBEDDED_NAMES else base_model,
+                          data_dir=data_dir_used(data_dir) if task_name == "countdown" else None, bf16=bf16,
+                          lr=LEARNING_RATE, batch=BATCH_SIZE, seed=WARM_SEED, version=1), sort_keys=True)
+    digest = hashlib.sha256(key.encode()).hexdigest()[:10]
+    folder = cache_root() / "warm-start" / f"{task_name}-{puzzles}-{digest}"
     card = folder / "warm_start.json"
     if not card.exists():
         started = time.time()
@@ -116,15 +104,20 @@ def warm_start(d, task_name: str, puzzles: int, base_model: str | None, data_dir
         data = [(chat_ids(tokenizer, prompt(n, t)), list(tokenizer(a, add_special_tokens=False)["input_ids"])
                  + [tokenizer.eos_token_id]) for n, t, a in labelled]
         if d.main:
-            print(f"warm start: fine-tuning on {puzzles} solver-written {task_name} answers (once; cached in {folder})",
-                  flush=True)
-        train_model(TrainSettings(WARM_SEED, bf16), d, base_model, data, folder)
+            print(f"warm start: fine-tuning on {puzzles} solver-written {task_name} answers (once; cached in "
+                  f"{folder})", flush=True)
+        settings = SimpleNamespace(lora_r=0, lora_alpha=16, seed=WARM_SEED, bf16=bf16, epochs=1,
+                                   gradient_checkpointing=False, learning_rate=LEARNING_RATE,
+                                   batch_size=BATCH_SIZE, micro_batch_size=BATCH_SIZE, save_total_limit=1)
+        train_model(settings, d, base_model, data, folder)
         if d.main:
-            write_json(card, dict(description=DESCRIPTION.format(puzzles=puzzles, task=task_name), task=task_name,
-                                  puzzles=puzzles, base_model=base_model, data_dir=data_dir, left_out_as_test=left_out,
-                                  learning_rate=LEARNING_RATE, batch_size=BATCH_SIZE, epochs=1, seed=WARM_SEED,
-                                  bf16=bf16, seconds=round(time.time() - started, 1),
-                                  example=dict(nums=labelled[0][0], target=labelled[0][1], answer=labelled[0][2])))
+            nums, target, answer = labelled[0]
+            write_json(card, dict(description=DESCRIPTION.format(puzzles=puzzles, task=task_name),
+                                  task=task_name, puzzles=puzzles, base_model=base_model, data_dir=data_dir,
+                                  left_out_as_test=left_out, learning_rate=LEARNING_RATE,
+                                  batch_size=BATCH_SIZE, epochs=1, seed=WARM_SEED, bf16=bf16,
+                                  seconds=round(time.time() - started, 1),
+                                  example=dict(nums=nums, target=target, answer=answer)))
         par.barrier()
     return folder, json.loads(card.read_text())
 

@@ -33,7 +33,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 from compare import compare  # noqa: E402
-from plots import _figure, _save, _steps_axis  # noqa: E402
+from report import _figure, _save, _steps_axis  # noqa: E402
 from runs import read_jsonl, write_json  # noqa: E402
 
 METHODS = {"rrr": ["--method", "rrr"], "generic": ["--method", "rrr", "--reflection", "generic"],

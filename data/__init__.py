@@ -1,6 +1,6 @@
 """Tasks: loaders for the real data formats, offline data, prompts, and the verifier of each task.
 
-    task = get_task("countdown")              # countdown | function_calling | mbpp | gsm8k
+    task = get_task("countdown")              # one of TASKS
     train = task.load("train", data_dir=resolve_data_dir(None), size=100, seed=0)
     task, train, test = load_splits("countdown", None, 100, 32, seed=0)   # both splits, never empty
     verdicts = task.check_batch(completions, train[:len(completions)])
@@ -12,21 +12,18 @@ The data folder (`--data-dir`, else $RRR_DATA_DIR, else none: offline) is laid o
     function_calling/bfcl/BFCL_v4_*.json + possible_answer/   BFCL JSON Lines
     mbpp/mbpp.jsonl                                    the 974 MBPP problems
     gsm8k/{train,test}.jsonl                           {"question", "answer"}
-Offline (no data folder), Countdown puzzles are generated and checked by a solver, and the other tasks
-use the small samples written for this project in data/samples/: 30 function-calling rows in the xLAM
-shape (8 with two calls), 40 MBPP-style problems, 20 GSM8K-style word problems.
-
-Splits: "train" and "test" for every task; MBPP also "validation" and "prompt" (by task_id, the
-standard ranges); function calling by a hash of the request (one in five is test); GSM8K and
-Countdown by file. `size` keeps the first `size` examples in a fixed order: a shuffle seeded by `seed`
-for train (and by 0 for the other splits, so every run is scored on the same examples), or the file's
-own order where it is already random (Countdown). Offline Countdown puzzles are generated with `seed`
-for train and a fixed seed for test; a hash of each puzzle keeps the two sets apart.
+Offline (no data folder), Countdown puzzles are generated and the other tasks use the small samples
+written for this project in data/samples/. Each task's module says how its splits are drawn. `size` keeps
+the first `size` examples of a fixed order: a shuffle seeded by `seed` for train and by 0 for the other
+splits (so runs with different seeds are scored on the same examples), or the file's own order where it is
+already random (Countdown).
 """
 
+import bisect
 import json
 import os
 import random
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
@@ -37,10 +34,10 @@ from verifiers import stop_if_unjudged
 SAMPLES = Path(__file__).resolve().parent / "samples"
 
 # The RRR paper's reflection prompts, verbatim.
-REFLECT_TOOL = ("You tried performing the task, but failed in generating the correct tool call. Reflect on what "
-                "went wrong and write a short explanation that will help you do better next time.")
-REFLECT_ANSWER = ("You tried solving the problem and got the wrong answer. Reflect on what went wrong and write a "
-                  "short explanation that will help you do better next time.")
+REFLECT_TOOL = ("You tried performing the task, but failed in generating the correct tool call. Reflect on "
+                "what went wrong and write a short explanation that will help you do better next time.")
+REFLECT_ANSWER = ("You tried solving the problem and got the wrong answer. Reflect on what went wrong and "
+                  "write a short explanation that will help you do better next time.")
 
 
 class DataError(BadInput):
@@ -49,7 +46,7 @@ class DataError(BadInput):
 
 @dataclass
 class Example:
-    id: str                  # stable across runs, e.g. "mbpp-601", "bfcl-simple_python_3", "countdown-train-17"
+    id: str                  # stable across runs, e.g. "mbpp-601", "bfcl-simple_python_3"
     messages: list[dict]     # the task prompt as chat messages (a system message, then the user's turn)
     reference: dict          # what the verifier needs (see each task module)
 
@@ -57,14 +54,18 @@ class Example:
 @dataclass(frozen=True)
 class Task:
     name: str
-    reflection_prompt: str                               # the RRR paper's, verbatim
-    retry_prompt: str                                    # asks for attempt 2, in the task's answer format
-    answer_format: str                                   # how the reflector is asked to answer
-    loader: Callable = field(repr=False)                 # (split, data_dir, seed, size) -> examples in file order
-    checker: Callable = field(repr=False)                # (completion, example) -> Verdict
-    batch_checker: Callable | None = field(default=None, repr=False)
+    reflection_prompt: str                          # the RRR paper's, verbatim
+    answer_format: str                              # how every prompt asks for the answer
+    loader: Callable = field(repr=False)            # (split, data_dir, seed, size) -> examples in file order
+    verifier: Callable = field(repr=False)          # (completion, example) -> Verdict
+    batch_verifier: Callable | None = field(default=None, repr=False)   # the same for lists, where faster
     splits: tuple = ("train", "test")
-    shuffle: bool = True                                 # False where the source is already in random order
+    shuffle: bool = True                            # False where the source is already in random order
+    retry_noun: str = "task"
+
+    @property
+    def retry_prompt(self) -> str:
+        return f"Now try the {self.retry_noun} again, using your reflection. {self.answer_format}"
 
     def load(self, split: str, data_dir=None, size: int | None = None, seed: int = 0) -> list[Example]:
         if split not in self.splits:
@@ -78,22 +79,18 @@ class Task:
                 raise DataError(f"task {self.name}, split {split}: duplicate example id {ex.id!r}")
             seen.add(ex.id)
         if self.shuffle:
-            # Only the training order follows the seed: runs with different seeds are scored on the same
-            # evaluation examples.
             random.Random(f"{self.name}/{split}/{seed if split == 'train' else 0}").shuffle(examples)
         return examples if size is None else examples[:size]
 
     def check(self, completion: str, example: Example):
-        return self.checker(completion, example)
+        return self.verifier(completion, example)
 
     def check_batch(self, completions: list[str], examples: list[Example]) -> list:
         if len(completions) != len(examples):
             raise ValueError(f"{len(completions)} completions for {len(examples)} examples")
-        if self.batch_checker is not None:
-            verdicts = self.batch_checker(completions, examples)
-        else:
-            verdicts = [self.checker(c, ex) for c, ex in zip(completions, examples)]
-        return stop_if_unjudged(verdicts)
+        if self.batch_verifier is not None:
+            return stop_if_unjudged(self.batch_verifier(completions, examples))
+        return stop_if_unjudged([self.verifier(c, ex) for c, ex in zip(completions, examples)])
 
 
 def resolve_data_dir(flag_value) -> Path | None:
@@ -108,54 +105,26 @@ def resolve_data_dir(flag_value) -> Path | None:
 
 
 def data_dir_used(flag_value) -> str | None:
-    """--data-dir as a run records it and keys its caches on: the folder that resolve_data_dir picks (so
-    that $RRR_DATA_DIR counts as much as the flag), or None for the offline data."""
+    """--data-dir as a run records it and keys its caches on: $RRR_DATA_DIR counts as much as the flag."""
     folder = resolve_data_dir(flag_value)
     return None if folder is None else str(folder)
 
 
-class Verifier:
-    """A task's `check` when it is one function of verifiers.py: `function(completion, *values)`, the values
-    being the example's reference fields `fields` in order (a missing one is None). verifiers.py is imported
-    on the first check, so loading data does not need it."""
-
-    def __init__(self, function: str, *fields: str):
-        self.function, self.fields = function, fields
-
-    def __call__(self, completion: str, example: Example):
-        import verifiers
-        return getattr(verifiers, self.function)(completion, *(example.reference.get(f) for f in self.fields))
-
-    def __repr__(self):
-        return f"Verifier({self.function!r}, {', '.join(map(repr, self.fields))})"
-
-
-def make_task(name: str, *, reflection_prompt: str, answer_format: str, loader: Callable, verifier: Verifier,
-              retry_noun: str = "task", **options) -> Task:
-    """A Task whose retry prompt is the usual one ("Now try the <retry_noun> again, using your reflection.")
-    followed by the answer format; `options`: the other Task fields (batch_checker, splits, shuffle)."""
-    return Task(name, reflection_prompt=reflection_prompt,
-                retry_prompt=f"Now try the {retry_noun} again, using your reflection. " + answer_format,
-                answer_format=answer_format, loader=loader, checker=verifier, **options)
-
-
-TASKS = ("countdown", "countdown_easy", "function_calling", "mbpp", "gsm8k")     # every task the project has
+TASKS = ("countdown", "countdown_easy", "function_calling", "mbpp", "gsm8k")
 
 
 def get_task(name: str) -> Task:
-    from data import countdown, function_calling, gsm8k, mbpp
-    tasks = {"countdown": countdown.TASK, "countdown_easy": countdown.EASY_TASK,
-             "function_calling": function_calling.TASK, "mbpp": mbpp.TASK, "gsm8k": gsm8k.TASK}
-    if name not in tasks:
-        raise DataError(f"unknown task {name!r}; known: {', '.join(tasks)}")
-    return tasks[name]
+    if name not in TASKS:
+        raise DataError(f"unknown task {name!r}; known: {', '.join(TASKS)}")
+    from data import countdown, function_calling, gsm8k, mbpp      # each imports this module
+    return {"countdown": countdown.TASK, "countdown_easy": countdown.EASY_TASK,
+            "function_calling": function_calling.TASK, "mbpp": mbpp.TASK, "gsm8k": gsm8k.TASK}[name]
 
 
 def load_splits(task_name: str, data_dir, train_size: int | None, eval_size: int | None,
                 seed: int) -> tuple[Task, list[Example], list[Example]]:
-    """The task and its train and test examples, as every script loads them. `data_dir` is --data-dir's
-    value (resolve_data_dir: else $RRR_DATA_DIR, else offline data). An empty split is a DataError: no
-    run can learn from, or be scored on, nothing."""
+    """The task and its train and test examples, as every script loads them. An empty split is a DataError:
+    no run can learn from, or be scored on, nothing."""
     task = get_task(task_name)
     folder = resolve_data_dir(data_dir)
     train = task.load("train", data_dir=folder, size=train_size, seed=seed)
@@ -183,9 +152,16 @@ def reflector_messages(task: Task, example: Example, failed: str, feedback: str)
 
 # --- reading files with errors that name the file and line ------------------------------------------
 
+def check_fields(row, required: tuple, where: str):
+    if not isinstance(row, dict):
+        raise DataError(f"{where}: expected a JSON object, got {type(row).__name__}")
+    for name in required:
+        if name not in row:
+            raise DataError(f"{where}: missing field {name!r}")
+
+
 def read_jsonl_lines(path: Path, required: tuple = ()) -> list[tuple[int, dict]]:
-    """(line number, row) for each row of a JSON Lines file (blank lines skipped), so that later checks
-    can name the line."""
+    """(line number, row) for each row of a JSON Lines file (blank lines skipped)."""
     if not path.is_file():
         raise DataError(f"{path}: file not found")
     rows = []
@@ -202,6 +178,9 @@ def read_jsonl_lines(path: Path, required: tuple = ()) -> list[tuple[int, dict]]
     return rows
 
 
+SPACE = re.compile(r"[ \t\r\n]*")      # JSON's whitespace
+
+
 def read_json_rows(path: Path) -> list[tuple[int, object]]:
     """(line number, row) for each element of a file holding one JSON list. The elements are decoded
     one at a time so that an error, or a row that fails a later check, can name its line."""
@@ -209,40 +188,23 @@ def read_json_rows(path: Path) -> list[tuple[int, object]]:
         raise DataError(f"{path}: file not found")
     text = path.read_text(encoding="utf-8")
     decoder, rows = json.JSONDecoder(), []
-    line_of = lambda pos: text.count("\n", 0, pos) + 1  # noqa: E731
-    pos = _skip_space(text, 0)
+    newlines = [m.start() for m in re.finditer("\n", text)]        # a count per row would be quadratic
+    line_of = lambda pos: bisect.bisect_left(newlines, pos) + 1  # noqa: E731
+    pos = SPACE.match(text).end()
     if not text.startswith("[", pos):
         raise DataError(f"{path} line {line_of(pos)}: expected a JSON list of rows")
-    pos = _skip_space(text, pos + 1)
+    pos = SPACE.match(text, pos + 1).end()
     while not text.startswith("]", pos):
         try:
             row, end = decoder.raw_decode(text, pos)
         except json.JSONDecodeError as e:
             raise DataError(f"{path} line {e.lineno}: not valid JSON ({e.msg})") from None
         rows.append((line_of(pos), row))
-        pos = _skip_space(text, end)
+        pos = SPACE.match(text, end).end()
         if text.startswith(",", pos):
-            pos = _skip_space(text, pos + 1)
+            pos = SPACE.match(text, pos + 1).end()
         elif not text.startswith("]", pos):
             raise DataError(f"{path} line {line_of(pos)}: expected ',' or ']' after a row")
     if text[pos + 1:].strip():
         raise DataError(f"{path} line {line_of(pos + 1)}: extra data after the list")
     return rows
-
-
-def _skip_space(text: str, pos: int) -> int:
-    while pos < len(text) and text[pos] in " \t\r\n":
-        pos += 1
-    return pos
-
-
-def check_fields(row, required: tuple, where: str):
-    if not isinstance(row, dict):
-        raise DataError(f"{where}: expected a JSON object, got {type(row).__name__}")
-    for name in required:
-        if name not in row:
-            raise DataError(f"{where}: missing field {name!r}")
-
-
-def user(text: str) -> list[dict]:
-    return [{"role": "user", "content": text}]

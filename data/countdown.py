@@ -12,18 +12,26 @@ can be measured there (bench/learning.py); it is not the paper's task.
 
 import random
 import zlib
+from functools import partial
 
-from data import REFLECT_ANSWER, DataError, Example, Verifier, check_fields, make_task, read_jsonl_lines, user
+from data import REFLECT_ANSWER, DataError, Example, Task, check_fields, read_jsonl_lines
+from verifiers import Verdict, check_countdown
 
 OFFLINE_SIZE = {"train": 2000, "test": 500}   # generated when no size is asked for
 TEST_SEED = 0                                 # offline test puzzles are the same for every run
 FORMAT = ("Think it through first, then write only the final equation between <answer> and </answer>, "
           "for example <answer> (1 + 2) / 3 </answer>.")
+TIERS = {"countdown": dict(counts=(3, 4), largest=99), "countdown_easy": dict(counts=(3,), largest=20)}
 
 
 def prompt(nums, target) -> list[dict]:
-    return user(f"Use the numbers {list(nums)} to write an equation whose value is {target}. You may use "
-                f"+, -, * and / and parentheses, and every number must be used exactly once. {FORMAT}")
+    return [{"role": "user", "content": f"Use the numbers {list(nums)} to write an equation whose value is "
+             f"{target}. You may use +, -, * and / and parentheses, and every number must be used exactly "
+             f"once. {FORMAT}"}]
+
+
+def verify(completion: str, example: Example) -> Verdict:
+    return check_countdown(completion, example.reference["nums"], example.reference["target"])
 
 
 # --- solver ----------------------------------------------------------------------------------------
@@ -66,7 +74,8 @@ def _search(items, t):
             (pa, qa, ta), (pb, qb, tb) = items[i], items[j]
             rest = items[:i] + items[i + 1:j] + items[j + 1:]
             options = [(pa * qb + pb * qa, qa * qb, ("+", ta, tb)), (pa * pb, qa * qb, ("*", ta, tb)),
-                       (pa * qb - pb * qa, qa * qb, ("-", ta, tb)), (pb * qa - pa * qb, qa * qb, ("-", tb, ta))]
+                       (pa * qb - pb * qa, qa * qb, ("-", ta, tb)),
+                       (pb * qa - pa * qb, qa * qb, ("-", tb, ta))]
             if pb:
                 options.append((pa * qb, qa * pb, ("/", ta, tb)))
             if pa:
@@ -88,16 +97,6 @@ def _format(tree, top=False) -> str:
 
 # --- generator -------------------------------------------------------------------------------------
 
-def puzzle_split(nums, target) -> str:
-    """One puzzle in ten (by a hash of its sorted numbers and target) belongs to the test split, so a
-    generated train set never contains a test puzzle, whatever the seeds and sizes."""
-    key = repr((sorted(nums), target)).encode()
-    return "test" if zlib.crc32(key) % 10 == 0 else "train"
-
-
-TIERS = {"countdown": dict(counts=(3, 4), largest=99), "countdown_easy": dict(counts=(3,), largest=20)}
-
-
 def check_warm_start(task_name: str, puzzles: int):
     """One line, before a run writes anything, for a labelled warm start (warmstart.py) that cannot be made:
     it needs a task whose puzzles the solver answers."""
@@ -107,17 +106,19 @@ def check_warm_start(task_name: str, puzzles: int):
 
 def generate_puzzles(n: int, split: str, seed: int, tier: str = "countdown") -> list[tuple[list[int], int]]:
     """n distinct solvable puzzles of `split`. As in the Stream-of-Search generator that the data set's
-    statistics match: draw the count (3 or 4; 3 in the easy tier) and the target first, then redraw the
-    numbers (1..99; 1..20 in the easy tier) until the puzzle is solvable, which keeps the counts half and
-    half and the targets uniform."""
+    statistics match: draw the count and the target first, then redraw the numbers until the puzzle is
+    solvable, which keeps the counts half and half and the targets uniform."""
     counts, largest = TIERS[tier]["counts"], TIERS[tier]["largest"]
-    rng = random.Random(f"countdown/{split}/{seed}" if tier == "countdown" else f"{tier}/{split}/{seed}")
+    rng = random.Random(f"{tier}/{split}/{seed}")
     puzzles, seen = [], set()
     while len(puzzles) < n:
         count, target = rng.choice(counts), rng.randint(10, 100)
         while True:
             nums = [rng.randint(1, largest) for _ in range(count)]
-            if puzzle_split(nums, target) == split and solve_countdown(nums, target) is not None:
+            # One puzzle in ten, by a hash of its sorted numbers and target, is a test puzzle, so a generated
+            # train set never contains one, whatever the seeds and sizes.
+            in_test = zlib.crc32(repr((sorted(nums), target)).encode()) % 10 == 0
+            if in_test == (split == "test") and solve_countdown(nums, target) is not None:
                 break
         key = (tuple(sorted(nums)), target)
         if key not in seen:
@@ -128,23 +129,14 @@ def generate_puzzles(n: int, split: str, seed: int, tier: str = "countdown") -> 
 
 # --- loading ---------------------------------------------------------------------------------------
 
-def generated(split, seed, size, tier="countdown") -> list[Example]:
-    seed = seed if split == "train" else TEST_SEED
-    puzzles = generate_puzzles(OFFLINE_SIZE[split] if size is None else size, split, seed, tier)
-    name = "countdown-gen" if tier == "countdown" else f"{tier}-gen"
-    return [Example(f"{name}-{split}-s{seed}-{i}", prompt(nums, target), dict(nums=nums, target=target))
-            for i, (nums, target) in enumerate(puzzles)]
-
-
-def load_easy(split, data_dir, seed, size) -> list[Example]:
-    return generated(split, seed, size, "countdown_easy")
-
-
-def load(split, data_dir, seed, size) -> list[Example]:
-    if data_dir is None:
-        return generated(split, seed, size)
-    base = data_dir / "countdown"
-    jsonl, parquet = base / f"countdown_3to4_{split}.jsonl", base / f"countdown_3to4_{split}.parquet"
+def load(split, data_dir, seed, size, tier="countdown") -> list[Example]:
+    if data_dir is None or tier != "countdown":
+        seed = seed if split == "train" else TEST_SEED
+        puzzles = generate_puzzles(OFFLINE_SIZE[split] if size is None else size, split, seed, tier)
+        return [Example(f"{tier}-gen-{split}-s{seed}-{i}", prompt(nums, target),
+                        dict(nums=nums, target=target)) for i, (nums, target) in enumerate(puzzles)]
+    jsonl = data_dir / "countdown" / f"countdown_3to4_{split}.jsonl"
+    parquet = jsonl.with_suffix(".parquet")
     if jsonl.exists() or not parquet.exists():
         rows = [(f"{jsonl} line {n}", row) for n, row in read_jsonl_lines(jsonl)]
     else:
@@ -158,7 +150,8 @@ def load(split, data_dir, seed, size) -> list[Example]:
     for n, (where, row) in enumerate(rows):
         check_fields(row, ("target", "nums"), where)
         nums, target = row["nums"], row["target"]
-        if not (isinstance(nums, list) and nums and all(type(x) is int for x in nums) and type(target) is int):
+        if not (isinstance(nums, list) and nums and all(type(x) is int for x in nums)
+                and type(target) is int):
             raise DataError(f"{where}: 'nums' must be a list of integers and 'target' an integer")
         # TinyZero rows carry their row number in the full data set; it keeps ids stable across subsets.
         examples.append(Example(f"countdown-{split}-{row.get('hf_row', n)}", prompt(nums, target),
@@ -166,7 +159,6 @@ def load(split, data_dir, seed, size) -> list[Example]:
     return examples
 
 
-TASK = make_task("countdown", reflection_prompt=REFLECT_ANSWER, answer_format=FORMAT, loader=load,
-                 verifier=Verifier("check_countdown", "nums", "target"), shuffle=False)
-EASY_TASK = make_task("countdown_easy", reflection_prompt=REFLECT_ANSWER, answer_format=FORMAT, loader=load_easy,
-                      verifier=Verifier("check_countdown", "nums", "target"), shuffle=False)
+TASK = Task("countdown", REFLECT_ANSWER, FORMAT, loader=load, verifier=verify, shuffle=False)
+EASY_TASK = Task("countdown_easy", REFLECT_ANSWER, FORMAT, loader=partial(load, tier="countdown_easy"),
+                 verifier=verify, shuffle=False)

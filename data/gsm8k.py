@@ -7,7 +7,8 @@ shape plus a "split" field.
 
 import re
 
-from data import REFLECT_ANSWER, SAMPLES, DataError, Example, Verifier, make_task, read_jsonl_lines
+from data import REFLECT_ANSWER, SAMPLES, DataError, Example, Task, read_jsonl_lines
+from verifiers import Verdict, check_math
 
 FORMAT = "Reason step by step, then give the final number on its own last line as: #### <number>"
 FINAL = re.compile(r"####\s*-?[\d,]*\.?\d+\s*$")
@@ -16,8 +17,8 @@ FINAL = re.compile(r"####\s*-?[\d,]*\.?\d+\s*$")
 def load(split, data_dir, seed, size) -> list[Example]:
     if data_dir is None:
         path = SAMPLES / "gsm8k.jsonl"
-        rows = read_jsonl_lines(path, required=("question", "answer", "split"))
-        rows = [(line, row) for line, row in rows if row["split"] == split]
+        rows = [(line, row) for line, row in read_jsonl_lines(path, required=("question", "answer", "split"))
+                if row["split"] == split]
     else:
         path = data_dir / "gsm8k" / f"{split}.jsonl"
         rows = read_jsonl_lines(path, required=("question", "answer"))
@@ -31,5 +32,8 @@ def load(split, data_dir, seed, size) -> list[Example]:
     return examples
 
 
-TASK = make_task("gsm8k", reflection_prompt=REFLECT_ANSWER, answer_format=FORMAT, loader=load,
-                 verifier=Verifier("check_math", "answer"), retry_noun="problem")
+def verify(completion: str, example: Example) -> Verdict:
+    return check_math(completion, example.reference["answer"])
+
+
+TASK = Task("gsm8k", REFLECT_ANSWER, FORMAT, loader=load, verifier=verify, retry_noun="problem")

@@ -2,13 +2,14 @@
 then the problem's hidden tests (data/mbpp_hidden.py), which the prompt and the feedback never show.
 
 reference: {"tests": [assert, ...], "setup": test_setup_code, "text": the task, "code": the reference
-solution, "hidden": [hidden assert, ...]}. Splits by task_id, the standard ones: prompt 1-10, test 11-510, validation 511-600,
-train 601-974. Offline: data/samples/mbpp.jsonl (small problems written for this project, split the
-same way by their own task ids: prompt 1-2, test 3-14, validation 15-16, train 17-40).
+solution, "hidden": [hidden assert, ...]}. Splits by task_id, the standard ones: prompt 1-10, test 11-510,
+validation 511-600, train 601-974. Offline: data/samples/mbpp.jsonl (small problems written for this
+project, split the same way by their own task ids: prompt 1-2, test 3-14, validation 15-16, train 17-40).
 """
 
-from data import REFLECT_ANSWER, SAMPLES, DataError, Example, Verifier, make_task, read_jsonl_lines
+from data import REFLECT_ANSWER, SAMPLES, DataError, Example, Task, read_jsonl_lines
 from data.mbpp_hidden import hidden_tests
+from verifiers import Verdict, check_code, check_code_batch
 
 SPLITS = {"prompt": (1, 10), "test": (11, 510), "validation": (511, 600), "train": (601, 974)}
 OFFLINE_SPLITS = {"prompt": (1, 2), "test": (3, 14), "validation": (15, 16), "train": (17, 40)}
@@ -33,23 +34,25 @@ def load(split, data_dir, seed, size) -> list[Example]:
             raise DataError(f"{where}: 'test_list' must be a non-empty list of assert strings")
         if type(row["task_id"]) is not int or not isinstance(row["text"], str) or not isinstance(setup, str):
             raise DataError(f"{where}: 'task_id' must be an integer, 'text' and 'test_setup_code' strings")
-        rows.append(dict(task_id=row["task_id"], text=row["text"], code=row["code"], tests=tests, setup=setup))
-    # The hidden tests of the whole file (data/mbpp_hidden.py: made once, cached): the reward runs them
-    # after the visible ones; the prompt and the feedback never show them.
-    hidden = hidden_tests(path, rows)
+        rows.append(dict(task_id=row["task_id"], text=row["text"], code=row["code"], tests=tests,
+                         setup=setup))
+    hidden = hidden_tests(path, rows)      # of the whole file: made once, cached
     return [Example(f"mbpp-{r['task_id']}", prompt(r["text"], r["tests"]),
                     dict(tests=r["tests"], setup=r["setup"], text=r["text"], code=r["code"],
                          hidden=hidden.get(str(r["task_id"]), [])))
             for r in rows if low <= r["task_id"] <= high]
 
 
-def check_batch(completions, examples):
+def verify(completion: str, example: Example) -> Verdict:
+    return check_code(completion, example.reference["tests"], example.reference["setup"],
+                      example.reference.get("hidden"))
+
+
+def verify_batch(completions: list[str], examples: list[Example]) -> list[Verdict]:
     # One sandboxed process per program, run in parallel; visible tests, then hidden ones.
-    from verifiers import check_code_batch
     return check_code_batch([(c, ex.reference["tests"], ex.reference["setup"], ex.reference.get("hidden"))
                              for c, ex in zip(completions, examples)])
 
 
-TASK = make_task("mbpp", reflection_prompt=REFLECT_ANSWER, answer_format=FORMAT, loader=load,
-                 verifier=Verifier("check_code", "tests", "setup", "hidden"), batch_checker=check_batch,
-                 splits=("train", "test", "validation", "prompt"))
+TASK = Task("mbpp", REFLECT_ANSWER, FORMAT, loader=load, verifier=verify, batch_verifier=verify_batch,
+            splits=("train", "test", "validation", "prompt"))

@@ -1,20 +1,17 @@
 """Hidden tests for MBPP: more asserts per problem, never shown to the model, so that a program which only
 special-cases the visible asserts' inputs earns no reward.
 
-MBPP's prompt lists its asserts with their expected values, and the reward used to run exactly those: a
-lookup table from the shown inputs to the shown outputs passed. EvalPlus's MBPP+ closes the hole with
-extra tests made from the reference solution by type-aware mutation of the inputs; this is that method
-(its data cannot be downloaded here):
-  1. mutated_calls     for each visible `assert f(ARGS) == EXPECTED` with literal ARGS, calls with one
-                       argument changed by its type: numbers nudged, strings and sequences shortened,
-                       lengthened, reordered, an element changed, a dict key dropped
-  2. expected_values   the reference solution's value on each call, run twice in the sandbox; calls on
-                       which it raises, times out, differs between the runs, or returns something that is
-                       not a plain literal are dropped
-  3. hidden_asserts    `assert f(ARGS) == VALUE` (math.isclose for a float), at most HIDDEN_PER_PROBLEM,
-                       none equal to a visible test's call
-Deterministic (a seed per problem), made once per data file and cached under $RRR_CACHE/mbpp-hidden,
-keyed on the file's hash and GENERATOR_VERSION; the offline sample gets them the same way.
+MBPP's prompt lists its asserts with their expected values, so a lookup table from the shown inputs to the
+shown outputs passed them all. EvalPlus's MBPP+ closes the hole with extra tests made from the reference
+solution by type-aware mutation of the inputs; this is that method (its data cannot be downloaded here):
+  1. mutated_calls       for each visible `assert f(ARGS) == EXPECTED` with literal ARGS, calls with one
+                         argument changed by its type (numbers nudged, sequences shortened, lengthened,
+                         reordered, an element changed, a dict key dropped)
+  2. make_hidden_tests   the reference solution's value on each call, run twice in the sandbox
+  3. hidden_asserts      `assert f(ARGS) == VALUE` (math.isclose for a float) where the value was the same
+                         plain literal on both runs, at most HIDDEN_PER_PROBLEM, none a visible test's call
+Deterministic (a seed per problem), made once per data file (the offline sample too) and cached under
+$RRR_CACHE/mbpp-hidden, keyed on the file's hash and GENERATOR_VERSION.
 """
 
 import ast
@@ -26,10 +23,15 @@ import random
 import tempfile
 from pathlib import Path
 
+from tqdm import tqdm
+
+from runs import InfrastructureError, cache_root
+from verifiers import NOT_RUN, code_outputs_batch
+
 HIDDEN_PER_PROBLEM = 10
 GENERATOR_VERSION = 1            # part of the cache key: bump it when the mutations change
-MAX_VALUE_REPR = 199             # characters of an expected value: the sandbox reports a value's repr cut at 200,
-                                 # so a longer one may be cut (a cut integer still reads back); it is dropped
+MAX_VALUE_REPR = 199             # characters of an expected value: the sandbox cuts a repr at 200, so a
+                                 # longer one may be cut (a cut integer still reads back); it is dropped
 MAX_INPUT_REPR = 2000            # characters of a hidden test's call
 
 
@@ -39,16 +41,13 @@ def visible_calls(tests: list[str]) -> list[tuple[str, list]]:
     for test in tests:
         try:
             node = ast.parse(test).body[0]
-        except (SyntaxError, IndexError):
-            continue
-        expr = node.test if isinstance(node, ast.Assert) else None
-        if not (isinstance(expr, ast.Compare) and len(expr.ops) == 1 and isinstance(expr.ops[0], ast.Eq)
-                and isinstance(expr.left, ast.Call) and isinstance(expr.left.func, ast.Name) and not expr.left.keywords):
-            continue
-        try:
-            calls.append((expr.left.func.id, [ast.literal_eval(a) for a in expr.left.args]))
-        except (ValueError, SyntaxError, TypeError):
-            continue
+            expr = node.test if isinstance(node, ast.Assert) else None
+            call = expr.left if isinstance(expr, ast.Compare) else None
+            if (isinstance(call, ast.Call) and len(expr.ops) == 1 and isinstance(expr.ops[0], ast.Eq)
+                    and isinstance(call.func, ast.Name) and not call.keywords):
+                calls.append((call.func.id, [ast.literal_eval(a) for a in call.args]))
+        except (SyntaxError, IndexError, ValueError, TypeError):      # not an assert on a call of literals
+            pass
     return calls
 
 
@@ -64,22 +63,23 @@ def mutations(value, rng: random.Random) -> list:
         if not value:
             return ["a"]
         i = rng.randrange(len(value))
-        return [value[:-1], value[1:], value + value[-1], value[::-1], value[:i] + value[i] * 2 + value[i + 1:]]
+        return [value[:-1], value[1:], value + value[-1], value[::-1],
+                value[:i] + value[i] * 2 + value[i + 1:]]
     if isinstance(value, (list, tuple)):
-        kind, items = type(value), list(value)
-        out = [items[:-1], items[1:], items[::-1], items + items[:1]] if items else []
+        items, out = list(value), []
         if items:
             i = rng.randrange(len(items))
+            out = [items[:-1], items[1:], items[::-1], items + items[:1]]
             out += [items[:i] + [m] + items[i + 1:] for m in mutations(items[i], rng)[:2]]
         try:
             out.append(sorted(items))
         except TypeError:
             pass
-        return [kind(x) for x in out]
+        return [type(value)(x) for x in out]
     if isinstance(value, dict) and value:
         key = rng.choice(sorted(value, key=repr))
-        dropped = {k: v for k, v in value.items() if k != key}
-        return [dropped] + [{**value, key: m} for m in mutations(value[key], rng)[:2]]
+        return ([{k: v for k, v in value.items() if k != key}]
+                + [{**value, key: m} for m in mutations(value[key], rng)[:2]])
     if isinstance(value, (set, frozenset)) and value:
         return [type(value)(sorted(value, key=repr)[1:])]
     return []
@@ -103,36 +103,27 @@ def mutated_calls(tests: list[str], seed: str) -> list[str]:
     return calls
 
 
-def _plain_literal(text: str):
-    """(True, value) when `text` is the repr of a value made of built-in literals that reads back to an
-    equal value with the same repr; else (False, None)."""
-    if len(text) > MAX_VALUE_REPR or text.startswith("<"):
-        return False, None
-    try:
-        value = ast.literal_eval(text)
-    except (ValueError, SyntaxError, TypeError, MemoryError, RecursionError):
-        return False, None
-    if isinstance(value, float) and not math.isfinite(value):
-        return False, None
-    return repr(value) == text, value
-
-
 def _has_float(value) -> bool:
-    if isinstance(value, float):
-        return True
     if isinstance(value, dict):
         return any(_has_float(k) or _has_float(v) for k, v in value.items())
     if isinstance(value, (list, tuple, set, frozenset)):
-        return any(_has_float(v) for v in value)
-    return False
+        return any(map(_has_float, value))
+    return isinstance(value, float)
 
 
 def hidden_asserts(calls: list[str], first: list[str], second: list[str]) -> list[str]:
-    """Asserts from the calls and the reference's values on two runs (code_outputs_batch's strings)."""
+    """Asserts from the calls and the reference's values on two runs (code_outputs_batch's strings). A value
+    is kept when it is the same on both runs and the repr of built-in literals that reads back to an equal
+    value with the same repr."""
     out = []
     for call, a, b in zip(calls, first, second):
-        ok, value = _plain_literal(a)
-        if not ok or a != b:
+        if a != b or len(a) > MAX_VALUE_REPR or a.startswith("<"):
+            continue
+        try:
+            value = ast.literal_eval(a)
+        except (ValueError, SyntaxError, TypeError, MemoryError, RecursionError):
+            continue
+        if repr(value) != a or (isinstance(value, float) and not math.isfinite(value)):
             continue
         if isinstance(value, float):
             out.append(f"assert math.isclose({call}, {a}, rel_tol=1e-6, abs_tol=1e-9)")
@@ -143,32 +134,28 @@ def hidden_asserts(calls: list[str], first: list[str], second: list[str]) -> lis
     return out
 
 
-def make_hidden_tests(rows: list[dict], workers=None, progress=True) -> dict[str, list[str]]:
+def make_hidden_tests(rows: list[dict], progress=True) -> dict[str, list[str]]:
     """rows: {"task_id", "code", "tests", "setup"} -> {str(task_id): hidden asserts}."""
-    from tqdm import tqdm
-
-    from verifiers import NOT_RUN, InfrastructureError, code_outputs_batch
     calls = {r["task_id"]: mutated_calls(r["tests"], f"mbpp-hidden/{r['task_id']}") for r in rows}
     items = [(f"```python\n{r['code']}\n```", calls[r["task_id"]], r["setup"]) for r in rows]
     runs = []
     for _ in range(2):      # twice: a value that differs between runs is not a test
         values = []
-        for start in tqdm(range(0, len(items), 32), desc="MBPP hidden tests (reference runs)", disable=not progress,
-                          leave=False):
-            values += code_outputs_batch(items[start:start + 32], workers=workers)
+        for start in tqdm(range(0, len(items), 32), desc="MBPP hidden tests (reference runs)",
+                          disable=not progress, leave=False):
+            values += code_outputs_batch(items[start:start + 32])
         lost = sum(any(v.startswith(NOT_RUN) for v in vs) for vs in values)
-        if lost:        # tests made without these programs' values would be cached as if they were all there are
-            raise InfrastructureError(f"the sandbox could not run {lost} reference programs: MBPP's hidden tests "
-                                      "were not made (nothing cached)")
+        if lost:        # tests made without these programs' values would be cached as if they were all
+            raise InfrastructureError(f"the sandbox could not run {lost} reference programs: MBPP's hidden "
+                                      "tests were not made (nothing cached)")
         runs.append(values)
     return {str(r["task_id"]): hidden_asserts(calls[r["task_id"]], a, b) for r, a, b in zip(rows, *runs)}
 
 
 def hidden_tests(path: Path, rows: list[dict]) -> dict[str, list[str]]:
-    """The hidden tests of every problem in the data file at `path` (rows: all of its problems), made once
-    and cached in $RRR_CACHE (as runs.cache_root: default ~/.cache/rrr)."""
+    """The hidden tests of every problem in the data file at `path` (rows: all of its problems)."""
     digest = hashlib.sha256(Path(path).read_bytes()).hexdigest()[:16]
-    folder = Path(os.environ.get("RRR_CACHE", Path.home() / ".cache" / "rrr")) / "mbpp-hidden"
+    folder = cache_root() / "mbpp-hidden"
     cached = folder / f"{digest}-v{GENERATOR_VERSION}.json"
     if cached.is_file():
         return json.loads(cached.read_text())

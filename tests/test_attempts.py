@@ -12,7 +12,8 @@ import pytest
 
 import compare
 import rrr
-from runs import mcnemar_exact, parse_config, read_jsonl, wilson_interval
+from report import mcnemar_exact, wilson_interval
+from runs import parse_config, read_jsonl
 from test_rrr import ENV, REPO, common_args, free_port, run_rrr
 from tiny import PLANTED_PUZZLE, save_planted_reflection_model
 from verifiers import check_code, check_countdown

@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 
 import compare
+import report
 import runs
 from rrr import Config
 
@@ -37,13 +38,13 @@ def fake_run(folder: Path, *, task="countdown", model=None, method="rrr", reflec
 
 
 def test_hand_computed_intervals_and_paired_tests():
-    assert runs.wilson_interval(0, 10) == pytest.approx((0.0, 0.27753), abs=1e-5)       # z^2/(n+z^2)
-    assert runs.wilson_interval(7, 10) == pytest.approx((0.39678, 0.89221), abs=1e-5)
-    assert runs.wilson_interval(10, 10)[1] == 1.0 and runs.wilson_interval(10, 10)[0] == pytest.approx(0.72247, abs=1e-5)
+    assert report.wilson_interval(0, 10) == pytest.approx((0.0, 0.27753), abs=1e-5)       # z^2/(n+z^2)
+    assert report.wilson_interval(7, 10) == pytest.approx((0.39678, 0.89221), abs=1e-5)
+    assert report.wilson_interval(10, 10)[1] == 1.0 and report.wilson_interval(10, 10)[0] == pytest.approx(0.72247, abs=1e-5)
     # 10 discordant pairs, 1 against 9: two-sided binomial tail 2 (1 + 10) / 2^10.
-    assert runs.mcnemar_exact(1, 9) == pytest.approx(22 / 1024) and runs.mcnemar_exact(9, 1) == runs.mcnemar_exact(1, 9)
-    assert runs.mcnemar_exact(5, 5) == 1.0 and runs.mcnemar_exact(0, 0) == 1.0
-    assert runs.mcnemar_exact(0, 4) == pytest.approx(2 / 16)
+    assert report.mcnemar_exact(1, 9) == pytest.approx(22 / 1024) and report.mcnemar_exact(9, 1) == report.mcnemar_exact(1, 9)
+    assert report.mcnemar_exact(5, 5) == 1.0 and report.mcnemar_exact(0, 0) == 1.0
+    assert report.mcnemar_exact(0, 4) == pytest.approx(2 / 16)
 
 
 def test_three_runs_side_by_side_and_a_refusal(tmp_path):
@@ -147,9 +148,9 @@ def test_mbpp_runs_also_show_mbpp_own_tests_alone(tmp_path):
     header = text.splitlines()[4]
     assert header.endswith("| first try, MBPP's own tests | second try, MBPP's own tests |")
     trained = next(line for line in text.splitlines() if line.startswith(f"| {a} |"))
-    assert trained.endswith(f"| {runs.with_interval(6, 10)} | {runs.with_interval(7, 10)} |")
+    assert trained.endswith(f"| {report.with_interval(6, 10)} | {report.with_interval(7, 10)} |")
     vanilla = next(line for line in text.splitlines() if line.startswith("| vanilla |"))
-    assert vanilla.endswith(f"| {runs.with_interval(5, 10)} | {runs.with_interval(6, 10)} |")
+    assert vanilla.endswith(f"| {report.with_interval(5, 10)} | {report.with_interval(6, 10)} |")
     assert numbers["runs"][0]["first_base"] == 0.6 and numbers["runs"][0]["vanilla_second_base"] == 0.6
     # Countdown has no hidden tests: no such columns.
     assert "MBPP's own" not in compare.compare([fake_run(tmp_path / "cd", first=range(2))])[0]

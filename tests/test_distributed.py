@@ -14,7 +14,7 @@ import torch
 import parallel as par
 from runs import local_share_of_cores
 import sandbox
-from model import checkpoint_layers
+from parallel import checkpoint_layers
 from grpo import head_logprobs, packed_logprobs, policy_loss
 from runs import read_jsonl
 from test_grpo import free_port, packed_toy_groups

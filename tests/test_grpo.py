@@ -10,8 +10,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from grpo import (group_advantages, objective_share, packed_logprobs, policy_loss, right_pad, span_mask, token_logprobs,
+from grpo import (group_advantages, objective_share, packed_logprobs, policy_loss, right_pad,
                   zero_variance_fraction)
+from finetune import span_mask, token_logprobs
 from sampler import generate
 from tiny import REPO, tiny_model
 

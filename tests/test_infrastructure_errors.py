@@ -14,11 +14,11 @@ import torch
 import compare
 import parallel as par
 import rerest
-import rerest_report
 import rrr
 import sandbox
 from data import get_task
 from grpo import group_advantages
+from report import rerest_report
 from runs import main_guard, parse_config
 from test_compare import fake_run
 from test_rrr import common_args
@@ -175,8 +175,8 @@ def test_reports_leave_unjudged_items_out_and_count_them(tmp_path):
     base = {k: i == 0 for i, k in enumerate(keys)}
     trained = {k: i < 5 for i, k in enumerate(keys) if i != 3}
     cfg = parse_config(rerest.Config, ["--task", "mbpp", "--data-dir", "/real/data"])
-    text, _, summary = rerest_report.report(cfg, {"base": dict(items=base, time=1.0),
-                                                  "Re-ReST": dict(items=trained, time=1.0, not_judged=1)}, {}, 500)
+    text, _, summary = rerest_report(cfg, {"base": dict(items=base, time=1.0),
+                                           "Re-ReST": dict(items=trained, time=1.0, not_judged=1)}, {}, 500)
     change = summary["rows"]["Re-ReST"]["pass1"]["change"]
     assert (change["n"], change["gained"], change["lost"]) == (9, 3, 0)
     assert "Not judged (the sandbox could not run the program" in text and "Re-ReST, 1 problems" in text

@@ -1,4 +1,4 @@
-"""rerest.py (with finetune.py and rerest_report.py): the SFT and DPO losses against hand computations, LoRA against the plain model, the
+"""rerest.py (with finetune.py and report.py): the SFT and DPO losses against hand computations, LoRA against the plain model, the
 reflector's prompt and D_R, the DPO pairs, the report's intervals and McNemar tests against hand
 computations, and a tiny end-to-end run on 1 and 2 processes."""
 
@@ -13,9 +13,9 @@ import torch
 import finetune
 import parallel as par
 import rerest
-import rerest_report
-from grpo import span_mask, token_logprobs
+from finetune import span_mask, token_logprobs
 from model import add_lora
+from report import rerest_report
 from runs import parse_config, read_jsonl
 from test_grpo import free_port, logits_to_logprobs
 from test_rrr import ENV
@@ -157,7 +157,8 @@ def test_reflector_sees_feedback_verbatim_and_d_r_only_passes(tmp_path, one_proc
     monkeypatch.setattr(rerest, "sample", fake_sample)
     monkeypatch.setattr(rerest, "stop_token_ids", lambda tok, model: [tok.eos_token_id])
     cfg = parse_config(rerest.Config, ["--reflections-per-problem", "2"])
-    rows = rerest.reflect(cfg, one_process, None, tok, task, examples, samples, tmp_path, "stub", "stub")
+    s = rerest.Setup(cfg, one_process, tmp_path, task, train, [], None, examples, tok, None, None, "stub")
+    rows = rerest.reflect(s, samples, None, "stub", "stub")
     assert len(rows) == 6
     for s in samples:
         assert any(s["feedback"] in p for p in seen)
@@ -199,7 +200,7 @@ def test_report_intervals_and_mcnemar_equal_hand_computations():
     sizes = {"self-training": (5, 0), "Re-ReST": (5, 3), "DPO": (5, 3)}
     dpo = dict(pairs=4, own_correction=3, fallback=1, unpaired=2)
     cfg = parse_config(rerest.Config, ["--task", "mbpp", "--data-dir", "/real/data"])
-    text, table, summary = rerest_report.report(cfg, rows, sizes, 500, dpo)
+    text, table, summary = rerest_report(cfg, rows, sizes, 500, dpo)
     assert "pass@1 [95% CI] on 10 of 500 MBPP test problems" in table.splitlines()[0]
     assert "10 of 500 MBPP test problems, a subset" in text
     lines = {line.split(" | ")[0].strip("| "): line for line in table.splitlines()}
@@ -228,7 +229,7 @@ def test_report_intervals_and_mcnemar_equal_hand_computations():
     rows = {"base": dict(items=solved({0}), sc_items=solved(range(5)), time=60.0),
             "Re-ReST": dict(items=solved({0}), sc_items=solved(range(10)), time=60.0)}
     cfg = parse_config(rerest.Config, ["--self-consistency", "3", "--data-dir", "/real/data"])
-    text, table, summary = rerest_report.report(cfg, rows, {}, 10)
+    text, table, summary = rerest_report(cfg, rows, {}, 10)
     assert "10 of 10 MBPP test problems, the whole split" in text and "not a blind test-time method" in text
     assert "| Re-ReST | 10.0% [1.8, 40.4] | +0.0 pts, p = 1, within noise | 100.0% [72.2, 100.0] | " \
            "+50.0 pts, p = 0.0625, within noise |" in table
@@ -238,7 +239,7 @@ def test_report_intervals_and_mcnemar_equal_hand_computations():
     rows = {"base": dict(items=solved({0}), base_items=solved({0, 1}), time=60.0),
             "Re-ReST": dict(items=solved({0}), base_items=solved(range(6)), time=60.0)}
     cfg = parse_config(rerest.Config, ["--data-dir", "/real/data"])
-    text, table, summary = rerest_report.report(cfg, rows, {}, 10)
+    text, table, summary = rerest_report(cfg, rows, {}, 10)
     assert "pass@1 [95% CI], MBPP's own tests only" in table.splitlines()[0]
     assert "| Re-ReST | 10.0% [1.8, 40.4] | +0.0 pts, p = 1, within noise | 60.0% [31.3, 83.2] | " \
            "+40.0 pts, p = 0.125, within noise |" in table            # gained 4, lost 0: 2 / 2^4

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 import pytest
 
-import plots
+import report
 import runs
 from runs import BadInput, flag
 
@@ -99,8 +99,9 @@ def test_report_to_none_and_other_ranks_write_nothing(tmp_path):
     for report_to, main in [("none", True), ("tensorboard", False)]:
         if report_to == "tensorboard":
             pytest.importorskip("tensorboard")
-        with runs.open_tracker(report_to, tmp_path, {}, main) as tracker:
-            tracker.log({"reward": 1.0}, 1)
+        tracker = runs.open_tracker(report_to, tmp_path, {}, main)
+        tracker.log({"reward": 1.0}, 1)
+        tracker.close()
     assert list(tmp_path.iterdir()) == []
     with pytest.raises(BadInput, match="choose one of none, tensorboard, wandb"):
         runs.open_tracker("mlflow", tmp_path, {}, True)
@@ -164,7 +165,7 @@ def png_size(path) -> tuple[int, int]:
 
 
 def expected(figsize) -> tuple[int, int]:
-    return round(figsize[0] * plots.PLOT_DPI), round(figsize[1] * plots.PLOT_DPI)
+    return round(figsize[0] * report.PLOT_DPI), round(figsize[1] * report.PLOT_DPI)
 
 
 def test_rrr_plot_is_a_png_of_the_chosen_size(tmp_path):
@@ -172,31 +173,36 @@ def test_rrr_plot_is_a_png_of_the_chosen_size(tmp_path):
     metrics = [dict(step=s, reward=s / 10, zero_variance_groups=1 - s / 10, mean_kl=s * 1e-4, trained_length=30 + s)
                for s in range(1, 6)]
     evals = [dict(step=0, first=0.1, second=0.2), dict(step=5, first=0.2, second=0.4)]
-    assert expected(plots.RRR_FIGSIZE) == (1500, 450)
+    assert expected(report.RRR_FIGSIZE) == (1500, 450)
     for name, m, e in [("full", metrics, evals), ("no-steps", [], evals[:1]), ("nothing", [], []),
                        ("no-kl", [dict(step=1, reward=0.0, zero_variance_groups=1.0)], evals)]:
         path = tmp_path / f"{name}.png"
-        plots.plot_rrr(path, m, e, title=name)
-        assert png_size(path) == expected(plots.RRR_FIGSIZE), name
+        report.plot_rrr(path, m, e, title=name)
+        assert png_size(path) == expected(report.RRR_FIGSIZE), name
     assert sorted(p.name for p in tmp_path.iterdir()) == ["full.png", "no-kl.png", "no-steps.png", "nothing.png"]
 
 
 def test_rerest_plot_is_a_png_of_the_chosen_size(tmp_path):
     pytest.importorskip("matplotlib")
     rows = {"base": 0.1, "Re-ReST": 0.2, "Re-ReST + trained reflector": None, "DPO": 0.0}
-    plots.plot_rerest(tmp_path / "sc.png", rows, {"base": 0.3, "Re-ReST": None, "Re-ReST + trained reflector": None, "DPO": 0.5})
-    plots.plot_rerest(tmp_path / "plain.png", rows)
-    plots.plot_rerest(tmp_path / "none.png", {"base": None})
+    report.plot_rerest(tmp_path / "sc.png", rows, {"base": 0.3, "Re-ReST": None, "Re-ReST + trained reflector": None, "DPO": 0.5})
+    report.plot_rerest(tmp_path / "plain.png", rows)
+    report.plot_rerest(tmp_path / "none.png", {"base": None})
     for name in ("sc", "plain", "none"):
-        assert png_size(tmp_path / f"{name}.png") == expected(plots.REREST_FIGSIZE) == (1000, 500)
+        assert png_size(tmp_path / f"{name}.png") == expected(report.REREST_FIGSIZE) == (1000, 500)
 
 
-def test_runs_recorded_with_null_model_and_folder_still_resume(tmp_path):
-    """config.json written before the model and folder were resolved holds null for both: null is the
-    embedded model and the folder itself, never another model."""
+def test_runs_recorded_by_an_older_version_are_refused_in_one_line(tmp_path):
+    """config.json written before the run folder was recorded holds null for it: --resume refuses such a
+    folder in one line that names the setting, instead of guessing. The embedded model's names (null:
+    --model not given) are one model, never another."""
     out = tmp_path / "run"
     out.mkdir()
     (out / "config.json").write_text(json.dumps(dict(model=None, out=None, steps=8, seed=0)))
+    with pytest.raises(runs.BadInput, match=f"out: None -> '{out}'") as e:
+        runs.prepare_out(out, dict(model="SmolLM2-135M-Instruct", out=str(out), steps=9, seed=0), resume=True)
+    assert "\n" not in str(e.value) and "model" not in str(e.value)
+    (out / "config.json").write_text(json.dumps(dict(model=None, out=str(out), steps=8, seed=0)))
     assert runs.prepare_out(out, dict(model="SmolLM2-135M-Instruct", out=str(out), steps=9, seed=0), resume=True)
     with pytest.raises(runs.BadInput, match="model: None -> 'Qwen/Qwen2.5-1.5B-Instruct'"):
         runs.prepare_out(out, dict(model="Qwen/Qwen2.5-1.5B-Instruct", out=str(out), steps=8, seed=0), resume=True)
