@@ -17,7 +17,6 @@ import torch
 import parallel as par
 from grpo import objective_share, packed_logprobs, policy_loss, right_pad, summarize_stats
 from model import load_model, stop_token_ids
-from parallel import checkpointing_by_default
 from runs import BadInput, show_progress
 from sampler import decoder_body, fuse_projections, generate
 
@@ -58,7 +57,7 @@ def load_policy(cfg, d, path: str | None = None) -> Policy:
     except ValueError as e:
         raise BadInput(str(e)) from None
     if cfg.gradient_checkpointing is None:        # resolved here so that what the run used can be read back
-        cfg.gradient_checkpointing = checkpointing_by_default(model)
+        cfg.gradient_checkpointing = par.checkpointing_by_default(model)
     compute = torch.bfloat16 if cfg.bf16 else torch.float32
     sampler = fuse_projections(par.empty_copy(model, compute, d.device))
     par.free_weights(sampler)

@@ -72,10 +72,9 @@ class Config(MachineFlags):     # + --bf16, --gradient-checkpointing, --cuda-gra
     eval_size: int = flag(40, "test problems")
     max_completion_length: int = flag(256, "tokens per solution")
     temperature: float = flag(0.8, "sampling temperature of the agent's solutions")
-    sampling_batch_size: int = flag(16, "problems per rank in one sampling call (a call covers this x ranks "
-                                    "problems, so every rank has work)")
     reflections_per_problem: int = flag(2, "failed samples per problem that the reflector corrects, at most")
-    train_reflector: bool = flag(False, "also fine-tune the reflector on its passing corrections")
+    train_reflector: bool = flag(False, "also fine-tune the reflector on its passing corrections (row "
+                                 "'Re-ReST + trained reflector')")
     dpo: bool = flag(False, "also train with DPO, the base model as reference: each failed sample against "
                      "its own passing correction, else against a passing sample of the same problem")
     dpo_beta: float = flag(0.1, "DPO inverse temperature beta")
@@ -85,8 +84,11 @@ class Config(MachineFlags):     # + --bf16, --gradient-checkpointing, --cuda-gra
     learning_rate: float = flag(1e-4, "AdamW learning rate")
     batch_size: int = flag(8, "sequences (DPO: pairs) per optimizer step over all ranks (a multiple of them)")
     micro_batch_size: int = flag(4, "sequences (DPO: pairs) per forward/backward pass")
+    sampling_batch_size: int = flag(16, "problems per rank in one sampling call (a call covers this x ranks "
+                                    "problems, so every rank has work)")
     self_consistency: int = flag(0, "mbpp: also majority-vote N samples per test problem, each revised by "
-                                 "the reflector; not blind: the prompts hold the asserts' expected values")
+                                 "the reflector (0: off); not blind: the prompts hold the asserts' expected "
+                                 "values")
     require_isolation: bool = flag(False, "mbpp: refuse to start when the code sandbox cannot isolate "
                                    "programs (no bubblewrap or namespaces) instead of using limits only")
     save_total_limit: int = flag(1, "checkpoints (one per epoch) kept per trained model while it trains, "
@@ -294,10 +296,11 @@ def dpo_pairs(samples, d_m, d_r) -> tuple[list[tuple[dict, dict]], dict]:
 
 
 def train_agents(s: Setup, samples: Stage, zero_shot: Stage,
-                 trained: Stage | None) -> tuple[dict[str, dict], dict[str, tuple], dict | None]:
+                 trained_reflector: Stage | None) -> tuple[dict[str, dict], dict[str, tuple], dict | None]:
     """The table's trained rows in its order, each {"folder"} or {"note"} (nothing to train on) with its
     "time" (its data's stages and its training); their data's sizes (D_M, D_R); with --dpo dpo_pairs'
-    counts. DPO's chosen corrections are the trained reflector's with --train-reflector (the paper's D_R)."""
+    counts. trained_reflector: train_reflector's corrections (None without --train-reflector; no rows: no
+    reflector was trained). DPO's chosen corrections are the trained reflector's with --train-reflector."""
     d_m, d_r, corrections, rows, sizes = passing(samples.rows), passing(zero_shot.rows), zero_shot, {}, {}
 
     def train(name: str, data: list, d_r_used: list, data_seconds: float, kind: str = "sft"):
@@ -316,12 +319,12 @@ def train_agents(s: Setup, samples: Stage, zero_shot: Stage,
 
     train(SELF_TRAINING, sft(d_m), [], samples.seconds)
     train(RE_REST, sft(d_m + d_r), d_r, samples.seconds + zero_shot.seconds)
-    if trained and not trained.rows:
-        rows[WITH_TRAINED_REFLECTOR] = dict(time=trained.seconds, note=NO_REFLECTOR_DATA)
+    if trained_reflector and not trained_reflector.rows:
+        rows[WITH_TRAINED_REFLECTOR] = dict(time=trained_reflector.seconds, note=NO_REFLECTOR_DATA)
         sizes[WITH_TRAINED_REFLECTOR] = (len(d_m), 0)
-    elif trained:
-        corrections, d_r = trained, passing(trained.rows)
-        train(WITH_TRAINED_REFLECTOR, sft(d_m + d_r), d_r, samples.seconds + trained.seconds)
+    elif trained_reflector:
+        corrections, d_r = trained_reflector, passing(trained_reflector.rows)
+        train(WITH_TRAINED_REFLECTOR, sft(d_m + d_r), d_r, samples.seconds + trained_reflector.seconds)
     if not s.cfg.dpo:
         return rows, sizes, None
     pairs, counts = dpo_pairs(samples.rows, d_m, d_r)

@@ -18,9 +18,10 @@ The algorithm, one function per step (the README lists the same steps), in the o
                           plot.png; final/ (parallel.export_hf)
 
 Where to change things: the reward is `reward(verdict)`, the verdict coming from the task's verifier
-(`verify` in data/<task>.py, calling verifiers.py); the prompts are the task's `reflection_prompt` /
-`retry_prompt`, or --reflection-prompt / --retry-prompt, and `reflection_text` builds the reflection
-turn; the loss is grpo.policy_loss; which tokens are trained is `Episode.span`, set in `rrr_rollout`.
+(`verify` in data/<task>.py, calling verifiers.py; MBPP's `verify_batch` checks a batch at once); the
+prompts are the task's `reflection_prompt` / `retry_prompt`, or --reflection-prompt / --retry-prompt,
+and `reflection_text` builds the reflection turn; the loss is grpo.policy_loss; which tokens are trained
+is `Episode.span`, set in `rrr_rollout`.
 
 Self-correction variants, off by default (the paper's algorithm): --attempts K > 2 reflects and retries
 again after each failed retry (rrr_rollout says how groups are formed and what it costs);
@@ -223,7 +224,7 @@ def reflect_and_retry(cfg, pol, prefixes, num_samples, temperature, gen):
 
 
 def next_reflection_prefix(cfg, pol, context, retry, finished, verdict):
-    """A chain whose retry failed, ready for its next reflection (--attempts > 2)."""
+    """A conversation up to a failed try (the first, or a retry), ready for the reflection on it."""
     return reflection_prefix(cfg, pol, context, retry, stop_of(retry, finished), verdict.feedback_to_show())
 
 

@@ -270,6 +270,10 @@ def prepare_out(out: Path, config: dict, resume: bool) -> dict | None:
                            "another --out")
         changed = sorted(k for k in set(saved) | set(config)
                          if k not in RESUMABLE_CHANGES and setting_differs(k, saved.get(k), config.get(k)))
+        missing = [k for k in changed if k not in saved]
+        if missing:
+            raise BadInput(f"--resume: the run in {out} was written by an older version (no "
+                           f"{', '.join(missing)} recorded); start a new run in another --out")
         if changed:
             what = ", ".join(f"{k}: {saved.get(k)!r} -> {config.get(k)!r}" for k in changed)
             raise BadInput(f"--resume with other settings than the run in {out} ({what})")

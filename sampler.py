@@ -60,6 +60,10 @@ def decoder_body(model):
     body = model.get_decoder() if hasattr(model, "get_decoder") else model.model
     if not all(hasattr(body, a) for a in ("embed_tokens", "layers", "norm", "rotary_emb")):
         raise ValueError(f"sampler supports Llama-family decoders; {type(model).__name__} is not one")
+    config = model.config
+    if getattr(config, "final_logit_softcapping", None) or getattr(config, "attn_logit_softcapping", None):
+        # Gemma-2's softcapped logits and attention (and its extra norms) are not computed here.
+        raise ValueError(f"sampler supports Llama-family decoders; {type(model).__name__} softcaps logits")
     return body
 
 

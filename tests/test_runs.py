@@ -204,6 +204,9 @@ def test_runs_recorded_by_an_older_version_are_refused_in_one_line(tmp_path):
     assert "\n" not in str(e.value) and "model" not in str(e.value)
     (out / "config.json").write_text(json.dumps(dict(model=None, out=str(out), steps=8, seed=0)))
     assert runs.prepare_out(out, dict(model="SmolLM2-135M-Instruct", out=str(out), steps=9, seed=0), resume=True)
+    with pytest.raises(runs.BadInput, match=r"older version \(no attempts recorded\)") as e:   # a setting added since
+        runs.prepare_out(out, dict(model=None, out=str(out), steps=8, seed=0, attempts=2), resume=True)
+    assert "\n" not in str(e.value)
     with pytest.raises(runs.BadInput, match="model: None -> 'Qwen/Qwen2.5-1.5B-Instruct'"):
         runs.prepare_out(out, dict(model="Qwen/Qwen2.5-1.5B-Instruct", out=str(out), steps=8, seed=0), resume=True)
     with pytest.raises(runs.BadInput, match="seed"):

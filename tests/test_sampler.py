@@ -277,3 +277,13 @@ def test_decoding_syncs_the_host_once_per_check(stops):
         assert any(gen.finished) and len(lengths) > 3
     else:       # one sync per check, however long the call
         assert syncs[48] - syncs[16] == 47 // CHECK_EVERY - 15 // CHECK_EVERY
+
+
+def test_a_decoder_that_softcaps_its_logits_is_refused():
+    """The sampler computes plain Llama-family logits and attention; a model whose config asks for Gemma-2's
+    softcapping would be sampled (and trained) from the wrong distribution, so it is refused in one line."""
+    model = tiny_model()
+    generate(model, [[5, 6]], max_new_tokens=2, temperature=0)        # the plain model samples
+    model.config.final_logit_softcapping = 30.0
+    with pytest.raises(ValueError, match="softcaps logits"):
+        generate(model, [[5, 6]], max_new_tokens=2, temperature=0)
