@@ -10,6 +10,8 @@ and "tuple" as a list.
 
 import re
 
+from runs import short
+
 _BFCL_TYPES = {"string": str, "integer": int, "float": float, "boolean": bool, "array": list, "tuple": list,
                "dict": dict, "any": str}
 _TYPE_NAMES = {str: "string", int: "integer", float: "float", bool: "boolean", list: "list", dict: "object"}
@@ -41,9 +43,7 @@ def bfcl_problem(calls, answers, tools) -> str | None:
 
 
 def _shown(value) -> str:
-    # repr, so that a tab or a quote shows; at most 60 characters
-    text = repr(value)
-    return text if len(text) <= 60 else text[:57] + "..."
+    return short(repr(value), 60)      # repr, so that a tab or a quote shows
 
 
 def _call_problem(call, name, params, doc) -> str | None:

@@ -38,6 +38,12 @@ def local_share_of_cores() -> int:
     return max(1, cores // int(os.environ.get("LOCAL_WORLD_SIZE", 1)))
 
 
+def short(value, limit=200) -> str:
+    """A value for feedback or error text: repr unless a string, at most `limit` characters."""
+    text = value if isinstance(value, str) else repr(value)
+    return text if len(text) <= limit else text[:limit - 3] + "..."
+
+
 # --- --model: checked before torch loads, so that a bad value fails at once -----------------------------
 
 EMBEDDED_MODEL = "SmolLM2-135M-Instruct"

@@ -18,7 +18,7 @@ from fractions import Fraction
 from typing import NamedTuple
 
 from bfcl import bfcl_problem, no_call
-from runs import InfrastructureError
+from runs import InfrastructureError, short
 from sandbox import run_batch
 
 
@@ -46,11 +46,6 @@ def stop_if_unjudged(verdicts: list[Verdict]) -> list[Verdict]:
         raise InfrastructureError(f"{len(bad)} of {len(verdicts)} programs of a batch could not be run (more "
                                   f"than {MAX_NOT_JUDGED:.0%}), for example: {bad[0].feedback}")
     return verdicts
-
-
-def short(value, limit=200) -> str:
-    text = value if isinstance(value, str) else repr(value)
-    return text if len(text) <= limit else text[:limit - 3] + "..."
 
 
 # --- Countdown ---------------------------------------------------------------------------------------
