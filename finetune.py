@@ -13,8 +13,8 @@ import torch
 import torch.nn.functional as F
 
 import parallel as par
-from grpo import head_logprobs, pad_ids
-from model import add_lora, chat_ids, load_model
+from grpo import head_logprobs
+from model import add_lora, chat_ids, load_model, pad_ids
 from runs import progress_bar, show_progress
 
 MAX_GRAD_NORM = 1.0

@@ -15,6 +15,8 @@ advantages sum to zero, so the surrogate's value is ~0 while its gradient is not
 
 import torch
 
+from model import pad_ids
+
 LOSS_TYPES = ("grpo", "bnpo", "dr_grpo", "dapo")
 SCALES = ("group", "batch", "none")
 
@@ -61,21 +63,6 @@ def zero_variance_fraction(rewards: torch.Tensor, group_size: int, tol: float = 
     """Fraction of groups whose rewards are all equal: they teach nothing (all succeed or all fail)."""
     groups = rewards.float().view(-1, group_size)
     return ((groups.max(1).values - groups.min(1).values) <= tol).float().mean().item()
-
-
-def right_pad(rows) -> torch.Tensor:
-    """Rows of different lengths (token lists or 1-D tensors) -> (rows, longest), zero-padded on the
-    right (at least one column). Tensors keep their dtype, device and gradient; lists become long ids.
-    The update's token ids, log-probs and masks (policy.py), and fine-tuning's (finetune.py)."""
-    rows = [r if isinstance(r, torch.Tensor) else torch.tensor(r, dtype=torch.long) for r in rows]
-    width = max([len(r) for r in rows] + [1])
-    return torch.stack([torch.nn.functional.pad(r, (0, width - len(r))) for r in rows])
-
-
-def pad_ids(seqs: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor]:
-    """Token lists -> right-padded input_ids and attention_mask (B, T), both long. Pad slots hold id 0
-    and are never attended to."""
-    return right_pad(seqs), right_pad([[1] * len(s) for s in seqs])
 
 
 def head_logprobs(model, hidden: torch.Tensor, targets: torch.Tensor, chunk_size: int = 1024) -> torch.Tensor:

