@@ -1,7 +1,7 @@
 """The paper's table for several rrr.py runs side by side (RRR, its controls, other seeds or models), written
 to --out (default runs/comparison.md) with its numbers beside it (runs/comparison.json):
 
-    python compare.py runs/rrr-countdown runs/generic-countdown runs/grpo-countdown [--out runs/comparison.md]
+    python compare.py runs/rrr-countdown runs/generic-countdown runs/grpo-countdown --out runs/table.md
     python compare.py runs/*         # every finished run; what is not a run folder is skipped with a note
 
 Each run contributes its last evaluation: accuracy after each try (first, second, and more with rrr.py's
@@ -17,7 +17,8 @@ import json
 import sys
 from pathlib import Path
 
-from report import CAPTION, markdown_table, method_name, model_text, paper_table, vanilla_and_last
+from report import (CAPTION, markdown_table, method_name, model_text, paper_table, vanilla_and_last,
+                    weights_unchanged)
 from runs import BadInput, main_guard, setting_differs, write_json
 
 
@@ -34,7 +35,8 @@ def load_run(folder: Path) -> dict | None:
     data = json.loads((folder / "report.json").read_text())
     cfg, last = data["config"], data["trained"]["step"]
     vanilla, trained, _ = vanilla_and_last(folder, last)
-    return dict(name=str(folder), cfg=cfg, steps=last, method=method_name(cfg), vanilla=vanilla,
+    unchanged = " (weights unchanged)" if weights_unchanged(cfg, data.get("steps", [])) else ""
+    return dict(name=str(folder) + unchanged, cfg=cfg, steps=last, method=method_name(cfg), vanilla=vanilla,
                 trained=trained)
 
 
@@ -73,13 +75,17 @@ def compare(folders: list[Path]) -> tuple[str, dict]:
             dict(task=cfg["task"], n=n, shared_vanilla=shared, runs=numbers))
 
 
-def run(argv=None):
+def parse_args(argv=None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("runs", nargs="+", type=Path,
                     help="rrr.py run folders (each with report.json and eval_answers.jsonl)")
     ap.add_argument("--out", type=Path, default=Path("runs/comparison.md"),
                     help="where to write the table (markdown; the numbers go beside it as .json)")
-    args = ap.parse_args(argv)
+    return ap.parse_args(argv)
+
+
+def run(argv=None):
+    args = parse_args(argv)
     table, data = compare(args.runs)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(table + "\n")

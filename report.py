@@ -175,14 +175,28 @@ def paper_table(runs: list[dict], shared: bool) -> tuple[list, list, list]:
     return ["run", "method", "steps"] + tries + versus + own, rows, numbers
 
 
+def weights_unchanged(cfg: dict, metrics: list[dict]) -> str | None:
+    """One line when no step had a nonzero gradient (every advantage 0, or no token trained, and the policy
+    still the reference model, so the KL term had none either): then Adam moved no weight, and the "trained"
+    model is the initial one, up to weight decay. None when some step learned something (or none is known)."""
+    if not metrics or any(m["grad_norm"] > 0 for m in metrics):
+        return None
+    why = ("no step had a nonzero gradient (every group's rewards were equal, so every advantage was 0, and "
+           "the policy never left the reference model)")
+    if cfg.get("weight_decay", 0) > 0:
+        return f"weights changed by weight decay only: {why}"
+    return f"weights unchanged: {why}; the trained row is the initial model evaluated again"
+
+
 def write_rrr_report(cfg: dict, out: Path, evals, metrics, wall, split_size, forgetting) -> str:
     """report.md, report.json and plot.png of one run (cfg: its recorded config): the paper's table, plus a
     first-try column per task of the forgetting check (forgetting: {task: (before, after)}, each {item id:
     solved}). Returns the table with its caption."""
     trained, what = evals[-1], method_name(cfg)
     vanilla, last, unjudged = vanilla_and_last(out, trained["step"])
-    run = dict(name=f"trained ({trained['step']} steps)", method=what, steps=trained["step"], vanilla=vanilla,
-               trained=last)
+    unchanged = weights_unchanged(cfg, metrics)
+    name = f"trained ({trained['step']} steps{', weights unchanged' if unchanged else ''})"
+    run = dict(name=name, method=what, steps=trained["step"], vanilla=vanilla, trained=last)
     columns, rows, numbers = paper_table([run], shared=True)
     paired = numbers[0]
     # The paper's columns (accuracy after each try); the changes and their tests follow the table.
@@ -201,6 +215,8 @@ def write_rrr_report(cfg: dict, out: Path, evals, metrics, wall, split_size, for
              f"Test set: {trained['n']} of {split_size} {cfg['task']} test examples, {subset}. Training: "
              f"{len(metrics)} steps of {cfg['batch_size']} failures x {cfg['num_generations']} generations. "
              f"Wall time {wall / 60:.1f} min.", "", table, "", CAPTION, ""]
+    if unchanged:
+        lines[3:3] = [f"**{unchanged[0].upper() + unchanged[1:]}.**", ""]
     lines += [f"- {try_name(k)} try, vanilla -> trained: {change_text(c)}"
               for k, c in enumerate(paired["changes"])]
     v = vanilla["tries"]       # what each reflection and retry adds, on the same items

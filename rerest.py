@@ -2,9 +2,9 @@
 
     python rerest.py --task mbpp                                   # embedded SmolLM2-135M, 2-core CPU, ~9 min
     python rerest.py --task mbpp --train-reflector --dpo           # every row of the table
-    torchrun --nproc_per_node=8 rerest.py --task mbpp --model codellama/CodeLlama-13b-Instruct-hf ...
+    torchrun --nproc_per_node=8 rerest.py --task mbpp --model codellama/CodeLlama-13b-Instruct-hf
 
-The algorithm, one function per step, in the order run() calls them (the README details each):
+The algorithm, one function per step, in the order run() calls them (docs/rerest.md details each):
   1. sample_solutions   --k solutions per training problem, verified: the passing ones form D_M
   2. reflect            the reflector corrects failed ones from the verifier's feedback: D_R, those that pass
   3. train_reflector    --train-reflector: fine-tune the reflector on D_R, then reflect again

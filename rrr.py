@@ -1,10 +1,11 @@
 """Reflect, Retry, Reward (Bensal et al. 2025): GRPO that rewards only the self-reflection.
 
-    python rrr.py --task countdown                          # embedded SmolLM2-135M, 2-core CPU, ~10 min
-    torchrun --nproc_per_node=8 rrr.py --task countdown --model Qwen/Qwen2.5-1.5B-Instruct ...
+    python rrr.py --task countdown          # embedded SmolLM2-135M; 2-core CPU: {{QS}}
+    torchrun --nproc_per_node=8 rrr.py --task countdown --model Qwen/Qwen2.5-1.5B-Instruct
     torchrun --nproc_per_node=2 rrr.py --task countdown             # 2 CPU processes (gloo)
+    python rrr.py --config recipes/countdown-qwen2.5-1.5b-rrr.json  # the paper's setup (recipes/)
 
-The algorithm, one function per step (the README lists the same steps), in the order `run` calls them:
+The algorithm, one function per step (docs/rrr.md lists the same steps), in the order `run` calls them:
   1. load_splits          the task's train and test examples (data/); policy.load_policy: the model
                           (after warmstart.py's labelled warm start, with --warm-start)
   2. evaluate             accuracy after each try (first, second, ... --attempts) of the untrained model
@@ -127,6 +128,10 @@ class Config(MachineFlags):     # + --bf16, --gradient-checkpointing, --cuda-gra
     seed: int = flag(0, "seed for data order, sampling and offline data")
 
 
+def run_folder(cfg) -> Path:
+    return Path(cfg.out or DEFAULT_OUT.format(method=cfg.method, task=cfg.task))
+
+
 def check_flags(cfg):
     """Everything that can be refused before torch loads and the run folder is touched, each in one line."""
     check_at_least(cfg, AT_LEAST_ONE, 1)
@@ -142,6 +147,8 @@ def check_flags(cfg):
         if getattr(cfg, name) is not None and not getattr(cfg, name).strip():
             raise BadInput(f"--{name.replace('_', '-')} is empty: give the prompt's text, or leave the flag "
                            "out for the task's")
+    if cfg.resume and not (run_folder(cfg) / "config.json").exists():
+        raise BadInput(f"--resume: no run to continue in {run_folder(cfg)} (no config.json)")
 
 
 if __name__ == "__main__":      # a bad flag fails here, in a fraction of a second, before torch loads (3-5 s)
@@ -151,7 +158,7 @@ if __name__ == "__main__":      # a bad flag fails here, in a fraction of a seco
 import torch
 
 import parallel as par
-from report import solved_after_each_try, write_rrr_report
+from report import solved_after_each_try, weights_unchanged, write_rrr_report
 from failures import Failure, build_failure_set, check_failure_set
 from grpo import group_advantages, zero_variance_fraction
 from model import chat_ids, next_turn_ids
@@ -248,13 +255,15 @@ def evaluate(cfg, d, pol, task, examples, step, out) -> dict:
     """Greedy first try on each example; for the failures, greedy reflection and retry, again after each
     failed retry up to --attempts tries. A solved item stays solved: accuracy after try k counts the items
     solved by any of the first k tries. Each rank takes its share; counts are summed. Each item's row in
-    eval_answers.jsonl holds its attempt and, when the first try failed, the reflection and retry (with
-    --attempts > 2, `tries`: solved after each try, and `later_tries`: each further reflection and retry)."""
+    eval_answers.jsonl holds its prompt (the last user turn: the puzzle), its attempt and, when the first
+    try failed, the reflection and retry (with --attempts > 2, `tries`: solved after each try, and
+    `later_tries`: each further reflection and retry)."""
     mine, rows, K = examples[d.rank::d.world], [], cfg.attempts
     with sampling(pol), progress_bar(total=len(mine), desc=f"eval step {step}", disable=not d.main,
                                      leave=False) as bar:
         for part, prompts, gen1, verdicts in first_tries(cfg, pol, task, mine):
-            these = [dict(id=ex.id, first=v.ok, second=v.ok, attempt=pol.decode(t))
+            these = [dict(id=ex.id, prompt=ex.messages[-1]["content"], first=v.ok, second=v.ok,
+                          attempt=pol.decode(t))
                      | with_base("first_base", v.base) | with_base("second_base", v.base)
                      | ({"judged": False} if v.infra else {})       # the sandbox failed: left out of accuracy
                      for ex, v, t in zip(part, verdicts, gen1.tokens)]
@@ -511,7 +520,7 @@ def log_eval(tracker, evals, result):
 def run(argv=None):
     cfg = parse_config(Config, argv, description=__doc__)
     check_flags(cfg)
-    out = Path(cfg.out or DEFAULT_OUT.format(method=cfg.method, task=cfg.task))
+    out = run_folder(cfg)
     # config.json and report.json record the model, data folder, run folder and prompts used; the same
     # flags resolve alike, so --resume still compares like with like.
     cfg.model, cfg.data_dir, cfg.out = cfg.model or EMBEDDED_MODEL, data_dir_used(cfg.data_dir), str(out)
@@ -560,7 +569,9 @@ def run(argv=None):
             forgetting = {k: (forgetting_before[k], forgetting_after[k]) for k in forgetting_before}
             wall = time.time() - started
             table = write_rrr_report(recorded, out, evals, metrics, wall, split_size, forgetting)
-            print(f"\n{table}\n\nreport: {out / 'report.md'}")
+            unchanged = weights_unchanged(recorded, metrics)     # a note, or None when something was learned
+            print(f"\n{table}\n" + (f"\n{unchanged}\n" if unchanged else "")
+                  + f"\nreport: {out / 'report.md'}")
         par.export_hf(pol.model, pol.tokenizer, out / "final", d)
     finally:
         tracker.close()

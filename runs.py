@@ -163,13 +163,15 @@ def _help(f, note: str = "") -> str:
     return f"{text} (default: {('on' if f.default else 'off') if isinstance(f.default, bool) else f.default})"
 
 
+CONFIG_EXAMPLE = '{"model": "Qwen/Qwen2.5-1.5B-Instruct", "seed": 1}'      # flags of every script
+
+
 def parse_config(cls, argv=None, description: str = ""):
     """An instance of dataclass `cls` from the command line, a flag per field. `--config FILE` reads flag
     values from a JSON object (keys starting with "_" are notes), which the flags given with it override."""
     parser = OneLineParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--config", metavar="FILE", help="JSON object of flag values, e.g. a file in "
-                        "recipes/ ({\"steps\": 200, \"model\": \"Qwen/Qwen2.5-1.5B-Instruct\"}); flags given "
-                        "here override it")
+    parser.add_argument("--config", metavar="FILE", help="JSON object of flag values, e.g. "
+                        f"{CONFIG_EXAMPLE} (rrr.py: the files in recipes/); flags given here override it")
     kinds = flag_kinds(cls)
     inherited = {f.name for base in cls.__mro__[1:] if dataclasses.is_dataclass(base)
                  for f in dataclasses.fields(base)}

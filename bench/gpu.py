@@ -1,5 +1,7 @@
 """The GPU suite in one command, for a machine with 1 or more GPUs: tests, sampler speed, memory per phase.
 
+Running time with the defaults (bf16): not known yet; no GPU has run this script (BENCHMARKS.md, "On a GPU").
+
     python bench/gpu.py                              # all of it; the report also goes to bench/gpu-results.json
     python bench/gpu.py --skip-tests --shapes 1.5b --batches 64
     python bench/gpu.py --dry-run --skip-tests       # the same code on the CPU: tiny shapes, fp32, no GPU
@@ -32,6 +34,7 @@ import torch
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
+from bench._cli import Help  # noqa: E402
 
 ROPE = dict(rope_theta=1e6, rms_norm_eps=1e-6, max_position_embeddings=32768)
 SHAPES = {"1.5b": dict(hidden_size=1536, intermediate_size=8960, num_hidden_layers=28, num_attention_heads=12,
@@ -320,19 +323,25 @@ Peaks: torch.cuda.max_memory_allocated after reset_peak_memory_stats, less what 
 Skipped: the formula says it would not fit this GPU (for the step, with the 4/N temporary of torch's AdamW)."""
 
 
-def main():
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--out", default=None, help="JSON report (default bench/gpu-results.json; with --dry-run a "
-                    "file in the temporary folder, so a dry run never replaces real figures)")
+def parser():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=Help)
+    ap.add_argument("--out", default=None, help="JSON report; None: bench/gpu-results.json, or with "
+                    "--dry-run a file in the temporary folder, so that a dry run never replaces real figures")
     ap.add_argument("--skip-tests", action="store_true", help="do not run tests/test_cuda.py first")
     ap.add_argument("--dry-run", action="store_true", help="CPU, tiny shapes (2 layers, hidden 64), fp32: exercises "
                     "the script without a GPU; its figures mean nothing")
     ap.add_argument("--shapes", default="1.5b,7b", help="comma-separated model shapes among 1.5b,7b")
-    ap.add_argument("--batches", default=None, help="comma-separated sampler batch sizes (default 64,256; dry run 2,4); "
-                    "the first is also the sampling batch of the memory part")
-    ap.add_argument("--new-tokens", type=int, default=None, help="tokens generated per row (default 256; dry run 8)")
+    ap.add_argument("--batches", default=None, help="comma-separated sampler batch sizes; None: 64,256 (2,4 "
+                    "with --dry-run); the first is also the sampling batch of the memory part")
+    ap.add_argument("--new-tokens", type=int, default=None,
+                    help="tokens generated per row; None: 256 (8 with --dry-run)")
     ap.add_argument("--repeats", type=int, default=2, help="timed repeats per setting (best is kept)")
     ap.add_argument("--memory-shape", help=argparse.SUPPRESS)     # internal: one shape's memory part
+    return ap
+
+
+def main():
+    ap = parser()
     args = ap.parse_args()
     args.batches = [int(b) for b in (args.batches or ("2,4" if args.dry_run else "64,256")).split(",")]
     args.new_tokens = args.new_tokens or (8 if args.dry_run else 256)

@@ -1,5 +1,9 @@
 """One GRPO training step (sampling + update) of `rrr.py --method grpo` against TRL's GRPOTrainer.
 
+Running time with the defaults: about 7-8 minutes on a 2-core Intel Xeon with AMX (B in BENCHMARKS.md)
+and 9-10 on a 2-core AMD EPYC (A), fp32 on both sides: an estimate from the step times in BENCHMARKS.md
+(3 steps a side: one warm-up, 2 timed), loading not counted.
+
     pip install trl==1.16.0          # the baseline only; not a dependency of the project
     python bench/grpo_step.py        # embedded SmolLM2-135M, fp32, CPU: 4 prompts x 8 generations x 128 tokens
     python bench/grpo_step.py --bf16 # both sides in bf16 compute (ours: fp32 master weights, as rrr.py --bf16)
@@ -20,6 +24,7 @@ import sys
 import time
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+from bench._cli import Help  # noqa: E402
 
 
 def ours(args):
@@ -90,18 +95,24 @@ def trl(args):
     return min(times[1:])
 
 
-def main():
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def parser():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=Help)
     ap.add_argument("--prompts", type=int, default=4, help="prompts per step")
     ap.add_argument("--generations", type=int, default=8, help="completions per prompt (the GRPO group)")
     ap.add_argument("--new-tokens", type=int, default=128, help="tokens per completion (no early stop)")
-    ap.add_argument("--beta", type=float, default=0.001, help="KL coefficient (> 0 keeps a reference model on both sides)")
+    ap.add_argument("--beta", type=float, default=0.001,
+                    help="KL coefficient (> 0 keeps a reference model on both sides)")
     ap.add_argument("--micro-batch", type=int, default=8, help="our rows per forward/backward pass")
     ap.add_argument("--steps", type=int, default=2, help="timed steps after one warm-up step (best is kept)")
-    ap.add_argument("--bf16", action="store_true", help="bf16 compute on both sides (TRL's --bf16; ours: rrr.py --bf16)")
+    ap.add_argument("--bf16", action="store_true",
+                    help="bf16 compute on both sides (TRL's --bf16; ours: rrr.py --bf16); fp32 without it")
     ap.add_argument("--side", choices=["ours", "trl"], help=argparse.SUPPRESS)
     ap.add_argument("--tmp", default="/tmp/grpo_step_bench", help="scratch folder for TRL's output_dir")
-    args = ap.parse_args()
+    return ap
+
+
+def main():
+    args = parser().parse_args()
     if args.side:
         seconds = {"ours": ours, "trl": trl}[args.side](args)
         peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024

@@ -1,5 +1,8 @@
 """Does the training make a model better? RRR against its two controls, from one warm-started model.
 
+Running time with the defaults: about 73 minutes on a 2-core AMD EPYC CPU (A in BENCHMARKS.md), fp32, with
+the warm start already cached; building it first takes about 16 minutes more there.
+
     python bench/learning.py                      # countdown_easy, embedded SmolLM2-135M, 2-core CPU
     python bench/learning.py --steps 40 --out runs/learning-40
 
@@ -32,6 +35,7 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
+from bench._cli import Help  # noqa: E402
 from compare import compare  # noqa: E402
 from report import _figure, _save, _steps_axis  # noqa: E402
 from runs import read_jsonl, write_json  # noqa: E402
@@ -47,7 +51,7 @@ DEFAULT_ARMS = ("rrr", "generic", "grpo")
 
 
 def parse_args(argv=None):
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=Help)
     ap.add_argument("--out", type=Path, default=Path("runs/learning"), help="folder for the runs and the results")
     ap.add_argument("--task", default="countdown_easy", help="task (one with a solver for the warm start)")
     ap.add_argument("--warm-start", type=int, default=800, help="labelled puzzles the warm start fine-tunes on")
@@ -59,7 +63,8 @@ def parse_args(argv=None):
     ap.add_argument("--learning-rate", type=float, default=5e-5, help="AdamW learning rate of every method")
     ap.add_argument("--eval-every", type=int, default=0, help="evaluate every N steps as well (0: before and after training only)")
     ap.add_argument("--seed", type=int, default=0, help="one seed for every run")
-    ap.add_argument("--extra", default="", help="more rrr.py flags for every run, as one string")
+    ap.add_argument("--extra", default="",
+                    help="more rrr.py flags for every run, as one string (default: %(default)r)")
     ap.add_argument("--arms", nargs="+", default=list(DEFAULT_ARMS), choices=list(METHODS),
                     help="the runs, in order (rrr first: the others reuse its failure set); feedback and "
                          "three-tries are RRR's self-correction variants")

@@ -1,12 +1,22 @@
-"""Counts what a block of PyTorch code asks of the device, op by op:
+"""Counts what a block of PyTorch code asks of the device, op by op.
+
+Running time: none of its own; a module that bench/sampler.py, bench/gpu.py and tests import (run as a
+script, it only prints this help). It counts:
 
 - compute ops: on a GPU each is about one kernel launch;
 - view ops: reshapes, slices and transposes, which launch nothing;
 - host syncs: the host waits for the device's result (reading a value with `int`/`item`/`bool`,
   `nonzero`, boolean-mask indexing, output sizes that depend on values, `tolist`, `numpy`).
 
+In Python, from the repository's root folder:
+
+    from bench.op_counts import count_ops
+    from model import load_model
+    from sampler import generate
+
+    model, tokenizer = load_model(None, device="cpu")          # the embedded SmolLM2-135M
     with count_ops() as counts:
-        generate(...)
+        generate(model, [tokenizer.encode("Hello")], max_new_tokens=8)
     print(counts.compute, counts.views, counts.syncs)
 
 On a CPU nothing waits, but the same calls are the ones that would; so tests count syncs on CPU.
@@ -80,3 +90,14 @@ def per_step(run) -> OpCounts:
     with count_ops() as seventeen:
         run(17)
     return OpCounts(*((getattr(seventeen, k) - getattr(nine, k)) / 8 for k in ("compute", "views", "syncs")))
+
+
+if __name__ == "__main__":          # nothing to run here: the help says how to use the module
+    import argparse
+    import sys
+    from pathlib import Path
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+    from bench._cli import Help
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=Help)
+    ap.parse_args()
+    ap.print_help()

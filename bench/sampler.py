@@ -1,8 +1,12 @@
 """Generated tokens/s of sampler.generate against HF `model.generate`, same model, prompts and settings.
 
+Running time with the defaults: not timed as a whole; the timed calls alone come to about 3 minutes on a
+2-core Intel Xeon with AMX (B in BENCHMARKS.md), fp32 (2 repeats of each side at the tokens/s measured
+there), plus loading, warm-ups and the op counts.
+
     python bench/sampler.py                       # embedded SmolLM2-135M, fp32, CPU, batch 1 8 32
     python bench/sampler.py --batch-sizes 32 --new-tokens 64
-    python bench/sampler.py --random-init Qwen/Qwen2.5-1.5B-Instruct-shape --dtype bfloat16   # on a GPU
+    python bench/sampler.py --random-init --dtype bfloat16   # on a GPU: a random-init Qwen2.5-1.5B shape
     python bench/sampler.py --compile --batch-sizes 8 32   # ours with the decode step torch.compile'd
 
 Settings: temperature 1, no early stop (no stop tokens), `--new-tokens` per row, distinct prompts of
@@ -20,6 +24,7 @@ import torch
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 from model import load_model, load_tokenizer  # noqa: E402
+from bench._cli import Help  # noqa: E402
 from bench.op_counts import per_step  # noqa: E402
 import sampler  # noqa: E402
 from sampler import generate  # noqa: E402
@@ -74,20 +79,24 @@ def time_hf(model, prompts, new_tokens, device, pad_id):
     return len(prompts) * new_tokens / (time.perf_counter() - t)
 
 
-def main():
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--model", default=None, help="HF model path or id (default: embedded SmolLM2-135M)")
+def parser():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=Help)
+    ap.add_argument("--model", default=None, help="HF model path or id; None: the embedded SmolLM2-135M")
     ap.add_argument("--random-init", action="store_true",
                     help="use a random-init model of Qwen2.5-1.5B's shape (for GPUs; needs no download)")
     ap.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 8, 32], help="batch sizes to time")
     ap.add_argument("--new-tokens", type=int, default=128, help="tokens generated per row")
     ap.add_argument("--repeats", type=int, default=2, help="timed repeats per setting (best is kept)")
     ap.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"],
-                    help="model dtype (default: float32 on CPU, bfloat16 on CUDA)")
+                    help="model dtype; None: float32 on CPU, bfloat16 on CUDA")
     ap.add_argument("--compile", action="store_true",
                     help="time ours with its decode step compiled by torch.compile(dynamic=True); the first call, "
                          "which compiles, is timed and printed apart (its rounding differs from eager's)")
-    args = ap.parse_args()
+    return ap
+
+
+def main():
+    args = parser().parse_args()
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     dtype = getattr(torch, args.dtype) if args.dtype else None

@@ -1,8 +1,12 @@
 """MBPP programs checked per second with verifiers.check_code_batch (a fresh process per program), each
 with its visible and its hidden tests (data/mbpp_hidden.py), as the reward runs them.
 
+Running time with the defaults: about 4-7 minutes on a 2-core AMD EPYC CPU (A in BENCHMARKS.md), with
+bubblewrap; no model, so no dtype. An estimate: 2 repeats of the 6 timed sets of 974 programs at the
+programs/s BENCHMARKS.md measured on A on two days (with --repeats 1).
+
     python bench/verifiers.py                          # ../shared/data/mbpp/mbpp.jsonl, all 974 reference programs
-    python bench/verifiers.py --data-dir DIR --workers 2 --repeats 3
+    python bench/verifiers.py --data-dir ../shared/data --workers 2 --repeats 3
 
 Three sets: the reference solutions (typical passing programs); the same programs with their body
 broken so that every assert fails (typical failing programs, with feedback); and a mix of half and half.
@@ -16,20 +20,28 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+from bench._cli import Help  # noqa: E402
 import runs  # noqa: E402
 import sandbox  # noqa: E402
 from data import get_task  # noqa: E402
 from verifiers import check_code_batch  # noqa: E402
 
 
-def main():
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--data-dir", default=os.environ.get("RRR_DATA_DIR", str(Path(__file__).resolve().parents[2] / "shared" / "data")),
-                    help="folder holding mbpp/mbpp.jsonl (default $RRR_DATA_DIR, else ../shared/data)")
-    ap.add_argument("--workers", type=int, default=None, help="parallel sandboxes (default: one per CPU core)")
+def parser():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=Help)
+    shared = Path(__file__).resolve().parents[2] / "shared" / "data"
+    ap.add_argument("--data-dir", default=os.environ.get("RRR_DATA_DIR", str(shared)),
+                    help="folder holding mbpp/mbpp.jsonl: $RRR_DATA_DIR if set, else ../shared/data "
+                         "beside the repository")
+    ap.add_argument("--workers", type=int, default=None,
+                    help="parallel sandboxes; None: one per CPU core this process may use")
     ap.add_argument("--repeats", type=int, default=2, help="timed repeats per set (best is kept)")
     ap.add_argument("--visible-only", action="store_true", help="leave out the hidden tests (the reward before them)")
-    args = ap.parse_args()
+    return ap
+
+
+def main():
+    args = parser().parse_args()
     path = Path(args.data_dir) / "mbpp" / "mbpp.jsonl"
     if not path.exists():
         sys.exit(f"error: {path} not found (pass --data-dir)")

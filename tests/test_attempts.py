@@ -43,38 +43,66 @@ def planted_args(planted, out, **extra):
     return common_args(model, out, **(settings | extra))
 
 
-def same_values(got, want, where):
-    """Equal, floats to 1e-6 relative: on the machine that recorded FIXTURE the files are equal byte for
-    byte, and another CPU's kernels may round the last bits of a loss differently."""
+# Floats that come out of the update's arithmetic (sums over tokens, the gradient's norm) are compared to
+# LOSS_REL: the same run on the two CPUs we see (AMD EPYC without AVX-512, which recorded FIXTURE, and Intel
+# Xeon with AMX), fp32 on both, gives step 1's grad_norm 2.3996336460113525 and 2.3995649814605713 (2.9e-5
+# relative; loss, ratio, KL and clip fraction equal); LOSS_REL leaves 35x that, while a change to what is
+# trained or how it is weighted moves them by far more than 0.1%. Everything else is compared exactly.
+LOSS_FLOATS = ("loss", "grad_norm", "clip_fraction", "mean_ratio", "mean_kl")
+LOSS_REL = 1e-3
+
+
+def same_values(got, want, where, rel=1e-9):
+    """Equal: token ids, texts, rewards, counts exactly (floats that are ratios of counts, to 1e-9
+    relative); the update's LOSS_FLOATS to LOSS_REL."""
     if isinstance(want, float):
-        assert got == pytest.approx(want, rel=1e-6, abs=1e-9), where
+        assert got == pytest.approx(want, rel=rel, abs=1e-12), where
     elif isinstance(want, dict):
         assert list(got) == list(want), where
         for k in want:
-            same_values(got[k], want[k], f"{where}.{k}")
+            same_values(got[k], want[k], f"{where}.{k}", LOSS_REL if k in LOSS_FLOATS else rel)
     elif isinstance(want, list):
         assert len(got) == len(want), where
         for i, (g, w) in enumerate(zip(got, want)):
-            same_values(g, w, f"{where}[{i}]")
+            same_values(g, w, f"{where}[{i}]", rel)
     else:
         assert got == want, where
+
+
+def before_the_first_update(rows):
+    """The rows sampled from the initial weights: the step-0 evaluation, step 1's rollouts and update."""
+    return [r for r in rows if r["step"] <= (0 if "first" in r else 1)]
+
+
+def same_shape(got, want, where):
+    """Rows sampled after an update: the same steps, ids and fields; values not compared. Adam's first step
+    moves every weight by about the learning rate whatever its gradient's size, so a gradient element near 0
+    that rounds to the other sign on another CPU moves its weight by 2 x 1e-2 there: on the CPU with AMX,
+    3 of step 2's 16 retries differ from FIXTURE's (their rewards do not)."""
+    def shape(rows):
+        return [(r["step"], r.get("id"), list(r)) for r in rows]
+    assert shape(got) == shape(want), where
 
 
 def test_two_attempts_reproduce_the_algorithm_before_attempts_existed(tmp_path, planted):
     """--attempts 2 (the default) is the paper's algorithm as it was before --attempts existed: FIXTURE holds
     that version's evaluations, per-item answers, step metrics (less their timings) and episodes, recorded
-    from a fixed-seed run of the planted-reflection model with rewards in both steps."""
+    on an AMD EPYC CPU (fp32) from a fixed-seed run of the planted-reflection model with rewards in both
+    steps. What was sampled before the first update is compared value by value (same_values), what came
+    after it by its shape (same_shape): that is what holds on every CPU."""
     out = tmp_path / "run"
     done = run_rrr(planted_args(planted, out))
     assert done.returncode == 0, done.stderr[-3000:]
-    for name in ("evals.jsonl", "eval_answers.jsonl", "metrics.jsonl"):
-        got = [{k: v for k, v in r.items() if k not in TIMES} for r in read_jsonl(out / name)]
-        same_values(got, read_jsonl(FIXTURE / name), name)
-    want = read_jsonl(FIXTURE / "episodes.jsonl")
-    got = read_jsonl(out / "episodes.jsonl")
-    assert [e["scored_try"] for e in got] == [2] * len(want)          # the one field episodes gained
-    same_values([{k: v for k, v in e.items() if k != "scored_try"} for e in got], want, "episodes.jsonl")
+    gained = {"eval_answers.jsonl": ("prompt",), "episodes.jsonl": ("scored_try",)}   # fields added since
+    for name in ("evals.jsonl", "eval_answers.jsonl", "metrics.jsonl", "episodes.jsonl"):
+        skip = TIMES + gained.get(name, ())
+        got = [{k: v for k, v in r.items() if k not in skip} for r in read_jsonl(out / name)]
+        want = read_jsonl(FIXTURE / name)
+        same_values(before_the_first_update(got), before_the_first_update(want), name)
+        same_shape(got, want, name)
+    assert [e["scored_try"] for e in read_jsonl(out / "episodes.jsonl")] == [2] * 32
     assert 0 < sum(m["reward"] for m in read_jsonl(FIXTURE / "metrics.jsonl")) < 2     # rewards that vary
+    assert "weights unchanged" not in (out / "report.md").read_text()          # a run that learned
 
 
 def hand_advantages(rewards):

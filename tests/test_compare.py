@@ -18,7 +18,7 @@ REPO = Path(__file__).resolve().parents[1]
 
 def fake_run(folder: Path, *, task="countdown", model=None, method="rrr", reflection="model", ids=range(10),
              vanilla_first=(0, 1, 2), vanilla_second=(0, 1, 2, 3), first=(), second=(), steps=8, warm_start=None,
-             base=None):
+             base=None, grad_norms=None):
     """A finished run as compare.py reads it: report.json and eval_answers.jsonl (items by index). base:
     (vanilla first, vanilla second, first, second) items solved by the visible tests alone (MBPP)."""
     folder.mkdir(parents=True)
@@ -26,7 +26,10 @@ def fake_run(folder: Path, *, task="countdown", model=None, method="rrr", reflec
     if warm_start:
         cfg.update(warm_start=warm_start, warm_start_model=dict(description=f"SFT on {warm_start} answers", folder="f"))
     (folder / "config.json").write_text(json.dumps(cfg))
-    (folder / "report.json").write_text(json.dumps(dict(config=cfg, trained=dict(step=steps))))
+    report = dict(config=cfg, trained=dict(step=steps))
+    if grad_norms is not None:        # report.json's per-step metrics, of which compare.py reads the norms
+        report["steps"] = [dict(step=k + 1, grad_norm=g) for k, g in enumerate(grad_norms)]
+    (folder / "report.json").write_text(json.dumps(report))
     rows = [dict(id=f"q{i}", step=0, first=i in vanilla_first, second=i in vanilla_second) for i in ids]
     rows += [dict(id=f"q{i}", step=steps, first=i in first, second=i in second) for i in ids]
     if base:
@@ -154,3 +157,13 @@ def test_mbpp_runs_also_show_mbpp_own_tests_alone(tmp_path):
     assert numbers["runs"][0]["first_base"] == 0.6 and numbers["runs"][0]["vanilla_second_base"] == 0.6
     # Countdown has no hidden tests: no such columns.
     assert "MBPP's own" not in compare.compare([fake_run(tmp_path / "cd", first=range(2))])[0]
+
+
+def test_a_run_that_changed_no_weight_is_named_so(tmp_path):
+    """A run whose every step had a zero gradient is the initial model evaluated again: its row says so; a
+    run with one step that had a gradient is not marked."""
+    still = fake_run(tmp_path / "still", steps=2, grad_norms=[0.0, 0.0])
+    moved = fake_run(tmp_path / "moved", steps=2, grad_norms=[0.0, 1e-9])
+    table, data = compare.compare([still, moved])
+    assert [r["name"] for r in data["runs"]] == [f"{still} (weights unchanged)", str(moved)]
+    assert f"| {still} (weights unchanged) |" in table

@@ -40,7 +40,7 @@ def test_the_readmes_layout_table_names_the_files_there_are():
     table = readme.split("## Layout", 1)[1].split("\n## ", 1)[0]
     rows = set(re.findall(r"^\| `([^`]+)` \|", table, flags=re.M))
     modules = {p.relative_to(ROOT).parts[0] for p in product_modules()}
-    wanted = {m if m.endswith(".py") else m + "/" for m in modules} | {"tests/", "bench/", "recipes/"}
+    wanted = {m if m.endswith(".py") else m + "/" for m in modules} | {"tests/", "bench/", "recipes/", "docs/"}
     assert rows == wanted
 
 

@@ -311,6 +311,30 @@ def test_out_with_another_run_is_refused_and_kept(tmp_path, tiny_chat):
     assert sorted(p.name for p in out.iterdir()) == ["config.json"]
 
 
+def test_a_run_whose_weights_did_not_change_says_so(tmp_path, tiny_chat):
+    """The tiny model never earns a reward: every advantage is 0 and, the policy never leaving the reference,
+    the KL term has no gradient either. Without weight decay no weight moves; the run must say so (stdout,
+    report.md, the row's name) instead of calling the initial model "trained". Checked against the weights
+    themselves: the exported model equals the one the run started from, bit for bit."""
+    out = tmp_path / "run"
+    done = run_rrr(common_args(tiny_chat, out, weight_decay=0, steps=2, save_every=0))
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert all(m["grad_norm"] == 0 for m in read_jsonl(out / "metrics.jsonl"))
+    start, end = load_file(str(tiny_chat / "model.safetensors")), final_weights(out)
+    assert all(torch.equal(end[name], start[name]) for name in start)
+    line = "weights unchanged: no step had a nonzero gradient"
+    assert sum(line in x for x in done.stdout.splitlines()) == 1, done.stdout[-2000:]
+    report = (out / "report.md").read_text()
+    assert "Weights unchanged: no step had a nonzero gradient" in report
+    assert "| trained (2 steps, weights unchanged) |" in report
+    # With weight decay the weights do move (toward 0), and the run says that this is all that moved them.
+    decayed = run_rrr(common_args(tiny_chat, tmp_path / "decayed", steps=1, save_every=0))
+    assert decayed.returncode == 0, decayed.stderr[-3000:]
+    assert "weights changed by weight decay only" in decayed.stdout
+    moved = final_weights(tmp_path / "decayed")
+    assert any(not torch.equal(moved[name], start[name]) for name in start)
+
+
 def test_trained_span_is_exactly_the_reflection_embedded(embedded, tmp_path):
     """Real rollouts on the embedded model: the trained tokens decode to the reflection and nothing
     else, the context is the conversation the chat template renders, and the stop token ending the

@@ -235,6 +235,7 @@ BAD_COMMAND_LINES = [
     (["rrr.py", "--model", "./no-such-model"], "error: no such folder"),
     (["rrr.py", "--data-dir", "/no/such/folder"], "error: data folder"),
     (["rrr.py", "--task", "mbpp", "--warm-start", "10"], "error: --warm-start needs a task with a solver"),
+    (["rrr.py", "--resume", "--out", "/no/such/run"], "error: --resume: no run to continue in /no/such/run"),
     (["rerest.py", "--k", "0"], "error: --k must be at least 1"),
     (["rerest.py", "--task", "countdown", "--self-consistency", "3"], "error: --self-consistency votes"),
     (["warmstart.py", "--puzzles", "0"], "error: --puzzles must be at least 1"),
@@ -260,3 +261,72 @@ def test_bad_command_lines_fail_before_torch_loads(argv, message):
     assert done.stderr.strip().startswith(message) and len(done.stderr.strip().splitlines()) == 1, done.stderr
     assert done.stdout.strip() == "no torch"
     assert seconds < 2.0, f"{seconds:.1f} s"
+
+
+# Every command line a script's --help shows (its docstring's `python X.py ...` and `torchrun ... X.py ...`
+# lines) must work as written: each is parsed by the parser of the script it runs, and rrr.py's and
+# rerest.py's are checked by check_flags as a run checks them. Hub ids are accepted without asking the hub
+# (none is reachable here); everything else is checked for real, run from the repository's root.
+HELP_SCRIPTS = ["rrr.py", "rerest.py", "warmstart.py", "compare.py", "bench/gpu.py", "bench/grpo_step.py",
+                "bench/hidden_tests.py", "bench/learning.py", "bench/op_counts.py", "bench/sampler.py",
+                "bench/verifiers.py"]
+
+
+def help_examples() -> list[tuple[str, str, list[str]]]:
+    import ast
+    import shlex
+    from pathlib import Path
+    root = Path(__file__).resolve().parents[1]
+    found = []
+    for name in HELP_SCRIPTS:
+        for line in (ast.get_docstring(ast.parse((root / name).read_text())) or "").splitlines():
+            if line.strip().startswith(("python ", "torchrun ")):
+                words = shlex.split(line, comments=True)
+                script = next(w for w in words if w.endswith(".py"))
+                found.append((name, script, words[words.index(script) + 1:]))
+    return found
+
+
+def parse_example(script: str, args: list[str]):
+    import importlib
+    if script in ("rrr.py", "rerest.py"):
+        module = importlib.import_module(script[:-3])
+        return module.check_flags(runs.parse_config(module.Config, args))
+    module = importlib.import_module(script[:-3].replace("/", "."))
+    if hasattr(module, "parse_args"):
+        return module.parse_args(args)
+    return module.parser().parse_args(args)
+
+
+@pytest.mark.parametrize("where, script, args", help_examples(),
+                         ids=[f"{w}: {s} {' '.join(a)}" for w, s, a in help_examples()])
+def test_every_help_example_works_as_written(where, script, args, monkeypatch):
+    from pathlib import Path
+    import rerest
+    import rrr
+    import warmstart
+    real = runs.check_model_name
+
+    def offline(name):
+        is_hub_id = name is not None and name.count("/") == 1 and not name.startswith((".", "/", "~"))
+        return None if is_hub_id else real(name)
+    for module in (rrr, rerest, warmstart):
+        monkeypatch.setattr(module, "check_model_name", offline)
+    monkeypatch.chdir(Path(__file__).resolve().parents[1])
+    monkeypatch.delenv("RRR_DATA_DIR", raising=False)
+    parse_example(script, args)
+
+
+def test_the_config_example_in_help_is_accepted_by_both_scripts(tmp_path, capsys, monkeypatch):
+    """--config's help shows a JSON example; both scripts take it as written."""
+    import rerest
+    import rrr
+    monkeypatch.setenv("COLUMNS", "400")        # one help line per flag: no wrapping inside the example
+    example = tmp_path / "example.json"
+    example.write_text(runs.CONFIG_EXAMPLE)
+    for module in (rrr, rerest):
+        with pytest.raises(SystemExit):
+            runs.parse_config(module.Config, ["--help"])
+        assert runs.CONFIG_EXAMPLE in " ".join(capsys.readouterr().out.split())
+        cfg = runs.parse_config(module.Config, ["--config", str(example)])
+        assert (cfg.model, cfg.seed) == ("Qwen/Qwen2.5-1.5B-Instruct", 1)
