@@ -1,7 +1,8 @@
 """RRR's step 3, the failure set: first attempts at each training query until one fails (up to
 --failure-samples), kept with that attempt and the verifier's feedback. Written to failures.jsonl chunk by
 chunk after a meta line of the settings it depends on, so that an interrupted run resumes it exactly and
-another run can reuse it (--failure-set) only when it was built the same way.
+another run can reuse it (--failure-set) only when it was built the same way. Then which of its failures
+each training step takes: step_batch, and with --dynamic-sampling, dynamic_sampling's draws.
 """
 
 from dataclasses import dataclass
@@ -110,3 +111,61 @@ def build_failure_set(cfg, d, pol, task, train, out) -> list[Failure]:
     rows = [done[ex.id][0] for ex in train]
     return [Failure(id=r["id"], attempt=r["attempt"], attempt_stop=r["attempt_stop"], feedback=r["feedback"],
                     feedback_shown=r["feedback_shown"], samples=r["samples"]) for r in rows if r["failed"]]
+
+
+# --- which failures a step trains on -------------------------------------------------------------------
+
+def step_batch(cfg, d, failures, index) -> list[Failure]:
+    """This rank's share of the failures of batch `index` (the step; with --dynamic-sampling, draw k of step s
+    is batch s x --max-num-gen-batches + k): a seeded permutation per epoch, so the data position is a
+    function of the index alone."""
+    n, B = len(failures), cfg.batch_size
+    picked = []
+    for k in range(index * B, (index + 1) * B):
+        epoch, i = divmod(k, n)
+        picked.append(failures[par.epoch_order(n, cfg.seed, epoch)[i]])
+    share = B // d.world
+    return picked[d.rank * share:(d.rank + 1) * share]
+
+
+def differing_failures(episodes) -> set[int]:
+    """The failures (Episode.failure) with a group whose rewards differ: among the judged episodes of one
+    failure and one try, the largest reward is above the smallest. The rewards themselves are compared, not
+    a float std, which can come out above 0 for equal rewards."""
+    rewards = {}
+    for e in episodes:
+        if e.judged:
+            rewards.setdefault((e.failure, e.scored_try), []).append(e.reward)
+    return {f for (f, _), r in rewards.items() if max(r) != min(r)}
+
+
+def share_of_last_draw(counts: list[int], before: int, batch_size: int, rank: int) -> int:
+    """How many of this rank's differing groups in a step's last draw are trained when the draws found more
+    than --batch-size: the first --batch-size in (draw, rank, position) order. counts: each rank's in the
+    last draw; before: all ranks' in the earlier draws."""
+    return max(0, min(counts[rank], batch_size - before - sum(counts[:rank])))
+
+
+def dynamic_sampling(cfg, d, draw) -> tuple[list, dict]:
+    """--dynamic-sampling (DAPO, arXiv 2503.14476): draw(k) -> this rank's episodes of the step's draw k
+    (--batch-size failures over all ranks, G rollouts each, advantages computed per group before any is
+    dropped; with --scale-rewards batch the std is the draw's). Draws until --batch-size groups over all
+    ranks have rewards that differ, or --max-num-gen-batches draws. Returns this rank's episodes of the
+    groups trained (those, --batch-size at most; when no draw had one, the first draw's: all with equal
+    rewards, so the update has the KL term alone, as a step without the flag whose groups all had equal
+    rewards) and the draws' metrics, summed over the ranks."""
+    B, draws, kept, totals = cfg.batch_size, [], 0, [0.0, 0.0, 0.0]
+    while len(draws) < cfg.max_num_gen_batches and kept < B:
+        episodes = draw(len(draws))
+        draws.append((episodes, differing_failures(episodes)))
+        # Every rank makes this call once per draw and gets the same sums: all stop at the same draw.
+        found, *sums = par.all_sum([len(draws[-1][1]), sum(e.reward for e in episodes),
+                                    sum(e.judged for e in episodes), sum(e.sampled for e in episodes)], d)
+        kept, totals = kept + int(found), [t + s for t, s in zip(totals, sums)]
+    if kept > B:
+        counts = par.all_gather_objects(len(draws[-1][1]), d)
+        last, mine = draws[-1]
+        draws[-1] = last, set(sorted(mine)[:share_of_last_draw(counts, kept - sum(counts), B, d.rank)])
+    trained = [e for episodes, mine in draws for e in episodes if e.failure in mine] if kept else draws[0][0]
+    return trained, dict(gen_batches=len(draws), groups_drawn=len(draws) * B, groups_kept=min(kept, B) or B,
+                         reward_drawn=totals[0] / max(totals[1], 1), sampled_tokens_all_draws=int(totals[2]))

@@ -4,7 +4,8 @@ fine-tuning or LoRA (model.add_lora); FSDP-sharded over the ranks, resumable fro
 exported in Hugging Face format with LoRA merged (parallel.export_hf). Only the target tokens enter a loss.
 
 `cfg` is any object with rerest.Config's training fields: lora_r, lora_alpha, seed, bf16,
-gradient_checkpointing, learning_rate, batch_size, micro_batch_size, epochs, dpo_beta, save_total_limit.
+gradient_checkpointing, learning_rate, lr_scheduler_type, warmup_ratio, batch_size, micro_batch_size, epochs,
+dpo_beta, save_total_limit.
 """
 
 from pathlib import Path
@@ -14,8 +15,8 @@ import torch.nn.functional as F
 
 import parallel as par
 from grpo import head_logprobs
-from model import add_lora, chat_ids, load_model, pad_ids
-from runs import progress_bar, show_progress
+from model import adapters_off, add_lora, chat_ids, load_model, pad_ids
+from runs import apply_lr_schedule, progress_bar, show_progress
 
 MAX_GRAD_NORM = 1.0
 
@@ -92,7 +93,9 @@ def train_model(cfg, d, init: str | None, data: list, folder: Path, kind: str = 
     model.train()
     par.shard_model(model, d, bf16=cfg.bf16, checkpointing=cfg.gradient_checkpointing)
     ref = None
-    if kind == "dpo":    # the base model, frozen, sharded like the trained one, in the compute dtype
+    if kind == "dpo" and cfg.lora_r:     # the reference: the same model with its adapters off (no copy)
+        ref = model
+    elif kind == "dpo":    # the base model, frozen, sharded like the trained one, in the compute dtype
         ref, _ = load_model(init, device="cpu", dtype=torch.bfloat16 if cfg.bf16 else torch.float32)
         par.shard_model(ref.requires_grad_(False), d, bf16=cfg.bf16)
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=cfg.learning_rate)
@@ -121,15 +124,18 @@ def train_model(cfg, d, init: str | None, data: list, folder: Path, kind: str = 
                     spans = ([(len(p), len(p) + len(c)) for p, c, _ in part]
                              + [(len(p), len(p) + len(r)) for p, _, r in part])
                     ids, attn, mask = pad_batch(seqs, spans, d.device)
-                    sums = token_logprobs(model, ids, attn, mask).sum(1)
-                    with torch.no_grad():
+                    # The reference first: with LoRA it is the trained model itself (adapters off), whose
+                    # gathered root is freed here, before the forward that the backward below needs.
+                    with torch.no_grad(), adapters_off(ref):
                         ref_sums = token_logprobs(ref, ids, attn, mask).sum(1)
                     ref.reshard()      # its root stays gathered after a forward that has no backward
+                    sums = token_logprobs(model, ids, attn, mask).sum(1)
                     n = len(part)
                     loss = dpo_loss(sums[:n], sums[n:], ref_sums[:n], ref_sums[n:], cfg.dpo_beta)
                     loss = loss.sum() / cfg.batch_size
                     (loss * d.world).backward()
             torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad], MAX_GRAD_NORM)
+            apply_lr_schedule(optimizer, cfg, step, total)     # step: the global index, after a resume too
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
             if (step + 1) % steps_per_epoch == 0 and step + 1 < total:

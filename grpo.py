@@ -60,7 +60,10 @@ def group_advantages(rewards: torch.Tensor, group_size: int, scale: str = "group
 
 
 def zero_variance_fraction(rewards: torch.Tensor, group_size: int, tol: float = 1e-6) -> float:
-    """Fraction of groups whose rewards are all equal: they teach nothing (all succeed or all fail)."""
+    """Fraction of groups whose rewards are all equal: they teach nothing (all succeed or all fail); 0 of
+    no group (a rank that trains none: rrr.py's --dynamic-sampling)."""
+    if not rewards.numel():
+        return 0.0
     groups = rewards.float().view(-1, group_size)
     return ((groups.max(1).values - groups.min(1).values) <= tol).float().mean().item()
 

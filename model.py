@@ -12,6 +12,7 @@ import importlib.util
 import os
 import shutil
 import tempfile
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -173,27 +174,51 @@ def decoder_layers(model):
 
 
 class LoRALinear(torch.nn.Module):
-    """base(x) + (alpha / r) * x A^T B^T. B starts at zero, so the model is unchanged at init."""
+    """base(x) + (alpha / r) * x A^T B^T. B starts at zero, so the model is unchanged at init. `active`
+    False (adapters_off) computes base(x) alone: the initial model, which is the reference of the KL term."""
 
     def __init__(self, base: torch.nn.Linear, r: int, alpha: float, generator: torch.Generator):
         super().__init__()
-        self.base, self.scale = base, alpha / r
+        self.base, self.scale, self.active = base, alpha / r, True
         a = torch.randn(r, base.in_features, generator=generator) / base.in_features ** 0.5
         self.lora_a = torch.nn.Parameter(a.to(base.weight))
         self.lora_b = torch.nn.Parameter(torch.zeros(base.out_features, r).to(base.weight))
 
     def forward(self, x):
+        if not self.active:
+            return self.base(x)
         return self.base(x) + (x @ self.lora_a.t() @ self.lora_b.t()) * self.scale
+
+    def merged_weight(self) -> torch.Tensor:
+        """W + scale * B A, summed in fp32 and rounded once to W's dtype: the weight a plain Linear needs to
+        compute what this module computes (up to that rounding)."""
+        update = self.lora_b.float() @ self.lora_a.float()
+        return (self.base.weight.float() + self.scale * update).to(self.base.weight.dtype)
 
 
 def add_lora(model, r: int, alpha: float, seed: int, targets=LORA_TARGETS):
-    """Freezes the model and puts LoRA adapters on the targets of every attention block."""
+    """Freezes the model and puts LoRA adapters on the `targets` (names of linear layers in each decoder
+    block: its attention's or its MLP's) of every decoder layer, initialised in layer and target order."""
     model.requires_grad_(False)
     g = torch.Generator().manual_seed(seed)
     for layer in decoder_layers(model):
         for name in targets:
-            setattr(layer.self_attn, name, LoRALinear(getattr(layer.self_attn, name), r, alpha, g))
+            parent = layer.self_attn if hasattr(layer.self_attn, name) else layer.mlp
+            setattr(parent, name, LoRALinear(getattr(parent, name), r, alpha, g))
     return model
+
+
+@contextmanager
+def adapters_off(model):
+    """The model without its LoRA updates inside the block: the base weights alone, bit for bit."""
+    adapters = [m for m in model.modules() if isinstance(m, LoRALinear)]
+    for m in adapters:
+        m.active = False
+    try:
+        yield model
+    finally:
+        for m in adapters:
+            m.active = True
 
 
 def merge_lora(state: dict, model) -> dict:

@@ -22,6 +22,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
+from safetensors.torch import save_file
 from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict,
                                                      get_state_dict, set_state_dict)
 from torch.distributed.device_mesh import init_device_mesh
@@ -216,8 +217,13 @@ def copy_full_weights(sharded, plain):
         unit.unshard()
         prefix = names[id(unit)] + "." if names[id(unit)] else ""
         for name, p in unit.named_parameters():
-            if not hasattr(p, "full_tensor"):     # the root's walk also meets the layers' shards: skip
-                target[prefix + name].copy_(p)
+            if hasattr(p, "full_tensor") or name.endswith((".lora_a", ".lora_b")):
+                continue       # the root's walk also meets the layers' shards; adapters: merged below
+            if ".base." in name:        # a LoRA layer: the sampler gets its merged weight (its bias as is)
+                adapted = unit.get_submodule(name.split(".base.")[0])
+                p = adapted.merged_weight() if name.endswith(".weight") else p
+                name = name.replace(".base.", ".")
+            target[prefix + name].copy_(p)
         unit.reshard()
 
 
@@ -388,6 +394,15 @@ def check_shared_folder(folder: Path, d: Dist):
 
 # --- checkpoints and export ---------------------------------------------------------------------------
 
+def trainable_state(model, optimizer):
+    """The model's and optimizer's state dicts, the frozen parameters left out: with LoRA adapters, a
+    checkpoint holds the adapters and their optimizer state only (the base weights are the run's --model)."""
+    model_sd, optim_sd = get_state_dict(model, optimizer, options=StateDictOptions(ignore_frozen_params=True))
+    # A head tied to a frozen embedding is still listed under its own name: leave it out as well.
+    frozen = {n for n, p in model.named_parameters(remove_duplicate=False) if not p.requires_grad}
+    return {k: v for k, v in model_sd.items() if k not in frozen}, optim_sd
+
+
 def save_checkpoint(folder: Path, step: int, model, optimizer, state: dict, d: Dist,
                     save_total_limit: int | None = None):
     """folder/step_NNNNNN holds the torch.distributed.checkpoint shards of model + optimizer, state.json
@@ -402,7 +417,7 @@ def save_checkpoint(folder: Path, step: int, model, optimizer, state: dict, d: D
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
     barrier()
-    model_sd, optim_sd = get_state_dict(model, optimizer)
+    model_sd, optim_sd = trainable_state(model, optimizer)
     dcp.save({"model": model_sd, "optim": optim_sd}, checkpoint_id=str(tmp))
     rng = dict(torch=torch.get_rng_state(), python=random.getstate(), numpy=np.random.get_state(),
                cuda=torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None)
@@ -434,10 +449,11 @@ def load_checkpoint(folder: Path, model, optimizer, d: Dist) -> dict | None:
     if found is None:
         return None
     path, state = found
-    model_sd, optim_sd = get_state_dict(model, optimizer)
+    model_sd, optim_sd = trainable_state(model, optimizer)
     loaded = {"model": model_sd, "optim": optim_sd}
     dcp.load(loaded, checkpoint_id=str(path))
-    set_state_dict(model, optimizer, model_state_dict=loaded["model"], optim_state_dict=loaded["optim"])
+    set_state_dict(model, optimizer, model_state_dict=loaded["model"], optim_state_dict=loaded["optim"],
+                   options=StateDictOptions(ignore_frozen_params=True, strict=False))
     if state["world"] == d.world:
         rng = torch.load(path / f"rng_rank{d.rank}.pt", weights_only=False)
         torch.set_rng_state(rng["torch"])
@@ -453,6 +469,20 @@ def merged_state(model) -> dict:
     with every LoRA adapter merged, in plain Hugging Face names. A collective."""
     options = StateDictOptions(full_state_dict=True, cpu_offload=True)
     return merge_lora(get_model_state_dict(model, options=options), model)
+
+
+def export_adapters(model, path: Path, metadata: dict, d: Dist):
+    """The LoRA adapters alone (lora_a, lora_b of every adapted layer, full tensors, fp32) in one safetensors
+    file, `metadata` (r, alpha, targets) in its header; written by rank 0. A collective."""
+    options = StateDictOptions(full_state_dict=True, cpu_offload=True, ignore_frozen_params=True)
+    frozen = {n for n, p in model.named_parameters(remove_duplicate=False) if not p.requires_grad}
+    state = {k: v for k, v in get_model_state_dict(model, options=options).items() if k not in frozen}
+    if d.main:
+        tmp = Path(str(path) + ".tmp")
+        save_file({k: v.contiguous() for k, v in state.items()}, str(tmp),
+                  metadata={k: json.dumps(v) for k, v in metadata.items()})
+        tmp.rename(path)
+    barrier()
 
 
 def export_hf(model, tokenizer, folder: Path, d: Dist):

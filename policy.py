@@ -11,13 +11,14 @@
 
 from contextlib import contextmanager
 from dataclasses import dataclass
+from types import SimpleNamespace
 
 import torch
 
 import parallel as par
 from grpo import objective_share, packed_logprobs, policy_loss, summarize_stats
-from model import load_model, right_pad, stop_token_ids
-from runs import BadInput, show_progress
+from model import adapters_off, add_lora, load_model, right_pad, stop_token_ids
+from runs import LORA_LINEAR, BadInput, show_progress
 from sampler import decoder_body, fuse_projections, generate
 
 
@@ -26,7 +27,8 @@ class Policy:
     model: torch.nn.Module          # FSDP-sharded, fp32 master weights: trained
     sampler: torch.nn.Module        # a full copy in the compute dtype that each rank samples from alone;
                                     # its weights exist only inside `sampling(pol)`
-    ref: torch.nn.Module | None     # the frozen initial model for the KL term, sharded like the model
+    ref: torch.nn.Module | None     # the frozen initial model for the KL term, sharded like the model;
+                                    # None with --use-peft: the model with its adapters off is the reference
     tokenizer: object
     stops: list[int]
     optimizer: torch.optim.Optimizer
@@ -62,13 +64,16 @@ def load_policy(cfg, d, path: str | None = None) -> Policy:
     sampler = fuse_projections(par.empty_copy(model, compute, d.device))
     par.free_weights(sampler)
     stops = stop_token_ids(tokenizer, model)
+    if cfg.use_peft:      # after the sampler's copy, which keeps the plain layers and gets merged weights
+        add_lora(model, cfg.lora_r, cfg.lora_alpha, cfg.seed, cfg.lora_target_modules or LORA_LINEAR)
     model.train()
     par.shard_model(model, d, bf16=cfg.bf16, checkpointing=cfg.gradient_checkpointing)
     ref = None
-    if cfg.beta > 0:     # loaded in the compute dtype: parameters cast, the rotary table kept in fp32
+    if cfg.beta > 0 and not cfg.use_peft:   # in the compute dtype: parameters cast, the rotary table fp32
         ref, _ = load_model(path, device="cpu", dtype=compute)
         par.shard_model(ref.requires_grad_(False), d, bf16=cfg.bf16)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.learning_rate, weight_decay=cfg.weight_decay)
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=cfg.learning_rate,
+                                  weight_decay=cfg.weight_decay)
     return Policy(model, sampler, ref, tokenizer, stops, optimizer)
 
 
@@ -102,6 +107,15 @@ def sample(model, stops, prompts, cfg, *, temperature, max_new_tokens=None, num_
                     temperature=temperature, stop_token_ids=stops, generator=generator, cache=cache,
                     keep_cache=keep_cache, cuda_graphs=cfg.cuda_graphs,
                     progress=lambda k: show_progress(f"sampling {rows} rows: token {k}/{limit}"))
+
+
+def trained_length_limit(cfg) -> int:
+    """The length limit of what rrr.py trains, which dr_grpo divides by: the reflection's in RRR; with a
+    generic reflection the retry is trained, and in plain GRPO the first attempt, both
+    --max-completion-length."""
+    if cfg.method == "rrr" and cfg.reflection == "model":
+        return cfg.max_reflection_length
+    return cfg.max_completion_length
 
 
 def grpo_update(cfg, d, pol, episodes, length_limit: int) -> dict:
@@ -160,6 +174,10 @@ def micro_batches(cfg, d, pol, episodes, trained, kept) -> list[MicroBatch]:
     at least), with the reference model's log-probs and, for --num-iterations > 1, the sampling policy's."""
     G = cfg.num_generations
     per_micro = max(1, cfg.micro_batch_size // G)            # whole groups per forward/backward pass
+    if not episodes:    # a rank with nothing to train (rrr.py's --dynamic-sampling kept none of its groups)
+        stop = pol.stops[0]     # runs the same calls as the others, on a one-token stand-in with no loss
+        episodes = [SimpleNamespace(ids=[stop, stop], span=(1, 2), advantage=0.0)]
+        trained, kept = [[stop]], [0.0]
     starts = list(range(0, len(episodes), G * per_micro))
     # Ranks can hold different numbers of episodes (rrr.py's --attempts > 2: a chain goes on only while its
     # retries fail). Each runs as many micro-batches as the busiest, the extra ones a copy of its first with
@@ -181,12 +199,21 @@ def micro_batches(cfg, d, pol, episodes, trained, kept) -> list[MicroBatch]:
         mask = mask.to(d.device)                            # (rows, T)
         ref = None
         if cfg.beta > 0:
-            with torch.no_grad():
-                ref = right_pad(packed_logprobs(pol.ref, groups, d.device)).float()
-            pol.ref.reshard()       # the root's gathered weights (embeddings, head) wait till next time
+            ref = reference_logprobs(pol, groups, d.device)
         batches.append(MicroBatch(groups, adv, mask, ref))
     if cfg.num_iterations > 1:          # the policy that sampled: fixed before the first update
         with torch.no_grad():
             for mb in batches:
                 mb.old_logprobs = right_pad(packed_logprobs(pol.model, mb.groups, d.device))
     return batches
+
+
+@torch.no_grad()
+def reference_logprobs(pol, groups, device) -> torch.Tensor:
+    """(rows, T) log-probs of the trained tokens under the initial model: the reference model, or with
+    --use-peft the trained model with its adapters switched off (the base weights, which never change)."""
+    model = pol.ref if pol.ref is not None else pol.model
+    with adapters_off(model):
+        logprobs = right_pad(packed_logprobs(model, groups, device)).float()
+    model.reshard()       # the root's gathered weights (embeddings, head) wait till next time
+    return logprobs

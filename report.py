@@ -209,10 +209,13 @@ def write_rrr_report(cfg: dict, out: Path, evals, metrics, wall, split_size, for
         vanilla_row[columns[-1]], trained_row[columns[-1]] = with_interval(k, n), with_interval(m, n)
         forgot[name] = dict(before=k / n, after=m / n, change=paired_change(was, now))
     table = markdown_table(columns, [vanilla_row, trained_row])
+    split = cfg.get("eval_split", "test")       # --eval-split; runs before the flag scored the test split
     subset = ("the whole split" if trained["n"] >= split_size
-              else "a subset (--eval-size), not the paper's full test set")
+              else "a subset (--eval-size), not the paper's full test set" if split == "test"
+              else "a subset (--eval-size)")
     lines = [f"# {what} on {cfg['task']}: {model_text(cfg)}", "",
-             f"Test set: {trained['n']} of {split_size} {cfg['task']} test examples, {subset}. Training: "
+             f"{split.capitalize()} set: {trained['n']} of {split_size} {cfg['task']} {split} examples, "
+             f"{subset}. Training: "
              f"{len(metrics)} steps of {cfg['batch_size']} failures x {cfg['num_generations']} generations. "
              f"Wall time {wall / 60:.1f} min.", "", table, "", CAPTION, ""]
     if unchanged:
@@ -234,10 +237,11 @@ def write_rrr_report(cfg: dict, out: Path, evals, metrics, wall, split_size, for
               f"{pct(sum(m['zero_variance_groups'] for m in metrics) / max(len(metrics), 1))}.", "",
               "![reward, accuracy, KL and trained length](plot.png)", "",
               "plot.png: (a) mean reward and zero-variance groups per training step; (b) first- and "
-              "second-try test accuracy at each evaluation; (c) mean KL to the initial model and trained "
+              f"second-try {split} accuracy at each evaluation; (c) mean KL to the initial model and trained "
               "tokens per episode."]
     (out / "report.md").write_text("\n".join(lines) + "\n")
-    write_json(out / "report.json", dict(config=cfg, test=dict(n=trained["n"], split_size=split_size),
+    write_json(out / "report.json", dict(config=cfg, test=dict(n=trained["n"], split_size=split_size,
+                                                               split=split),
                                          vanilla=evals[0], trained=trained, paired=paired, forgetting=forgot,
                                          evals=evals, steps=metrics, wall_seconds=wall))
     plot_rrr(out / "plot.png", metrics, evals, title=f"{what} on {cfg['task']}")

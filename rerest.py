@@ -31,8 +31,9 @@ from pathlib import Path
 
 import sandbox
 from data import Task, data_dir_used, load_splits, reflector_messages, resolve_data_dir, test_split_size
-from runs import (REPORT_TO, BadInput, MachineFlags, Tracker, announce, append_jsonl, check_at_least,
-                  check_model_name, flag, main_guard, open_tracker, parse_config, resolve_machine_flags)
+from runs import (LR_SCHEDULER_TYPES, REPORT_TO, BadInput, MachineFlags, Tracker, announce, append_jsonl,
+                  check_at_least, check_lr_schedule, check_model_name, flag, main_guard, open_tracker,
+                  parse_config, resolve_machine_flags)
 
 DEFAULT_OUT = "runs/rerest-{task}"
 MODELS = "models"                       # <out>/models/<row>-<hash>: each trained model, Hugging Face format
@@ -50,8 +51,9 @@ CACHE_KEYS = {
     "samples": ("task", "model", "data_dir", "train_size", "seed", "k", "temperature",
                 "max_completion_length"),
     "reflections": ("reflector_id", "reflections_per_problem", "max_completion_length", "failed_texts"),
-    "model": ("kind", "init", "lora_r", "lora_alpha", "epochs", "learning_rate", "batch_size", "seed",
-              "dpo_beta", "bf16", "data"),      # data: the token ids; an SFT model passes dpo_beta=None
+    "model": ("kind", "init", "lora_r", "lora_alpha", "epochs", "learning_rate", "lr_scheduler_type",
+              "warmup_ratio", "batch_size", "seed", "dpo_beta", "bf16",
+              "data"),      # data: the token ids; an SFT model passes dpo_beta=None
     "eval": ("model_id", "task", "data_dir", "eval_size", "max_completion_length"),
     "sc": ("model_id", "task", "data_dir", "eval_size", "max_completion_length", "self_consistency",
            "temperature", "seed", "reflector_id"),
@@ -82,6 +84,11 @@ class Config(MachineFlags):     # + --bf16, --gradient-checkpointing, --cuda-gra
     lora_alpha: float = flag(16.0, "LoRA alpha: the update is scaled by alpha / r")
     epochs: int = flag(3, "passes over each training set")
     learning_rate: float = flag(1e-4, "AdamW learning rate")
+    lr_scheduler_type: str = flag("constant", "learning-rate schedule over each model's optimizer steps, as "
+                                  "transformers' (TRL's flag): linear or cosine decay to 0",
+                                  choices=list(LR_SCHEDULER_TYPES))
+    warmup_ratio: float = flag(0.0, "linear or cosine: the first ceil(this x the steps) optimizer steps rise "
+                               "linearly from 0 (TRL's flag; in [0, 1))")
     batch_size: int = flag(8, "sequences (DPO: pairs) per optimizer step over all ranks (a multiple of them)")
     micro_batch_size: int = flag(4, "sequences (DPO: pairs) per forward/backward pass")
     sampling_batch_size: int = flag(16, "problems per rank in one sampling call (a call covers this x ranks "
@@ -105,6 +112,7 @@ def check_flags(cfg):
                          "save_total_limit"), 1)
     check_at_least(cfg, ("temperature", "dpo_beta", "lora_r", "lora_alpha", "learning_rate",
                          "self_consistency"), 0)
+    check_lr_schedule(cfg)
     if cfg.self_consistency and cfg.task != "mbpp":
         raise BadInput("--self-consistency votes by program outputs: it needs --task mbpp")
     check_model_name(cfg.model)

@@ -12,7 +12,8 @@ The algorithm, one function per step (docs/rrr.md lists the same steps), in the 
                           (and, with --forgetting-eval, evaluate_forgetting: another task's first try)
   3. build_failure_set    (failures.py) up to --failure-samples first attempts per training query; keep
                           the failures
-  4. train_step           per step: step_batch picks the failures; rollout (rrr_rollout) samples G
+  4. train_step           per step: failures.step_batch picks the failures (--dynamic-sampling: draws
+                          again until enough groups' rewards differ); rollout (rrr_rollout) samples G
                           reflections per failure and one retry each, reward() of the retry's verdict,
                           advantages per group; policy.grpo_update trains only the reflection tokens
   5. evaluate, write_rrr_report  every --eval-every steps and at the end: report.md/.json (report.py),
@@ -40,11 +41,12 @@ import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from data import TASKS, data_dir_used, get_task, load_splits, resolve_data_dir, test_split_size
+from data import TASKS, check_split, data_dir_used, get_task, load_splits, resolve_data_dir, test_split_size
 from data.countdown import check_warm_start
-from runs import (EMBEDDED_MODEL, REPORT_TO, BadInput, MachineFlags, Tracker, announce, append_jsonl,
-                  check_at_least, check_model_name, flag, main_guard, open_tracker, parse_config, prepare_out,
-                  progress_bar, read_jsonl, resolve_machine_flags)
+from runs import (EMBEDDED_MODEL, LORA_LINEAR, LR_SCHEDULER_TYPES, REPORT_TO, BadInput, MachineFlags, Tracker,
+                  announce, append_jsonl, apply_lr_schedule, check_at_least, check_lr_schedule,
+                  check_model_name, flag, main_guard, open_tracker, parse_config, prepare_out, progress_bar,
+                  read_jsonl, resolve_machine_flags)
 
 GENERIC_REFLECTION = ("I made a mistake in my previous answer. I will read the task again carefully, "
                       "check every step, and then give a corrected answer.")
@@ -52,10 +54,10 @@ DEFAULT_OUT = "runs/{method}-{task}"
 SEED_ROLLOUT = 2          # the rollouts' seed purpose (par.sampling_generator; the failure set's is 1)
 EVAL_BATCH = 32          # examples per greedy sampling call in evaluation
 AT_LEAST_ONE = ("steps", "train_size", "eval_size", "batch_size", "num_generations", "failure_samples",
-                "max_completion_length", "max_reflection_length", "micro_batch_size", "num_iterations",
-                "sampling_batch_size", "save_total_limit")
+                "lora_r", "max_completion_length", "max_reflection_length", "micro_batch_size",
+                "num_iterations", "sampling_batch_size", "save_total_limit", "max_num_gen_batches")
 NOT_NEGATIVE = ("warm_start", "temperature", "learning_rate", "weight_decay", "max_grad_norm", "beta",
-                "epsilon", "epsilon_high", "eval_every", "save_every", "log_episodes")
+                "lora_alpha", "epsilon", "epsilon_high", "eval_every", "save_every", "log_episodes")
 
 
 @dataclass
@@ -64,20 +66,18 @@ class Config(MachineFlags):     # + --bf16, --gradient-checkpointing, --cuda-gra
     model: str | None = flag(None, "Hugging Face model folder or hub id (default: the embedded "
                              "SmolLM2-135M-Instruct)")
     warm_start: int = flag(0, "first fine-tune --model on this many solver-written answers to generated "
-                           "puzzles outside the test split (warmstart.py; cached): a labelled warm start "
-                           "that gives a small model the partial skill RRR needs; recorded in config.json "
-                           "and the report (0: none)")
+                           "puzzles outside the test split (warmstart.py; cached): a labelled warm start, "
+                           "said in config.json and the report (0: none)")
     data_dir: str | None = flag(None, "folder with the real data sets (countdown/, function_calling/); "
-                                "default $RRR_DATA_DIR, else offline data (generated Countdown, small "
-                                "samples)")
+                                "default $RRR_DATA_DIR, else offline data (generated Countdown, samples)")
     out: str | None = flag(None, "run folder (default runs/<method>-<task>)")
     method: str = flag("rrr", "rrr: train the reflection; grpo: plain GRPO on first attempts",
                        choices=["rrr", "grpo"])
     reflection: str = flag("model", "model: the model writes its reflection; generic: a fixed generic text "
                            "(a control: then the retry tokens are trained)", choices=["model", "generic"])
     attempts: int = flag(2, "tries per query: a first try, then a reflection and a retry after each failed "
-                         "try, up to this many tries in all (the paper: 2); evaluation reports accuracy "
-                         "after each try, training rewards each reflection by the retry after it")
+                         "try, up to this many in all (the paper: 2); each reflection is rewarded by the "
+                         "retry after it")
     reflection_feedback: bool = flag(False, "the reflection prompt also shows the verifier's feedback on the "
                                      "failed try (MBPP: the visible tests' part only); off: the paper's "
                                      "prompt alone")
@@ -87,8 +87,10 @@ class Config(MachineFlags):     # + --bf16, --gradient-checkpointing, --cuda-gra
                                     "format)")
     steps: int = flag(8, "training steps")
     train_size: int = flag(32, "training queries to draw failures from")
-    eval_size: int = flag(32, "test examples to evaluate on (the report says which part of the split that "
-                          "is)")
+    eval_size: int = flag(32, "test (--eval-split) examples to evaluate on (the report says which part of "
+                          "the split that is)")
+    eval_split: str = flag("test", "the split evaluations score (dev: the Countdown tasks' puzzles apart "
+                           "from train and test, to choose settings by)", choices=["test", "dev"])
     forgetting_eval: list[str] | None = flag(None, "forgetting check (the paper's): greedy first-try "
                                              "accuracy on this task's test split (--eval-size examples) "
                                              "before and after training", choices=TASKS)
@@ -99,6 +101,11 @@ class Config(MachineFlags):     # + --bf16, --gradient-checkpointing, --cuda-gra
     max_reflection_length: int = flag(64, "tokens per reflection")
     temperature: float = flag(1.0, "sampling temperature for training rollouts and the failure set")
     learning_rate: float = flag(1e-6, "AdamW learning rate")
+    lr_scheduler_type: str = flag("constant", "learning-rate schedule over --steps, as transformers' (TRL's "
+                                  "flag): linear or cosine decay to 0 (the --num-iterations updates of a "
+                                  "step share its rate)", choices=list(LR_SCHEDULER_TYPES))
+    warmup_ratio: float = flag(0.0, "linear or cosine: the first ceil(this x --steps) steps rise linearly "
+                               "from 0 (TRL's flag; in [0, 1))")
     weight_decay: float = flag(0.0, "AdamW weight decay")
     max_grad_norm: float = flag(1.0, "gradient clipping norm (0: off)")
     beta: float = flag(0.001, "k3 KL coefficient to the initial model (paper: 0.001; 0 skips the reference "
@@ -110,7 +117,20 @@ class Config(MachineFlags):     # + --bf16, --gradient-checkpointing, --cuda-gra
                           "RRR)), dapo (global token mean)", choices=["grpo", "bnpo", "dr_grpo", "dapo"])
     scale_rewards: str = flag("group", "advantage scaling: group std, batch std, or none",
                               choices=["group", "batch", "none"])
+    dynamic_sampling: bool = flag(False, "DAPO's: draw --batch-size failures (G rollouts each) again until "
+                                  "--batch-size groups' rewards differ (at most --max-num-gen-batches draws) "
+                                  "and train on those. Costs up to that many times a step's sampling; pays "
+                                  "when p, the success rate, is near 0 or 1: a group's rewards differ with "
+                                  "probability 1 - p^G - (1 - p)^G (off: the paper's)")
+    max_num_gen_batches: int = flag(4, "--dynamic-sampling's cap on draws per step, the first included")
     num_iterations: int = flag(1, "updates per rollout batch (PPO epochs); >1 uses the clipped ratio")
+    use_peft: bool = flag(False, "train LoRA adapters only (TRL's name); the KL reference is the model with "
+                          "them off (no copy); final/ merged, adapters.safetensors alone. Use about 10x full "
+                          "fine-tuning's learning rate (LoRA Without Regret, Thinking Machines 2025)")
+    lora_r: int = flag(16, "LoRA rank, with --use-peft (TRL's default; 1-32 suit RL)")
+    lora_alpha: float = flag(32.0, "LoRA alpha, with --use-peft: the update is scaled by alpha / r")
+    lora_target_modules: list[str] | None = flag(None, "each decoder block's linear layers that get adapters "
+                                                 "(default: all seven)", choices=LORA_LINEAR)
     mask_truncated_completions: bool = flag(False, "give no loss to reflections cut at "
                                             "--max-reflection-length")
     micro_batch_size: int = flag(8, "rows per forward/backward pass")
@@ -136,13 +156,14 @@ def check_flags(cfg):
     """Everything that can be refused before torch loads and the run folder is touched, each in one line."""
     check_at_least(cfg, AT_LEAST_ONE, 1)
     check_at_least(cfg, NOT_NEGATIVE, 0)
+    check_at_least(cfg, ("attempts",), 2)        # a first try and a retry
+    check_lr_schedule(cfg)
     check_model_name(cfg.model)
     check_warm_start(cfg.task, cfg.warm_start)
+    check_split(cfg.task, cfg.eval_split, "--eval-split")
     resolve_data_dir(cfg.data_dir)
     if cfg.method == "grpo" and cfg.reflection == "generic":
         raise BadInput("--reflection generic applies to --method rrr only")
-    if cfg.attempts < 2:
-        raise BadInput("--attempts must be at least 2 (a first try and a retry)")
     for name in ("reflection_prompt", "retry_prompt"):
         if getattr(cfg, name) is not None and not getattr(cfg, name).strip():
             raise BadInput(f"--{name.replace('_', '-')} is empty: give the prompt's text, or leave the flag "
@@ -159,10 +180,10 @@ import torch
 
 import parallel as par
 from report import solved_after_each_try, weights_unchanged, write_rrr_report
-from failures import Failure, build_failure_set, check_failure_set
+from failures import build_failure_set, check_failure_set, dynamic_sampling, step_batch
 from grpo import group_advantages, zero_variance_fraction
 from model import chat_ids, next_turn_ids
-from policy import grpo_update, load_policy, sample, sampling, stop_of
+from policy import grpo_update, load_policy, sample, sampling, stop_of, trained_length_limit
 from warmstart import model_for_run
 
 
@@ -178,6 +199,7 @@ class Episode:
     advantage: float = 0.0
     judged: bool = True        # False: the sandbox could not run the retry; no reward, no loss
     scored_try: int = 2        # the try whose success is the reward: 2, the first retry (1: plain GRPO's)
+    failure: int = 0           # its failure's place in the rollout's list: with scored_try, its group
 
 
 # --- 1. data and the model are data.load_splits and policy.load_policy --------------------------------
@@ -336,19 +358,7 @@ def evaluate_forgetting(cfg, d, pol, step, out) -> dict:
     return results
 
 
-# --- 3. the failure set is failures.build_failure_set; 4. training ------------------------------------
-
-def step_batch(cfg, d, failures, step) -> list[Failure]:
-    """This rank's share of the failures for `step`: a seeded permutation per epoch, so the data position
-    is a function of the step alone."""
-    n, B = len(failures), cfg.batch_size
-    picked = []
-    for k in range(step * B, (step + 1) * B):
-        epoch, i = divmod(k, n)
-        picked.append(failures[par.epoch_order(n, cfg.seed, epoch)[i]])
-    share = B // d.world
-    return picked[d.rank * share:(d.rank + 1) * share]
-
+# --- 3. the failure set is failures.build_failure_set; 4. training (failures.step_batch picks a step's) --
 
 def reward(verdict) -> float:
     """The reward of one scored try, from the task's verifier (verifiers.Verdict). Binary, as in the
@@ -398,7 +408,7 @@ def grpo_rollout(cfg, d, pol, task, failures, examples, gen) -> list[Episode]:
                     truncated=not attempts.finished[r], sampled=len(toks),
                     text=dict(prompt=exs[r // G].messages[-1]["content"], attempt=texts[r], reflection=None,
                               feedback=verdicts[r].feedback),
-                    advantage=advantages[r].item(), judged=bool(judged[r]), scored_try=1)
+                    advantage=advantages[r].item(), judged=bool(judged[r]), scored_try=1, failure=r // G)
             for r, toks in enumerate(attempts.tokens)]
 
 
@@ -439,7 +449,8 @@ def rrr_rollout(cfg, d, pol, task, failures, examples, gen) -> list[Episode]:
                                     span=(len(ctx), len(ctx) + len(toks)), reward=rewards[r].item(),
                                     truncated=not trained.finished[j],
                                     sampled=len(toks) + (len(retries.tokens[j]) if refl else 0), text=text,
-                                    advantage=advantages[r].item(), judged=bool(judged[r]), scored_try=k))
+                                    advantage=advantages[r].item(), judged=bool(judged[r]), scored_try=k,
+                                    failure=r // G))
         if k < cfg.attempts:        # the chains whose retry failed go on
             keep = [j for j, v in enumerate(verdicts) if not v.ok and not v.infra]
             for j in keep:
@@ -449,14 +460,6 @@ def rrr_rollout(cfg, d, pol, task, failures, examples, gen) -> list[Episode]:
                                                verdicts[j]) for j in keep]
             going = [going[j] for j in keep]
     return episodes
-
-
-def trained_length_limit(cfg) -> int:
-    # dr_grpo divides by the length limit of what is trained: the reflection's in RRR; with a generic
-    # reflection the retry is trained, and in plain GRPO the first attempt, both --max-completion-length.
-    if cfg.method == "rrr" and cfg.reflection == "model":
-        return cfg.max_reflection_length
-    return cfg.max_completion_length
 
 
 def step_metrics(cfg, d, step, episodes, stats, sample_seconds, train_seconds) -> dict:
@@ -489,17 +492,25 @@ def step_metrics(cfg, d, step, episodes, stats, sample_seconds, train_seconds) -
 
 def train_step(cfg, d, pol, task, failures, examples, step, out) -> dict:
     """Step 4 once: this step's failures -> rollout -> update; appends its metrics and episodes."""
+    def draw(index):        # batch `index`'s failures and rollout seed; draw k of step s is s x cap + k's
+        return rollout(cfg, d, pol, task, step_batch(cfg, d, failures, index), examples, index)
+
     t0 = time.time()
     with sampling(pol):
-        episodes = rollout(cfg, d, pol, task, step_batch(cfg, d, failures, step), examples, step)
+        episodes, drawn = (dynamic_sampling(cfg, d, lambda k: draw(step * cfg.max_num_gen_batches + k))
+                           if cfg.dynamic_sampling else (draw(step), {}))
     t1 = time.time()
-    stats = grpo_update(cfg, d, pol, episodes, trained_length_limit(cfg))
+    lr = apply_lr_schedule(pol.optimizer, cfg, step, cfg.steps)       # of the step alone: resumes exactly
+    stats = dict(grpo_update(cfg, d, pol, episodes, trained_length_limit(cfg)), learning_rate=lr)
     row = step_metrics(cfg, d, step + 1, episodes, stats, t1 - t0, time.time() - t1)
+    if drawn:           # the draws' metrics; the sampling throughput counts every draw's tokens
+        row |= dict(drawn, sample_tokens_per_s=drawn["sampled_tokens_all_draws"] / max(t1 - t0, 1e-9))
     everyone = [e for es in par.all_gather_objects(episodes, d) for e in es]
     if d.main:
         append_jsonl(out / "metrics.jsonl", [row])
         logged = everyone[:cfg.log_episodes]
-        append_jsonl(out / "episodes.jsonl", [dict(step=step + 1, **asdict(e)) for e in logged])
+        append_jsonl(out / "episodes.jsonl", [dict(step=step + 1, **{k: v for k, v in asdict(e).items()
+                                                                      if k != "failure"}) for e in logged])
     return row
 
 
@@ -531,7 +542,8 @@ def run(argv=None):
     d, tracker = par.init_distributed(cfg.device), Tracker()
     try:
         resolve_machine_flags(cfg, d)
-        task, train, test = load_splits(cfg.task, cfg.data_dir, cfg.train_size, cfg.eval_size, cfg.seed)  # 1
+        task, train, test = load_splits(cfg.task, cfg.data_dir, cfg.train_size, cfg.eval_size, cfg.seed,  # 1
+                                        cfg.eval_split)
         if cfg.failure_set:     # before the run folder exists: a refused run leaves nothing behind
             par.on_rank0(d, check_failure_set, cfg, Path(cfg.failure_set), train)
         start_from, warm = model_for_run(cfg, d)     # --warm-start: built once, cached, in config.json
@@ -565,7 +577,7 @@ def run(argv=None):
             log_eval(tracker, evals, evaluate(cfg, d, pol, task, test, cfg.steps, out))          # 5
         forgetting_after = evaluate_forgetting(cfg, d, pol, cfg.steps, out)
         if d.main:
-            split_size = test_split_size(task, cfg.data_dir, cfg.seed)
+            split_size = test_split_size(task, cfg.data_dir, cfg.seed, cfg.eval_split)
             forgetting = {k: (forgetting_before[k], forgetting_after[k]) for k in forgetting_before}
             wall = time.time() - started
             table = write_rrr_report(recorded, out, evals, metrics, wall, split_size, forgetting)
@@ -573,6 +585,9 @@ def run(argv=None):
             print(f"\n{table}\n" + (f"\n{unchanged}\n" if unchanged else "")
                   + f"\nreport: {out / 'report.md'}")
         par.export_hf(pol.model, pol.tokenizer, out / "final", d)
+        if cfg.use_peft:
+            lora = dict(r=cfg.lora_r, alpha=cfg.lora_alpha, targets=cfg.lora_target_modules or LORA_LINEAR)
+            par.export_adapters(pol.model, out / "adapters.safetensors", lora, d)
     finally:
         tracker.close()
         par.close_distributed()

@@ -1,12 +1,14 @@
 """What rrr.py and rerest.py share outside the model: the command line (flags from a dataclass, each with
-its help text and real type, and the hardware flags of both), the run folder, JSON-lines logs, progress
-bars, and --report-to (TensorBoard or Weights & Biases). Their reports are in report.py.
+its help text and real type, and the hardware flags of both), the learning-rate schedule, the run folder,
+JSON-lines logs, progress bars, and --report-to (TensorBoard or Weights & Biases). Their reports are in
+report.py.
 """
 
 import argparse
 import dataclasses
 import importlib.util
 import json
+import math
 import numbers
 import os
 import sys
@@ -163,6 +165,10 @@ def _help(f, note: str = "") -> str:
     return f"{text} (default: {('on' if f.default else 'off') if isinstance(f.default, bool) else f.default})"
 
 
+# Every linear layer of a Llama-family decoder block (model.add_lora's targets; rrr.py's LoRA default, as
+# "LoRA Without Regret" (Thinking Machines, 2025) advises for RL). Here so that flags can name them before
+# torch loads.
+LORA_LINEAR = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 CONFIG_EXAMPLE = '{"model": "Qwen/Qwen2.5-1.5B-Instruct", "seed": 1}'      # flags of every script
 
 
@@ -244,6 +250,45 @@ def check_at_least(cfg, names, low):
         value = getattr(cfg, name)
         if value is not None and value < low:
             raise BadInput(f"--{name.replace('_', '-')} must be at least {low}")
+
+
+# --- the learning-rate schedule: transformers' schedulers, under TRL's flag names ---------------------------
+
+LR_SCHEDULER_TYPES = ("constant", "linear", "cosine")
+
+
+def check_lr_schedule(cfg):
+    """BadInput for a --warmup-ratio outside [0, 1), or one with the constant schedule: transformers'
+    "constant" has no warmup, and ignoring the flag would train at another rate than asked."""
+    if not 0 <= cfg.warmup_ratio < 1:
+        raise BadInput(f"--warmup-ratio must be in [0, 1), not {cfg.warmup_ratio}")
+    if cfg.warmup_ratio > 0 and cfg.lr_scheduler_type == "constant":
+        raise BadInput("--warmup-ratio needs --lr-scheduler-type linear or cosine: constant has no warmup")
+
+
+def lr_factor(kind: str, warmup_ratio: float, step: int, total_steps: int) -> float:
+    """Optimizer step `step`'s learning rate (0-based, of `total_steps`) as a fraction of --learning-rate, as
+    transformers' get_scheduler(kind) with num_warmup_steps = ceil(warmup_ratio x total_steps) gives it: a
+    linear rise from 0 over the warmup, then down to 0 at total_steps (one step after the last) in a line,
+    or in half a cosine (num_cycles 0.5). A function of the step alone: a resumed run continues it exactly."""
+    if kind == "constant":
+        return 1.0
+    warmup = math.ceil(total_steps * warmup_ratio)
+    if step < warmup:
+        return step / warmup
+    if kind == "linear":
+        return max(0.0, (total_steps - step) / max(1, total_steps - warmup))
+    progress = (step - warmup) / max(1, total_steps - warmup)
+    return max(0.0, 0.5 * (1.0 + math.cos(math.pi * progress)))
+
+
+def apply_lr_schedule(optimizer, cfg, step: int, total_steps: int) -> float:
+    """Sets every parameter group's lr for optimizer step `step` (0-based) of `total_steps`, from cfg's
+    --learning-rate, --lr-scheduler-type and --warmup-ratio, and returns it."""
+    lr = cfg.learning_rate * lr_factor(cfg.lr_scheduler_type, cfg.warmup_ratio, step, total_steps)
+    for group in optimizer.param_groups:
+        group["lr"] = lr
+    return lr
 
 
 # --- the run folder ----------------------------------------------------------------------------------------

@@ -28,11 +28,12 @@ from types import SimpleNamespace
 
 from data import data_dir_used, get_task, resolve_data_dir
 from data.countdown import TIERS, check_warm_start, generate_puzzles, prompt, solve_countdown
-from runs import (EMBEDDED_NAMES, BadInput, OneLineParser, bf16_by_default, cache_root, check_model_name,
-                  main_guard, write_json)
+from runs import (EMBEDDED_NAMES, LR_SCHEDULER_TYPES, BadInput, OneLineParser, bf16_by_default, cache_root,
+                  check_lr_schedule, check_model_name, main_guard, write_json)
 
 WARM_SEED = 1_000_001        # the labelled puzzles' own generator seed: not a run's --seed
 LEARNING_RATE = 1e-4
+DEFAULT_SCHEDULE = ("constant", 0.0)      # --lr-scheduler-type and --warmup-ratio of every warm start cached
 BATCH_SIZE = 16
 DESCRIPTION = ("supervised fine-tuning (1 epoch, full) on {puzzles} solver-written answers to generated "
                "{task} train-split puzzles, none of them in the test split")
@@ -50,9 +51,16 @@ def parse_args(argv=None) -> argparse.Namespace:
                     "$RRR_DATA_DIR, else the offline data)")
     ap.add_argument("--bf16", action=argparse.BooleanOptionalAction, default=None,
                     help="bf16 compute (default: as rrr.py chooses for this machine)")
+    ap.add_argument("--lr-scheduler-type", default=DEFAULT_SCHEDULE[0], choices=LR_SCHEDULER_TYPES,
+                    help="learning-rate schedule over the optimizer steps, as transformers' (TRL's flag): "
+                    "linear or cosine decay to 0 (default: constant, what rrr.py --warm-start uses)")
+    ap.add_argument("--warmup-ratio", type=float, default=DEFAULT_SCHEDULE[1],
+                    help="linear or cosine: the first ceil(this x the steps) steps rise linearly from 0 "
+                    "(TRL's flag; in [0, 1); default: 0)")
     args = ap.parse_args(argv)
     if args.puzzles < 1:
         raise BadInput("--puzzles must be at least 1")
+    check_lr_schedule(args)
     check_model_name(args.model)
     resolve_data_dir(args.data_dir)
     return args
@@ -82,18 +90,22 @@ def labelled_examples(task_name: str, puzzles: int, data_dir) -> tuple[list[tupl
     return [(n, t, f"<answer> {solve_countdown(n, t)} </answer>") for n, t in kept], len(drawn) - len(kept)
 
 
-def warm_start(d, task_name: str, puzzles: int, base_model: str | None, data_dir=None,
-               bf16: bool = False) -> tuple[Path, dict]:
+def warm_start(d, task_name: str, puzzles: int, base_model: str | None, data_dir=None, bf16: bool = False,
+               schedule: tuple[str, float] = DEFAULT_SCHEDULE) -> tuple[Path, dict]:
     """The warm-started model's folder (built on first use, a collective) and its description."""
     from finetune import train_model
 
     check_warm_start(task_name, puzzles)
     # The cache folder is named by every setting the weights depend on; the data folder only for the task
-    # whose test split it changes (countdown_easy is always generated).
+    # whose test split it changes (countdown_easy is always generated); the schedule only when it is not the
+    # default, so that the warm starts cached before it was a setting keep their folders.
+    scheduled = {} if schedule == DEFAULT_SCHEDULE else dict(lr_scheduler_type=schedule[0],
+                                                             warmup_ratio=schedule[1])
     key = json.dumps(dict(task=task_name, puzzles=puzzles,
                           model="embedded" if base_model in EMBEDDED_NAMES else base_model,
                           data_dir=data_dir_used(data_dir) if task_name == "countdown" else None, bf16=bf16,
-                          lr=LEARNING_RATE, batch=BATCH_SIZE, seed=WARM_SEED, version=1), sort_keys=True)
+                          lr=LEARNING_RATE, batch=BATCH_SIZE, seed=WARM_SEED, version=1, **scheduled),
+                     sort_keys=True)
     digest = hashlib.sha256(key.encode()).hexdigest()[:10]
     folder = cache_root() / "warm-start" / f"{task_name}-{puzzles}-{digest}"
     card = folder / "warm_start.json"
@@ -108,6 +120,7 @@ def warm_start(d, task_name: str, puzzles: int, base_model: str | None, data_dir
                   f"{folder})", flush=True)
         settings = SimpleNamespace(lora_r=0, lora_alpha=16, seed=WARM_SEED, bf16=bf16, epochs=1,
                                    gradient_checkpointing=False, learning_rate=LEARNING_RATE,
+                                   lr_scheduler_type=schedule[0], warmup_ratio=schedule[1],
                                    batch_size=BATCH_SIZE, micro_batch_size=BATCH_SIZE, save_total_limit=1)
         train_model(settings, d, base_model, data, folder)
         if d.main:
@@ -115,6 +128,7 @@ def warm_start(d, task_name: str, puzzles: int, base_model: str | None, data_dir
             write_json(card, dict(description=DESCRIPTION.format(puzzles=puzzles, task=task_name),
                                   task=task_name, puzzles=puzzles, base_model=base_model, data_dir=data_dir,
                                   left_out_as_test=left_out, learning_rate=LEARNING_RATE,
+                                  lr_scheduler_type=schedule[0], warmup_ratio=schedule[1],
                                   batch_size=BATCH_SIZE, epochs=1, seed=WARM_SEED, bf16=bf16,
                                   seconds=round(time.time() - started, 1),
                                   example=dict(nums=nums, target=target, answer=answer)))
@@ -136,7 +150,8 @@ def run(argv=None):
     d = par.init_distributed()
     try:
         bf16 = bf16_by_default(d.device) if args.bf16 is None else args.bf16
-        folder, card = warm_start(d, args.task, args.puzzles, args.model, args.data_dir, bf16)
+        folder, card = warm_start(d, args.task, args.puzzles, args.model, args.data_dir, bf16,
+                                  (args.lr_scheduler_type, args.warmup_ratio))
         if d.main:
             print(f"{folder}\n{card['description']}")
     finally:

@@ -7,12 +7,15 @@ and 9-10 on a 2-core AMD EPYC (A), fp32 on both sides: an estimate from the step
     pip install trl==1.16.0          # the baseline only; not a dependency of the project
     python bench/grpo_step.py        # embedded SmolLM2-135M, fp32, CPU: 4 prompts x 8 generations x 128 tokens
     python bench/grpo_step.py --bf16 # both sides in bf16 compute (ours: fp32 master weights, as rrr.py --bf16)
+    python bench/grpo_step.py --use-peft --skip-trl   # ours with LoRA (rrr.py --use-peft) against ours in full
 
 Same model, prompts (Countdown), group size, completion length (no early stop on either side: every
 completion is --new-tokens long), beta, learning rate and loss type. Each side runs in its own process
 (so that peak memory is its own), one warm-up step then --steps timed steps; both are run by this one
 command. Tokens/s counts the generated tokens of a step over the whole step (sampling + update).
-Peak memory is the process's peak resident set size.
+Peak memory is the process's peak resident set size. --use-peft adds a third side, ours with LoRA adapters
+on every linear layer (rrr.py --use-peft, rank --lora-r, same dtype): no reference copy, an optimizer over
+the adapters only, sampling from merged weights.
 """
 
 import argparse
@@ -27,13 +30,15 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 from bench._cli import Help  # noqa: E402
 
 
-def ours(args):
+def ours(args, peft=False):
     import parallel as par
     import rrr
     from data import load_splits
+    from failures import Failure
     from runs import parse_config
 
-    cfg = parse_config(rrr.Config, ["--method", "grpo", "--num-generations", str(args.generations),
+    lora = ["--use-peft", "--lora-r", str(args.lora_r)] if peft else []
+    cfg = parse_config(rrr.Config, lora + ["--method", "grpo", "--num-generations", str(args.generations),
                                     "--max-completion-length", str(args.new_tokens), "--beta", str(args.beta),
                                     "--learning-rate", "1e-6", "--batch-size", str(args.prompts),
                                     "--micro-batch-size", str(args.micro_batch), "--device", "cpu",
@@ -42,7 +47,7 @@ def ours(args):
     task, train, _ = load_splits("countdown", None, args.prompts, 1, 0)
     pol = rrr.load_policy(cfg, d)
     pol.stops = []                                   # no early stop: every completion is full length
-    failures = [rrr.Failure(ex.id, [], None, "", "", 1) for ex in train]
+    failures = [Failure(ex.id, [], None, "", "", 1) for ex in train]
     examples = {ex.id: ex for ex in train}
     times = []
     for step in range(args.steps + 1):
@@ -106,7 +111,11 @@ def parser():
     ap.add_argument("--steps", type=int, default=2, help="timed steps after one warm-up step (best is kept)")
     ap.add_argument("--bf16", action="store_true",
                     help="bf16 compute on both sides (TRL's --bf16; ours: rrr.py --bf16); fp32 without it")
-    ap.add_argument("--side", choices=["ours", "trl"], help=argparse.SUPPRESS)
+    ap.add_argument("--use-peft", action="store_true", help="also time ours with LoRA adapters (rrr.py --use-peft)")
+    ap.add_argument("--lora-r", type=int, default=16, help="LoRA rank with --use-peft (rrr.py's default)")
+    ap.add_argument("--skip-trl", action="store_true", help="leave out TRL's side (e.g. with --use-peft, to compare "
+                    "ours with and without adapters where TRL is not installed)")
+    ap.add_argument("--side", choices=["ours", "ours-peft", "trl"], help=argparse.SUPPRESS)
     ap.add_argument("--tmp", default="/tmp/grpo_step_bench", help="scratch folder for TRL's output_dir")
     return ap
 
@@ -114,7 +123,7 @@ def parser():
 def main():
     args = parser().parse_args()
     if args.side:
-        seconds = {"ours": ours, "trl": trl}[args.side](args)
+        seconds = {"ours": ours, "ours-peft": lambda a: ours(a, peft=True), "trl": trl}[args.side](args)
         peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
         print(json.dumps(dict(seconds=seconds, peak_mb=peak)))
         return
@@ -122,16 +131,22 @@ def main():
     print(f"{args.prompts} prompts x {args.generations} generations x {args.new_tokens} tokens = {tokens} tokens/step, "
           f"beta {args.beta}, {'bf16' if args.bf16 else 'fp32'} CPU, {os.cpu_count()} cores")
     results = {}
-    for side in ("ours", "trl"):
+    sides = ["ours"] + (["ours-peft"] if args.use_peft else []) + ([] if args.skip_trl else ["trl"])
+    for side in sides:
         done = subprocess.run([sys.executable, __file__, "--side", side] + sys.argv[1:], capture_output=True, text=True)
         if done.returncode:
             sys.exit(f"{side} failed:\n{done.stderr[-3000:]}")
         results[side] = json.loads(done.stdout.strip().splitlines()[-1])
-    print(f"{'':>5} {'step s':>8} {'tokens/s':>9} {'peak MB':>8}")
+    print(f"{'':>9} {'step s':>8} {'tokens/s':>9} {'peak MB':>8}")
     for side, r in results.items():
-        print(f"{side:>5} {r['seconds']:>8.1f} {tokens / r['seconds']:>9.1f} {r['peak_mb']:>8.0f}")
-    o, t = results["ours"], results["trl"]
-    print(f"throughput ratio (ours / TRL): {t['seconds'] / o['seconds']:.2f}x; peak memory ratio: {o['peak_mb'] / t['peak_mb']:.2f}x")
+        print(f"{side:>9} {r['seconds']:>8.1f} {tokens / r['seconds']:>9.1f} {r['peak_mb']:>8.0f}")
+    o = results["ours"]
+    for side in ("trl", "ours-peft"):
+        if side in results:
+            a, b = (o, results[side]) if side == "trl" else (results[side], o)
+            label = "ours / TRL" if side == "trl" else "ours with LoRA / ours in full"
+            print(f"throughput ratio ({label}): {b['seconds'] / a['seconds']:.2f}x; "
+                  f"peak memory ratio: {a['peak_mb'] / b['peak_mb']:.2f}x")
 
 
 if __name__ == "__main__":

@@ -121,23 +121,33 @@ def get_task(name: str) -> Task:
             "function_calling": function_calling.TASK, "mbpp": mbpp.TASK, "gsm8k": gsm8k.TASK}[name]
 
 
+def check_split(task_name: str, split: str, flag: str):
+    """One line, before a run starts, for a split its task does not have (a flag such as --eval-split)."""
+    task = get_task(task_name)
+    if split not in task.splits:
+        raise DataError(f"{flag} {split}: task {task_name} has no {split} split (it has "
+                        f"{', '.join(task.splits)})")
+
+
 def load_splits(task_name: str, data_dir, train_size: int | None, eval_size: int | None,
-                seed: int) -> tuple[Task, list[Example], list[Example]]:
-    """The task and its train and test examples, as every script loads them. An empty split is a DataError:
-    no run can learn from, or be scored on, nothing."""
+                seed: int, eval_split: str = "test") -> tuple[Task, list[Example], list[Example]]:
+    """The task and its train and evaluation examples (the test split, or `eval_split`: Countdown's dev),
+    as every script loads them. An empty split is a DataError: no run can learn from, or be scored on,
+    nothing."""
     task = get_task(task_name)
     folder = resolve_data_dir(data_dir)
     train = task.load("train", data_dir=folder, size=train_size, seed=seed)
-    test = task.load("test", data_dir=folder, size=eval_size, seed=seed)
-    if not train or not test:
-        raise DataError(f"task {task_name}: empty split (train {len(train)}, test {len(test)})")
-    return task, train, test
+    scored = task.load(eval_split, data_dir=folder, size=eval_size, seed=seed)
+    if not train or not scored:
+        raise DataError(f"task {task_name}: empty split (train {len(train)}, {eval_split} {len(scored)})")
+    return task, train, scored
 
 
-def test_split_size(task: Task, data_dir, seed: int) -> int:
-    """The whole test split's size, for a report's "40 of 500". A load of its own: Countdown's offline loader
-    generates `size` puzzles, so a run's --eval-size examples are not the first ones of a full load."""
-    return len(task.load("test", data_dir=resolve_data_dir(data_dir), seed=seed))
+def test_split_size(task: Task, data_dir, seed: int, split: str = "test") -> int:
+    """The whole test split's (or `split`'s) size, for a report's "40 of 500". A load of its own: Countdown's
+    offline loader generates `size` puzzles, so a run's --eval-size examples are not the first ones of a
+    full load."""
+    return len(task.load(split, data_dir=resolve_data_dir(data_dir), seed=seed))
 
 
 def reflector_messages(task: Task, example: Example, failed: str, feedback: str) -> list[dict]:

@@ -8,6 +8,11 @@ puzzles the solver below can solve.
 `countdown_easy` is an easier tier, always generated (no data set has it): 3 numbers in 1..20, a target
 in 10..100. It exists so that a small model can be given partial skill on CPU (warmstart.py) and learning
 can be measured there (bench/learning.py); it is not the paper's task.
+
+Both tasks also have a `dev` split, for choosing settings without looking at the test split: generated
+puzzles that no test puzzle and no train puzzle of any seed can be (generate_split says how), the same for
+every run. With --data-dir there is no dev file: the dev split is still generated, less the puzzles that
+are in the real train or test file.
 """
 
 import random
@@ -17,11 +22,18 @@ from functools import partial
 from data import REFLECT_ANSWER, DataError, Example, Task, check_fields, read_jsonl_lines
 from verifiers import Verdict, check_countdown
 
-OFFLINE_SIZE = {"train": 2000, "test": 500}   # generated when no size is asked for
-TEST_SEED = 0                                 # offline test puzzles are the same for every run
+OFFLINE_SIZE = {"train": 2000, "test": 500, "dev": 500}   # generated when no size is asked for
+TEST_SEED = 0                                 # offline test and dev puzzles are the same for every run
 FORMAT = ("Think it through first, then write only the final equation between <answer> and </answer>, "
           "for example <answer> (1 + 2) / 3 </answer>.")
-TIERS = {"countdown": dict(counts=(3, 4), largest=99), "countdown_easy": dict(counts=(3,), largest=20)}
+# test_max and dev_max: the most puzzles the generated test and dev splits hold; the dev split starts where
+# the test split's maximum ends (generate_split); a split's default size is at most its maximum. countdown:
+# 1024 is the largest --eval-size any countdown recipe asks (the real test file's size). countdown_easy has
+# only 1249 solvable test-bucket puzzles in all, and the stream slows down as it nears the last of them
+# (1000 puzzles take 2.7 s, 1200 take 6.4 s; 1024 would leave 225 for dev, to be drawn to the very last),
+# so its test split stops at 700 (bench/learning.py scores 300) and dev at 300.
+TIERS = {"countdown": dict(counts=(3, 4), largest=99, test_max=1024, dev_max=1000),
+         "countdown_easy": dict(counts=(3,), largest=20, test_max=700, dev_max=300)}
 
 
 def prompt(nums, target) -> list[dict]:
@@ -115,8 +127,8 @@ def generate_puzzles(n: int, split: str, seed: int, tier: str = "countdown") -> 
         count, target = rng.choice(counts), rng.randint(10, 100)
         while True:
             nums = [rng.randint(1, largest) for _ in range(count)]
-            # One puzzle in ten, by a hash of its sorted numbers and target, is a test puzzle, so a generated
-            # train set never contains one, whatever the seeds and sizes.
+            # One puzzle in ten, by a hash of its sorted numbers and target, is a test (or dev) puzzle, so a
+            # generated train set never contains one, whatever the seeds and sizes.
             in_test = zlib.crc32(repr((sorted(nums), target)).encode()) % 10 == 0
             if in_test == (split == "test") and solve_countdown(nums, target) is not None:
                 break
@@ -127,14 +139,51 @@ def generate_puzzles(n: int, split: str, seed: int, tier: str = "countdown") -> 
     return puzzles
 
 
+def generate_split(split: str, size: int | None, seed: int, tier: str = "countdown",
+                   leave_out=frozenset()) -> list[tuple[int, list[int], int]]:
+    """(position, nums, target) of the first `size` puzzles of a generated split. Train draws from the nine
+    train buckets under `seed`. Test and dev are one stream, the test bucket's under TEST_SEED: test is its
+    first test_max puzzles at most and dev the ones after those, so that no dev puzzle is a test puzzle of
+    any size. Puzzles in `leave_out` ((sorted nums, target) pairs) are passed over, and more drawn in their
+    place; a position counts from the split's start, passed-over puzzles included."""
+    if split == "train":
+        return [(i, nums, target) for i, (nums, target) in
+                enumerate(generate_puzzles(OFFLINE_SIZE[split] if size is None else size, split, seed, tier))]
+    most = TIERS[tier][f"{split}_max"]
+    size = min(OFFLINE_SIZE[split], most) if size is None else size
+    if size > most:
+        raise DataError(f"the generated {tier} {split} split has {most} puzzles at most, not {size}")
+    start = 0 if split == "test" else TIERS[tier]["test_max"]
+    # With puzzles to pass over, a margin from the start: the real files hold a few dev puzzles (3 of the
+    # first 1000), and drawing the stream again would double the time.
+    extra = size // 20 if leave_out else 0
+    while True:       # draw more when some are passed over, from the same stream (a longer prefix of it)
+        drawn = generate_puzzles(start + size + extra, "test", TEST_SEED, tier)[start:]
+        kept = [(i, nums, target) for i, (nums, target) in enumerate(drawn)
+                if (tuple(sorted(nums)), target) not in leave_out]
+        if len(kept) >= size:
+            return kept[:size]
+        extra += size - len(kept)
+
+
 # --- loading ---------------------------------------------------------------------------------------
 
 def load(split, data_dir, seed, size, tier="countdown") -> list[Example]:
-    if data_dir is None or tier != "countdown":
-        seed = seed if split == "train" else TEST_SEED
-        puzzles = generate_puzzles(OFFLINE_SIZE[split] if size is None else size, split, seed, tier)
-        return [Example(f"{tier}-gen-{split}-s{seed}-{i}", prompt(nums, target),
-                        dict(nums=nums, target=target)) for i, (nums, target) in enumerate(puzzles)]
+    real = data_dir is not None and tier == "countdown"
+    if real and split != "dev":
+        return read_rows(split, data_dir)
+    # The real files were not made with our hash buckets: a generated dev puzzle may be one of their rows.
+    leave_out = {(tuple(sorted(ex.reference["nums"])), ex.reference["target"])
+                 for other in ("train", "test") for ex in read_rows(other, data_dir)} if real else frozenset()
+    seed = seed if split == "train" else TEST_SEED
+    # Test ids keep the "-s0" they have always had; dev ids name no seed, dev having none to vary.
+    name = f"{tier}-gen-dev" if split == "dev" else f"{tier}-gen-{split}-s{seed}"
+    return [Example(f"{name}-{i}", prompt(nums, target), dict(nums=nums, target=target))
+            for i, nums, target in generate_split(split, size, seed, tier, leave_out)]
+
+
+def read_rows(split, data_dir) -> list[Example]:
+    """A split of the real data set: TinyZero's rows, in file order."""
     jsonl = data_dir / "countdown" / f"countdown_3to4_{split}.jsonl"
     parquet = jsonl.with_suffix(".parquet")
     if jsonl.exists() or not parquet.exists():
@@ -159,6 +208,7 @@ def load(split, data_dir, seed, size, tier="countdown") -> list[Example]:
     return examples
 
 
-TASK = Task("countdown", REFLECT_ANSWER, FORMAT, loader=load, verifier=verify, shuffle=False)
+TASK = Task("countdown", REFLECT_ANSWER, FORMAT, loader=load, verifier=verify,
+            splits=("train", "test", "dev"), shuffle=False)
 EASY_TASK = Task("countdown_easy", REFLECT_ANSWER, FORMAT, loader=partial(load, tier="countdown_easy"),
-                 verifier=verify, shuffle=False)
+                 verifier=verify, splits=("train", "test", "dev"), shuffle=False)

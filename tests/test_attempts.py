@@ -15,23 +15,11 @@ import rrr
 from report import mcnemar_exact, wilson_interval
 from runs import parse_config, read_jsonl
 from test_rrr import ENV, REPO, common_args, free_port, run_rrr
-from tiny import PLANTED_PUZZLE, save_planted_reflection_model
+from tiny import PLANTED_PUZZLE
 from verifiers import check_code, check_countdown
 
 FIXTURE = Path(__file__).parent / "fixtures" / "rrr_two_attempts"
 TIMES = ("sample_tokens_per_s", "train_tokens_per_s", "sample_seconds", "train_seconds", "step_seconds")
-
-
-@pytest.fixture(scope="module")
-def planted(tmp_path_factory):
-    """The planted-reflection model (tiny.py) and a data folder holding its one puzzle 8 times per split."""
-    folder = tmp_path_factory.mktemp("planted")
-    model = save_planted_reflection_model(folder / "model")
-    data = folder / "data" / "countdown"
-    data.mkdir(parents=True)
-    for split in ("train", "test"):
-        (data / f"countdown_3to4_{split}.jsonl").write_text((json.dumps(PLANTED_PUZZLE) + "\n") * 8)
-    return model, folder / "data"
 
 
 def planted_args(planted, out, **extra):
@@ -84,16 +72,20 @@ def same_shape(got, want, where):
     assert shape(got) == shape(want), where
 
 
-def test_two_attempts_reproduce_the_algorithm_before_attempts_existed(tmp_path, planted):
+@pytest.mark.parametrize("flags", [[], ["--no-dynamic-sampling", "--max-num-gen-batches=2"]],
+                         ids=["defaults", "dynamic-sampling-off"])
+def test_two_attempts_reproduce_the_algorithm_before_attempts_existed(tmp_path, planted, flags):
     """--attempts 2 (the default) is the paper's algorithm as it was before --attempts existed: FIXTURE holds
     that version's evaluations, per-item answers, step metrics (less their timings) and episodes, recorded
     on an AMD EPYC CPU (fp32) from a fixed-seed run of the planted-reflection model with rewards in both
     steps. What was sampled before the first update is compared value by value (same_values), what came
-    after it by its shape (same_shape): that is what holds on every CPU."""
+    after it by its shape (same_shape): that is what holds on every CPU. --no-dynamic-sampling, whatever
+    its cap, is the same run: the defaults' path."""
     out = tmp_path / "run"
-    done = run_rrr(planted_args(planted, out))
+    done = run_rrr(planted_args(planted, out) + flags)
     assert done.returncode == 0, done.stderr[-3000:]
-    gained = {"eval_answers.jsonl": ("prompt",), "episodes.jsonl": ("scored_try",)}   # fields added since
+    gained = {"eval_answers.jsonl": ("prompt",), "episodes.jsonl": ("scored_try",),    # fields added since
+              "metrics.jsonl": ("learning_rate",)}
     for name in ("evals.jsonl", "eval_answers.jsonl", "metrics.jsonl", "episodes.jsonl"):
         skip = TIMES + gained.get(name, ())
         got = [{k: v for k, v in r.items() if k not in skip} for r in read_jsonl(out / name)]
@@ -101,6 +93,7 @@ def test_two_attempts_reproduce_the_algorithm_before_attempts_existed(tmp_path, 
         same_values(before_the_first_update(got), before_the_first_update(want), name)
         same_shape(got, want, name)
     assert [e["scored_try"] for e in read_jsonl(out / "episodes.jsonl")] == [2] * 32
+    assert [m["learning_rate"] for m in read_jsonl(out / "metrics.jsonl")] == [1e-2] * 2   # constant: the flag's
     assert 0 < sum(m["reward"] for m in read_jsonl(FIXTURE / "metrics.jsonl")) < 2     # rewards that vary
     assert "weights unchanged" not in (out / "report.md").read_text()          # a run that learned
 

@@ -1,9 +1,10 @@
 """The data package: the Countdown generator and solver, the loaders on the real files, the offline
-samples against their own verifiers, and the errors for bad input."""
+samples against their own verifiers, Countdown's dev split, and the errors for bad input."""
 
 import ast
 import json
 import sys
+import zlib
 from fractions import Fraction
 
 import pytest
@@ -86,7 +87,7 @@ def test_solver_solves_the_shared_rows():
 # --- loaders on the real files ---------------------------------------------------------------------
 
 @pytest.mark.parametrize("name, counts", [
-    ("countdown", {"train": 10240, "test": 1024}),
+    ("countdown", {"train": 10240, "test": 1024, "dev": 500}),      # dev: generated (500 by default)
     ("mbpp", {"prompt": 10, "test": 500, "validation": 90, "train": 374}),
     ("gsm8k", {"train": 7473, "test": 1319}),
     # BFCL rows with answers (2501) less Java and JavaScript (150), plus API-Bank (399 + 127) less the 26
@@ -402,3 +403,118 @@ def test_warm_start_leaves_out_the_real_test_files_puzzles(tmp_path):
     labelled, left_out = labelled_examples("countdown", 3, tmp_path)
     assert left_out == 1 and [(n, t) for n, t, _ in labelled] == [first[0], first[2]] + \
         [p for p in generate_puzzles(4, "train", WARM_SEED, "countdown")[3:]]
+
+
+# --- Countdown's dev split -------------------------------------------------------------------------
+
+def puzzle_keys(examples) -> set:
+    return {(tuple(sorted(ex.reference["nums"])), ex.reference["target"]) for ex in examples}
+
+
+# Recorded with the code from before the dev split existed: (id, nums, target) of the first three test and
+# train (seed 0) puzzles, and a checksum of those rows for the whole test split at its maximum size and for
+# 300 train puzzles of seeds 0 and 1. Adding the dev split must not move any of them.
+BEFORE_DEV = {
+    "countdown": dict(
+        test=[("countdown-gen-test-s0-0", [10, 82, 9, 85], 39), ("countdown-gen-test-s0-1", [30, 2, 22, 31], 45),
+              ("countdown-gen-test-s0-2", [7, 38, 35], 66)],
+        train=[("countdown-gen-train-s0-0", [38, 66, 33, 64], 100),
+               ("countdown-gen-train-s0-1", [13, 5, 15, 68], 91), ("countdown-gen-train-s0-2", [14, 54, 43], 25)],
+        test_max=1024, test_crc=949763715, train_crc=(883732459, 3101951671)),
+    "countdown_easy": dict(
+        test=[("countdown_easy-gen-test-s0-0", [8, 8, 12], 28), ("countdown_easy-gen-test-s0-1", [14, 5, 8], 30),
+              ("countdown_easy-gen-test-s0-2", [16, 15, 12], 19)],
+        train=[("countdown_easy-gen-train-s0-0", [12, 13, 17], 65), ("countdown_easy-gen-train-s0-1", [3, 8, 17], 59),
+               ("countdown_easy-gen-train-s0-2", [4, 5, 12], 21)],
+        test_max=700, test_crc=1124899497, train_crc=(1577784229, 2464338598)),
+}
+DEV_MAX = {"countdown": 1000, "countdown_easy": 300}
+
+
+def rows(examples) -> list:
+    return [(ex.id, ex.reference["nums"], ex.reference["target"]) for ex in examples]
+
+
+@pytest.mark.parametrize("tier", list(BEFORE_DEV))
+def test_train_and_test_puzzles_are_those_from_before_the_dev_split(tier):
+    task, before = get_task(tier), BEFORE_DEV[tier]
+    test = task.load("test", size=before["test_max"])
+    assert rows(test[:3]) == before["test"] and zlib.crc32(repr(rows(test)).encode()) == before["test_crc"]
+    assert rows(task.load("test", size=3, seed=5)) == before["test"]
+    train = [task.load("train", size=300, seed=seed) for seed in (0, 1)]
+    assert rows(train[0][:3]) == before["train"]
+    assert tuple(zlib.crc32(repr(rows(t)).encode()) for t in train) == before["train_crc"]
+
+
+@pytest.mark.parametrize("tier", list(BEFORE_DEV))
+def test_dev_split_shares_no_puzzle_with_train_test_or_the_warm_start(tier):
+    """The whole dev split against the whole test split, the warm start's puzzles and the train puzzles of
+    three seeds: 2000 each for countdown_easy (most of its train puzzles: without the hash buckets they
+    would meet), 1000 for countdown (whose puzzles rarely meet by chance: more would only take longer)."""
+    from warmstart import labelled_examples
+    task = get_task(tier)
+    dev = task.load("dev", size=DEV_MAX[tier])
+    assert len(puzzle_keys(dev)) == len(dev) == DEV_MAX[tier]
+    assert [ex.id for ex in dev[:2]] == [f"{tier}-gen-dev-0", f"{tier}-gen-dev-1"]
+    assert rows(task.load("dev", size=5, seed=7)) == rows(dev[:5])           # the same for every run
+    assert not puzzle_keys(dev) & puzzle_keys(task.load("test", size=BEFORE_DEV[tier]["test_max"]))
+    for seed in (0, 1, 2):
+        train = task.load("train", size=2000 if tier == "countdown_easy" else 1000, seed=seed)
+        assert not puzzle_keys(dev) & puzzle_keys(train)
+    labelled, _ = labelled_examples(tier, 500, None)
+    assert not puzzle_keys(dev) & {(tuple(sorted(n)), t) for n, t, _ in labelled}
+    for ex in dev[:100]:
+        nums, target = ex.reference["nums"], ex.reference["target"]
+        assert len(nums) in ((3, 4) if tier == "countdown" else (3,)) and 10 <= target <= 100
+        assert all(1 <= n <= (99 if tier == "countdown" else 20) for n in nums)
+        assert_solves(nums, target)
+
+
+def test_dev_split_leaves_out_the_rows_of_a_data_folder(tmp_path):
+    """The real files know nothing of the hash buckets, so a generated dev puzzle may be one of their rows:
+    it is left out (in any order of its numbers), the other puzzles keep their ids, and more are drawn."""
+    offline = get_task("countdown").load("dev", size=6)
+    row = lambda ex: json.dumps(dict(target=ex.reference["target"], nums=ex.reference["nums"][::-1]))  # noqa: E731
+    (tmp_path / "countdown").mkdir()
+    (tmp_path / "countdown" / "countdown_3to4_train.jsonl").write_text(row(offline[1]) + "\n")
+    (tmp_path / "countdown" / "countdown_3to4_test.jsonl").write_text(row(offline[3]) + "\n")
+    dev = get_task("countdown").load("dev", data_dir=tmp_path, size=4)
+    assert rows(dev) == rows([offline[0], offline[2], offline[4], offline[5]])
+
+
+def test_dev_split_is_apart_from_the_shared_real_files():
+    folder = shared_data_dir()
+    real = {(tuple(sorted(row["nums"])), row["target"]) for split in ("train", "test")
+            for row in map(json.loads, open(folder / "countdown" / f"countdown_3to4_{split}.jsonl"))}
+    dev = get_task("countdown").load("dev", data_dir=folder)
+    assert len(dev) == 500 and not puzzle_keys(dev) & real
+    # The files do hold some of the generated dev puzzles; the others keep their place and id.
+    offline = get_task("countdown").load("dev")
+    kept = [ex for ex in offline if puzzle_keys([ex]) - real]
+    assert len(kept) < len(offline) and rows(dev[:len(kept)]) == rows(kept)
+
+
+def test_generated_test_and_dev_splits_have_a_maximum():
+    for tier, most in (("countdown", dict(test=1024, dev=1000)), ("countdown_easy", dict(test=700, dev=300))):
+        for split, n in most.items():
+            with pytest.raises(DataError, match=rf"^the generated {tier} {split} split has {n} puzzles at most, "
+                                                rf"not {n + 1}$"):
+                get_task(tier).load(split, size=n + 1)
+    with pytest.raises(DataError, match=r"^task gsm8k has splits train, test, not 'dev'$"):
+        get_task("gsm8k").load("dev")
+
+
+def test_eval_split_flag():
+    """rrr.py --eval-split: dev is accepted for the Countdown tasks and refused, in one line, for the others
+    (before torch loads: tests/test_runs.py's BAD_COMMAND_LINES); load_splits scores the split asked."""
+    import rrr
+    from data import check_split, load_splits
+    from runs import parse_config
+    cfg = parse_config(rrr.Config, ["--task", "countdown_easy", "--eval-split", "dev"])
+    rrr.check_flags(cfg)
+    assert cfg.eval_split == "dev" and parse_config(rrr.Config, []).eval_split == "test"
+    with pytest.raises(DataError, match=r"^--eval-split dev: task mbpp has no dev split \(it has train, test, "
+                                        r"validation, prompt\)$"):
+        check_split("mbpp", "dev", "--eval-split")
+    _, _, scored = load_splits("countdown_easy", None, 2, 3, seed=4, eval_split="dev")
+    assert [ex.id for ex in scored] == [f"countdown_easy-gen-dev-{i}" for i in range(3)]

@@ -130,8 +130,112 @@ def test_dpo_reference_is_sharded_in_the_compute_dtype(tmp_path, tiny_chat, one_
     cfg = parse_config(rerest.Config, ["--epochs", "1", "--batch-size", "2", "--micro-batch-size", "2",
                                        "--lora-r", "0", "--bf16"])
     rerest.train_model(cfg, one_process, str(tiny_chat), data, tmp_path / "m", "dpo")
-    assert seen[0] == {("DTensor", torch.float32, True)}          # the trained model
-    assert seen[1] == {("DTensor", torch.bfloat16, False)}        # the reference
+    assert seen[0] == {("DTensor", torch.bfloat16, False)}        # the reference (computed first)
+    assert seen[1] == {("DTensor", torch.float32, True)}          # the trained model
+
+
+def test_dpo_reference_with_lora_is_the_trained_model_with_its_adapters_off(tmp_path, tiny_chat, one_process,
+                                                                          monkeypatch):
+    """With LoRA no reference copy is loaded: the reference log-probs come from the trained model itself,
+    with its adapters off, and equal those of the base model (here, at the first step, of the same model
+    with its adapters on too, since B starts at 0)."""
+    calls = []
+    real = finetune.token_logprobs
+
+    def spy(model, *args, **kwargs):
+        out = real(model, *args, **kwargs)
+        active = {m.active for m in model.modules() if hasattr(m, "active")}
+        calls.append((id(model), active, out.detach().clone()))
+        return out
+
+    monkeypatch.setattr(finetune, "token_logprobs", spy)
+    data = [([5, 6, 7], [8, 9], [10, 11, 12])] * 2
+    cfg = parse_config(rerest.Config, ["--epochs", "1", "--batch-size", "2", "--micro-batch-size", "2",
+                                       "--lora-r", "4", "--no-bf16"])
+    rerest.train_model(cfg, one_process, str(tiny_chat), data, tmp_path / "m", "dpo")
+    (ref_id, ref_active, ref_lp), (model_id, model_active, lp) = calls
+    assert ref_id == model_id and ref_active == {False} and model_active == {True}
+    assert torch.equal(ref_lp, lp)
+
+
+class Killed(Exception):
+    """Raised from an optimizer hook: the trainer stops there as if the process had been killed."""
+
+
+def test_training_follows_the_schedule_and_resumes_it_at_the_global_step(tmp_path, tiny_chat, one_process,
+                                                                          monkeypatch):
+    """train_model sets every optimizer step's rate to transformers' linear schedule with warmup (read by a
+    hook before each step). Stopped inside its second epoch and run again, it resumes from the first
+    epoch's checkpoint at the rates of the global steps, and ends with the straight run's weights."""
+    from safetensors.torch import load_file
+    from torch.optim.optimizer import register_optimizer_step_pre_hook
+
+    from test_rrr import transformers_lrs
+    data = [([5, 6, 7], [8 + i, 9]) for i in range(4)]        # 2 steps per epoch, 6 in all
+    cfg = parse_config(rerest.Config, ["--epochs", "3", "--batch-size", "2", "--micro-batch-size", "2",
+                                       "--lora-r", "0", "--learning-rate", "1e-3", "--lr-scheduler-type",
+                                       "linear", "--warmup-ratio", "0.25", "--no-bf16"])
+    seen, stop_before, loading = [], [None], [False]
+
+    def record(optimizer, args, kwargs):
+        if loading[0]:      # torch's DCP initialises the optimizer's state to load by a step at rate 0
+            return
+        if len(seen) == stop_before[0]:
+            raise Killed
+        seen.append(optimizer.param_groups[0]["lr"])
+
+    def load_checkpoint(*args, real=par.load_checkpoint):
+        loading[0] = True
+        try:
+            return real(*args)
+        finally:
+            loading[0] = False
+
+    monkeypatch.setattr(par, "load_checkpoint", load_checkpoint)
+
+    want = transformers_lrs("linear", 1e-3, 0.25, 6)
+    hook = register_optimizer_step_pre_hook(record)
+    try:
+        rerest.train_model(cfg, one_process, str(tiny_chat), data, tmp_path / "a")
+        assert seen == want and want[:3] == [0, 5e-4, 1e-3]           # a warmup of ceil(0.25 x 6) = 2 steps
+        seen.clear()
+        stop_before[0] = 3             # the fourth step, after the checkpoint of the first epoch (step 2)
+        with pytest.raises(Killed):
+            rerest.train_model(cfg, one_process, str(tiny_chat), data, tmp_path / "b")
+        seen.clear()
+        stop_before[0] = None
+        rerest.train_model(cfg, one_process, str(tiny_chat), data, tmp_path / "b")
+        assert seen == want[2:]
+    finally:
+        hook.remove()
+    a, b = (load_file(str(tmp_path / x / "model.safetensors")) for x in "ab")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_warm_start_keeps_its_cache_folder_with_the_default_schedule(tmp_path, tiny_chat, one_process,
+                                                                      monkeypatch):
+    """Warm starts cached before the schedule was a setting keep their folder: with the default schedule
+    the key is the one they were named by, written out here as it was; another schedule gets a folder of
+    its own and trains with it."""
+    import hashlib
+
+    import warmstart
+    monkeypatch.setenv("RRR_CACHE", str(tmp_path))
+    trained = []
+
+    def train_model(settings, d, init, data, folder):       # what the warm start trains with, and its folder
+        trained.append(settings)
+        folder.mkdir(parents=True)
+
+    monkeypatch.setattr(finetune, "train_model", train_model)
+    folder, card = warmstart.warm_start(one_process, "countdown_easy", 3, str(tiny_chat))
+    before = json.dumps(dict(task="countdown_easy", puzzles=3, model=str(tiny_chat), data_dir=None, bf16=False,
+                             lr=1e-4, batch=16, seed=1_000_001, version=1), sort_keys=True)
+    assert folder == tmp_path / "warm-start" / f"countdown_easy-3-{hashlib.sha256(before.encode()).hexdigest()[:10]}"
+    assert (trained[0].lr_scheduler_type, trained[0].warmup_ratio) == ("constant", 0.0)
+    cosine, card = warmstart.warm_start(one_process, "countdown_easy", 3, str(tiny_chat), schedule=("cosine", 0.1))
+    assert cosine != folder and (trained[1].lr_scheduler_type, trained[1].warmup_ratio) == ("cosine", 0.1)
+    assert (card["lr_scheduler_type"], card["warmup_ratio"]) == ("cosine", 0.1)
 
 
 def test_reflector_sees_feedback_verbatim_and_d_r_only_passes(tmp_path, one_process, monkeypatch):

@@ -19,6 +19,7 @@ import parallel as par
 import failures
 import rrr
 from data import load_splits
+from failures import Failure
 from policy import Policy
 from runs import parse_config, read_jsonl
 from test_grpo import free_port
@@ -172,6 +173,42 @@ def test_kill_and_resume_gives_identical_weights(tmp_path, tiny_chat):
     rows = read_jsonl(out / "failures.jsonl")
     assert "meta" in rows[0] and len(rows) == 1 + 6 and len({r["id"] for r in rows[1:]}) == 6
     assert [m["step"] for m in read_jsonl(out / "metrics.jsonl")] == [1, 2, 3, 4, 5]
+
+
+def transformers_lrs(kind, learning_rate, warmup_ratio, steps) -> list[float]:
+    """The rate of each of `steps` optimizer steps under transformers' get_scheduler(kind), warmup steps as
+    TrainingArguments counts them (ceil of the ratio times the steps), read off a dummy optimizer."""
+    from transformers import get_scheduler
+    optimizer = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=learning_rate)
+    scheduler = get_scheduler(kind, optimizer, num_warmup_steps=math.ceil(warmup_ratio * steps),
+                              num_training_steps=steps)
+    lrs = []
+    for _ in range(steps):
+        lrs.append(optimizer.param_groups[0]["lr"])
+        optimizer.step()
+        scheduler.step()
+    return lrs
+
+
+@pytest.mark.slow
+def test_kill_and_resume_with_a_cosine_schedule_gives_identical_weights(tmp_path, tiny_chat):
+    """The schedule is a function of the step alone: resumed after a kill, the run goes on at the rates the
+    straight run used (transformers' cosine with warmup) and ends with the same weights, bit for bit."""
+    schedule = dict(lr_scheduler_type="cosine", warmup_ratio=0.25)
+    out = kill_and_resume(tmp_path, lambda o: common_args(tiny_chat, o, steps=4, save_every=1, **schedule))
+    want = transformers_lrs("cosine", 1e-3, 0.25, 4)
+    assert [m["learning_rate"] for m in read_jsonl(tmp_path / "a" / "metrics.jsonl")] == want
+    assert [m["learning_rate"] for m in read_jsonl(out / "metrics.jsonl")] == want
+    assert want == pytest.approx([0, 1e-3, 7.5e-4, 2.5e-4])      # a warmup step, then half a cosine
+
+
+def test_linear_schedule_with_warmup_is_transformers(tmp_path, tiny_chat):
+    out = tmp_path / "run"
+    done = run_rrr(common_args(tiny_chat, out, steps=4, lr_scheduler_type="linear", warmup_ratio=0.25))
+    assert done.returncode == 0, done.stderr[-3000:]
+    want = transformers_lrs("linear", 1e-3, 0.25, 4)
+    assert [m["learning_rate"] for m in read_jsonl(out / "metrics.jsonl")] == want
+    assert want == pytest.approx([0, 1e-3, 2e-3 / 3, 1e-3 / 3])       # one warmup step, then down toward 0
 
 
 def test_failure_set_is_reused_by_another_run(tmp_path, tiny_chat):
@@ -349,7 +386,7 @@ def test_trained_span_is_exactly_the_reflection_embedded(embedded, tmp_path):
     pol = Policy(model, model, None, tok, [tok.eos_token_id], None)
     prompts = [rrr.chat_ids(tok, ex.messages) for ex in train]
     gen = rrr.sample(pol.sampler, pol.stops, prompts, cfg, max_new_tokens=24, temperature=0)
-    failures = [rrr.Failure(ex.id, t, rrr.stop_of(t, f), "", "", 1) for ex, t, f in zip(train, gen.tokens, gen.finished)]
+    failures = [Failure(ex.id, t, rrr.stop_of(t, f), "", "", 1) for ex, t, f in zip(train, gen.tokens, gen.finished)]
     episodes = rrr.rollout(cfg, d, pol, task, failures, {ex.id: ex for ex in train}, step=0)
     assert len(episodes) == 6
     ended = 0

@@ -235,12 +235,41 @@ BAD_COMMAND_LINES = [
     (["rrr.py", "--model", "./no-such-model"], "error: no such folder"),
     (["rrr.py", "--data-dir", "/no/such/folder"], "error: data folder"),
     (["rrr.py", "--task", "mbpp", "--warm-start", "10"], "error: --warm-start needs a task with a solver"),
+    (["rrr.py", "--task", "gsm8k", "--eval-split", "dev"], "error: --eval-split dev: task gsm8k has no dev split"),
     (["rrr.py", "--resume", "--out", "/no/such/run"], "error: --resume: no run to continue in /no/such/run"),
+    (["rrr.py", "--warmup-ratio", "0.1"], "error: --warmup-ratio needs --lr-scheduler-type linear or cosine"),
+    (["rrr.py", "--lr-scheduler-type", "cosine", "--warmup-ratio", "1"], "error: --warmup-ratio must be in [0, 1)"),
     (["rerest.py", "--k", "0"], "error: --k must be at least 1"),
+    (["rerest.py", "--warmup-ratio", "0.5"], "error: --warmup-ratio needs --lr-scheduler-type linear or cosine"),
     (["rerest.py", "--task", "countdown", "--self-consistency", "3"], "error: --self-consistency votes"),
     (["warmstart.py", "--puzzles", "0"], "error: --puzzles must be at least 1"),
+    (["warmstart.py", "--lr-scheduler-type", "linear", "--warmup-ratio", "-0.1"], "error: --warmup-ratio must be in"),
     (["compare.py", "/no/such/run"], "error: /no/such/run"),
 ]
+
+
+@pytest.mark.parametrize("kind", ["constant", "linear", "cosine"])
+def test_lr_schedule_is_transformers_schedulers(kind):
+    """apply_lr_schedule's rate at every step of many (total steps, warmup ratio) pairs equals the one that
+    transformers' get_scheduler sets on an optimizer, with TrainingArguments' warmup steps (ceil of the ratio
+    times the total; its "constant" has no warmup)."""
+    import math
+
+    import torch
+    from transformers import get_scheduler
+    for total in range(1, 41):
+        for ratio in ([0.0] if kind == "constant" else [0.0, 0.1, 0.25, 0.5, 0.99]):
+            cfg = types.SimpleNamespace(learning_rate=3e-4, lr_scheduler_type=kind, warmup_ratio=ratio)
+            reference = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=cfg.learning_rate)
+            scheduler = get_scheduler(kind, reference, num_warmup_steps=math.ceil(total * ratio),
+                                      num_training_steps=total)
+            ours = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0)
+            for step in range(total):
+                want = reference.param_groups[0]["lr"]
+                assert runs.apply_lr_schedule(ours, cfg, step, total) == want, (total, ratio, step)
+                assert ours.param_groups[0]["lr"] == want
+                reference.step()
+                scheduler.step()
 
 
 @pytest.mark.parametrize("argv, message", BAD_COMMAND_LINES, ids=[" ".join(a) for a, _ in BAD_COMMAND_LINES])
