@@ -537,7 +537,8 @@ def run(argv=None):
     cfg.model, cfg.data_dir, cfg.out = cfg.model or EMBEDDED_MODEL, data_dir_used(cfg.data_dir), str(out)
     resolve_prompts(cfg)
     announce(out, cfg, ("task", "model", "method", "reflection", "attempts", "reflection_feedback",
-                        "warm_start", "steps", "batch_size", "num_generations", "learning_rate", "eval_size"))
+                        "warm_start", "steps", "batch_size", "num_generations", "learning_rate", "eval_size",
+                        "eval_split"))
     started = time.time()
     d, tracker = par.init_distributed(cfg.device), Tracker()
     try:
