@@ -189,12 +189,6 @@ class LoRALinear(torch.nn.Module):
             return self.base(x)
         return self.base(x) + (x @ self.lora_a.t() @ self.lora_b.t()) * self.scale
 
-    def merged_weight(self) -> torch.Tensor:
-        """W + scale * B A, summed in fp32 and rounded once to W's dtype: the weight a plain Linear needs to
-        compute what this module computes (up to that rounding)."""
-        update = self.lora_b.float() @ self.lora_a.float()
-        return (self.base.weight.float() + self.scale * update).to(self.base.weight.dtype)
-
 
 def add_lora(model, r: int, alpha: float, seed: int, targets=LORA_TARGETS):
     """Freezes the model and puts LoRA adapters on the `targets` (names of linear layers in each decoder
@@ -222,17 +216,18 @@ def adapters_off(model):
 
 
 def merge_lora(state: dict, model) -> dict:
-    """A full state dict of `model` with every LoRA update merged into its base weight, in the plain
-    Hugging Face names (unchanged for a model without adapters)."""
+    """A state dict of `model` (or of one of its modules: names relative to it) with every LoRA update merged
+    into its base weight, W + scale * B A, in the plain Hugging Face names (unchanged without adapters): the
+    export's weights, and the sampler's as they are gathered (parallel.copy_full_weights)."""
     out = {}
     for name, t in state.items():
         if name.endswith((".lora_a", ".lora_b")):
             continue
         if ".base." in name:
             prefix = name.split(".base.")[0]
-            if name.endswith(".weight"):
-                update = state[prefix + ".lora_b"] @ state[prefix + ".lora_a"]
-                t = t + model.get_submodule(prefix).scale * update
+            if name.endswith(".weight"):    # summed in fp32, rounded once to W's dtype
+                update = state[prefix + ".lora_b"].float() @ state[prefix + ".lora_a"].float()
+                t = (t.float() + model.get_submodule(prefix).scale * update).to(t.dtype)
             name = name.replace(".base.", ".")
         out[name] = t
     return out

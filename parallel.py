@@ -216,13 +216,9 @@ def copy_full_weights(sharded, plain):
     for unit in [*decoder_layers(sharded), sharded]:
         unit.unshard()
         prefix = names[id(unit)] + "." if names[id(unit)] else ""
-        for name, p in unit.named_parameters():
-            if hasattr(p, "full_tensor") or name.endswith((".lora_a", ".lora_b")):
-                continue       # the root's walk also meets the layers' shards; adapters: merged below
-            if ".base." in name:        # a LoRA layer: the sampler gets its merged weight (its bias as is)
-                adapted = unit.get_submodule(name.split(".base.")[0])
-                p = adapted.merged_weight() if name.endswith(".weight") else p
-                name = name.replace(".base.", ".")
+        # The root's walk also meets the layers' shards: skipped. LoRA layers give their merged weights.
+        gathered = {name: p for name, p in unit.named_parameters() if not hasattr(p, "full_tensor")}
+        for name, p in merge_lora(gathered, unit).items():
             target[prefix + name].copy_(p)
         unit.reshard()
 
@@ -394,12 +390,17 @@ def check_shared_folder(folder: Path, d: Dist):
 
 # --- checkpoints and export ---------------------------------------------------------------------------
 
+def frozen_names(model) -> set[str]:
+    """The frozen parameters' names, a tied one under each of its names: ignore_frozen_params still lists a
+    head tied to a frozen embedding under the head's name, which state dicts must leave out as well."""
+    return {n for n, p in model.named_parameters(remove_duplicate=False) if not p.requires_grad}
+
+
 def trainable_state(model, optimizer):
     """The model's and optimizer's state dicts, the frozen parameters left out: with LoRA adapters, a
     checkpoint holds the adapters and their optimizer state only (the base weights are the run's --model)."""
     model_sd, optim_sd = get_state_dict(model, optimizer, options=StateDictOptions(ignore_frozen_params=True))
-    # A head tied to a frozen embedding is still listed under its own name: leave it out as well.
-    frozen = {n for n, p in model.named_parameters(remove_duplicate=False) if not p.requires_grad}
+    frozen = frozen_names(model)
     return {k: v for k, v in model_sd.items() if k not in frozen}, optim_sd
 
 
@@ -475,7 +476,7 @@ def export_adapters(model, path: Path, metadata: dict, d: Dist):
     """The LoRA adapters alone (lora_a, lora_b of every adapted layer, full tensors, fp32) in one safetensors
     file, `metadata` (r, alpha, targets) in its header; written by rank 0. A collective."""
     options = StateDictOptions(full_state_dict=True, cpu_offload=True, ignore_frozen_params=True)
-    frozen = {n for n, p in model.named_parameters(remove_duplicate=False) if not p.requires_grad}
+    frozen = frozen_names(model)
     state = {k: v for k, v in get_model_state_dict(model, options=options).items() if k not in frozen}
     if d.main:
         tmp = Path(str(path) + ".tmp")

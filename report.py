@@ -191,7 +191,7 @@ def weights_unchanged(cfg: dict, metrics: list[dict]) -> str | None:
 def write_rrr_report(cfg: dict, out: Path, evals, metrics, wall, split_size, forgetting) -> str:
     """report.md, report.json and plot.png of one run (cfg: its recorded config): the paper's table, plus a
     first-try column per task of the forgetting check (forgetting: {task: (before, after)}, each {item id:
-    solved}). Returns the table with its caption."""
+    solved}). Returns the table with its caption, and weights_unchanged's line when it has one."""
     trained, what = evals[-1], method_name(cfg)
     vanilla, last, unjudged = vanilla_and_last(out, trained["step"])
     unchanged = weights_unchanged(cfg, metrics)
@@ -245,7 +245,7 @@ def write_rrr_report(cfg: dict, out: Path, evals, metrics, wall, split_size, for
                                          vanilla=evals[0], trained=trained, paired=paired, forgetting=forgot,
                                          evals=evals, steps=metrics, wall_seconds=wall))
     plot_rrr(out / "plot.png", metrics, evals, title=f"{what} on {cfg['task']}")
-    return table + "\n\n" + CAPTION
+    return table + "\n\n" + CAPTION + (f"\n\n{unchanged}" if unchanged else "")
 
 
 # --- rerest.py's report ----------------------------------------------------------------------------------

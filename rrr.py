@@ -179,7 +179,7 @@ if __name__ == "__main__":      # a bad flag fails here, in a fraction of a seco
 import torch
 
 import parallel as par
-from report import solved_after_each_try, weights_unchanged, write_rrr_report
+from report import solved_after_each_try, write_rrr_report
 from failures import build_failure_set, check_failure_set, dynamic_sampling, step_batch
 from grpo import group_advantages, zero_variance_fraction
 from model import chat_ids, next_turn_ids
@@ -582,9 +582,7 @@ def run(argv=None):
             forgetting = {k: (forgetting_before[k], forgetting_after[k]) for k in forgetting_before}
             wall = time.time() - started
             table = write_rrr_report(recorded, out, evals, metrics, wall, split_size, forgetting)
-            unchanged = weights_unchanged(recorded, metrics)     # a note, or None when something was learned
-            print(f"\n{table}\n" + (f"\n{unchanged}\n" if unchanged else "")
-                  + f"\nreport: {out / 'report.md'}")
+            print(f"\n{table}\n\nreport: {out / 'report.md'}")
         par.export_hf(pol.model, pol.tokenizer, out / "final", d)
         if cfg.use_peft:
             lora = dict(r=cfg.lora_r, alpha=cfg.lora_alpha, targets=cfg.lora_target_modules or LORA_LINEAR)
