@@ -29,10 +29,12 @@ class Failure:
 
 
 def failure_set_meta(cfg) -> dict:
-    """The settings a failure set depends on: its first line, which a run reusing or resuming it matches."""
+    """The settings a failure set depends on: its first line, which a run reusing or resuming it matches.
+    warm_start_reflections only when set, so that the failure sets written before it existed still match."""
     return dict(task=cfg.task, model=cfg.model, warm_start=cfg.warm_start, data_dir=cfg.data_dir,
                 train_size=cfg.train_size, seed=cfg.seed, failure_samples=cfg.failure_samples,
-                max_completion_length=cfg.max_completion_length, temperature=cfg.temperature)
+                max_completion_length=cfg.max_completion_length, temperature=cfg.temperature,
+                **({"warm_start_reflections": True} if cfg.warm_start_reflections else {}))
 
 
 def check_failure_set(cfg, path: Path, train):

@@ -68,6 +68,9 @@ class Config(MachineFlags):     # + --bf16, --gradient-checkpointing, --cuda-gra
     warm_start: int = flag(0, "first fine-tune --model on this many solver-written answers to generated "
                            "puzzles outside the test split (warmstart.py; cached): a labelled warm start, "
                            "said in config.json and the report (0: none)")
+    warm_start_reflections: bool = flag(False, "with --warm-start: the labels also cover the reflection turn "
+                                        "(a reflection built from the verifier's verdict on a wrong answer, "
+                                        "then the solver's retry; warmstart.py --reflections)")
     data_dir: str | None = flag(None, "folder with the real data sets (countdown/, function_calling/); "
                                 "default $RRR_DATA_DIR, else offline data (generated Countdown, samples)")
     out: str | None = flag(None, "run folder (default runs/<method>-<task>)")
@@ -159,7 +162,7 @@ def check_flags(cfg):
     check_at_least(cfg, ("attempts",), 2)        # a first try and a retry
     check_lr_schedule(cfg)
     check_model_name(cfg.model)
-    check_warm_start(cfg.task, cfg.warm_start)
+    check_warm_start(cfg.task, cfg.warm_start, cfg.warm_start_reflections)
     check_split(cfg.task, cfg.eval_split, "--eval-split")
     resolve_data_dir(cfg.data_dir)
     if cfg.method == "grpo" and cfg.reflection == "generic":

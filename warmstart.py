@@ -13,6 +13,14 @@ The labels: the first `--puzzles` train-split puzzles of the task's generator un
 before it), leaving out every puzzle of the task's whole test split (with --data-dir, the real test file's).
 One epoch of full fine-tuning (finetune.train_model: the loss covers the answer tokens only).
 
+With --reflections the labels also cover RRR's second turn, which an answers-only warm start never sees (it
+answers the reflection prompt with another `<answer>`): for each puzzle, a wrong first answer (the numbers
+in a random order with random + - * between them, one that misses the target), the task's reflection prompt,
+a labelled reflection built from the verifier's verdict on that answer ("My equation (7 + 3) * 2 equals 20,
+not 14: 6 too high. ..."), the retry prompt and the solver's answer. The loss covers the reflection and the
+retry answer (two training rows; the wrong answer is context only), so the warm start's reflections and
+retries are labelled too, which every run that uses it records.
+
 Cached in $RRR_CACHE/warm-start/<task>-<puzzles>-<hash of every setting>, with `warm_start.json`
 describing it, which rrr.py records in config.json and its report. Building it is a collective (every rank
 of a torchrun job calls it) and resumable: the trainer keeps a checkpoint per epoch and the export is
@@ -22,12 +30,14 @@ written to a temporary folder and renamed.
 import argparse
 import hashlib
 import json
+import random
 import time
 from pathlib import Path
 from types import SimpleNamespace
 
 from data import data_dir_used, get_task, resolve_data_dir
 from data.countdown import TIERS, check_warm_start, generate_puzzles, prompt, solve_countdown
+from verifiers import check_countdown
 from runs import (EMBEDDED_NAMES, LR_SCHEDULER_TYPES, BadInput, OneLineParser, bf16_by_default, cache_root,
                   check_lr_schedule, check_model_name, main_guard, write_json)
 
@@ -37,6 +47,8 @@ DEFAULT_SCHEDULE = ("constant", 0.0)      # --lr-scheduler-type and --warmup-rat
 BATCH_SIZE = 16
 DESCRIPTION = ("supervised fine-tuning (1 epoch, full) on {puzzles} solver-written answers to generated "
                "{task} train-split puzzles, none of them in the test split")
+REFLECTIONS = (" and, after a wrong first answer to each, a reflection built from the verifier's verdict and "
+               "the solver's retry")
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -49,6 +61,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                     help="base model: Hugging Face folder or hub id (default: the embedded one)")
     ap.add_argument("--data-dir", default=None, help="data folder, for the test split to keep out (default "
                     "$RRR_DATA_DIR, else the offline data)")
+    ap.add_argument("--reflections", action="store_true",
+                    help="the labels also cover the reflection turn and the retry (see above)")
     ap.add_argument("--bf16", action=argparse.BooleanOptionalAction, default=None,
                     help="bf16 compute (default: as rrr.py chooses for this machine)")
     ap.add_argument("--lr-scheduler-type", default=DEFAULT_SCHEDULE[0], choices=LR_SCHEDULER_TYPES,
@@ -71,7 +85,7 @@ if __name__ == "__main__":      # a bad flag fails here, in a fraction of a seco
 
 # torch and the modules that load it come after the early check of the command line, on purpose.
 import parallel as par
-from model import chat_ids, load_tokenizer
+from model import chat_ids, load_tokenizer, next_turn_ids
 
 
 def labelled_examples(task_name: str, puzzles: int, data_dir) -> tuple[list[tuple[list[int], int, str]], int]:
@@ -90,8 +104,51 @@ def labelled_examples(task_name: str, puzzles: int, data_dir) -> tuple[list[tupl
     return [(n, t, f"<answer> {solve_countdown(n, t)} </answer>") for n, t in kept], len(drawn) - len(kept)
 
 
+def wrong_answer(nums, target, rng: random.Random) -> tuple[str, str]:
+    """A well-formed answer that misses: the numbers in a random order, random + - * between them, the
+    first two in parentheses; and the verifier's feedback on it ("equals 20, not 14")."""
+    while True:
+        order, ops = rng.sample(list(nums), len(nums)), [rng.choice("+-*") for _ in nums[1:]]
+        later = "".join(f" {o} {n}" for o, n in zip(ops[1:], order[2:]))
+        equation = f"({order[0]} {ops[0]} {order[1]}){later}"
+        verdict = check_countdown(f"<answer> {equation} </answer>", nums, target)
+        if not verdict.ok:
+            return equation, verdict.feedback
+
+
+def reflection_label(nums, target, equation: str, feedback: str) -> str:
+    """The labelled reflection on a wrong answer: the verifier's verdict, how far off, and the plan."""
+    value = eval(equation, {"__builtins__": {}})         # our own + - * of ints: exact
+    off = f"{abs(value - target)} too {'high' if value > target else 'low'}"
+    numbers = ", ".join(map(str, nums))
+    return (f"My equation {equation} {feedback}: {off}. I will combine {numbers} in another way, using each "
+            f"number once, to reach exactly {target}.")
+
+
+def labelled_rows(tokenizer, task_name: str, labelled, reflections: bool) -> list[tuple[list, list]]:
+    """(prompt ids, target ids) rows for finetune.train_model: each puzzle's answer; with `reflections` also
+    the reflection after a wrong answer and the retry after it, in the turns rrr.py builds (next_turn_ids)."""
+    def ids(text):
+        return list(tokenizer(text, add_special_tokens=False)["input_ids"]) + [tokenizer.eos_token_id]
+
+    task, eos, rng = get_task(task_name), tokenizer.eos_token_id, random.Random(WARM_SEED)
+    rows = []
+    for n, t, answer in labelled:
+        question = chat_ids(tokenizer, prompt(n, t))
+        rows.append((question, ids(answer)))
+        if reflections:
+            equation, feedback = wrong_answer(n, t, rng)
+            asked = question + ids(f"<answer> {equation} </answer>") + next_turn_ids(
+                tokenizer, task.reflection_prompt, eos)
+            reflection = ids(reflection_label(n, t, equation, feedback))
+            rows.append((asked, reflection))
+            rows.append((asked + reflection + next_turn_ids(tokenizer, task.retry_prompt, eos), ids(answer)))
+    return rows
+
+
 def warm_start(d, task_name: str, puzzles: int, base_model: str | None, data_dir=None, bf16: bool = False,
-               schedule: tuple[str, float] = DEFAULT_SCHEDULE) -> tuple[Path, dict]:
+               schedule: tuple[str, float] = DEFAULT_SCHEDULE, reflections: bool = False
+               ) -> tuple[Path, dict]:
     """The warm-started model's folder (built on first use, a collective) and its description."""
     from finetune import train_model
 
@@ -101,6 +158,7 @@ def warm_start(d, task_name: str, puzzles: int, base_model: str | None, data_dir
     # default, so that the warm starts cached before it was a setting keep their folders.
     scheduled = {} if schedule == DEFAULT_SCHEDULE else dict(lr_scheduler_type=schedule[0],
                                                              warmup_ratio=schedule[1])
+    scheduled |= dict(reflections=True) if reflections else {}
     key = json.dumps(dict(task=task_name, puzzles=puzzles,
                           model="embedded" if base_model in EMBEDDED_NAMES else base_model,
                           data_dir=data_dir_used(data_dir) if task_name == "countdown" else None, bf16=bf16,
@@ -113,11 +171,10 @@ def warm_start(d, task_name: str, puzzles: int, base_model: str | None, data_dir
         started = time.time()
         tokenizer = load_tokenizer(base_model)
         labelled, left_out = labelled_examples(task_name, puzzles, data_dir)
-        data = [(chat_ids(tokenizer, prompt(n, t)), list(tokenizer(a, add_special_tokens=False)["input_ids"])
-                 + [tokenizer.eos_token_id]) for n, t, a in labelled]
+        data = labelled_rows(tokenizer, task_name, labelled, reflections)
         if d.main:
-            print(f"warm start: fine-tuning on {puzzles} solver-written {task_name} answers (once; cached in "
-                  f"{folder})", flush=True)
+            print(f"warm start: fine-tuning on {puzzles} solver-written {task_name} answers"
+                  f"{' with reflections' if reflections else ''} (once; cached in {folder})", flush=True)
         settings = SimpleNamespace(lora_r=0, lora_alpha=16, seed=WARM_SEED, bf16=bf16, epochs=1,
                                    gradient_checkpointing=False, learning_rate=LEARNING_RATE,
                                    lr_scheduler_type=schedule[0], warmup_ratio=schedule[1],
@@ -125,7 +182,9 @@ def warm_start(d, task_name: str, puzzles: int, base_model: str | None, data_dir
         train_model(settings, d, base_model, data, folder)
         if d.main:
             nums, target, answer = labelled[0]
-            write_json(card, dict(description=DESCRIPTION.format(puzzles=puzzles, task=task_name),
+            description = DESCRIPTION.format(puzzles=puzzles, task=task_name)
+            description += REFLECTIONS if reflections else ""
+            write_json(card, dict(description=description, reflections=reflections,
                                   task=task_name, puzzles=puzzles, base_model=base_model, data_dir=data_dir,
                                   left_out_as_test=left_out, learning_rate=LEARNING_RATE,
                                   lr_scheduler_type=schedule[0], warmup_ratio=schedule[1],
@@ -141,7 +200,8 @@ def model_for_run(cfg, d) -> tuple[str, dict | None]:
     and the description a run records of it (None without a warm start)."""
     if not cfg.warm_start:
         return cfg.model, None
-    folder, card = warm_start(d, cfg.task, cfg.warm_start, cfg.model, cfg.data_dir, cfg.bf16)
+    folder, card = warm_start(d, cfg.task, cfg.warm_start, cfg.model, cfg.data_dir, cfg.bf16,
+                              reflections=cfg.warm_start_reflections)
     return str(folder), dict(description=card["description"], folder=folder.name)
 
 
@@ -151,7 +211,7 @@ def run(argv=None):
     try:
         bf16 = bf16_by_default(d.device) if args.bf16 is None else args.bf16
         folder, card = warm_start(d, args.task, args.puzzles, args.model, args.data_dir, bf16,
-                                  (args.lr_scheduler_type, args.warmup_ratio))
+                                  (args.lr_scheduler_type, args.warmup_ratio), args.reflections)
         if d.main:
             print(f"{folder}\n{card['description']}")
     finally:

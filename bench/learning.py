@@ -1,33 +1,42 @@
-"""Does the training make a model better? RRR against its two controls, from one warm-started model.
+"""Does the training make a model better? Settings chosen on a dev split, then RRR and its controls on the
+held-out test split over seeds, from one labelled warm start of the embedded SmolLM2-135M (countdown_easy).
 
-Running time with the defaults: about 73 minutes on a 2-core AMD EPYC CPU (A in BENCHMARKS.md), fp32, with
-the warm start already cached; building it first takes about 16 minutes more there.
+    python bench/learning.py --stage sweep                       # every configuration of SWEEP, in order
+    python bench/learning.py --stage sweep --configs grpo-lora-1e-4-dyn
+    python bench/learning.py --stage final --seeds 0 1           # the chosen settings (FINAL), 4 arms
 
-    python bench/learning.py                      # countdown_easy, embedded SmolLM2-135M, 2-core CPU
-    python bench/learning.py --steps 40 --out runs/learning-40
+Running time (2-core CPU, fp32 fixed, warm start cached; building the 800-puzzle one takes about 11 minutes
+on B, 16 on A): a sweep configuration of 40 steps with 4 dev evaluations of 300 puzzles takes 20-45
+minutes on B (Intel Xeon with AMX), the runs with --dynamic-sampling the longest; BENCHMARKS.md gives each
+one's cost. A seed of the final stage runs four arms on 500 test puzzles (see FINAL for its budget).
 
-The embedded model scores about 0% on Countdown, so every group of reflections would get the same reward
-and nothing could be learned. It first gets partial skill from a labelled warm start (warmstart.py:
-supervised fine-tuning on solver-written answers to generated puzzles outside the test split; cached),
-and everything below starts from that model. Then, one after the other, with one seed and one budget:
-  1. rrr.py --method rrr                 (evaluates the warm-started model first: the vanilla row; builds
-                                          the failure set)
-  2. rrr.py --reflection generic         (the same failure set: --failure-set from run 1)
-  3. rrr.py --method grpo                (the same failure set)
-  and, with --arms, RRR's self-correction variants on the same failure set: feedback (--reflection-feedback:
-  the verifier's feedback in the reflection prompt) and three-tries (--attempts 3);
-and compare.py's table of the runs (accuracy after each try with 95% intervals, exact McNemar tests
-against the vanilla evaluation they share) on --eval-size held-out puzzles. Written to --out: each run's
-folder, comparison.md/.json (the table), learning.png (reward and zero-variance groups per step, and
-first- and second-try accuracy per evaluation, per run) and learning.json beside it
-(every evaluation's per-item results and every step's metrics, per method).
+The embedded model scores about 0% on Countdown, so every group would get the same reward and nothing could
+be learned. It first gets partial skill from a labelled warm start (warmstart.py: supervised fine-tuning on
+solver-written answers to generated puzzles outside the test and dev splits; cached; every run records it).
+
+--stage sweep: each configuration of SWEEP (plain GRPO first: does RL raise the first try here at all? then
+  RRR) is one rrr.py run on the dev split (--eval-split dev: countdown_easy's 300 dev puzzles, apart from
+  train and test), evaluated every --eval-every steps. The runs of one warm start share one failure set.
+  Written to --out/sweep/: each run's folder, sweep.md (per configuration: settings, cost, dev accuracy at
+  each evaluation, the change from the warm start with an exact McNemar test) and sweep.png (every run's
+  curves); --results/sweep.json: every evaluation's per-item results, per configuration.
+--stage final: FINAL's settings (chosen from the sweep; the test split is not scored before), for each
+  --seeds seed: RRR (it builds the seed's failure set), RRR with --reflection-feedback, the generic-
+  reflection control and plain GRPO on the same failures, scored on the whole test split (500 puzzles).
+  Written to --out/final/seed-<s>/: the runs, comparison.md (compare.py's table); --out/final/: pooled.md
+  (every seed's items together) and learning.png; --results/final.json (every evaluation's per-item
+  results and every step's metrics, per seed and arm) and, for LoRA settings, --results/adapters/.
 
 A run killed half-way is continued by the same command: finished runs are kept, an unfinished one is
-resumed from its last checkpoint (rrr.py --resume).
+resumed from its last checkpoint (rrr.py --resume). The dtype is fixed (fp32 unless --bf16): machines differ
+(CPUs with AMX default to bf16), and every table names the machine and dtype it was measured with.
 """
 
 import argparse
+import json
 import os
+import platform
+import shutil
 import subprocess
 import sys
 import time
@@ -37,112 +46,254 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 from bench._cli import Help  # noqa: E402
 from compare import compare  # noqa: E402
-from report import _figure, _save, _steps_axis  # noqa: E402
+from report import _figure, _save, _steps_axis, markdown_table, paired_change, pct  # noqa: E402
 from runs import read_jsonl, write_json  # noqa: E402
 
-METHODS = {"rrr": ["--method", "rrr"], "generic": ["--method", "rrr", "--reflection", "generic"],
-           "grpo": ["--method", "grpo"],
-           # the self-correction variants (optional arms, --arms): the verifier's feedback in the reflection
-           # prompt (as RLEF, Gehring et al. 2024), and a third try (multi-attempt RL, Chung et al. 2025)
-           "feedback": ["--method", "rrr", "--reflection-feedback"], "three-tries": ["--method", "rrr", "--attempts", "3"]}
-LABELS = {"rrr": "RRR (model's reflection)", "generic": "generic reflection", "grpo": "GRPO on first attempts",
-          "feedback": "RRR, feedback in the reflection prompt", "three-tries": "RRR, three tries"}
-DEFAULT_ARMS = ("rrr", "generic", "grpo")
+# Every run: countdown_easy, G = 8, 8 failures per step, answers of at most 32 tokens, reflections of 64.
+COMMON = ["--task", "countdown_easy", "--batch-size", "8", "--num-generations", "8", "--failure-samples", "8",
+          "--train-size", "512", "--max-completion-length", "32", "--max-reflection-length", "64",
+          "--save-every", "5", "--save-total-limit", "1", "--log-episodes", "8"]
+LORA = ["--use-peft", "--lora-r", "16", "--lora-alpha", "32"]      # every linear layer (rrr.py's default)
+DYNAMIC = ["--dynamic-sampling", "--max-num-gen-batches", "4"]
+
+# The warm starts (warmstart.py, cached): 800 solver-written answers; the same with the reflection turn
+# labelled too (a reflection built from the verifier's verdict on a wrong answer, then the solver's retry).
+WARM = {"answers-800": ["--warm-start", "800"],
+        "reflections-800": ["--warm-start", "800", "--warm-start-reflections"]}
+
+# The sweep's grid, in the order it runs: name -> (warm start, steps, rrr.py flags). Public recipes bound it:
+# full fine-tuning near 1e-6 to 1e-5 (TRL's default 1e-6), LoRA about 10x that (LoRA Without Regret, Thinking
+# Machines 2025: rank 16-32 on every linear layer). A configuration added here runs next.
+SWEEP = {
+    "grpo-lora-1e-4-dyn": ("answers-800", 40, ["--method", "grpo", *LORA, "--learning-rate", "1e-4", *DYNAMIC]),
+    "rrr-lora-1e-4-dyn-reflws": ("reflections-800", 40, ["--method", "rrr", *LORA, "--learning-rate", "1e-4",
+                                                         *DYNAMIC]),
+    "grpo-full-5e-6-dyn": ("answers-800", 40, ["--method", "grpo", "--learning-rate", "5e-6", *DYNAMIC]),
+}
+
+# The final stage's settings, chosen on the dev split by the sweep (BENCHMARKS.md says from which runs).
+FINAL = dict(warm_start="reflections-800", steps=40, flags=[*LORA, "--learning-rate", "1e-4", *DYNAMIC])
+ARMS = {"rrr": ["--method", "rrr"], "feedback": ["--method", "rrr", "--reflection-feedback"],
+        "generic": ["--method", "rrr", "--reflection", "generic"], "grpo": ["--method", "grpo"]}
+LABELS = {"rrr": "RRR (model's reflection)", "feedback": "RRR, feedback in the reflection prompt",
+          "generic": "generic reflection", "grpo": "GRPO on first attempts"}
 
 
 def parse_args(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=Help)
-    ap.add_argument("--out", type=Path, default=Path("runs/learning"), help="folder for the runs and the results")
-    ap.add_argument("--task", default="countdown_easy", help="task (one with a solver for the warm start)")
-    ap.add_argument("--warm-start", type=int, default=800, help="labelled puzzles the warm start fine-tunes on")
-    ap.add_argument("--eval-size", type=int, default=300, help="held-out test puzzles every evaluation scores")
-    ap.add_argument("--train-size", type=int, default=64, help="training queries the failure set is drawn from")
-    ap.add_argument("--steps", type=int, default=10, help="training steps of each method")
-    ap.add_argument("--batch-size", type=int, default=4, help="failures per step")
-    ap.add_argument("--num-generations", type=int, default=8, help="G: reflections (or attempts) per failure")
-    ap.add_argument("--learning-rate", type=float, default=5e-5, help="AdamW learning rate of every method")
-    ap.add_argument("--eval-every", type=int, default=0, help="evaluate every N steps as well (0: before and after training only)")
-    ap.add_argument("--seed", type=int, default=0, help="one seed for every run")
-    ap.add_argument("--extra", default="",
-                    help="more rrr.py flags for every run, as one string (default: %(default)r)")
-    ap.add_argument("--arms", nargs="+", default=list(DEFAULT_ARMS), choices=list(METHODS),
-                    help="the runs, in order (rrr first: the others reuse its failure set); feedback and "
-                         "three-tries are RRR's self-correction variants")
+    ap.add_argument("--stage", choices=("sweep", "final"), required=True,
+                    help="sweep: SWEEP's configurations on the dev split; final: FINAL's settings, 4 arms, "
+                         "on the test split over --seeds")
+    ap.add_argument("--configs", nargs="+", choices=list(SWEEP), default=list(SWEEP),
+                    help="--stage sweep: the configurations to run (and tabulate), in order")
+    ap.add_argument("--arms", nargs="+", choices=list(ARMS), default=list(ARMS),
+                    help="--stage final: the arms, in order (rrr first: the others reuse its failure set)")
+    ap.add_argument("--seeds", nargs="+", type=int, default=[0, 1], help="--stage final: one run per arm and seed")
+    ap.add_argument("--eval-every", type=int, default=10, help="evaluate every N steps (and at the end)")
+    ap.add_argument("--out", type=Path, default=Path("runs/learning"), help="folder for the runs and tables")
+    ap.add_argument("--results", type=Path, default=REPO / "bench/results/learning",
+                    help="folder for the per-item results (and adapters) to commit")
+    ap.add_argument("--bf16", action="store_true", help="bf16 instead of the fixed fp32")
     args = ap.parse_args(argv)
     if args.arms[0] != "rrr":
         ap.error("--arms must start with rrr, whose failure set the other arms reuse")
+    if args.eval_every < 1:
+        ap.error("--eval-every must be at least 1")
     return args
 
 
-def rrr_args(args, method: str) -> list[str]:
-    shared = ["--task", args.task, "--warm-start", str(args.warm_start), "--eval-size", str(args.eval_size),
-              "--train-size", str(args.train_size), "--steps", str(args.steps), "--batch-size", str(args.batch_size),
-              "--num-generations", str(args.num_generations), "--learning-rate", str(args.learning_rate),
-              "--eval-every", str(args.eval_every), "--seed", str(args.seed), "--max-completion-length", "32",
-              "--max-reflection-length", "64", "--failure-samples", "8", "--save-every", "5",
-              "--save-total-limit", "1", "--log-episodes", "8"]
-    if method != "rrr":
-        shared += ["--failure-set", str(args.out / "rrr" / "failures.jsonl")]
-    return shared + METHODS[method] + args.extra.split() + ["--out", str(args.out / method)]
+def machine(bf16: bool) -> str:
+    """The CPU (model name, AMX or not), core count and dtype: every figure says what produced it."""
+    name = platform.processor() or "cpu"
+    try:
+        info = Path("/proc/cpuinfo").read_text()
+        name = next(line.split(":", 1)[1].strip() for line in info.splitlines() if line.startswith("model name"))
+        name += ", AMX" if "amx_bf16" in info else ", no AMX"
+    except (OSError, StopIteration):
+        pass
+    return f"{name}, {os.cpu_count()} cores, {'bf16' if bf16 else 'fp32'}"
 
 
-def run_method(args, method: str):
-    folder = args.out / method
+def run_rrr(folder: Path, flags: list[str]) -> float:
+    """One rrr.py run into `folder` (resumed if it started before; kept if it finished). Returns the minutes
+    it has cost over all its invocations (kept in folder/bench_minutes.json)."""
+    spent = folder / "bench_minutes.json"
+    before = json.loads(spent.read_text())["minutes"] if spent.exists() else 0.0
     if (folder / "report.json").exists():
-        print(f"{method}: finished before, kept ({folder})", flush=True)
-        return
-    cmd = [sys.executable, str(REPO / "rrr.py")] + rrr_args(args, method)
+        print(f"{folder}: finished before, kept", flush=True)
+        return before
+    cmd = [sys.executable, str(REPO / "rrr.py"), *flags, "--out", str(folder)]
     if (folder / "config.json").exists():
         cmd.append("--resume")
-    print(f"\n== {method}: {' '.join(cmd[1:])}", flush=True)
+    print(f"\n== {folder}: {' '.join(cmd[1:])}", flush=True)
     started = time.time()
-    subprocess.run(cmd, check=True, cwd=REPO, env=dict(os.environ, PYTHONPATH=str(REPO)))
-    print(f"== {method}: {(time.time() - started) / 60:.1f} min", flush=True)
+    try:
+        subprocess.run(cmd, check=True, cwd=REPO, env=dict(os.environ, PYTHONPATH=str(REPO)))
+    finally:        # an interrupted invocation's time counts too
+        if folder.exists():
+            write_json(spent, dict(minutes=round(before + (time.time() - started) / 60, 2)))
+    minutes = json.loads(spent.read_text())["minutes"]
+    print(f"== {folder}: {minutes:.1f} min", flush=True)
+    return minutes
 
 
-def learning_figure(path: Path, logs: dict):
-    """Two panels, every run in each: (a) reward (solid) and zero-variance groups (dotted) per
-    training step; (b) first-try (solid) and second-try (dashed) test accuracy per evaluation."""
+def dtype_flags(args) -> list[str]:
+    return ["--bf16"] if args.bf16 else ["--no-bf16"]
+
+
+def run_log(folder: Path) -> dict:
+    """A run's metrics per step, accuracy per evaluation and per-item results per evaluation."""
+    return dict(metrics=read_jsonl(folder / "metrics.jsonl"), evals=read_jsonl(folder / "evals.jsonl"),
+                answers=[dict(step=r["step"], id=r["id"], first=r["first"], second=r["second"])
+                         for r in read_jsonl(folder / "eval_answers.jsonl")])
+
+
+def change_from_start(log: dict, step: int, key: str) -> dict:
+    """The change in `key` (first or second try) from step 0 to `step` on the same items: exact McNemar."""
+    at = {s: {a["id"]: a[key] for a in log["answers"] if a["step"] == s} for s in (0, step)}
+    return paired_change(at[0], at[step])
+
+
+def curves_figure(path: Path, logs: dict, labels: dict, title: str):
+    """Two panels, every run in each: (a) training reward per step (solid) and zero-variance groups
+    (dotted); (b) first-try (solid, o) and second-try (dashed, x) accuracy per evaluation."""
     from matplotlib.ticker import PercentFormatter
-    fig = _figure((12.0, 4.5))
+    fig = _figure((13.0, 5.0))
     a, b = fig.subplots(1, 2)
-    for i, (method, log) in enumerate(logs.items()):
+    for i, (name, log) in enumerate(logs.items()):
         steps = [m["step"] for m in log["metrics"]]
-        a.plot(steps, [m["reward"] for m in log["metrics"]], color=f"C{i}", marker="o", ms=3, label=f"{LABELS[method]}: reward")
-        a.plot(steps, [m["zero_variance_groups"] for m in log["metrics"]], color=f"C{i}", ls=":",
-               label=f"{LABELS[method]}: zero-variance groups")
+        a.plot(steps, [m["reward"] for m in log["metrics"]], color=f"C{i}", lw=1, label=f"{labels[name]}: reward")
+        a.plot(steps, [m["zero_variance_groups"] for m in log["metrics"]], color=f"C{i}", ls=":", lw=1)
         at = [e["step"] for e in log["evals"]]
-        # Different markers, so that equal first- and second-try values both stay visible.
-        b.plot(at, [e["first"] for e in log["evals"]], color=f"C{i}", marker="o", label=f"{LABELS[method]}: first try")
-        b.plot(at, [e["second"] for e in log["evals"]], color=f"C{i}", marker="x", ms=9, ls="--",
-               label=f"{LABELS[method]}: second try")
-        _steps_axis(a, steps)
-    a.set(title="(a) training reward per step", xlabel="training step", ylabel="fraction", ylim=(-0.03, 1.03))
-    b.set(title="(b) held-out accuracy per evaluation", xlabel="training step", ylabel="accuracy")
+        b.plot(at, [e["first"] for e in log["evals"]], color=f"C{i}", marker="o", label=f"{labels[name]}: first try")
+        b.plot(at, [e["second"] for e in log["evals"]], color=f"C{i}", marker="x", ms=8, ls="--",
+               label=f"{labels[name]}: second try")
+        if steps:
+            _steps_axis(a, steps)
+    a.set(title="(a) training reward per step (dotted: zero-variance groups)", xlabel="training step",
+          ylabel="fraction", ylim=(-0.03, 1.03))
+    b.set(title=f"(b) {title}", xlabel="training step", ylabel="accuracy")
     b.yaxis.set_major_formatter(PercentFormatter(1.0))
     for ax in (a, b):
         ax.grid(alpha=0.3)
-        ax.legend(fontsize=7, loc="best")
+        ax.legend(fontsize=6, loc="best")
     _save(fig, path)
+
+
+# --- the sweep -------------------------------------------------------------------------------------------
+
+def sweep(args):
+    root = args.out / "sweep"
+    for name in args.configs:
+        warm, steps, flags = SWEEP[name]
+        folder = root / name
+        common = [*COMMON, *WARM[warm], "--steps", str(steps), "--eval-split", "dev",
+                  "--eval-size", "300", "--eval-every", str(args.eval_every), "--seed", "0", *dtype_flags(args)]
+        # The runs of one warm start share the failure set of the first of them in SWEEP.
+        owner = next(n for n, c in SWEEP.items() if c[0] == warm)
+        if owner != name:
+            if not (root / owner / "report.json").exists() and owner not in args.configs:
+                raise SystemExit(f"{name} reuses {owner}'s failure set: run --configs {owner} first")
+            common += ["--failure-set", str(root / owner / "failures.jsonl")]
+        run_rrr(folder, [*common, *flags])
+    finished = [n for n in args.configs if (root / n / "report.json").exists()]
+    logs = {n: run_log(root / n) for n in finished}
+    minutes = {n: json.loads((root / n / "bench_minutes.json").read_text())["minutes"] for n in finished}
+    rows = []
+    for n in finished:
+        log, last = logs[n], logs[n]["evals"][-1]["step"]
+        first, second = (change_from_start(log, last, k) for k in ("first", "second"))
+        rows.append({"configuration": n, "warm start": SWEEP[n][0], "steps": last,
+                     "minutes": f"{minutes[n]:.0f}",
+                     "dev first try per evaluation": " → ".join(pct(e["first"]) for e in log["evals"]),
+                     "dev second try": " → ".join(pct(e["second"]) for e in log["evals"]),
+                     "first try: gained/lost, p": f"+{first['gained']}/−{first['lost']}, {first['p_value']:.3g}",
+                     "second try: gained/lost, p": f"+{second['gained']}/−{second['lost']}, "
+                                                   f"{second['p_value']:.3g}"})
+    header = (f"# Sweep on the dev split (countdown_easy, 300 puzzles)\n\nMachine: {machine(args.bf16)}. "
+              "Evaluations are greedy; gained/lost: items solved at the last evaluation and not at step 0, and "
+              "the reverse; p: exact McNemar. Settings of every run: bench/learning.py's SWEEP and COMMON.\n\n")
+    table = header + markdown_table(list(rows[0]) if rows else ["configuration"], rows)
+    (root / "sweep.md").write_text(table + "\n")
+    args.results.mkdir(parents=True, exist_ok=True)
+    write_json(args.results / "sweep.json", dict(machine=machine(args.bf16), common=COMMON,
+                                                 configs={n: dict(warm_start=WARM[SWEEP[n][0]], steps=SWEEP[n][1],
+                                                                  flags=SWEEP[n][2], minutes=minutes[n])
+                                                          for n in finished},
+                                                 runs={n: logs[n] for n in finished}))
+    if logs:
+        curves_figure(root / "sweep.png", logs, {n: n for n in logs}, "dev accuracy per evaluation (300 puzzles)")
+        shutil.copy(root / "sweep.png", args.results / "sweep.png")
+    print(f"\n{table}\n\nwritten: {root / 'sweep.md'}, {root / 'sweep.png'}, {args.results / 'sweep.json'}")
+
+
+# --- the final comparison --------------------------------------------------------------------------------
+
+def final(args):
+    root = args.out / "final"
+    tables, logs = [], {}
+    for seed in args.seeds:
+        folder = root / f"seed-{seed}"
+        for arm in args.arms:
+            flags = [*COMMON, *WARM[FINAL["warm_start"]], "--steps", str(FINAL["steps"]),
+                     "--eval-split", "test", "--eval-size", "500", "--eval-every", str(args.eval_every),
+                     "--seed", str(seed), *dtype_flags(args), *FINAL["flags"], *ARMS[arm]]
+            if arm != "rrr":
+                flags += ["--failure-set", str(folder / "rrr" / "failures.jsonl")]
+            run_rrr(folder / arm, flags)
+            logs[f"seed-{seed}/{arm}"] = run_log(folder / arm)
+        table, numbers = compare([folder / a for a in args.arms])
+        (folder / "comparison.md").write_text(table + "\n")
+        write_json(folder / "comparison.json", numbers)
+        tables.append(f"## seed {seed}\n\n{table}")
+    pooled = pooled_table(args, logs)
+    (root / "pooled.md").write_text(pooled + "\n")
+    args.results.mkdir(parents=True, exist_ok=True)
+    write_json(args.results / "final.json", dict(machine=machine(args.bf16), common=COMMON, final=FINAL,
+                                                 arms=ARMS, runs=logs))
+    if "--use-peft" in FINAL["flags"]:
+        for key in logs:
+            adapters = root / key / "adapters.safetensors"
+            if adapters.exists():
+                target = args.results / "adapters" / f"{key.replace('/', '-')}.safetensors"
+                target.parent.mkdir(parents=True, exist_ok=True)
+                shutil.copy(adapters, target)
+    curves_figure(root / "learning.png", logs, {k: k.replace("/", " ") for k in logs},
+                  "test accuracy per evaluation (500 puzzles)")
+    shutil.copy(root / "learning.png", args.results / "learning.png")
+    print("\n\n".join(tables) + f"\n\n{pooled}\n\nwritten: {root}, {args.results / 'final.json'}")
+
+
+def pooled_table(args, logs: dict) -> str:
+    """Every seed's items together (seed, item) for each arm: first and second try at the vanilla and the
+    last evaluation, and the change with an exact McNemar test. The seeds share the vanilla model, so the
+    pooled pairs are not independent draws of items: read it beside the per-seed tables."""
+    rows = []
+    for arm in args.arms:
+        keys = [k for k in logs if k.endswith("/" + arm)]
+        for which in ("first", "second"):
+            before, after = {}, {}
+            for k in keys:
+                last = logs[k]["evals"][-1]["step"]
+                for a in logs[k]["answers"]:
+                    if a["step"] in (0, last):
+                        (before if a["step"] == 0 else after)[(k, a["id"])] = a[which]
+            ch = paired_change(before, after)
+            rows.append({"arm": LABELS[arm], "try": which, "pairs": ch["n"],
+                         "vanilla": pct(sum(before.values()) / max(len(before), 1)),
+                         "trained": pct(sum(after.values()) / max(len(after), 1)),
+                         "gained/lost": f"+{ch['gained']}/−{ch['lost']}", "p (exact McNemar)": f"{ch['p_value']:.3g}"})
+    return (f"# Final stage, seeds {', '.join(map(str, args.seeds))} pooled\n\nMachine: {machine(args.bf16)}. "
+            f"From the labelled warm start {FINAL['warm_start']} ({' '.join(WARM[FINAL['warm_start']])}).\n\n"
+            + markdown_table(list(rows[0]), rows))
 
 
 def main(argv=None):
     args = parse_args(argv)
     args.out.mkdir(parents=True, exist_ok=True)
     started = time.time()
-    for method in args.arms:
-        run_method(args, method)
-    table, numbers = compare([args.out / m for m in args.arms])
-    (args.out / "comparison.md").write_text(table + "\n")
-    write_json(args.out / "comparison.json", numbers)
-    logs = {m: dict(metrics=read_jsonl(args.out / m / "metrics.jsonl"), evals=read_jsonl(args.out / m / "evals.jsonl"),
-                    answers=[dict(step=r["step"], id=r["id"], tries=r.get("tries", [r["first"], r["second"]]))
-                             for r in read_jsonl(args.out / m / "eval_answers.jsonl")])
-            for m in args.arms}
-    write_json(args.out / "learning.json", dict(settings=vars(args) | dict(out=str(args.out)), runs=logs))
-    learning_figure(args.out / "learning.png", logs)
-    print(f"\n{table}\n\nwritten: {args.out / 'comparison.md'}, {args.out / 'learning.png'}, "
-          f"{args.out / 'learning.json'} ({(time.time() - started) / 60:.1f} min)")
+    sweep(args) if args.stage == "sweep" else final(args)
+    print(f"({(time.time() - started) / 60:.1f} min)")
 
 
 if __name__ == "__main__":

@@ -109,11 +109,13 @@ def _format(tree, top=False) -> str:
 
 # --- generator -------------------------------------------------------------------------------------
 
-def check_warm_start(task_name: str, puzzles: int):
+def check_warm_start(task_name: str, puzzles: int, reflections: bool = False):
     """One line, before a run writes anything, for a labelled warm start (warmstart.py) that cannot be made:
-    it needs a task whose puzzles the solver answers."""
+    it needs a task whose puzzles the solver answers (and --warm-start-reflections needs a warm start)."""
     if puzzles and task_name not in TIERS:
         raise DataError(f"--warm-start needs a task with a solver ({', '.join(TIERS)}), not {task_name}")
+    if reflections and not puzzles:
+        raise DataError("--warm-start-reflections needs --warm-start N (the labelled puzzles)")
 
 
 def generate_puzzles(n: int, split: str, seed: int, tier: str = "countdown") -> list[tuple[list[int], int]]:

@@ -405,6 +405,41 @@ def test_warm_start_leaves_out_the_real_test_files_puzzles(tmp_path):
         [p for p in generate_puzzles(4, "train", WARM_SEED, "countdown")[3:]]
 
 
+
+def test_warm_start_reflection_rows_are_the_turns_rrr_samples_after():
+    """warmstart.py --reflections: per puzzle, the answer row, then the reflection row whose prompt is what
+    rrr.py samples a reflection after (its reflection_prefix on the wrong answer), then the retry row whose
+    prompt continues it with the retry-prompt turn; the wrong answer fails the verifier and the reflection
+    states its value and the distance to the target, checked here by hand."""
+    import re
+    from types import SimpleNamespace
+
+    import rrr
+    from model import load_tokenizer
+    from verifiers import check_countdown
+    from warmstart import labelled_examples, labelled_rows
+    tok, task = load_tokenizer(None), get_task("countdown_easy")
+    labelled, _ = labelled_examples("countdown_easy", 20, None)
+    rows = labelled_rows(tok, "countdown_easy", labelled, reflections=True)
+    assert len(rows) == 60 and labelled_rows(tok, "countdown_easy", labelled, False) == rows[::3]
+    cfg = SimpleNamespace(reflection_feedback=False, reflection_prompt=task.reflection_prompt)
+    pol, eos = SimpleNamespace(tokenizer=tok), tok.eos_token_id
+    for (nums, target, answer), (question, first), (asked, reflection), (retry_prompt, retry) in zip(
+            labelled, rows[::3], rows[1::3], rows[2::3]):
+        assert tok.decode(first) == tok.decode(retry) == answer + tok.eos_token and check_countdown(answer, nums,
+                                                                                                    target).ok
+        wrong = tok.decode(asked[len(question):]).split(tok.eos_token)[0]
+        attempt = list(tok(wrong, add_special_tokens=False)["input_ids"]) + [eos]
+        assert asked == rrr.reflection_prefix(cfg, pol, question, attempt, eos, "unused")
+        assert retry_prompt == asked + reflection + list(rrr.turn(tok, task.retry_prompt, eos))
+        equation = re.fullmatch(r"<answer> (.+) </answer>", wrong).group(1)
+        value = Fraction(eval(equation, {"__builtins__": {}}))
+        assert value != target and not check_countdown(wrong, nums, target).ok
+        text = tok.decode(reflection[:-1])
+        assert text.startswith(f"My equation {equation} equals {value}, not {target}: {abs(value - target)} too "
+                               f"{'high' if value > target else 'low'}.")
+
+
 # --- Countdown's dev split -------------------------------------------------------------------------
 
 def puzzle_keys(examples) -> set:

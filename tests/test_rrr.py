@@ -275,8 +275,8 @@ def test_failure_set_missing_or_foreign_is_refused_and_nothing_created(tmp_path,
     meta = failures.failure_set_meta(parse_config(rrr.Config, args))
     shared = tmp_path / "failures.jsonl"
     rows = [dict(id=f"countdown-gen-train-s5-{i}", failed=False, samples=1) for i in range(4)]
-    if case == "foreign":       # another run's: a seed and a model other than this run's
-        rows = [dict(meta=dict(meta, seed=9, model="other/model"))] + rows
+    if case == "foreign":       # another run's: a seed, a model and a warm start other than this run's
+        rows = [dict(meta=dict(meta, seed=9, model="other/model", warm_start_reflections=True))] + rows
     elif case == "unfinished":  # this run's settings, killed after its first chunk
         rows = [dict(meta=meta)] + rows[:1]
     if case != "missing":
@@ -285,7 +285,8 @@ def test_failure_set_missing_or_foreign_is_refused_and_nothing_created(tmp_path,
     done = run_rrr(args + [f"--failure-set={shared}"])
     assert done.returncode == 2, done.stderr[-3000:]
     assert len(done.stderr.strip().splitlines()) == 1 and "Traceback" not in done.stderr, done.stderr
-    expected = {"missing": ["no such file"], "foreign": ["other settings", "seed: 9 there, 5 here", "model:"],
+    expected = {"missing": ["no such file"], "foreign": ["other settings", "seed: 9 there, 5 here", "model:",
+                                                         "warm_start_reflections: True there, None here"],
                 "unfinished": ["lacks 3 of this run's 4 training queries"]}[case]
     assert all(m in done.stderr for m in expected), done.stderr
     assert not (tmp_path / "out").exists()

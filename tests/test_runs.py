@@ -235,6 +235,7 @@ BAD_COMMAND_LINES = [
     (["rrr.py", "--model", "./no-such-model"], "error: no such folder"),
     (["rrr.py", "--data-dir", "/no/such/folder"], "error: data folder"),
     (["rrr.py", "--task", "mbpp", "--warm-start", "10"], "error: --warm-start needs a task with a solver"),
+    (["rrr.py", "--warm-start-reflections"], "error: --warm-start-reflections needs --warm-start N"),
     (["rrr.py", "--task", "gsm8k", "--eval-split", "dev"], "error: --eval-split dev: task gsm8k has no dev split"),
     (["rrr.py", "--resume", "--out", "/no/such/run"], "error: --resume: no run to continue in /no/such/run"),
     (["rrr.py", "--warmup-ratio", "0.1"], "error: --warmup-ratio needs --lr-scheduler-type linear or cosine"),
