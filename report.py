@@ -318,6 +318,10 @@ def rerest_report(cfg, rows: dict, sizes: dict, split_size: int | None, dpo: dic
             f"{subset}. k = {cfg.k} samples per training problem; "
             f"{'LoRA r=%d' % cfg.lora_r if cfg.lora_r else 'full fine-tuning'}, {cfg.epochs} epochs.\n\n"
             f"{table}\n\n{rerest_legend(n)}\n" + "".join(f"\n{c}" for c in changes) + "\n")
+    if getattr(cfg, "warm_start", 0):
+        text += (f"\nThe base model is a labelled warm start of {cfg.warm_start} solver-written answers"
+                 f"{' with labelled reflections' if cfg.warm_start_reflections else ''} (warmstart.py), not "
+                 "the model as published: every row starts from it.\n")
     if dpo is not None:
         text += (f"\nDPO pairs: {dpo['pairs']}, the failed sample rejected in each; chosen: its own passing "
                  f"correction from D_R in {dpo['own_correction']}, another passing sample of its problem "

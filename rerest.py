@@ -31,6 +31,7 @@ from pathlib import Path
 
 import sandbox
 from data import Task, data_dir_used, load_splits, reflector_messages, resolve_data_dir, test_split_size
+from data.countdown import check_warm_start
 from runs import (LR_SCHEDULER_TYPES, REPORT_TO, BadInput, MachineFlags, Tracker, announce, append_jsonl,
                   check_at_least, check_lr_schedule, check_model_name, flag, main_guard, open_tracker,
                   parse_config, resolve_machine_flags)
@@ -62,9 +63,14 @@ CACHE_KEYS = {
 
 @dataclass
 class Config(MachineFlags):     # + --bf16, --gradient-checkpointing, --cuda-graphs, --device
-    task: str = flag("mbpp", "task", choices=["mbpp", "countdown", "function_calling"])
+    task: str = flag("mbpp", "task", choices=["mbpp", "countdown", "countdown_easy", "function_calling"])
     model: str | None = flag(None, "agent: Hugging Face model folder or hub id (default: the embedded "
                              "SmolLM2-135M-Instruct)")
+    warm_start: int = flag(0, "Countdown tasks: first fine-tune --model on this many solver-written answers "
+                           "(warmstart.py, rrr.py's flag; cached): the agent and the reflector start from it, "
+                           "as the report says (0: none)")
+    warm_start_reflections: bool = flag(False, "with --warm-start: the labels also cover the reflection turn "
+                                        "(warmstart.py --reflections)")
     reflector_model: str | None = flag(None, "reflector (default: the agent's base model, reflector prompt)")
     data_dir: str | None = flag(None, "folder with the real data sets (mbpp/, countdown/, function_calling/);"
                                 " default $RRR_DATA_DIR, else the small offline samples")
@@ -116,6 +122,7 @@ def check_flags(cfg):
     if cfg.self_consistency and cfg.task != "mbpp":
         raise BadInput("--self-consistency votes by program outputs: it needs --task mbpp")
     check_model_name(cfg.model)
+    check_warm_start(cfg.task, cfg.warm_start, cfg.warm_start_reflections)
     if cfg.reflector_model is not None:
         check_model_name(cfg.reflector_model)
     resolve_data_dir(cfg.data_dir)
@@ -132,6 +139,7 @@ import torch
 import parallel as par
 from finetune import sft_data, train_model
 from model import chat_ids, load_model, stop_token_ids
+from warmstart import model_for_run
 from policy import sample
 from report import recorded_config, write_rerest_report
 from verifiers import code_outputs_batch
@@ -445,6 +453,8 @@ def run(argv=None):
     d, tracker = par.init_distributed(cfg.device), Tracker()
     try:
         resolve_machine_flags(cfg, d)
+        if cfg.warm_start:      # the labelled warm start (built once, cached) is the base model from here on
+            cfg.model, _ = model_for_run(cfg, d)
         s = setup(cfg, d, out)
         tracker = open_tracker(cfg.report_to, out, recorded_config(cfg, out), d.main, project="rerest")
         t = time.time()

@@ -215,16 +215,17 @@ def test_training_follows_the_schedule_and_resumes_it_at_the_global_step(tmp_pat
 def test_warm_start_keeps_its_cache_folder_with_the_default_schedule(tmp_path, tiny_chat, one_process,
                                                                       monkeypatch):
     """Warm starts cached before the schedule was a setting keep their folder: with the default schedule
-    the key is the one they were named by, written out here as it was; another schedule gets a folder of
-    its own and trains with it."""
+    the key is the one they were named by, written out here as it was; another schedule, or labelled
+    reflections, gets a folder of its own and trains with it."""
     import hashlib
 
     import warmstart
     monkeypatch.setenv("RRR_CACHE", str(tmp_path))
-    trained = []
+    trained, rows = [], []
 
     def train_model(settings, d, init, data, folder):       # what the warm start trains with, and its folder
         trained.append(settings)
+        rows.append(data)
         folder.mkdir(parents=True)
 
     monkeypatch.setattr(finetune, "train_model", train_model)
@@ -236,6 +237,10 @@ def test_warm_start_keeps_its_cache_folder_with_the_default_schedule(tmp_path, t
     cosine, card = warmstart.warm_start(one_process, "countdown_easy", 3, str(tiny_chat), schedule=("cosine", 0.1))
     assert cosine != folder and (trained[1].lr_scheduler_type, trained[1].warmup_ratio) == ("cosine", 0.1)
     assert (card["lr_scheduler_type"], card["warmup_ratio"]) == ("cosine", 0.1)
+    # The reflection turn labelled too: a folder of its own, three rows per puzzle, said in the description.
+    reflected, card = warmstart.warm_start(one_process, "countdown_easy", 3, str(tiny_chat), reflections=True)
+    assert reflected not in (folder, cosine) and len(rows[2]) == 3 * len(rows[0]) == 9
+    assert card["reflections"] and card["description"].endswith(warmstart.REFLECTIONS)
 
 
 def test_reflector_sees_feedback_verbatim_and_d_r_only_passes(tmp_path, one_process, monkeypatch):

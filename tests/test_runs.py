@@ -241,6 +241,7 @@ BAD_COMMAND_LINES = [
     (["rrr.py", "--warmup-ratio", "0.1"], "error: --warmup-ratio needs --lr-scheduler-type linear or cosine"),
     (["rrr.py", "--lr-scheduler-type", "cosine", "--warmup-ratio", "1"], "error: --warmup-ratio must be in [0, 1)"),
     (["rerest.py", "--k", "0"], "error: --k must be at least 1"),
+    (["rerest.py", "--task", "mbpp", "--warm-start", "10"], "error: --warm-start needs a task with a solver"),
     (["rerest.py", "--warmup-ratio", "0.5"], "error: --warmup-ratio needs --lr-scheduler-type linear or cosine"),
     (["rerest.py", "--task", "countdown", "--self-consistency", "3"], "error: --self-consistency votes"),
     (["warmstart.py", "--puzzles", "0"], "error: --puzzles must be at least 1"),

@@ -1,0 +1,80 @@
+"""bench/learning.py's tables, from run folders written here by hand (no model runs): the sweep's change from
+the warm start and the final stage's pooled table count the items a hand count gives, with the exact McNemar
+p-value computed here from the binomial distribution."""
+
+import json
+import sys
+from math import comb
+
+import pytest
+from tiny import REPO
+
+sys.path.insert(0, str(REPO))
+from bench import learning  # noqa: E402
+
+
+def two_sided_binomial(b: int, c: int) -> float:
+    n = b + c
+    return min(1.0, 2 * sum(comb(n, i) for i in range(min(b, c) + 1)) / 2 ** n) if n else 1.0
+
+
+def write_run(folder, first: dict, second: dict, minutes: float):
+    """A finished run: evaluations at steps 0 and 10, {step: [solved per item]} for each try."""
+    folder.mkdir(parents=True)
+    (folder / "report.json").write_text("{}")
+    (folder / "bench_minutes.json").write_text(json.dumps(dict(minutes=minutes)))
+    answers = [dict(step=s, id=f"p{i}", first=f, second=sec) for s in (0, 10)
+               for i, (f, sec) in enumerate(zip(first[s], second[s]))]
+    (folder / "eval_answers.jsonl").write_text("".join(json.dumps(a) + "\n" for a in answers))
+    evals = [dict(step=s, first=sum(first[s]) / len(first[s]), second=sum(second[s]) / len(second[s]))
+             for s in (0, 10)]
+    (folder / "evals.jsonl").write_text("".join(json.dumps(e) + "\n" for e in evals))
+    (folder / "metrics.jsonl").write_text("".join(json.dumps(dict(step=s, reward=0.1, zero_variance_groups=0.5))
+                                                  + "\n" for s in range(1, 11)))
+
+
+def test_sweep_table_counts_gains_and_losses_against_the_warm_start(tmp_path, monkeypatch):
+    # 12 items: at step 10, 7 gained and 1 lost on the first try; the second try unchanged.
+    before = [0] * 10 + [1, 1]
+    after = [1] * 7 + [0] * 3 + [1, 0]
+    name = next(iter(learning.SWEEP))
+    write_run(tmp_path / "runs" / "sweep" / name, {0: before, 10: after}, {0: before, 10: before}, 12.3)
+    monkeypatch.setattr(learning, "machine", lambda bf16: "test machine")
+    learning.main(["--stage", "sweep", "--configs", name, "--out", str(tmp_path / "runs"),
+                   "--results", str(tmp_path / "results")])
+    table = (tmp_path / "runs" / "sweep" / "sweep.md").read_text()
+    row = next(line for line in table.splitlines() if line.startswith(f"| {name} "))
+    assert f"+7/−1, {two_sided_binomial(1, 7):.3g}" in row and "+0/−0, 1 " in row
+    assert "16.7% → 66.7%" in row and "| 12 |" in row
+    saved = json.loads((tmp_path / "results" / "sweep.json").read_text())
+    assert saved["configs"][name]["minutes"] == 12.3 and len(saved["runs"][name]["answers"]) == 24
+    assert (tmp_path / "results" / "sweep.png").exists()
+
+
+def test_final_pooled_table_pairs_each_seeds_items(tmp_path, monkeypatch):
+    """Two seeds' GRPO runs: the pooled first-try pairs are the 2 x 4 (seed, item) pairs, with the gains
+    and losses of both seeds summed."""
+    monkeypatch.setattr(learning, "machine", lambda bf16: "test machine")
+    args = learning.parse_args(["--stage", "final", "--arms", "rrr", "grpo", "--seeds", "0", "1",
+                                "--out", str(tmp_path)])
+    logs = {}
+    for seed, after in ((0, [1, 1, 0, 0]), (1, [1, 1, 1, 0])):
+        for arm in ("rrr", "grpo"):
+            folder = tmp_path / f"seed-{seed}" / arm
+            write_run(folder, {0: [1, 0, 0, 0], 10: after}, {0: [1, 0, 0, 0], 10: after}, 1.0)
+            logs[f"seed-{seed}/{arm}"] = learning.run_log(folder)
+    table = learning.pooled_table(args, logs)
+    row = next(line for line in table.splitlines() if line.startswith("| GRPO on first attempts | first"))
+    # seed 0: gained item 1; seed 1: gained items 1 and 2; nothing lost. 8 pairs, 2/8 solved before, 5/8 after.
+    assert "| 8 | 25.0% | 62.5% | +3/−0 |" in row
+    assert row.endswith(f"| {two_sided_binomial(0, 3):.3g} |")
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--stage", "final", "--arms", "grpo", "rrr"], "--arms must start with rrr"),
+    (["--stage", "sweep", "--eval-every", "0"], "--eval-every must be at least 1"),
+])
+def test_bad_flags_are_refused(argv, message, capsys):
+    with pytest.raises(SystemExit) as e:
+        learning.parse_args(argv)
+    assert e.value.code == 2 and message in capsys.readouterr().err
