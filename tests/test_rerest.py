@@ -6,6 +6,7 @@ import json
 import math
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -397,6 +398,23 @@ def test_tiny_end_to_end_prints_the_table(tmp_path, tiny_chat, nproc):
                            timeout=600)
     assert again.returncode == 0 and "sample + verify:" not in again.stderr
     assert len(samples) == 4 * 2
+
+
+@pytest.mark.slow
+def test_warm_start_is_the_base_model_and_the_report_says_so(tmp_path, tiny_chat):
+    """--warm-start N: every row starts from warmstart.py's model (built here, in a cache of the test's
+    own), the report says it is a labelled warm start, and config records both."""
+    out = tmp_path / "run"
+    args = [f"--model={tiny_chat}", "--task=countdown_easy", "--warm-start=4", f"--out={out}", "--k=1",
+            "--train-size=2", "--eval-size=2", "--max-completion-length=8", "--batch-size=2", "--no-bf16"]
+    done = subprocess.run([sys.executable, str(REPO / "rerest.py")] + args, capture_output=True, text=True,
+                          env=dict(ENV, RRR_CACHE=str(tmp_path / "cache")), timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    config = json.loads((out / "report.json").read_text())["config"]
+    warm = tmp_path / "cache" / "warm-start"
+    assert config["warm_start"] == 4 and Path(config["model"]).parent == warm
+    assert json.loads((Path(config["model"]) / "warm_start.json").read_text())["base_model"] == str(tiny_chat)
+    assert "labelled warm start of 4 solver-written answers" in (out / "report.md").read_text()
 
 
 @pytest.mark.parametrize("extra, message", [
