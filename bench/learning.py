@@ -37,6 +37,7 @@ import json
 import os
 import platform
 import shutil
+import signal
 import subprocess
 import sys
 import time
@@ -66,13 +67,15 @@ WARM = {"answers-800": ["--warm-start", "800"],
 # Machines 2025: rank 16-32 on every linear layer). A configuration added here runs next.
 SWEEP = {
     "grpo-lora-1e-4-dyn": ("answers-800", 40, ["--method", "grpo", *LORA, "--learning-rate", "1e-4", *DYNAMIC]),
-    "rrr-lora-1e-4-dyn-reflws": ("reflections-800", 40, ["--method", "rrr", *LORA, "--learning-rate", "1e-4",
+    "rrr-lora-3e-5-dyn-reflws": ("reflections-800", 40, ["--method", "rrr", *LORA, "--learning-rate", "3e-5",
                                                          *DYNAMIC]),
+    "grpo-lora-3e-5-dyn-reflws": ("reflections-800", 40, ["--method", "grpo", *LORA, "--learning-rate", "3e-5",
+                                                          *DYNAMIC]),
     "grpo-full-5e-6-dyn": ("answers-800", 40, ["--method", "grpo", "--learning-rate", "5e-6", *DYNAMIC]),
 }
 
 # The final stage's settings, chosen on the dev split by the sweep (BENCHMARKS.md says from which runs).
-FINAL = dict(warm_start="reflections-800", steps=40, flags=[*LORA, "--learning-rate", "1e-4", *DYNAMIC])
+FINAL = dict(warm_start="reflections-800", steps=40, flags=[*LORA, "--learning-rate", "3e-5", *DYNAMIC])
 ARMS = {"rrr": ["--method", "rrr"], "feedback": ["--method", "rrr", "--reflection-feedback"],
         "generic": ["--method", "rrr", "--reflection", "generic"], "grpo": ["--method", "grpo"]}
 LABELS = {"rrr": "RRR (model's reflection)", "feedback": "RRR, feedback in the reflection prompt",
@@ -94,6 +97,8 @@ def parse_args(argv=None):
     ap.add_argument("--results", type=Path, default=REPO / "bench/results/learning",
                     help="folder for the per-item results (and adapters) to commit")
     ap.add_argument("--bf16", action="store_true", help="bf16 instead of the fixed fp32")
+    ap.add_argument("--table-only", action="store_true",
+                    help="--stage sweep: only tabulate what the runs have evaluated so far (runs nothing)")
     args = ap.parse_args(argv)
     if args.arms[0] != "rrr":
         ap.error("--arms must start with rrr, whose failure set the other arms reuse")
@@ -184,27 +189,35 @@ def curves_figure(path: Path, logs: dict, labels: dict, title: str):
 
 def sweep(args):
     root = args.out / "sweep"
-    for name in args.configs:
+    for name in [] if args.table_only else args.configs:
         warm, steps, flags = SWEEP[name]
-        folder = root / name
         common = [*COMMON, *WARM[warm], "--steps", str(steps), "--eval-split", "dev",
                   "--eval-size", "300", "--eval-every", str(args.eval_every), "--seed", "0", *dtype_flags(args)]
         # The runs of one warm start share the failure set of the first of them in SWEEP.
         owner = next(n for n, c in SWEEP.items() if c[0] == warm)
         if owner != name:
-            if not (root / owner / "report.json").exists() and owner not in args.configs:
+            if not (root / owner / "failures.jsonl").exists() and owner not in args.configs:
                 raise SystemExit(f"{name} reuses {owner}'s failure set: run --configs {owner} first")
             common += ["--failure-set", str(root / owner / "failures.jsonl")]
-        run_rrr(folder, [*common, *flags])
-    finished = [n for n in args.configs if (root / n / "report.json").exists()]
-    logs = {n: run_log(root / n) for n in finished}
-    minutes = {n: json.loads((root / n / "bench_minutes.json").read_text())["minutes"] for n in finished}
+        run_rrr(root / name, [*common, *flags])
+    sweep_table(args, root)
+
+
+def sweep_table(args, root: Path):
+    """Every configuration of SWEEP evaluated after step 0, finished or stopped: the failed and the
+    unfinished ones are results too."""
+    tried = [n for n in SWEEP if len(read_jsonl(root / n / "evals.jsonl")) > 1]
+    logs = {n: run_log(root / n) for n in tried}
+    minutes = {n: json.loads((root / n / "bench_minutes.json").read_text())["minutes"]
+               if (root / n / "bench_minutes.json").exists() else None for n in tried}
     rows = []
-    for n in finished:
+    for n in tried:
         log, last = logs[n], logs[n]["evals"][-1]["step"]
         first, second = (change_from_start(log, last, k) for k in ("first", "second"))
-        rows.append({"configuration": n, "warm start": SWEEP[n][0], "steps": last,
-                     "minutes": f"{minutes[n]:.0f}",
+        done = (root / n / "report.json").exists()
+        rows.append({"configuration": n, "warm start": SWEEP[n][0],
+                     "steps": f"{last}" if done else f"{last} of {SWEEP[n][1]} (unfinished)",
+                     "minutes": "?" if minutes[n] is None else f"{minutes[n]:.0f}",
                      "dev first try per evaluation": " → ".join(pct(e["first"]) for e in log["evals"]),
                      "dev second try": " → ".join(pct(e["second"]) for e in log["evals"]),
                      "first try: gained/lost, p": f"+{first['gained']}/−{first['lost']}, {first['p_value']:.3g}",
@@ -214,13 +227,15 @@ def sweep(args):
               "Evaluations are greedy; gained/lost: items solved at the last evaluation and not at step 0, and "
               "the reverse; p: exact McNemar. Settings of every run: bench/learning.py's SWEEP and COMMON.\n\n")
     table = header + markdown_table(list(rows[0]) if rows else ["configuration"], rows)
+    root.mkdir(parents=True, exist_ok=True)
     (root / "sweep.md").write_text(table + "\n")
     args.results.mkdir(parents=True, exist_ok=True)
     write_json(args.results / "sweep.json", dict(machine=machine(args.bf16), common=COMMON,
                                                  configs={n: dict(warm_start=WARM[SWEEP[n][0]], steps=SWEEP[n][1],
-                                                                  flags=SWEEP[n][2], minutes=minutes[n])
-                                                          for n in finished},
-                                                 runs={n: logs[n] for n in finished}))
+                                                                  flags=SWEEP[n][2], minutes=minutes[n],
+                                                                  finished=(root / n / "report.json").exists())
+                                                          for n in tried},
+                                                 runs=logs))
     if logs:
         curves_figure(root / "sweep.png", logs, {n: n for n in logs}, "dev accuracy per evaluation (300 puzzles)")
         shutil.copy(root / "sweep.png", args.results / "sweep.png")
@@ -253,15 +268,22 @@ def final(args):
                                                  arms=ARMS, runs=logs))
     if "--use-peft" in FINAL["flags"]:
         for key in logs:
-            adapters = root / key / "adapters.safetensors"
-            if adapters.exists():
-                target = args.results / "adapters" / f"{key.replace('/', '-')}.safetensors"
-                target.parent.mkdir(parents=True, exist_ok=True)
-                shutil.copy(adapters, target)
+            keep_adapters(root / key / "adapters.safetensors",
+                          args.results / "adapters" / f"{key.replace('/', '-')}.safetensors")
     curves_figure(root / "learning.png", logs, {k: k.replace("/", " ") for k in logs},
                   "test accuracy per evaluation (500 puzzles)")
     shutil.copy(root / "learning.png", args.results / "learning.png")
     print("\n\n".join(tables) + f"\n\n{pooled}\n\nwritten: {root}, {args.results / 'final.json'}")
+
+
+def keep_adapters(source: Path, target: Path):
+    """A run's LoRA adapters, stored in fp16 to keep the repository small (about 10 MB each for rank 16 on
+    every linear layer of the 135M model; fp16's relative rounding is below 5e-4, far inside the noise of
+    sampling): load them with safetensors and add them to the warm-started model as rrr.py's export does."""
+    from safetensors.torch import load_file, save_file
+    if source.exists():
+        target.parent.mkdir(parents=True, exist_ok=True)
+        save_file({k: v.half() for k, v in load_file(source).items()}, target)
 
 
 def pooled_table(args, logs: dict) -> str:
@@ -290,6 +312,8 @@ def pooled_table(args, logs: dict) -> str:
 
 def main(argv=None):
     args = parse_args(argv)
+    # kill (SIGTERM) unwinds like Ctrl-C, so that an interrupted run's minutes are still counted
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     args.out.mkdir(parents=True, exist_ok=True)
     started = time.time()
     sweep(args) if args.stage == "sweep" else final(args)

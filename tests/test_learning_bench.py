@@ -49,6 +49,15 @@ def test_sweep_table_counts_gains_and_losses_against_the_warm_start(tmp_path, mo
     saved = json.loads((tmp_path / "results" / "sweep.json").read_text())
     assert saved["configs"][name]["minutes"] == 12.3 and len(saved["runs"][name]["answers"]) == 24
     assert (tmp_path / "results" / "sweep.png").exists()
+    # A stopped run is tabulated too, marked unfinished; --table-only runs nothing.
+    other = list(learning.SWEEP)[1]
+    write_run(tmp_path / "runs" / "sweep" / other, {0: before, 10: before}, {0: before, 10: before}, 3.0)
+    (tmp_path / "runs" / "sweep" / other / "report.json").unlink()
+    learning.main(["--stage", "sweep", "--table-only", "--out", str(tmp_path / "runs"),
+                   "--results", str(tmp_path / "results")])
+    table = (tmp_path / "runs" / "sweep" / "sweep.md").read_text()
+    assert f"| {other} | {learning.SWEEP[other][0]} | 10 of {learning.SWEEP[other][1]} (unfinished) | 3 |" in table
+    assert f"| {name} " in table and not (tmp_path / "runs" / "sweep" / other / "config.json").exists()
 
 
 def test_final_pooled_table_pairs_each_seeds_items(tmp_path, monkeypatch):
