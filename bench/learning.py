@@ -92,7 +92,9 @@ def parse_args(argv=None):
     ap.add_argument("--arms", nargs="+", choices=list(ARMS), default=list(ARMS),
                     help="--stage final: the arms, in order (rrr first: the others reuse its failure set)")
     ap.add_argument("--seeds", nargs="+", type=int, default=[0, 1], help="--stage final: one run per arm and seed")
-    ap.add_argument("--eval-every", type=int, default=10, help="evaluate every N steps (and at the end)")
+    ap.add_argument("--eval-every", type=int, default=None,
+                    help="evaluate every N steps and at the end (default: 10 in the sweep, for its curves; 20 "
+                         "in the final stage, where an evaluation of 500 puzzles costs about 6 minutes on B)")
     ap.add_argument("--out", type=Path, default=Path("runs/learning"), help="folder for the runs and tables")
     ap.add_argument("--results", type=Path, default=REPO / "bench/results/learning",
                     help="folder for the per-item results (and adapters) to commit")
@@ -102,6 +104,8 @@ def parse_args(argv=None):
     args = ap.parse_args(argv)
     if args.arms[0] != "rrr":
         ap.error("--arms must start with rrr, whose failure set the other arms reuse")
+    if args.eval_every is None:
+        args.eval_every = 10 if args.stage == "sweep" else 20
     if args.eval_every < 1:
         ap.error("--eval-every must be at least 1")
     return args
@@ -160,14 +164,17 @@ def change_from_start(log: dict, step: int, key: str) -> dict:
 
 
 def curves_figure(path: Path, logs: dict, labels: dict, title: str):
-    """Two panels, every run in each: (a) training reward per step (solid) and zero-variance groups
+    """Two panels, every run in each: (a) training reward per step over every group drawn (with
+    --dynamic-sampling the trained groups are the ones whose rewards differ: their reward and their share
+    of zero-variance groups would say nothing of the policy) and zero-variance groups among those trained
     (dotted); (b) first-try (solid, o) and second-try (dashed, x) accuracy per evaluation."""
     from matplotlib.ticker import PercentFormatter
     fig = _figure((13.0, 5.0))
     a, b = fig.subplots(1, 2)
     for i, (name, log) in enumerate(logs.items()):
         steps = [m["step"] for m in log["metrics"]]
-        a.plot(steps, [m["reward"] for m in log["metrics"]], color=f"C{i}", lw=1, label=f"{labels[name]}: reward")
+        a.plot(steps, [m.get("reward_drawn", m["reward"]) for m in log["metrics"]], color=f"C{i}", lw=1,
+               label=f"{labels[name]}: reward")
         a.plot(steps, [m["zero_variance_groups"] for m in log["metrics"]], color=f"C{i}", ls=":", lw=1)
         at = [e["step"] for e in log["evals"]]
         b.plot(at, [e["first"] for e in log["evals"]], color=f"C{i}", marker="o", label=f"{labels[name]}: first try")
@@ -175,8 +182,8 @@ def curves_figure(path: Path, logs: dict, labels: dict, title: str):
                label=f"{labels[name]}: second try")
         if steps:
             _steps_axis(a, steps)
-    a.set(title="(a) training reward per step (dotted: zero-variance groups)", xlabel="training step",
-          ylabel="fraction", ylim=(-0.03, 1.03))
+    a.set(title="(a) training reward per step, all groups drawn (dotted: zero-variance groups trained)",
+          xlabel="training step", ylabel="fraction", ylim=(-0.03, 1.03))
     b.set(title=f"(b) {title}", xlabel="training step", ylabel="accuracy")
     b.yaxis.set_major_formatter(PercentFormatter(1.0))
     for ax in (a, b):
