@@ -67,8 +67,8 @@ class Config(MachineFlags):     # + --bf16, --gradient-checkpointing, --cuda-gra
     model: str | None = flag(None, "agent: Hugging Face model folder or hub id (default: the embedded "
                              "SmolLM2-135M-Instruct)")
     warm_start: int = flag(0, "Countdown tasks: first fine-tune --model on this many solver-written answers "
-                           "(warmstart.py, rrr.py's flag; cached): the agent and the reflector start from "
-                           "it, as the report says (0: none)")
+                           "(warmstart.py, rrr.py's flag; cached): the agent (and the reflector, unless "
+                           "--reflector-model) starts from it, as the report says (0: none)")
     warm_start_reflections: bool = flag(False, "with --warm-start: the labels also cover the reflection turn "
                                         "(warmstart.py --reflections)")
     reflector_model: str | None = flag(None, "reflector (default: the agent's base model, reflector prompt)")

@@ -60,23 +60,25 @@ def test_sweep_table_counts_gains_and_losses_against_the_warm_start(tmp_path, mo
     assert f"| {name} " in table and not (tmp_path / "runs" / "sweep" / other / "config.json").exists()
 
 
-def test_final_pooled_table_pairs_each_seeds_items(tmp_path, monkeypatch):
-    """Two seeds' GRPO runs: the pooled first-try pairs are the 2 x 4 (seed, item) pairs, with the gains
-    and losses of both seeds summed."""
+def test_final_pooled_table_counts_items_over_seeds(tmp_path, monkeypatch):
+    """Two seeds' GRPO runs on 4 items: an item is gained when its mean outcome over the seeds is above its
+    vanilla outcome, lost when below; the p-value is the exact sign test of the two counts."""
     monkeypatch.setattr(learning, "machine", lambda bf16: "test machine")
     args = learning.parse_args(["--stage", "final", "--arms", "rrr", "grpo", "--seeds", "0", "1",
                                 "--out", str(tmp_path)])
     logs = {}
-    for seed, after in ((0, [1, 1, 0, 0]), (1, [1, 1, 1, 0])):
+    vanilla = [1, 1, 0, 0, 0]
+    for seed, after in ((0, [1, 0, 1, 1, 0]), (1, [1, 0, 1, 0, 0])):
         for arm in ("rrr", "grpo"):
             folder = tmp_path / f"seed-{seed}" / arm
-            write_run(folder, {0: [1, 0, 0, 0], 10: after}, {0: [1, 0, 0, 0], 10: after}, 1.0)
+            write_run(folder, {0: vanilla, 10: after}, {0: vanilla, 10: after}, 1.0)
             logs[f"seed-{seed}/{arm}"] = learning.run_log(folder)
     table = learning.pooled_table(args, logs)
     row = next(line for line in table.splitlines() if line.startswith("| GRPO on first attempts | first"))
-    # seed 0: gained item 1; seed 1: gained items 1 and 2; nothing lost. 8 pairs, 2/8 solved before, 5/8 after.
-    assert "| 8 | 25.0% | 62.5% | +3/−0 |" in row
-    assert row.endswith(f"| {two_sided_binomial(0, 3):.3g} |")
+    # item 0 kept, item 1 lost in both seeds, item 2 gained in both, item 3 in one seed (mean 0.5 > 0): gained
+    # 2, lost 1; 2/5 solved before, (1 + 0 + 1 + 0.5 + 0)/5 = 50% after.
+    assert "| 5 | 2 | 40.0% | 50.0% | +2/−1 |" in row
+    assert row.endswith(f"| {two_sided_binomial(1, 2):.3g} |")
 
 
 @pytest.mark.parametrize("argv, message", [
@@ -87,3 +89,23 @@ def test_bad_flags_are_refused(argv, message, capsys):
     with pytest.raises(SystemExit) as e:
         learning.parse_args(argv)
     assert e.value.code == 2 and message in capsys.readouterr().err
+
+
+def test_kept_adapters_are_fp16_with_the_header_rrr_wrote(tmp_path):
+    import torch
+    from safetensors import safe_open
+    from safetensors.torch import load_file, save_file
+    gen = torch.Generator().manual_seed(0)
+    weights = {"layers.0.q_proj.lora_A": torch.randn(4, 8, generator=gen),
+               "layers.0.q_proj.lora_B": torch.randn(8, 4, generator=gen) * 1e-3}
+    header = {"r": "4", "alpha": "8", "targets": "q_proj"}
+    save_file(weights, tmp_path / "a.safetensors", metadata=header)
+    learning.keep_adapters(tmp_path / "a.safetensors", tmp_path / "kept" / "a.safetensors")
+    with safe_open(str(tmp_path / "kept" / "a.safetensors"), "pt") as f:
+        assert f.metadata() == header
+    kept = load_file(tmp_path / "kept" / "a.safetensors")
+    for name, w in weights.items():
+        assert kept[name].dtype == torch.float16
+        assert torch.allclose(kept[name].float(), w, rtol=5e-4, atol=3e-8)     # fp16: 11 bits; subnormal below 6e-5
+    with pytest.raises(SystemExit, match="missing"):
+        learning.keep_adapters(tmp_path / "none.safetensors", tmp_path / "kept" / "b.safetensors")
