@@ -212,9 +212,9 @@ def sweep(args):
 
 
 def sweep_table(args, root: Path):
-    """Every configuration of SWEEP evaluated after step 0, finished or stopped: the failed and the
+    """Every configuration of SWEEP evaluated at least once, finished or stopped: the failed and the
     unfinished ones are results too."""
-    tried = [n for n in SWEEP if len(read_jsonl(root / n / "evals.jsonl")) > 1]
+    tried = [n for n in SWEEP if read_jsonl(root / n / "evals.jsonl")]
     logs = {n: run_log(root / n) for n in tried}
     minutes = {n: json.loads((root / n / "bench_minutes.json").read_text())["minutes"]
                if (root / n / "bench_minutes.json").exists() else None for n in tried}
