@@ -5,10 +5,12 @@ held-out test split over seeds, from one labelled warm start of the embedded Smo
     python bench/learning.py --stage sweep --configs grpo-lora-1e-4-dyn
     python bench/learning.py --stage final --seeds 0 1           # the chosen settings (FINAL), 4 arms
 
-Running time (2-core CPU, fp32 fixed, warm start cached; building the 800-puzzle one takes about 11 minutes
-on B, 16 on A): a sweep configuration of 40 steps with 4 dev evaluations of 300 puzzles takes 20-45
-minutes on B (Intel Xeon with AMX), the runs with --dynamic-sampling the longest; BENCHMARKS.md gives each
-one's cost. A seed of the final stage runs four arms on 500 test puzzles (see FINAL for its budget).
+Running time (2-core CPU, fp32 fixed), measured on B (Intel Xeon with AMX): the answers-only warm start
+builds in 8 minutes, the one with labelled reflections in 56 (both cached); in the sweep a plain-GRPO step
+with dynamic sampling takes about 60 s and an RRR step about 180 s (4 draws of 8 failures x 8), a dev
+evaluation 3 minutes: about an hour for a GRPO configuration of 40 steps, 2.3 hours for an RRR one.
+BENCHMARKS.md gives each run's cost. A seed of the final stage runs four arms on 500 test puzzles; FINAL
+must keep it within 3 hours.
 
 The embedded model scores about 0% on Countdown, so every group would get the same reward and nothing could
 be learned. It first gets partial skill from a labelled warm start (warmstart.py: supervised fine-tuning on
@@ -74,7 +76,9 @@ SWEEP = {
     "grpo-full-5e-6-dyn": ("answers-800", 40, ["--method", "grpo", "--learning-rate", "5e-6", *DYNAMIC]),
 }
 
-# The final stage's settings, chosen on the dev split by the sweep (BENCHMARKS.md says from which runs).
+# The final stage's settings, to be chosen on the dev split by the sweep (BENCHMARKS.md will say from which
+# runs). Not chosen yet (2026-12-06): these are the sweep's RRR configuration, a placeholder; at about 180 s a
+# step they would not fit a seed in 3 hours.
 FINAL = dict(warm_start="reflections-800", steps=40, flags=[*LORA, "--learning-rate", "3e-5", *DYNAMIC])
 ARMS = {"rrr": ["--method", "rrr"], "feedback": ["--method", "rrr", "--reflection-feedback"],
         "generic": ["--method", "rrr", "--reflection", "generic"], "grpo": ["--method", "grpo"]}
