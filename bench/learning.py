@@ -7,8 +7,8 @@ held-out test split over seeds, from one labelled warm start of the embedded Smo
 
 Running time (2-core CPU, fp32 fixed), measured on B (Intel Xeon with AMX): the answers-only warm start
 builds in 8 minutes, the one with labelled reflections in 56 (both cached); in the sweep a plain-GRPO step
-with dynamic sampling takes about 60 s and an RRR step about 180 s (4 draws of 8 failures x 8), a dev
-evaluation 3 minutes: about an hour for a GRPO configuration of 40 steps, 2.3 hours for an RRR one.
+with dynamic sampling takes about 60 s and an RRR step about 130 s (up to 4 draws of 8 failures x 8), a dev
+evaluation 3 minutes: about an hour for a GRPO configuration of 40 steps, 1.9 hours for an RRR one.
 BENCHMARKS.md gives each run's cost. A seed of the final stage runs four arms on 500 test puzzles; FINAL
 must keep it within 3 hours.
 
@@ -77,7 +77,7 @@ SWEEP = {
 }
 
 # The final stage's settings, to be chosen on the dev split by the sweep (BENCHMARKS.md will say from which
-# runs). Not chosen yet (2026-12-06): these are the sweep's RRR configuration, a placeholder; at about 180 s a
+# runs). Not chosen yet (2026-12-06): these are the sweep's RRR configuration, a placeholder; at about 130 s a
 # step they would not fit a seed in 3 hours.
 FINAL = dict(warm_start="reflections-800", steps=40, flags=[*LORA, "--learning-rate", "3e-5", *DYNAMIC])
 ARMS = {"rrr": ["--method", "rrr"], "feedback": ["--method", "rrr", "--reflection-feedback"],
