@@ -157,15 +157,16 @@ def warm_start(d, task_name: str, puzzles: int, base_model: str | None, data_dir
 
     check_warm_start(task_name, puzzles)
     # The cache folder is named by every setting the weights depend on; the data folder only for the task
-    # whose test split it changes (countdown_easy is always generated); the schedule only when it is not the
-    # default, so that the warm starts cached before it was a setting keep their folders.
-    scheduled = {} if schedule == DEFAULT_SCHEDULE else dict(lr_scheduler_type=schedule[0],
-                                                             warmup_ratio=schedule[1])
-    scheduled |= dict(reflections=True) if reflections else {}
+    # whose test split it changes (countdown_easy is always generated); the schedule and the reflections
+    # only when they are not the default, so that the warm starts cached before they were settings keep
+    # their folders.
+    later = {} if schedule == DEFAULT_SCHEDULE else dict(lr_scheduler_type=schedule[0],
+                                                         warmup_ratio=schedule[1])
+    later |= dict(reflections=True) if reflections else {}
     key = json.dumps(dict(task=task_name, puzzles=puzzles,
                           model="embedded" if base_model in EMBEDDED_NAMES else base_model,
                           data_dir=data_dir_used(data_dir) if task_name == "countdown" else None, bf16=bf16,
-                          lr=LEARNING_RATE, batch=BATCH_SIZE, seed=WARM_SEED, version=1, **scheduled),
+                          lr=LEARNING_RATE, batch=BATCH_SIZE, seed=WARM_SEED, version=1, **later),
                      sort_keys=True)
     digest = hashlib.sha256(key.encode()).hexdigest()[:10]
     folder = cache_root() / "warm-start" / f"{task_name}-{puzzles}-{digest}"

@@ -49,7 +49,8 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 from bench._cli import Help  # noqa: E402
 from compare import compare  # noqa: E402
-from report import _figure, _save, _steps_axis, markdown_table, mcnemar_exact, paired_change, pct  # noqa: E402
+from report import (_figure, _save, _steps_axis, markdown_table, mcnemar_exact, paired_change, pct,  # noqa: E402
+                    vanilla_and_last)
 from runs import read_jsonl, write_json  # noqa: E402
 
 # Every run: countdown_easy, G = 8, 8 failures per step, answers of at most 32 tokens, reflections of 64.
@@ -128,14 +129,19 @@ def machine(bf16: bool) -> str:
     return f"{name}, {os.cpu_count()} cores, {'bf16' if bf16 else 'fp32'}"
 
 
-def run_rrr(folder: Path, flags: list[str]) -> float:
-    """One rrr.py run into `folder` (resumed if it started before; kept if it finished). Returns the minutes
-    it has cost over all its invocations (kept in folder/bench_minutes.json)."""
+def minutes_spent(folder: Path) -> float | None:
+    """What a run has cost over all its invocations (folder/bench_minutes.json; None if never timed)."""
     spent = folder / "bench_minutes.json"
-    before = json.loads(spent.read_text())["minutes"] if spent.exists() else 0.0
+    return json.loads(spent.read_text())["minutes"] if spent.exists() else None
+
+
+def run_rrr(folder: Path, flags: list[str]):
+    """One rrr.py run into `folder` (resumed if it started before; kept if it finished), its minutes added
+    to folder/bench_minutes.json."""
     if (folder / "report.json").exists():
         print(f"{folder}: finished before, kept", flush=True)
-        return before
+        return
+    before = minutes_spent(folder) or 0.0
     cmd = [sys.executable, str(REPO / "rrr.py"), *flags, "--out", str(folder)]
     if (folder / "config.json").exists():
         cmd.append("--resume")
@@ -145,10 +151,8 @@ def run_rrr(folder: Path, flags: list[str]) -> float:
         subprocess.run(cmd, check=True, cwd=REPO, env=dict(os.environ, PYTHONPATH=str(REPO)))
     finally:        # an interrupted invocation's time counts too
         if folder.exists():
-            write_json(spent, dict(minutes=round(before + (time.time() - started) / 60, 2)))
-    minutes = json.loads(spent.read_text())["minutes"]
-    print(f"== {folder}: {minutes:.1f} min", flush=True)
-    return minutes
+            write_json(folder / "bench_minutes.json", dict(minutes=round(before + (time.time() - started) / 60, 2)))
+    print(f"== {folder}: {minutes_spent(folder):.1f} min", flush=True)
 
 
 def dtype_flags(args) -> list[str]:
@@ -160,12 +164,6 @@ def run_log(folder: Path) -> dict:
     return dict(metrics=read_jsonl(folder / "metrics.jsonl"), evals=read_jsonl(folder / "evals.jsonl"),
                 answers=[dict(step=r["step"], id=r["id"], first=r["first"], second=r["second"])
                          for r in read_jsonl(folder / "eval_answers.jsonl")])
-
-
-def change_from_start(log: dict, step: int, key: str) -> dict:
-    """The change in `key` (first or second try) from step 0 to `step` on the same items: exact McNemar."""
-    at = {s: {a["id"]: a[key] for a in log["answers"] if a["step"] == s} for s in (0, step)}
-    return paired_change(at[0], at[step])
 
 
 def curves_figure(path: Path, logs: dict, labels: dict, title: str):
@@ -220,15 +218,15 @@ def sweep_table(args, root: Path):
     unfinished ones are results too."""
     tried = [n for n in SWEEP if read_jsonl(root / n / "evals.jsonl")]
     logs = {n: run_log(root / n) for n in tried}
-    minutes = {n: json.loads((root / n / "bench_minutes.json").read_text())["minutes"]
-               if (root / n / "bench_minutes.json").exists() else None for n in tried}
+    minutes = {n: minutes_spent(root / n) for n in tried}
+    finished = {n: (root / n / "report.json").exists() for n in tried}
     rows = []
     for n in tried:
         log, last = logs[n], logs[n]["evals"][-1]["step"]
-        first, second = (change_from_start(log, last, k) for k in ("first", "second"))
-        done = (root / n / "report.json").exists()
+        vanilla, trained, _ = vanilla_and_last(root / n, last)
+        first, second = (paired_change(vanilla["tries"][k], trained["tries"][k]) for k in (0, 1))
         rows.append({"configuration": n, "warm start": SWEEP[n][0],
-                     "steps": f"{last}" if done else f"{last} of {SWEEP[n][1]} (unfinished)",
+                     "steps": f"{last}" if finished[n] else f"{last} of {SWEEP[n][1]} (unfinished)",
                      "minutes": "?" if minutes[n] is None else f"{minutes[n]:.0f}",
                      "dev first try per evaluation": " → ".join(pct(e["first"]) for e in log["evals"]),
                      "dev second try": " → ".join(pct(e["second"]) for e in log["evals"]),
@@ -245,7 +243,7 @@ def sweep_table(args, root: Path):
     write_json(args.results / "sweep.json", dict(machine=machine(args.bf16), common=COMMON,
                                                  configs={n: dict(warm_start=WARM[SWEEP[n][0]], steps=SWEEP[n][1],
                                                                   flags=SWEEP[n][2], minutes=minutes[n],
-                                                                  finished=(root / n / "report.json").exists())
+                                                                  finished=finished[n])
                                                           for n in tried},
                                                  runs=logs))
     if logs:
