@@ -4,6 +4,7 @@ held-out test split over seeds, from one labelled warm start of the embedded Smo
     python bench/learning.py --stage sweep                       # every configuration of SWEEP, in order
     python bench/learning.py --stage sweep --configs grpo-lora-1e-4-dyn
     python bench/learning.py --stage final --seeds 0 1           # the chosen settings (FINAL), 4 arms
+    python bench/learning.py --stage rerest --seeds 0            # Re-ReST from FINAL's warm start
 
 Running time (2-core CPU, fp32 fixed), measured on B (Intel Xeon with AMX): the answers-only warm start
 builds in 8 minutes, the one with labelled reflections in 56 (both cached); in the sweep a plain-GRPO step
@@ -28,6 +29,12 @@ solver-written answers to generated puzzles outside the test and dev splits; cac
   Written to --out/final/seed-<s>/: the runs, comparison.md (compare.py's table); --out/final/: pooled.md
   (every seed's items together) and learning.png; --results/final.json (every evaluation's per-item
   results and every step's metrics, per seed and arm) and, for LoRA settings, --results/adapters/.
+
+--stage rerest: rerest.py (its defaults: k = 4 samples per puzzle, LoRA r8 on q_proj and v_proj, 3 epochs)
+  from FINAL's warm start on the same 512 training and 500 test puzzles, answers of at most 32 tokens as in
+  RRR, per --seeds seed: the base, self-training and Re-ReST rows (--dpo: DPO too). Written to
+  --out/rerest/seed-<s>/ (rerest.py's report and caches); --results/rerest.json: each row's per-puzzle
+  results per seed and Re-ReST against self-training on the same puzzles (exact McNemar).
 
 A run killed half-way is continued by the same command: finished runs are kept, an unfinished one is
 resumed from its last checkpoint (rrr.py --resume). The dtype is fixed (fp32 unless --bf16): machines differ
@@ -89,15 +96,18 @@ LABELS = {"rrr": "RRR (model's reflection)", "feedback": "RRR, feedback in the r
 
 def parse_args(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=Help)
-    ap.add_argument("--stage", choices=("sweep", "final"), required=True,
+    ap.add_argument("--stage", choices=("sweep", "final", "rerest"), required=True,
                     help="sweep: SWEEP's configurations on the dev split; final: FINAL's settings, 4 arms, "
-                         "on the test split over --seeds")
+                         "on the test split over --seeds; rerest: rerest.py from FINAL's warm start, same "
+                         "test split, over --seeds")
     ap.add_argument("--configs", nargs="+", choices=list(SWEEP), default=list(SWEEP),
                     help="--stage sweep: the configurations to run, in SWEEP's order (the table shows every "
                          "configuration evaluated so far)")
     ap.add_argument("--arms", nargs="+", choices=list(ARMS), default=list(ARMS),
                     help="--stage final: the arms, in order (rrr first: the others reuse its failure set)")
-    ap.add_argument("--seeds", nargs="+", type=int, default=[0, 1], help="--stage final: one run per arm and seed")
+    ap.add_argument("--seeds", nargs="+", type=int, default=[0, 1],
+                    help="--stage final: one run per arm and seed; --stage rerest: one rerest.py run per seed")
+    ap.add_argument("--dpo", action="store_true", help="--stage rerest: also the DPO row")
     ap.add_argument("--eval-every", type=int, default=None,
                     help="evaluate every N steps and at the end (default: 10 in the sweep, for its curves; 20 "
                          "in the final stage, where an evaluation of 500 puzzles costs about 6 minutes on B)")
@@ -135,15 +145,16 @@ def minutes_spent(folder: Path) -> float | None:
     return json.loads(spent.read_text())["minutes"] if spent.exists() else None
 
 
-def run_rrr(folder: Path, flags: list[str]):
-    """One rrr.py run into `folder` (resumed if it started before; kept if it finished), its minutes added
-    to folder/bench_minutes.json."""
+def run_script(script: str, folder: Path, flags: list[str]):
+    """One run of rrr.py or rerest.py into `folder`, its minutes added to folder/bench_minutes.json. A
+    finished run (report.json) is kept; an unfinished rrr.py run is resumed (--resume), an unfinished
+    rerest.py run simply runs again (every stage is cached in its folder)."""
     if (folder / "report.json").exists():
         print(f"{folder}: finished before, kept", flush=True)
         return
     before = minutes_spent(folder) or 0.0
-    cmd = [sys.executable, str(REPO / "rrr.py"), *flags, "--out", str(folder)]
-    if (folder / "config.json").exists():
+    cmd = [sys.executable, str(REPO / script), *flags, "--out", str(folder)]
+    if script == "rrr.py" and (folder / "config.json").exists():
         cmd.append("--resume")
     print(f"\n== {folder}: {' '.join(cmd[1:])}", flush=True)
     started = time.time()
@@ -209,7 +220,7 @@ def sweep(args):
             if not (root / owner / "failures.jsonl").exists() and owner not in args.configs:
                 raise SystemExit(f"{name} reuses {owner}'s failure set: run --configs {owner} first")
             common += ["--failure-set", str(root / owner / "failures.jsonl")]
-        run_rrr(root / name, [*common, *flags])
+        run_script("rrr.py", root / name, [*common, *flags])
     sweep_table(args, root)
 
 
@@ -265,7 +276,7 @@ def final(args):
                      "--seed", str(seed), *dtype_flags(args), *FINAL["flags"], *ARMS[arm]]
             if arm != "rrr":
                 flags += ["--failure-set", str(folder / "rrr" / "failures.jsonl")]
-            run_rrr(folder / arm, flags)
+            run_script("rrr.py", folder / arm, flags)
             logs[f"seed-{seed}/{arm}"] = run_log(folder / arm)
         table, numbers = compare([folder / a for a in args.arms])
         (folder / "comparison.md").write_text(table + "\n")
@@ -335,6 +346,32 @@ def pooled_table(args, logs: dict) -> str:
             + markdown_table(list(rows[0]), rows))
 
 
+# --- Re-ReST from the same warm start -------------------------------------------------------------------
+
+def rerest(args):
+    """rerest.py per seed on the final stage's test puzzles; its rows' per-puzzle results and Re-ReST
+    against self-training (exact McNemar on the same puzzles) in --results/rerest.json."""
+    root, seeds, lines = args.out / "rerest", {}, []
+    for seed in args.seeds:
+        folder = root / f"seed-{seed}"
+        run_script("rerest.py", folder, ["--task", "countdown_easy", *WARM[FINAL["warm_start"]],
+                                         "--train-size", "512", "--eval-size", "500", "--max-completion-length",
+                                         "32", "--seed", str(seed), *dtype_flags(args),
+                                         *(["--dpo"] if args.dpo else [])])
+        report = json.loads((folder / "report.json").read_text())
+        rows = {name: row["items"] for name, row in report["rows"].items() if row.get("items")}
+        change = paired_change(rows["self-training"], rows["Re-ReST"])
+        seeds[seed] = dict(rows=rows, rerest_vs_self_training=change,
+                           minutes=minutes_spent(folder), sizes=report["sizes"])
+        lines.append(f"seed {seed}: " + ", ".join(f"{n} {pct(sum(r.values()) / len(r))}" for n, r in rows.items())
+                     + f"; Re-ReST against self-training: +{change['gained']}/−{change['lost']}, "
+                       f"p = {change['p_value']:.3g}")
+    args.results.mkdir(parents=True, exist_ok=True)
+    write_json(args.results / "rerest.json", dict(machine=machine(args.bf16), warm_start=WARM[FINAL["warm_start"]],
+                                                  seeds=seeds))
+    print("\n".join(lines) + f"\n\nwritten: {root}, {args.results / 'rerest.json'}")
+
+
 def main(argv=None):
     args = parse_args(argv)
     # kill (SIGTERM) unwinds like Ctrl-C, so that an interrupted run's minutes are still counted
@@ -342,7 +379,7 @@ def main(argv=None):
     try:
         args.out.mkdir(parents=True, exist_ok=True)
         started = time.time()
-        sweep(args) if args.stage == "sweep" else final(args)
+        {"sweep": sweep, "final": final, "rerest": rerest}[args.stage](args)
         print(f"({(time.time() - started) / 60:.1f} min)")
     finally:
         signal.signal(signal.SIGTERM, before)

@@ -109,3 +109,24 @@ def test_kept_adapters_are_fp16_with_the_header_rrr_wrote(tmp_path):
         assert torch.allclose(kept[name].float(), w, rtol=5e-4, atol=3e-8)     # fp16: 11 bits; subnormal below 6e-5
     with pytest.raises(SystemExit, match="missing"):
         learning.keep_adapters(tmp_path / "none.safetensors", tmp_path / "kept" / "b.safetensors")
+
+
+def test_rerest_stage_tests_rerest_against_self_training_on_the_same_puzzles(tmp_path, monkeypatch):
+    # A finished rerest.py run (report.json as report.py writes it) is kept; 10 puzzles: Re-ReST solves 5
+    # that self-training does not and misses 1 that it solves.
+    folder = tmp_path / "runs" / "rerest" / "seed-3"
+    folder.mkdir(parents=True)
+    ids = [f"p{i}" for i in range(10)]
+    selftrain = dict(zip(ids, [False] * 5 + [True] + [False] * 4))
+    rerest = dict(zip(ids, [True] * 5 + [False] + [False] * 4))
+    base = dict.fromkeys(ids, False)
+    rows = {"base": dict(items=base), "self-training": dict(items=selftrain), "Re-ReST": dict(items=rerest)}
+    (folder / "report.json").write_text(json.dumps(dict(rows=rows, sizes={"Re-ReST": [1, 6]})))
+    monkeypatch.setattr(learning, "machine", lambda bf16: "test machine")
+    learning.main(["--stage", "rerest", "--seeds", "3", "--out", str(tmp_path / "runs"),
+                   "--results", str(tmp_path / "results")])
+    saved = json.loads((tmp_path / "results" / "rerest.json").read_text())["seeds"]["3"]
+    change = saved["rerest_vs_self_training"]
+    assert (change["gained"], change["lost"]) == (5, 1)
+    assert change["p_value"] == pytest.approx(two_sided_binomial(1, 5))
+    assert saved["rows"]["Re-ReST"] == rerest and saved["minutes"] is None
