@@ -9,9 +9,10 @@ held-out test split over seeds, from one labelled warm start of the embedded Smo
 Running time (2-core CPU, fp32 fixed), measured on B (Intel Xeon with AMX): the answers-only warm start
 builds in 8 minutes, the one with labelled reflections in 56 (both cached); in the sweep a plain-GRPO step
 with dynamic sampling takes about 60 s and an RRR step about 130 s (up to 4 draws of 8 failures x 8), a dev
-evaluation 3 minutes: about an hour for a GRPO configuration of 40 steps, 1.9 hours for an RRR one.
-BENCHMARKS.md gives each run's cost. A seed of the final stage runs four arms on 500 test puzzles; FINAL
-must keep it within 3 hours.
+evaluation 3-5 minutes: about an hour for a GRPO configuration of 40 steps, 1.9 hours for an RRR one.
+BENCHMARKS.md gives each run's cost. A seed of the final stage runs four arms of 20 steps, each evaluated on
+the 500 test puzzles before and after training: about 3 hours (estimated from the sweep's step and
+evaluation times; BENCHMARKS.md gives what it took).
 
 The embedded model scores about 0% on Countdown, so every group would get the same reward and nothing could
 be learned. It first gets partial skill from a labelled warm start (warmstart.py: supervised fine-tuning on
@@ -84,10 +85,10 @@ SWEEP = {
     "grpo-full-5e-6-dyn": ("answers-800", 40, ["--method", "grpo", "--learning-rate", "5e-6", *DYNAMIC]),
 }
 
-# The final stage's settings, to be chosen on the dev split by the sweep (BENCHMARKS.md will say from which
-# runs). Not chosen yet (2026-12-06): these are the sweep's RRR configuration, a placeholder; at about 130 s a
-# step they would not fit a seed in 3 hours.
-FINAL = dict(warm_start="reflections-800", steps=40, flags=[*LORA, "--learning-rate", "3e-5", *DYNAMIC])
+# The final stage's settings, chosen on the dev split (BENCHMARKS.md, "Learning"): the sweep's RRR configuration
+# (rrr-lora-3e-5-dyn-reflws: at steps 10 and 20 its dev first and second tries rose, +3/-0 and +4/-0, +2/-0
+# and +3/-0, nothing lost), for as many steps as let a seed's four arms fit in 3 hours on 2 cores (B, fp32).
+FINAL = dict(warm_start="reflections-800", steps=20, flags=[*LORA, "--learning-rate", "3e-5", *DYNAMIC])
 ARMS = {"rrr": ["--method", "rrr"], "feedback": ["--method", "rrr", "--reflection-feedback"],
         "generic": ["--method", "rrr", "--reflection", "generic"], "grpo": ["--method", "grpo"]}
 LABELS = {"rrr": "RRR (model's reflection)", "feedback": "RRR, feedback in the reflection prompt",
