@@ -3,7 +3,8 @@ held-out test split over seeds, from one labelled warm start of the embedded Smo
 
     python bench/learning.py --stage sweep                       # every configuration of SWEEP, in order
     python bench/learning.py --stage sweep --configs grpo-lora-1e-4-dyn
-    python bench/learning.py --stage final --seeds 0 1           # the chosen settings (FINAL), 4 arms
+    python bench/learning.py --stage final --seeds 0             # the chosen settings (FINAL), 4 arms
+    python bench/learning.py --stage final --seeds 0 1 --arms rrr grpo   # a second seed of RRR and GRPO
     python bench/learning.py --stage rerest --seeds 0            # Re-ReST from FINAL's warm start
 
 Running time (2-core CPU, fp32 fixed), measured on B (Intel Xeon with AMX): the answers-only warm start
@@ -105,7 +106,8 @@ def parse_args(argv=None):
                     help="--stage sweep: the configurations to run, in SWEEP's order (the table shows every "
                          "configuration evaluated so far)")
     ap.add_argument("--arms", nargs="+", choices=list(ARMS), default=list(ARMS),
-                    help="--stage final: the arms, in order (rrr first: the others reuse its failure set)")
+                    help="--stage final: the arms to run, in order (rrr first: the others reuse its failure "
+                         "set); the tables cover every arm finished in a seed's folder, by this call or before")
     ap.add_argument("--seeds", nargs="+", type=int, default=[0, 1],
                     help="--stage final: one run per arm and seed; --stage rerest: one rerest.py run per seed")
     ap.add_argument("--dpo", action="store_true", help="--stage rerest: also the DPO row")
@@ -278,8 +280,9 @@ def final(args):
             if arm != "rrr":
                 flags += ["--failure-set", str(folder / "rrr" / "failures.jsonl")]
             run_script("rrr.py", folder / arm, flags)
-            logs[f"seed-{seed}/{arm}"] = run_log(folder / arm)
-        table, numbers = compare([folder / a for a in args.arms])
+        done = [a for a in ARMS if (folder / a / "report.json").exists()]     # this call's and earlier ones'
+        logs |= {f"seed-{seed}/{a}": run_log(folder / a) for a in done}
+        table, numbers = compare([folder / a for a in done])
         (folder / "comparison.md").write_text(table + "\n")
         write_json(folder / "comparison.json", numbers)
         tables.append(f"## seed {seed}\n\n{table}")
@@ -320,7 +323,7 @@ def pooled_table(args, logs: dict) -> str:
     against lost (McNemar's test when there is one seed). Pairs of (seed, item) would count each vanilla
     outcome once per seed, as if the seeds drew new items."""
     rows = []
-    for arm in args.arms:
+    for arm in [a for a in ARMS if any(k.endswith("/" + a) for k in logs)]:
         keys = [k for k in logs if k.endswith("/" + arm)]
         for which in ("first", "second"):
             vanilla, trained = {}, {}

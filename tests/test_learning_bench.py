@@ -130,3 +130,30 @@ def test_rerest_stage_tests_rerest_against_self_training_on_the_same_puzzles(tmp
     assert (change["gained"], change["lost"]) == (5, 1)
     assert change["p_value"] == pytest.approx(two_sided_binomial(1, 5))
     assert saved["rows"]["Re-ReST"] == rerest and saved["minutes"] is None
+
+
+def test_final_stage_tabulates_every_finished_arm_of_each_seed(tmp_path, monkeypatch):
+    """Seed 0 finished all four arms before; `--seeds 0 1 --arms rrr grpo` (seed 1's arms already finished
+    too) runs nothing, compares all four arms of seed 0 and two of seed 1, and pools each arm over the
+    seeds that have it."""
+    vanilla, after = [1, 0, 0, 0], [1, 1, 0, 0]
+    for seed, arms in ((0, learning.ARMS), (1, ["rrr", "grpo"])):
+        for arm in arms:
+            write_run(tmp_path / "runs" / "final" / f"seed-{seed}" / arm, {0: vanilla, 10: after},
+                      {0: vanilla, 10: after}, 1.0)
+    compared, kept = [], []
+    monkeypatch.setattr(learning, "machine", lambda bf16: "test machine")
+    monkeypatch.setattr(learning, "compare", lambda folders: (compared.append([f.name for f in folders]),
+                                                               ("table", {}))[1])
+    monkeypatch.setattr(learning, "keep_adapters", lambda source, target: kept.append(target.name))
+    monkeypatch.setattr(learning.subprocess, "run", lambda *a, **k: pytest.fail("a finished run was run again"))
+    learning.main(["--stage", "final", "--seeds", "0", "1", "--arms", "rrr", "grpo",
+                   "--out", str(tmp_path / "runs"), "--results", str(tmp_path / "results")])
+    assert compared == [list(learning.ARMS), ["rrr", "grpo"]]
+    assert len(kept) == 6 and sorted(json.loads((tmp_path / "results" / "final.json").read_text())["runs"]) == \
+        sorted([f"seed-0/{a}" for a in learning.ARMS] + ["seed-1/rrr", "seed-1/grpo"])
+    pooled = (tmp_path / "runs" / "final" / "pooled.md").read_text()
+    seeds_of = {line.split(" | ")[0][2:]: line.split(" | ")[3] for line in pooled.splitlines()
+                if line.startswith("| ") and "| first |" in line}
+    assert seeds_of == {learning.LABELS["rrr"]: "2", learning.LABELS["feedback"]: "1",
+                        learning.LABELS["generic"]: "1", learning.LABELS["grpo"]: "2"}
