@@ -306,9 +306,12 @@ def announce(out: Path, cfg, main_flags: tuple[str, ...]):
 
 
 def setting_differs(key: str, before, now) -> bool:
-    """Whether a recorded setting differs from this run's: the embedded model's names are one model."""
+    """Whether a recorded setting differs from this run's: the embedded model's names are one model, and a
+    run folder named relatively once and absolutely (or through a link) now is one folder."""
     if key == "model":
         return not (before in EMBEDDED_NAMES and now in EMBEDDED_NAMES) and before != now
+    if key == "out" and before is not None and now is not None:
+        return Path(before).resolve() != Path(now).resolve()
     return before != now
 
 

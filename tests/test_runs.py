@@ -213,6 +213,21 @@ def test_runs_recorded_by_an_older_version_are_refused_in_one_line(tmp_path):
         runs.prepare_out(out, dict(model=None, out=str(out), steps=8, seed=1), resume=True)
 
 
+def test_resume_accepts_the_run_folder_named_another_way(tmp_path, monkeypatch):
+    """A run started with a relative --out continues under its absolute path or through a link to a folder
+    above it; another folder's path is another setting."""
+    (tmp_path / "runs" / "a").mkdir(parents=True)
+    (tmp_path / "elsewhere").mkdir()
+    (tmp_path / "elsewhere" / "runs").symlink_to(tmp_path / "runs")
+    monkeypatch.chdir(tmp_path)
+    out = tmp_path / "runs" / "a"
+    (out / "config.json").write_text(json.dumps(dict(out="runs/a", seed=0)))
+    for now in (str(out), str(tmp_path / "elsewhere" / "runs" / "a"), "runs/a/"):
+        assert runs.prepare_out(out, dict(out=now, seed=0), resume=True)
+    with pytest.raises(runs.BadInput, match="out: 'runs/a' -> 'runs/b'"):
+        runs.prepare_out(out, dict(out="runs/b", seed=0), resume=True)
+
+
 @pytest.mark.parametrize("device, amx, expected", [("cpu", False, False), ("cpu", True, True), ("cuda", False, True)])
 def test_bf16_default_follows_the_hardware(monkeypatch, device, amx, expected):
     """--bf16's default where it is not given: on with CUDA and on CPUs with AMX (measured faster), off on
