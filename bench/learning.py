@@ -305,13 +305,17 @@ def keep_adapters(source: Path, target: Path):
     """A run's LoRA adapters, stored in fp16 to keep the repository small (about 10 MB each for rank 16 on
     every linear layer of the 135M model; fp16 rounds by under 5e-4 relative, 3e-8 absolute below 6e-5, far
     inside the noise of sampling), with the header rrr.py wrote (rank, alpha, targets): add them to the
-    warm-started model as rrr.py's export does."""
+    warm-started model as rrr.py's export does (bench/merge_adapters.py), the warm start's folder name added
+    to the header so that they are merged into the model they were trained on."""
     from safetensors import safe_open
     from safetensors.torch import load_file, save_file
     if not source.exists():
         raise SystemExit(f"{source}: missing (the run was stopped after its report): rerun it to write it")
     with safe_open(str(source), "pt") as f:
-        header = f.metadata()
+        header = dict(f.metadata())
+    warm = json.loads((source.parent / "config.json").read_text()).get("warm_start_model")
+    if warm:
+        header["warm_start_model"] = json.dumps(warm["folder"])
     target.parent.mkdir(parents=True, exist_ok=True)
     save_file({k: v.half() for k, v in load_file(source).items()}, target, metadata=header)
 

@@ -100,9 +100,11 @@ def test_kept_adapters_are_fp16_with_the_header_rrr_wrote(tmp_path):
                "layers.0.q_proj.lora_B": torch.randn(8, 4, generator=gen) * 1e-3}
     header = {"r": "4", "alpha": "8", "targets": "q_proj"}
     save_file(weights, tmp_path / "a.safetensors", metadata=header)
+    warm = dict(description="a warm start", folder="countdown_easy-800-0123456789")
+    (tmp_path / "config.json").write_text(json.dumps(dict(warm_start_model=warm)))
     learning.keep_adapters(tmp_path / "a.safetensors", tmp_path / "kept" / "a.safetensors")
     with safe_open(str(tmp_path / "kept" / "a.safetensors"), "pt") as f:
-        assert f.metadata() == header
+        assert f.metadata() == dict(header, warm_start_model='"countdown_easy-800-0123456789"')
     kept = load_file(tmp_path / "kept" / "a.safetensors")
     for name, w in weights.items():
         assert kept[name].dtype == torch.float16
