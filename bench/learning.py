@@ -180,6 +180,31 @@ def run_log(folder: Path) -> dict:
                          for r in read_jsonl(folder / "eval_answers.jsonl")])
 
 
+def retries_table(folders: dict) -> str:
+    """Where a second try's gain comes from, per run at its first and last evaluation: the failed first
+    tries, the retries that repeat the failed equation (spaces aside), and the failures the retry fixed.
+    A second try that rises only with the first says nothing for the reflection."""
+    rows = []
+    for name, folder in folders.items():
+        answers = read_jsonl(folder / "eval_answers.jsonl")
+        steps = sorted({a["step"] for a in answers})
+        for step in (steps[0], steps[-1]) if len(steps) > 1 else steps:
+            failed = [a for a in answers if a["step"] == step and not a["first"] and a.get("judged", True)]
+            repeated = sum(equation(a.get("retry", "")) == equation(a["attempt"]) for a in failed)
+            fixed = sum(bool(a["second"]) for a in failed)
+            rows.append({"run": name, "step": step, "failed first tries": len(failed),
+                         "retry repeats the failed equation": repeated,
+                         "fixed by the retry": f"{fixed} ({pct(fixed / max(len(failed), 1))})"})
+    return ("Retries at the first and last evaluation of each run (greedy): a failed first try gets a "
+            "reflection and a retry.\n\n" + markdown_table(list(rows[0]), rows) if rows else "")
+
+
+def equation(text: str) -> str:
+    """The text between <answer> and </answer> (the whole text if there is none), without spaces."""
+    inner = text.split("<answer>", 1)[-1].split("</answer>", 1)[0]
+    return "".join(inner.split())
+
+
 def curves_figure(path: Path, logs: dict, labels: dict, title: str):
     """Two panels, every run in each: (a) training reward per step over every group drawn (with
     --dynamic-sampling the trained groups are the ones whose rewards differ: their reward and their share
@@ -252,6 +277,7 @@ def sweep_table(args, root: Path):
               "the reverse; p: exact McNemar. Settings of every run: bench/learning.py's SWEEP and COMMON.\n\n")
     table = header + markdown_table(list(rows[0]) if rows else ["configuration"], rows)
     root.mkdir(parents=True, exist_ok=True)
+    table += "\n\n" + retries_table({n: root / n for n in tried})
     (root / "sweep.md").write_text(table + "\n")
     args.results.mkdir(parents=True, exist_ok=True)
     write_json(args.results / "sweep.json", dict(machine=machine(args.bf16), common=COMMON,
@@ -286,7 +312,7 @@ def final(args):
         (folder / "comparison.md").write_text(table + "\n")
         write_json(folder / "comparison.json", numbers)
         tables.append(f"## seed {seed}\n\n{table}")
-    pooled = pooled_table(args, logs)
+    pooled = pooled_table(args, logs) + "\n\n" + retries_table({k: root / k for k in logs})
     (root / "pooled.md").write_text(pooled + "\n")
     args.results.mkdir(parents=True, exist_ok=True)
     write_json(args.results / "final.json", dict(machine=machine(args.bf16), common=COMMON, final=FINAL,

@@ -23,8 +23,9 @@ def write_run(folder, first: dict, second: dict, minutes: float):
     folder.mkdir(parents=True)
     (folder / "report.json").write_text("{}")
     (folder / "bench_minutes.json").write_text(json.dumps(dict(minutes=minutes)))
-    answers = [dict(step=s, id=f"p{i}", first=f, second=sec) for s in (0, 10)
-               for i, (f, sec) in enumerate(zip(first[s], second[s]))]
+    answers = [dict(step=s, id=f"p{i}", first=f, second=sec, attempt="<answer> 1 + 2 </answer>")
+               | ({} if f else dict(reflection="r", retry="<answer> 2 + 1 </answer>"))
+               for s in (0, 10) for i, (f, sec) in enumerate(zip(first[s], second[s]))]
     (folder / "eval_answers.jsonl").write_text("".join(json.dumps(a) + "\n" for a in answers))
     evals = [dict(step=s, first=sum(first[s]) / len(first[s]), second=sum(second[s]) / len(second[s]))
              for s in (0, 10)]
@@ -159,3 +160,22 @@ def test_final_stage_tabulates_every_finished_arm_of_each_seed(tmp_path, monkeyp
                 if line.startswith("| ") and "| first |" in line}
     assert seeds_of == {learning.LABELS["rrr"]: "2", learning.LABELS["feedback"]: "1",
                         learning.LABELS["generic"]: "1", learning.LABELS["grpo"]: "2"}
+
+
+def test_retries_table_counts_repeats_and_fixes_of_failed_first_tries(tmp_path):
+    """Step 0: 3 failed first tries, one retry repeats its equation (spaces aside), one fixes it; the
+    solved and the unjudged items are not failures. Step 20: 1 failure, fixed."""
+    rows = [dict(step=0, id="a", first=False, second=False, attempt="<answer> (1 + 2) * 3 </answer>",
+                 retry="<answer>(1+2)*3</answer>"),
+            dict(step=0, id="b", first=False, second=True, attempt="<answer> 1 + 2 </answer>",
+                 retry="<answer> 3 * 1 </answer>"),
+            dict(step=0, id="c", first=False, second=False, attempt="no answer", retry="<answer> 3 </answer>"),
+            dict(step=0, id="d", first=True, second=True, attempt="<answer> 9 </answer>"),
+            dict(step=0, id="e", first=False, second=False, attempt="x", retry="x", judged=False),
+            dict(step=10, id="a", first=False, second=False, attempt="<answer> 1 </answer>", retry="<answer> 1 </answer>"),
+            dict(step=20, id="a", first=False, second=True, attempt="<answer> 1 </answer>", retry="<answer> 2 </answer>")]
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / "eval_answers.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    table = learning.retries_table({"r": tmp_path / "run"})
+    assert "| r | 0 | 3 | 1 | 1 (33.3%) |" in table and "| r | 20 | 1 | 0 | 1 (100.0%) |" in table
+    assert "| r | 10 |" not in table
