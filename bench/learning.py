@@ -12,8 +12,9 @@ builds in 8 minutes, the one with labelled reflections in 56 (both cached); in t
 with dynamic sampling takes about 60 s and an RRR step about 130 s (up to 4 draws of 8 failures x 8), a dev
 evaluation 3-5 minutes: about an hour for a GRPO configuration of 40 steps, 1.9 hours for an RRR one.
 BENCHMARKS.md gives each run's cost. A seed of the final stage runs four arms of 20 steps, each evaluated on
-the 500 test puzzles before and after training: about 3 hours (estimated from the sweep's step and
-evaluation times; BENCHMARKS.md gives what it took).
+the 500 test puzzles before and after training (7.5 minutes an evaluation): about 3 hours 20 minutes
+(RRR and its feedback variant about 1 hour each, the generic control and plain GRPO less; BENCHMARKS.md
+gives what each took).
 
 The embedded model scores about 0% on Countdown, so every group would get the same reward and nothing could
 be learned. It first gets partial skill from a labelled warm start (warmstart.py: supervised fine-tuning on
@@ -88,7 +89,7 @@ SWEEP = {
 
 # The final stage's settings, chosen on the dev split (BENCHMARKS.md, "Learning"): the sweep's RRR configuration
 # (rrr-lora-3e-5-dyn-reflws: at steps 10 and 20 its dev first and second tries rose, +3/-0 and +4/-0, +2/-0
-# and +3/-0, nothing lost), for as many steps as let a seed's four arms fit in 3 hours on 2 cores (B, fp32).
+# and +3/-0, nothing lost), for as many steps as keep a seed's four arms near 3 hours on 2 cores (B, fp32).
 FINAL = dict(warm_start="reflections-800", steps=20, flags=[*LORA, "--learning-rate", "3e-5", *DYNAMIC])
 ARMS = {"rrr": ["--method", "rrr"], "feedback": ["--method", "rrr", "--reflection-feedback"],
         "generic": ["--method", "rrr", "--reflection", "generic"], "grpo": ["--method", "grpo"]}
@@ -113,7 +114,7 @@ def parse_args(argv=None):
     ap.add_argument("--dpo", action="store_true", help="--stage rerest: also the DPO row")
     ap.add_argument("--eval-every", type=int, default=None,
                     help="evaluate every N steps and at the end (default: 10 in the sweep, for its curves; 20 "
-                         "in the final stage, where an evaluation of 500 puzzles costs about 6 minutes on B)")
+                         "in the final stage, where an evaluation of 500 puzzles costs about 7.5 minutes on B)")
     ap.add_argument("--out", type=Path, default=Path("runs/learning"), help="folder for the runs and tables")
     ap.add_argument("--results", type=Path, default=REPO / "bench/results/learning",
                     help="folder for the per-item results (and adapters) to commit")
