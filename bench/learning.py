@@ -225,7 +225,7 @@ def curves_figure(path: Path, logs: dict, labels: dict, title: str):
                label=f"{labels[name]}: second try")
         if steps:
             _steps_axis(a, steps)
-    a.set(title="(a) training reward per step, all groups drawn (dotted: zero-variance groups trained)",
+    a.set(title="(a) training reward, all groups drawn (dotted: zero-variance share trained)",
           xlabel="training step", ylabel="fraction", ylim=(-0.03, 1.03))
     b.set(title=f"(b) {title}", xlabel="training step", ylabel="accuracy")
     b.yaxis.set_major_formatter(PercentFormatter(1.0))
