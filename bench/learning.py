@@ -149,11 +149,16 @@ def minutes_spent(folder: Path) -> float | None:
     return json.loads(spent.read_text())["minutes"] if spent.exists() else None
 
 
+def finished(folder: Path) -> bool:
+    """Whether a run in `folder` ran to its end: rrr.py and rerest.py write report.json last but for exports."""
+    return (folder / "report.json").exists()
+
+
 def run_script(script: str, folder: Path, flags: list[str]):
     """One run of rrr.py or rerest.py into `folder`, its minutes added to folder/bench_minutes.json. A
     finished run (report.json) is kept; an unfinished rrr.py run is resumed (--resume), an unfinished
     rerest.py run simply runs again (every stage is cached in its folder)."""
-    if (folder / "report.json").exists():
+    if finished(folder):
         print(f"{folder}: finished before, kept", flush=True)
         return
     before = minutes_spent(folder) or 0.0
@@ -259,14 +264,14 @@ def sweep_table(args, root: Path):
     tried = [n for n in SWEEP if read_jsonl(root / n / "evals.jsonl")]
     logs = {n: run_log(root / n) for n in tried}
     minutes = {n: minutes_spent(root / n) for n in tried}
-    finished = {n: (root / n / "report.json").exists() for n in tried}
+    done = {n: finished(root / n) for n in tried}
     rows = []
     for n in tried:
         log, last = logs[n], logs[n]["evals"][-1]["step"]
         vanilla, trained, _ = vanilla_and_last(root / n, last)
         first, second = (paired_change(vanilla["tries"][k], trained["tries"][k]) for k in (0, 1))
         rows.append({"configuration": n, "warm start": SWEEP[n][0],
-                     "steps": f"{last}" if finished[n] else f"{last} of {SWEEP[n][1]} (unfinished)",
+                     "steps": f"{last}" if done[n] else f"{last} of {SWEEP[n][1]} (unfinished)",
                      "minutes": "?" if minutes[n] is None else f"{minutes[n]:.0f}",
                      "dev first try per evaluation": " → ".join(pct(e["first"]) for e in log["evals"]),
                      "dev second try": " → ".join(pct(e["second"]) for e in log["evals"]),
@@ -284,7 +289,7 @@ def sweep_table(args, root: Path):
     write_json(args.results / "sweep.json", dict(machine=machine(args.bf16), common=COMMON,
                                                  configs={n: dict(warm_start=WARM[SWEEP[n][0]], steps=SWEEP[n][1],
                                                                   flags=SWEEP[n][2], minutes=minutes[n],
-                                                                  finished=finished[n])
+                                                                  finished=done[n])
                                                           for n in tried},
                                                  runs=logs))
     if logs:
@@ -307,7 +312,7 @@ def final(args):
             if arm != "rrr":
                 flags += ["--failure-set", str(folder / "rrr" / "failures.jsonl")]
             run_script("rrr.py", folder / arm, flags)
-        done = [a for a in ARMS if (folder / a / "report.json").exists()]     # this call's and earlier ones'
+        done = [a for a in ARMS if finished(folder / a)]     # this call's and earlier ones'
         logs |= {f"seed-{seed}/{a}": run_log(folder / a) for a in done}
         table, numbers = compare([folder / a for a in done])
         (folder / "comparison.md").write_text(table + "\n")

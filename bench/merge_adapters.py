@@ -12,6 +12,7 @@ as rrr.py's own export). Takes a few seconds on a CPU for the 135M model.
 """
 
 import argparse
+import copy
 import json
 import sys
 from pathlib import Path
@@ -37,14 +38,12 @@ def merge(adapters: Path, base: Path, out: Path):
     if expected and expected != base.resolve().name:
         raise SystemExit(f"--base {base}: these adapters were trained on the warm start {expected}, not "
                          f"{base.resolve().name}")
-    model = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32).eval()
-    add_lora(model, header["r"], header["alpha"], seed=0, targets=header["targets"])
+    plain = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32).eval()
+    model = add_lora(copy.deepcopy(plain), header["r"], header["alpha"], seed=0, targets=header["targets"])
     missing, unexpected = model.load_state_dict(weights, strict=False)
     if unexpected or any(k.endswith((".lora_a", ".lora_b")) for k in missing):
         raise SystemExit(f"{adapters}: its tensors do not fit {base} (unexpected: {unexpected[:3]})")
-    merged = merge_lora(model.state_dict(), model)
-    plain = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32)
-    plain.load_state_dict(merged)
+    plain.load_state_dict(merge_lora(model.state_dict(), model))
     plain.save_pretrained(out)
     AutoTokenizer.from_pretrained(base).save_pretrained(out)
 
