@@ -299,22 +299,39 @@ def _child_source() -> str:
     return Path(__file__).with_name("sandbox_child.py").read_text()
 
 
-def _kill_session(sid: int):
-    """SIGKILL the process group and any process still in the session (a child that changed group)."""
+def _kill_session(sid: int, patience: float = 2.0):
+    """SIGKILL the process group and any process still in the session (a child that changed group), then
+    wait (up to `patience` seconds) until none of them is left but zombies: a killed process can take a
+    moment to exit (freeing a large allocation), and a caller that returns before that leaves it
+    visible and holding memory."""
     try:
         os.killpg(sid, signal.SIGKILL)
     except (ProcessLookupError, PermissionError):
         pass
+    deadline = time.monotonic() + patience
+    while _session_members(sid) and time.monotonic() < deadline:
+        for pid in _session_members(sid):
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except OSError:
+                pass
+        time.sleep(0.01)
+
+
+def _session_members(sid: int) -> list[int]:
+    """Processes of session `sid` that have not exited yet (zombies aside), from /proc."""
+    members = []
     for entry in os.listdir("/proc"):
         if not entry.isdigit():
             continue
         try:
             with open(f"/proc/{entry}/stat") as f:
                 fields = f.read().rsplit(")", 1)[1].split()
-            if int(fields[3]) == sid:      # field 6 of stat, counted after the command name
-                os.kill(int(entry), signal.SIGKILL)
+            if int(fields[3]) == sid and fields[0] not in ("Z", "X"):   # state, then field 6 (session)
+                members.append(int(entry))
         except (OSError, IndexError, ValueError):
             continue
+    return members
 
 
 def _read_report(read_end: int, deadline: float) -> tuple:
