@@ -116,8 +116,12 @@ def packed_logprobs(model, groups: list[tuple[list[int], list[list[int]]]], devi
     if not rows:
         return [torch.zeros(0, device=device) for _ in sizes]
     prefix_ids, prefix_mask = pad_ids([p for p, _ in groups])
+    # No logits from the model's own head (head_logprobs computes what is needed): with logits_to_keep=1
+    # the head ran on a strided (rows, 1, hidden) slice, which torch multiplied as a batched product
+    # over `rows` expanded copies of the weight (8 copies of the head per micro-batch in bench/grpo_step.py).
+    no_logits = torch.zeros(0, dtype=torch.long, device=device)
     out = model(input_ids=prefix_ids.to(device), attention_mask=prefix_mask.to(device), use_cache=True,
-                output_hidden_states=True, logits_to_keep=1)
+                output_hidden_states=True, logits_to_keep=no_logits)
     cache, prefix_hidden = out.cache, out.hidden_states[-1]                # hidden (groups, P, H)
     owner = torch.tensor([g for g, _ in rows], device=prefix_hidden.device)
     cache.batch_select_indices(owner)                                      # one cache row per continuation
@@ -126,7 +130,8 @@ def packed_logprobs(model, groups: list[tuple[list[int], list[list[int]]]], devi
     positions = lengths[:, None] + torch.arange(cont_ids.shape[1])
     mask = torch.cat([prefix_mask[owner.cpu()], cont_mask], dim=1)         # (rows, P + C): keys to attend
     out = model(input_ids=cont_ids.to(device), attention_mask=mask.to(device),
-                position_ids=positions.to(device), cache=cache, output_hidden_states=True, logits_to_keep=1)
+                position_ids=positions.to(device), cache=cache, output_hidden_states=True,
+                logits_to_keep=no_logits)
     cont_hidden = out.hidden_states[-1]                                    # (rows, C, H)
     # Predictor of each continuation token: its prefix's last position, then its own previous token.
     first = prefix_hidden[owner, (lengths - 1).to(owner.device)]           # (rows, H)

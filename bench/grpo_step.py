@@ -25,6 +25,7 @@ import resource
 import subprocess
 import sys
 import time
+from contextlib import contextmanager
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 from bench._cli import Help  # noqa: E402
@@ -52,13 +53,29 @@ def ours(args, peft=False):
     times = []
     for step in range(args.steps + 1):
         t = time.perf_counter()
-        with rrr.sampling(pol):
+        with profiled(args.profile and step > 0, "sampling"), rrr.sampling(pol):
             episodes = rrr.rollout(cfg, d, pol, task, failures, examples, step)
-        rrr.grpo_update(cfg, d, pol, episodes, rrr.trained_length_limit(cfg))
+        with profiled(args.profile and step > 0, "update"):
+            rrr.grpo_update(cfg, d, pol, episodes, rrr.trained_length_limit(cfg))
         times.append(time.perf_counter() - t)
         assert sum(e.sampled for e in episodes) == args.prompts * args.generations * args.new_tokens
     par.close_distributed()
     return min(times[1:])
+
+
+@contextmanager
+def profiled(on, phase):
+    """With --profile: the phase's self CPU time per op kind (torch.profiler), printed to stderr."""
+    if not on:
+        yield
+        return
+    from torch.profiler import ProfilerActivity, profile
+    t = time.perf_counter()
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        yield
+    seconds = time.perf_counter() - t
+    table = prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=25, max_name_column_width=40)
+    print(f"== {phase}: {seconds:.1f} s under the profiler\n{table}", file=sys.stderr)
 
 
 def trl(args):
@@ -115,6 +132,9 @@ def parser():
     ap.add_argument("--lora-r", type=int, default=16, help="LoRA rank with --use-peft (rrr.py's default)")
     ap.add_argument("--skip-trl", action="store_true", help="leave out TRL's side (e.g. with --use-peft, to compare "
                     "ours with and without adapters where TRL is not installed)")
+    ap.add_argument("--profile", action="store_true",
+                    help="ours: print each timed step's self CPU time per op kind (torch.profiler), for sampling "
+                    "and the update apart; the profiler slows the step, so its times are not the table's")
     ap.add_argument("--side", choices=["ours", "ours-peft", "trl"], help=argparse.SUPPRESS)
     ap.add_argument("--tmp", default="/tmp/grpo_step_bench", help="scratch folder for TRL's output_dir")
     return ap
@@ -136,6 +156,8 @@ def main():
         done = subprocess.run([sys.executable, __file__, "--side", side] + sys.argv[1:], capture_output=True, text=True)
         if done.returncode:
             sys.exit(f"{side} failed:\n{done.stderr[-3000:]}")
+        if args.profile:
+            print("\n".join(line for line in done.stderr.splitlines() if "it/s]" not in line))
         results[side] = json.loads(done.stdout.strip().splitlines()[-1])
     print(f"{'':>9} {'step s':>8} {'tokens/s':>9} {'peak MB':>8}")
     for side, r in results.items():
