@@ -258,8 +258,7 @@ def memory(shape, args, dev) -> dict:
         m["after_sampling"] = allocated(dev) - base
         f["after_sampling"] = rest
         # The update: two micro-batches of one group (a 200-token prompt, 2 x 64 trained tokens).
-        widened = 4 * H if cfg.bf16 else 0       # the head in fp32 for the loss' log-probs
-        f["update_backward_peak"] = rest + 4 / N * P + low * R + widened + 2 * low * layer
+        f["update_backward_peak"] = rest + 4 / N * P + low * R + 2 * low * layer
         f["optimizer_step_peak"] = rest + (4 + 8) / N * P
         f["after_step"] = rest + 8 / N * P
         # torch's multi-tensor AdamW also makes sqrt(v) for every parameter at once: +4/N on top.
@@ -316,7 +315,7 @@ LEGEND = """
 memory per phase, one process (N = 1), --bf16 --beta 0.001, bytes per parameter per rank (P parameters):
   load, after_sampling   4/N fp32 master + 2/N bf16 reference      sampling_weights  + 2 (full bf16 sampler)
   sampling_with_cache    + KV cache: 2 x layers x kv_heads x head_dim x 2 bytes per token held (rows x capacity)
-  update_backward_peak   + 4/N fp32 gradients + 2R (root gathered, bf16) + 4H (head in fp32) + 2 x 2 x one layer
+  update_backward_peak   + 4/N fp32 gradients + 2R (root gathered, bf16) + 2 x 2 x one layer
                          (gathered + prefetched); activations left out
   optimizer_step_peak    + 4/N gradients + 8/N AdamW moments; after_step 4/N + 2/N + 8/N
 Peaks: torch.cuda.max_memory_allocated after reset_peak_memory_stats, less what was allocated before loading.
