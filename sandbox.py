@@ -309,8 +309,8 @@ def _kill_session(sid: int, patience: float = 2.0):
     except (ProcessLookupError, PermissionError):
         pass
     deadline = time.monotonic() + patience
-    while _session_members(sid) and time.monotonic() < deadline:
-        for pid in _session_members(sid):
+    while (members := _session_members(sid)) and time.monotonic() < deadline:
+        for pid in members:
             try:
                 os.kill(pid, signal.SIGKILL)
             except OSError:
