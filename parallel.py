@@ -160,6 +160,30 @@ def shard_model(model, d: Dist, bf16: bool = False, checkpointing: bool | None =
     return model
 
 
+@contextmanager
+def gathered_across_micro_batches(model, d: Dist):
+    """With one process, each decoder layer is gathered once for the block (an update's micro-batches)
+    instead of four times per micro-batch (the prefix and continuation passes, forward and backward):
+    a shard is then the whole model, so keeping the gathered copy costs one compute-dtype copy of it
+    and saves the gathers' copies and casts (about 1.2 s of a 20 s bf16 update on B; BENCHMARKS.md).
+    The layers are resharded on exit, before the optimizer changes the shards. With several processes
+    a no-op: there the gathered copies are the memory that sharding saves."""
+    if d.world > 1:
+        yield
+        return
+    layers = decoder_layers(model)
+    for layer in layers:
+        layer.set_reshard_after_forward(False, recurse=False)
+        layer.set_reshard_after_backward(False, recurse=False)
+    try:
+        yield
+    finally:
+        for layer in layers:
+            layer.set_reshard_after_forward(True, recurse=False)
+            layer.set_reshard_after_backward(True, recurse=False)
+            layer.reshard()
+
+
 def full_tensor(t):
     return t.full_tensor() if hasattr(t, "full_tensor") else t
 

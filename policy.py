@@ -18,7 +18,7 @@ import torch
 import parallel as par
 from grpo import objective_share, packed_logprobs, policy_loss, summarize_stats
 from model import adapters_off, add_lora, load_model, right_pad, stop_token_ids
-from runs import LORA_LINEAR, BadInput, show_progress
+from runs import LORA_LINEAR, BadInput, bf16_by_default, show_progress
 from sampler import decoder_body, fuse_projections, generate
 
 
@@ -67,10 +67,20 @@ def load_policy(cfg, d, path: str | None = None) -> Policy:
     if cfg.use_peft:      # after the sampler's copy, which keeps the plain layers and gets merged weights
         add_lora(model, cfg.lora_r, cfg.lora_alpha, cfg.seed, cfg.lora_target_modules or LORA_LINEAR)
     model.train()
+    # On a CPU with AMX, torch's flash-attention kernel runs its bf16 backward slower than its fp32 one;
+    # Hugging Face's eager attention multiplies on the bf16 (AMX) kernels around an fp32 softmax: 1.3 s less
+    # of a 19 s update on B (BENCHMARKS.md), for keeping each layer's (rows, heads, T, T) probabilities until
+    # backward. The reference model computes as the model does (equal weights give exactly zero KL); the
+    # sampler keeps its own attention; bf16 on other CPUs keeps torch's, as it was not measured there.
+    attention = "eager" if cfg.bf16 and d.device.type == "cpu" and bf16_by_default(d.device) else None
+    if attention:
+        model.set_attn_implementation(attention)
     par.shard_model(model, d, bf16=cfg.bf16, checkpointing=cfg.gradient_checkpointing)
     ref = None
     if cfg.beta > 0 and not cfg.use_peft:   # in the compute dtype: parameters cast, the rotary table fp32
         ref, _ = load_model(path, device="cpu", dtype=compute)
+        if attention:
+            ref.set_attn_implementation(attention)
         par.shard_model(ref.requires_grad_(False), d, bf16=cfg.bf16)
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=cfg.learning_rate,
                                   weight_decay=cfg.weight_decay)
@@ -140,22 +150,23 @@ def grpo_update(cfg, d, pol, episodes, length_limit: int) -> dict:
     batches = micro_batches(cfg, d, pol, episodes, trained, kept)
     pol.model.train()
     for _ in range(cfg.num_iterations):
-        for i, mb in enumerate(batches):
-            show_progress(f"update: micro-batch {i + 1}/{len(batches)}")
-            lp = right_pad(packed_logprobs(pol.model, mb.groups, d.device))            # (rows, T)
-            old = lp.detach() if mb.old_logprobs is None else mb.old_logprobs
-            loss, st = policy_loss(lp, old, mb.advantages, mb.mask, ref_logprobs=mb.ref_logprobs,
-                                   beta=cfg.beta, epsilon=cfg.epsilon, epsilon_high=cfg.epsilon_high,
-                                   loss_type=cfg.loss_type, max_completion_length=length_limit,
-                                   total_tokens=total_tokens)
-            share = objective_share(cfg.loss_type, len(mb.advantages), total_rows, mb.mask.sum().item(),
-                                    local_tokens, d.world)
-            # Gradients are reduce-scattered after every micro-batch: skipping that for all but the last
-            # would keep a full unsharded fp32 gradient on every rank (30 GB for a 7B model).
-            (loss * share * d.world).backward()     # FSDP averages over ranks: * world makes it a sum
-            loss_total += loss.item() * share
-            for k in sums:
-                sums[k] += st[k]
+        with par.gathered_across_micro_batches(pol.model, d):     # one process: gathered once, not per pass
+            for i, mb in enumerate(batches):
+                show_progress(f"update: micro-batch {i + 1}/{len(batches)}")
+                lp = right_pad(packed_logprobs(pol.model, mb.groups, d.device))            # (rows, T)
+                old = lp.detach() if mb.old_logprobs is None else mb.old_logprobs
+                loss, st = policy_loss(lp, old, mb.advantages, mb.mask, ref_logprobs=mb.ref_logprobs,
+                                       beta=cfg.beta, epsilon=cfg.epsilon, epsilon_high=cfg.epsilon_high,
+                                       loss_type=cfg.loss_type, max_completion_length=length_limit,
+                                       total_tokens=total_tokens)
+                share = objective_share(cfg.loss_type, len(mb.advantages), total_rows, mb.mask.sum().item(),
+                                        local_tokens, d.world)
+                # Gradients are reduce-scattered after every micro-batch: skipping that for all but the last
+                # would keep a full unsharded fp32 gradient on every rank (30 GB for a 7B model).
+                (loss * share * d.world).backward()     # FSDP averages over ranks: * world makes it a sum
+                loss_total += loss.item() * share
+                for k in sums:
+                    sums[k] += st[k]
         if cfg.max_grad_norm > 0:
             norm = torch.nn.utils.clip_grad_norm_(pol.model.parameters(), cfg.max_grad_norm)
         else:

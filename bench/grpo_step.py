@@ -1,8 +1,8 @@
 """One GRPO training step (sampling + update) of `rrr.py --method grpo` against TRL's GRPOTrainer.
 
-Running time with the defaults: about 7-8 minutes on a 2-core Intel Xeon with AMX (B in BENCHMARKS.md)
-and 9-10 on a 2-core AMD EPYC (A), fp32 on both sides: an estimate from the step times in BENCHMARKS.md
-(3 steps a side: one warm-up, 2 timed), loading not counted.
+Running time with the defaults: about 9-11 minutes on a 2-core Intel Xeon with AMX (B in BENCHMARKS.md)
+and 12-14 on a 2-core AMD EPYC (A), fp32 on both sides: an estimate from the step times in BENCHMARKS.md
+(4 steps a side: two warm-up, 2 timed), loading not counted.
 
     pip install trl==1.16.0          # the baseline only; not a dependency of the project
     python bench/grpo_step.py        # embedded SmolLM2-135M, fp32, CPU: 4 prompts x 8 generations x 128 tokens
@@ -11,7 +11,7 @@ and 9-10 on a 2-core AMD EPYC (A), fp32 on both sides: an estimate from the step
 
 Same model, prompts (Countdown), group size, completion length (no early stop on either side: every
 completion is --new-tokens long), beta, learning rate and loss type. Each side runs in its own process
-(so that peak memory is its own), one warm-up step then --steps timed steps; both are run by this one
+(so that peak memory is its own), --warmup untimed steps then --steps timed steps; both are run by this one
 command. Tokens/s counts the generated tokens of a step over the whole step (sampling + update).
 Peak memory is the process's peak resident set size. --use-peft adds a third side, ours with LoRA adapters
 on every linear layer (rrr.py --use-peft, rank --lora-r, same dtype): no reference copy, an optimizer over
@@ -51,16 +51,16 @@ def ours(args, peft=False):
     failures = [Failure(ex.id, [], None, "", "", 1) for ex in train]
     examples = {ex.id: ex for ex in train}
     times = []
-    for step in range(args.steps + 1):
+    for step in range(args.warmup + args.steps):
         t = time.perf_counter()
-        with profiled(args.profile and step > 0, "sampling"), rrr.sampling(pol):
+        with profiled(args.profile and step >= args.warmup, "sampling"), rrr.sampling(pol):
             episodes = rrr.rollout(cfg, d, pol, task, failures, examples, step)
-        with profiled(args.profile and step > 0, "update"):
+        with profiled(args.profile and step >= args.warmup, "update"):
             rrr.grpo_update(cfg, d, pol, episodes, rrr.trained_length_limit(cfg))
         times.append(time.perf_counter() - t)
         assert sum(e.sampled for e in episodes) == args.prompts * args.generations * args.new_tokens
     par.close_distributed()
-    return min(times[1:])
+    return min(times[args.warmup:])
 
 
 @contextmanager
@@ -106,15 +106,15 @@ def trl(args):
 
     config = GRPOConfig(output_dir=os.path.join(args.tmp, "trl"), use_cpu=True, bf16=args.bf16,
                         per_device_train_batch_size=args.prompts * args.generations, num_generations=args.generations,
-                        max_completion_length=args.new_tokens, max_steps=args.steps + 1, beta=args.beta,
+                        max_completion_length=args.new_tokens, max_steps=args.warmup + args.steps, beta=args.beta,
                         learning_rate=1e-6, loss_type="dapo", temperature=1.0, report_to=[], logging_steps=1000,
                         save_strategy="no", gradient_accumulation_steps=1,
                         generation_kwargs=dict(min_new_tokens=args.new_tokens))
-    data = Dataset.from_list([{"prompt": ex.messages} for ex in train] * (args.steps + 1) * args.generations)
+    data = Dataset.from_list([{"prompt": ex.messages} for ex in train] * (args.warmup + args.steps) * args.generations)
     trainer = GRPOTrainer(model=model, reward_funcs=[reward], args=config, train_dataset=data,
                           processing_class=tokenizer, callbacks=[Clock()])
     trainer.train()
-    return min(times[1:])
+    return min(times[args.warmup:])
 
 
 def parser():
@@ -125,7 +125,10 @@ def parser():
     ap.add_argument("--beta", type=float, default=0.001,
                     help="KL coefficient (> 0 keeps a reference model on both sides)")
     ap.add_argument("--micro-batch", type=int, default=8, help="our rows per forward/backward pass")
-    ap.add_argument("--steps", type=int, default=2, help="timed steps after one warm-up step (best is kept)")
+    ap.add_argument("--steps", type=int, default=2, help="timed steps after the warm-up steps (the best is kept)")
+    ap.add_argument("--warmup", type=int, default=2,
+                    help="untimed steps first: the first two steps of a process grow the allocator to its peak (on B, "
+                    "0.3-0.9 million page faults in each of them, several seconds of an update); later steps do not")
     ap.add_argument("--bf16", action="store_true",
                     help="bf16 compute on both sides (TRL's --bf16; ours: rrr.py --bf16); fp32 without it")
     ap.add_argument("--use-peft", action="store_true", help="also time ours with LoRA adapters (rrr.py --use-peft)")
