@@ -162,13 +162,14 @@ def shard_model(model, d: Dist, bf16: bool = False, checkpointing: bool | None =
 
 @contextmanager
 def gathered_across_micro_batches(model, d: Dist):
-    """With one process, each decoder layer is gathered once for the block (an update's micro-batches)
+    """With one CPU process, each decoder layer is gathered once for the block (an update's micro-batches)
     instead of four times per micro-batch (the prefix and continuation passes, forward and backward):
-    a shard is then the whole model, so keeping the gathered copy costs one compute-dtype copy of it
-    and saves the gathers' copies and casts (about 1.2 s of a 20 s bf16 update on B; BENCHMARKS.md).
-    The layers are resharded on exit, before the optimizer changes the shards. With several processes
-    a no-op: there the gathered copies are the memory that sharding saves."""
-    if d.world > 1:
+    the shard is then the whole model, so keeping the gathered copy costs one compute-dtype copy of it
+    in host memory and saves the gathers' copies and casts (about 1.2 s of a 20 s bf16 update on B;
+    BENCHMARKS.md). The layers are resharded on exit, before the optimizer changes the shards. Elsewhere
+    a no-op: with several processes the gathered copies are the memory that sharding saves, and on one
+    GPU a whole bf16 copy (14 GB for a 7B model) could be what no longer fits."""
+    if d.world > 1 or d.device.type != "cpu":
         yield
         return
     layers = decoder_layers(model)

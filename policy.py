@@ -150,7 +150,7 @@ def grpo_update(cfg, d, pol, episodes, length_limit: int) -> dict:
     batches = micro_batches(cfg, d, pol, episodes, trained, kept)
     pol.model.train()
     for _ in range(cfg.num_iterations):
-        with par.gathered_across_micro_batches(pol.model, d):     # one process: gathered once, not per pass
+        with par.gathered_across_micro_batches(pol.model, d):     # one CPU process: gathered once per update
             for i, mb in enumerate(batches):
                 show_progress(f"update: micro-batch {i + 1}/{len(batches)}")
                 lp = right_pad(packed_logprobs(pol.model, mb.groups, d.device))            # (rows, T)
