@@ -16,7 +16,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 import torch
-from transformers import AutoModelForCausalLM, AutoTokenizer
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 from transformers.utils import logging as hf_logging
 
 from runs import (EMBEDDED_GGUF, EMBEDDED_MODEL, EMBEDDED_NAMES, EMBEDDED_PACKAGE, EMBEDDED_PIP,
@@ -117,6 +117,19 @@ def load_model(name: str | None = None, device=None, dtype: torch.dtype | None =
     return model, tokenizer
 
 
+def parameter_count(name: str | None) -> int:
+    """The model's parameter count (tied weights once) from its config alone: built on the meta device,
+    where no weight is read or allocated."""
+    path = resolve_model_path(name)
+    try:
+        config = AutoConfig.from_pretrained(path)
+    except (OSError, ValueError) as e:
+        raise ModelError(f"cannot load model {path!r}: {str(e).splitlines()[0]}") from None
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config)
+    return sum(p.numel() for p in model.parameters())
+
+
 def stop_token_ids(tokenizer, model=None) -> list[int]:
     """Token ids that end an assistant turn: the tokenizer's EOS plus the model's generation EOS ids."""
     ids = set()
@@ -152,7 +165,7 @@ def next_turn_ids(tokenizer, user_text: str, ended_with: int | None) -> list[int
     return tokenizer(tail, add_special_tokens=False)["input_ids"]
 
 
-# --- LoRA --------------------------------------------------------------------------------------------
+# --- padding ------------------------------------------------------------------------------------------
 
 def right_pad(rows) -> torch.Tensor:
     """Rows of different lengths (token lists or 1-D tensors) -> (rows, longest), zero-padded on the
@@ -172,6 +185,8 @@ def pad_ids(seqs: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor]:
 def decoder_layers(model):
     return model.get_decoder().layers
 
+
+# --- LoRA --------------------------------------------------------------------------------------------
 
 class LoRALinear(torch.nn.Module):
     """base(x) + (alpha / r) * x A^T B^T. B starts at zero, so the model is unchanged at init. `active`

@@ -106,10 +106,10 @@ def close_distributed():
 
 # --- sharding and activation checkpointing -----------------------------------------------------------
 
-def checkpointing_by_default(model) -> bool:
+def checkpointing_by_default(parameters: int) -> bool:
     """Activation checkpointing pays for itself above about 1B parameters, where activations (about
     6 MB per token for a 7B model) rather than weights fill a GPU during the update."""
-    return sum(p.numel() for p in model.parameters()) > 1e9
+    return parameters > 1e9
 
 
 def checkpoint_layers(model):
@@ -148,7 +148,7 @@ def shard_model(model, d: Dist, bf16: bool = False, checkpointing: bool | None =
     # this warning is about; it would otherwise print on every forward.
     warnings.filterwarnings("ignore", message="FSDP2-wrapped module .* returned a view tensor")
     if checkpointing is None:
-        checkpointing = checkpointing_by_default(model)
+        checkpointing = checkpointing_by_default(sum(p.numel() for p in model.parameters()))
     if checkpointing:
         checkpoint_layers(model)        # before fully_shard: FSDP's gathers stay outside the recompute
     mesh = init_device_mesh(d.device.type, (d.world,))
@@ -368,22 +368,24 @@ def resumable_chunks(path: Path, items: list[tuple[str, object]], work, d: Dist,
     return done
 
 
-def resume_step_logs(d: Dist, out: Path, start: int) -> tuple[list, list]:
-    """rrr.py's evaluations and step metrics up to checkpoint `start`, read by rank 0 for everyone (on
-    several nodes only the shared folder is certain). What a crash left after the checkpoint is dropped
-    from every per-step log, to be recomputed identically; so are the answers of an evaluation whose
-    summary line (written after them) is missing."""
-    logs = None
+def cut_step_logs(d: Dist, out: Path, start: int, logs: tuple[str, ...], answers: dict[str, str],
+                  keep: tuple[str, ...]) -> list[list]:
+    """A resumed run's per-step logs (files in `out` whose rows have a "step"), cut at checkpoint `start` by
+    rank 0, which reads them for everyone (on several nodes only the shared folder is certain): what a
+    crash left after the checkpoint is dropped from each, to be recomputed identically; so are the rows
+    of an answers file (a key of `answers`) whose step has no line in its summary file (the value, written
+    after them). Returns the rows of the files named in `keep`, on every rank."""
+    kept = None
     if d.main:
-        names = ("evals.jsonl", "metrics.jsonl", "eval_answers.jsonl", "episodes.jsonl")
-        logs = {name: [r for r in read_jsonl(out / name) if r["step"] <= start] for name in names}
-        evaluated = {r["step"] for r in logs["evals.jsonl"]}
-        logs["eval_answers.jsonl"] = [r for r in logs["eval_answers.jsonl"] if r["step"] in evaluated]
-        for name, rows in logs.items():
+        rows = {name: [r for r in read_jsonl(out / name) if r["step"] <= start] for name in logs}
+        for name, summary in answers.items():
+            done = {r["step"] for r in rows[summary]}
+            rows[name] = [r for r in rows[name] if r["step"] in done]
+        for name in logs:
             if (out / name).exists():
-                write_jsonl(out / name, rows)
-        logs = [logs["evals.jsonl"], logs["metrics.jsonl"]]
-    return tuple(broadcast_object(logs, d))     # (evals, metrics)
+                write_jsonl(out / name, rows[name])
+        kept = [rows[name] for name in keep]
+    return broadcast_object(kept, d)
 
 
 def check_shared_folder(folder: Path, d: Dist):

@@ -17,7 +17,7 @@ import torch
 
 import parallel as par
 from grpo import objective_share, packed_logprobs, policy_loss, summarize_stats
-from model import adapters_off, add_lora, load_model, right_pad, stop_token_ids
+from model import adapters_off, add_lora, load_model, parameter_count, right_pad, stop_token_ids
 from runs import LORA_LINEAR, BadInput, bf16_by_default, show_progress
 from sampler import decoder_body, fuse_projections, generate
 
@@ -48,6 +48,16 @@ class MicroBatch:
     old_logprobs: torch.Tensor | None = None   # (rows, T): the sampling policy's (--num-iterations > 1)
 
 
+def resolve_model_flags(cfg, path: str | None = None):
+    """The defaults that depend on the model (`path`, default --model), applied before a run records its
+    settings, from the model's config alone (no weights read): --gradient-checkpointing (on above 1B
+    parameters) and, with --use-peft, --lora-target-modules (every linear layer of a decoder block)."""
+    if cfg.gradient_checkpointing is None:
+        cfg.gradient_checkpointing = par.checkpointing_by_default(parameter_count(path or cfg.model))
+    if cfg.use_peft and not cfg.lora_target_modules:
+        cfg.lora_target_modules = list(LORA_LINEAR)
+
+
 def load_policy(cfg, d, path: str | None = None) -> Policy:
     """The trained model (sharded), the sampler (an empty full copy) and the reference model (sharded,
     compute dtype), from `path` (default: --model; rrr.py passes its warm start). Loaded on the CPU:
@@ -58,8 +68,6 @@ def load_policy(cfg, d, path: str | None = None) -> Policy:
         decoder_body(model)           # the sampler's check: a Llama-family decoder, or one line and exit 2
     except ValueError as e:
         raise BadInput(str(e)) from None
-    if cfg.gradient_checkpointing is None:        # resolved here so that what the run used can be read back
-        cfg.gradient_checkpointing = par.checkpointing_by_default(model)
     compute = torch.bfloat16 if cfg.bf16 else torch.float32
     sampler = fuse_projections(par.empty_copy(model, compute, d.device))
     par.free_weights(sampler)

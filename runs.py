@@ -106,11 +106,13 @@ class MachineFlags:
 
 
 def resolve_machine_flags(cfg, d):
-    """What depends on the ranks (d: parallel.Dist): --bf16's default, and a --batch-size that they split."""
+    """What depends on the ranks (d: parallel.Dist): --device and --bf16 as used, and a --batch-size that
+    they split."""
     if cfg.batch_size % d.world:
         raise BadInput(f"--batch-size {cfg.batch_size} must be a multiple of the {d.world} ranks")
     if cfg.bf16 is None:
         cfg.bf16 = bf16_by_default(d.device)
+    cfg.device = d.device.type
 
 
 def bf16_by_default(device) -> bool:
@@ -305,9 +307,17 @@ def announce(out: Path, cfg, main_flags: tuple[str, ...]):
         print(f"run folder: {out}\nsettings: {shown} (all of them: {out / 'config.json'})", flush=True)
 
 
+# Defaults that config.json recorded as null before they were resolved before it is written: such a run
+# ran with what they resolve to (--epsilon-high: --epsilon; --lora-target-modules: all seven layers).
+RESOLVED_SINCE = {"epsilon_high", "lora_target_modules"}
+
+
 def setting_differs(key: str, before, now) -> bool:
-    """Whether a recorded setting differs from this run's: the embedded model's names are one model, and a
-    run folder named relatively once and absolutely (or through a link) now is one folder."""
+    """Whether a recorded setting differs from this run's: the embedded model's names are one model, a
+    run folder named relatively once and absolutely (or through a link) now is one folder, and a null
+    recorded for a default that is now resolved (RESOLVED_SINCE) is that default."""
+    if key in RESOLVED_SINCE and before is None:
+        return False
     if key == "model":
         return not (before in EMBEDDED_NAMES and now in EMBEDDED_NAMES) and before != now
     if key == "out" and before is not None and now is not None:

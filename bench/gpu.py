@@ -234,6 +234,7 @@ def memory(shape, args, dev) -> dict:
     out = dict(shape=shape, vocab=cfg_m.vocab_size, world=N, total_memory=total)
     try:
         base = allocated(dev)
+        rrr.resolve_model_flags(cfg)
         pol = rrr.load_policy(cfg, d)
         P = sum(p.numel() for p in pol.sampler.parameters())
         layer = sum(p.numel() for p in par.decoder_layers(pol.sampler)[0].parameters())

@@ -49,12 +49,12 @@ def ours(args, peft=False):
     pol = rrr.load_policy(cfg, d)
     pol.stops = []                                   # no early stop: every completion is full length
     failures = [Failure(ex.id, [], None, "", "", 1) for ex in train]
-    examples = {ex.id: ex for ex in train}
+    run = rrr.Run(cfg, d, pol, task, [], {ex.id: ex for ex in train}, None)
     times = []
     for step in range(args.warmup + args.steps):
         t = time.perf_counter()
         with profiled(args.profile and step >= args.warmup, "sampling"), rrr.sampling(pol):
-            episodes = rrr.rollout(cfg, d, pol, task, failures, examples, step)
+            episodes = rrr.rollout(run, failures, step)
         with profiled(args.profile and step >= args.warmup, "update"):
             rrr.grpo_update(cfg, d, pol, episodes, rrr.trained_length_limit(cfg))
         times.append(time.perf_counter() - t)

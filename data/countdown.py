@@ -19,7 +19,7 @@ import random
 import zlib
 from functools import partial
 
-from data import REFLECT_ANSWER, DataError, Example, Task, check_fields, read_jsonl_lines
+from data.common import REFLECT_ANSWER, DataError, Example, Task, check_fields, read_jsonl_lines
 from verifiers import Verdict, check_countdown
 
 OFFLINE_SIZE = {"train": 2000, "test": 500, "dev": 500}   # generated when no size is asked for

@@ -23,8 +23,8 @@ prompt and answers are dropped. Offline: data/samples/function_calling.json.
 import json
 import zlib
 
-from data import (REFLECT_TOOL, SAMPLES, DataError, Example, Task, check_fields, read_json_rows,
-                  read_jsonl_lines)
+from data.common import (REFLECT_TOOL, SAMPLES, DataError, Example, Task, check_fields, read_json_rows,
+                         read_jsonl_lines)
 from verifiers import Verdict, check_function_calls
 
 FORMAT = ('Answer with the calls as a JSON list, [{"name": "<function name>", "arguments": '

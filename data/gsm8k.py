@@ -7,7 +7,7 @@ shape plus a "split" field.
 
 import re
 
-from data import REFLECT_ANSWER, SAMPLES, DataError, Example, Task, read_jsonl_lines
+from data.common import REFLECT_ANSWER, SAMPLES, DataError, Example, Task, read_jsonl_lines
 from verifiers import Verdict, check_math
 
 FORMAT = "Reason step by step, then give the final number on its own last line as: #### <number>"

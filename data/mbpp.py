@@ -7,7 +7,7 @@ validation 511-600, train 601-974. Offline: data/samples/mbpp.jsonl (small probl
 project, split the same way by their own task ids: prompt 1-2, test 3-14, validation 15-16, train 17-40).
 """
 
-from data import REFLECT_ANSWER, SAMPLES, DataError, Example, Task, read_jsonl_lines
+from data.common import REFLECT_ANSWER, SAMPLES, DataError, Example, Task, read_jsonl_lines
 from data.mbpp_hidden import hidden_tests
 from verifiers import Verdict, check_code, check_code_batch
 

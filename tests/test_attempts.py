@@ -165,12 +165,12 @@ def test_feedback_reaches_the_reflection_prompt_and_hidden_inputs_never_do():
     assert not verdict.ok and "918273" not in verdict.feedback_to_show() and "hidden" in verdict.feedback
     assert "double(5)" in verdict.feedback_to_show()
     cfg = parse_config(rrr.Config, ["--task", "mbpp", "--reflection-feedback"])
-    rrr.resolve_prompts(cfg)
+    rrr.resolve_flags(cfg, rrr.run_folder(cfg))
     text = rrr.reflection_text(cfg, verdict.feedback_to_show())
     assert text.startswith(cfg.reflection_prompt) and verdict.feedback_to_show() in text
     assert "918273" not in text and "hidden" not in text
     plain = parse_config(rrr.Config, ["--task", "mbpp"])
-    rrr.resolve_prompts(plain)
+    rrr.resolve_flags(plain, rrr.run_folder(plain))
     assert rrr.reflection_text(plain, verdict.feedback_to_show()) == plain.reflection_prompt      # the paper's, verbatim
 
 
@@ -202,7 +202,7 @@ def test_prompts_from_a_config_file_are_recorded_and_used(tmp_path, planted):
         assert "Say in one line what went wrong." in rrr_decoded(out, e)
     # Without the flags the task's prompts are recorded, as used.
     default = parse_config(rrr.Config, ["--task", "countdown"])
-    rrr.resolve_prompts(default)
+    rrr.resolve_flags(default, rrr.run_folder(default))
     from data import get_task
     assert (default.reflection_prompt, default.retry_prompt) == (get_task("countdown").reflection_prompt,
                                                                  get_task("countdown").retry_prompt)

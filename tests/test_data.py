@@ -414,6 +414,7 @@ def test_warm_start_reflection_rows_are_the_turns_rrr_samples_after():
     import re
     from types import SimpleNamespace
 
+    import conversation
     import rrr
     from model import load_tokenizer
     from verifiers import check_countdown
@@ -431,7 +432,7 @@ def test_warm_start_reflection_rows_are_the_turns_rrr_samples_after():
         wrong = tok.decode(asked[len(question):]).split(tok.eos_token)[0]
         attempt = list(tok(wrong, add_special_tokens=False)["input_ids"]) + [eos]
         assert asked == rrr.reflection_prefix(cfg, pol, question, attempt, eos, "unused")
-        assert retry_prompt == asked + reflection + list(rrr.turn(tok, task.retry_prompt, eos))
+        assert retry_prompt == asked + reflection + list(conversation.turn(tok, task.retry_prompt, eos))
         equation = re.fullmatch(r"<answer> (.+) </answer>", wrong).group(1)
         value = Fraction(eval(equation, {"__builtins__": {}}))
         assert value != target and not check_countdown(wrong, nums, target).ok

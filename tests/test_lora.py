@@ -63,6 +63,19 @@ def peft_run(planted, tmp_path_factory):
     return out
 
 
+def test_config_json_records_every_setting_as_it_ran(peft_run):
+    """Every default is applied before config.json is written: no null stands for a value the run chose
+    (checked against what the run used: LoRA on all seven layers, exported with the adapters; fp32 on one
+    CPU process; the clip range's upper side equal to its lower; no checkpointing below 1B parameters)."""
+    recorded = json.loads((peft_run / "config.json").read_text())
+    with safe_open(str(peft_run / "adapters.safetensors"), "pt") as f:
+        header = f.metadata()
+    assert recorded["lora_target_modules"] == json.loads(header["targets"]) == list(LORA_LINEAR)
+    assert recorded["gradient_checkpointing"] is False and recorded["device"] == "cpu"
+    assert recorded["epsilon_high"] == recorded["epsilon"] == 0.2
+    assert recorded["bf16"] is False and recorded["model"] and recorded["reflection_prompt"]
+
+
 def test_an_update_changes_each_adapted_weight_by_rank_r_and_nothing_else(planted, peft_run):  
     """The exported (merged) model against the model the run started from: every adapted weight moved by a
     matrix of rank at most r, every other tensor (embeddings, norms) is unchanged bit for bit."""

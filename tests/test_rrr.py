@@ -20,9 +20,10 @@ import failures
 import rrr
 from data import load_splits
 from failures import Failure
-from policy import Policy
+from policy import Policy, stop_of
 from runs import parse_config, read_jsonl
 from test_grpo import free_port
+from verifiers import Verdict
 from tiny import (PLANTED_PUZZLE, PLANTED_REFLECTIONS, REPO, save_planted_reflection_model,
                   save_tiny_chat_model)
 
@@ -381,14 +382,15 @@ def test_trained_span_is_exactly_the_reflection_embedded(embedded, tmp_path):
     model, tok = embedded
     cfg = parse_config(rrr.Config, ["--task", "countdown", "--max-completion-length", "24",
                                     "--max-reflection-length", "160", "--num-generations", "3", "--beta", "0"])
-    rrr.resolve_prompts(cfg)
+    rrr.resolve_flags(cfg, rrr.run_folder(cfg))
     task, train, _ = load_splits("countdown", None, 2, 1, 0)
     d = par.Dist(0, 1, torch.device("cpu"))
     pol = Policy(model, model, None, tok, [tok.eos_token_id], None)
     prompts = [rrr.chat_ids(tok, ex.messages) for ex in train]
     gen = rrr.sample(pol.sampler, pol.stops, prompts, cfg, max_new_tokens=24, temperature=0)
-    failures = [Failure(ex.id, t, rrr.stop_of(t, f), "", "", 1) for ex, t, f in zip(train, gen.tokens, gen.finished)]
-    episodes = rrr.rollout(cfg, d, pol, task, failures, {ex.id: ex for ex in train}, step=0)
+    failures = [Failure(ex.id, t, stop_of(t, f), "", "", 1) for ex, t, f in zip(train, gen.tokens, gen.finished)]
+    run = rrr.Run(cfg, d, pol, task, [], {ex.id: ex for ex in train}, tmp_path)
+    episodes = rrr.rollout(run, failures, step=0)
     assert len(episodes) == 6
     ended = 0
     for e in episodes:
@@ -497,3 +499,31 @@ def test_rrr_learns_end_to_end_when_a_reflection_unlocks_the_retry(tmp_path):
     assert g2 / n2 - g1 / n1 > 0.3
     rewards = [m["reward"] for m in read_jsonl(out / "metrics.jsonl")]
     assert rewards[0] == k1 / n1 and sum(rewards[3:]) / 3 == pytest.approx(k2 / n2)
+
+
+def test_reward_parts_add_up_and_are_logged_as_means_over_the_judged_episodes(monkeypatch):
+    """A reward() that names its parts (README's example: TinyZero's 0.1 for a well-formed wrong answer):
+    the reward is their sum, an unjudged episode gets none, and step_metrics logs each part's mean over the
+    judged episodes, as computed by hand here."""
+    def tinyzero(verdict, completion, example):
+        well_formed = "<answer>" in completion and "</answer>" in completion
+        return {"correct": float(verdict.ok), "format": 0.1 * (well_formed and not verdict.ok)}
+
+    monkeypatch.setattr(rrr, "reward", tinyzero)
+    verdicts = [Verdict(True, ""), Verdict(False, ""), Verdict(False, "", infra=True), Verdict(False, "")]
+    texts = ["<answer>1</answer>", "<answer>2</answer>", "<answer>3</answer>", "no tags"]
+    rewards, judged, parts = rrr.rewards_of(verdicts, texts, [None] * 4, [0, 1, 2, 3], 5)
+    assert rewards.tolist() == pytest.approx([1.0, 0.1, 0.0, 0.0, 0.0])
+    assert judged.tolist() == [True, True, False, True, False]
+    assert parts[:4] == [{"correct": 1.0, "format": 0.0}, {"correct": 0.0, "format": 0.1}, {},
+                         {"correct": 0.0, "format": 0.0}]
+    episodes = [rrr.Episode(id=str(i), ids=[1, 2], span=(1, 2), reward=rewards[i].item(), truncated=False,
+                            sampled=1, judged=bool(judged[i]), parts=parts[i]) for i in range(4)]
+    cfg = parse_config(rrr.Config, ["--num-generations", "4"])
+    d = par.init_distributed("cpu")
+    try:
+        row = rrr.step_metrics(rrr.Run(cfg, d, None, None, [], {}, None), 1, episodes, {}, 1.0, 1.0)
+    finally:
+        par.close_distributed()
+    assert row["reward"] == pytest.approx(1.1 / 3) and row["not_judged"] == 1
+    assert row["reward_correct"] == pytest.approx(1 / 3) and row["reward_format"] == pytest.approx(0.1 / 3)

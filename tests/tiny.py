@@ -96,7 +96,7 @@ def save_planted_reflection_model(folder: Path, steps=60, seed=0) -> Path:
     first and wrong after the second. So reflections disagree in every group, and a correct RRR update
     raises the chance of the good reflection, hence the reward. Made by a short supervised fine-tuning
     (full batch, Adam) of a random-init tiny model; the loss is on the planted turns only."""
-    import rrr
+    from conversation import turn
     from data import get_task
     from data.countdown import prompt
     from model import chat_ids, load_model
@@ -109,11 +109,11 @@ def save_planted_reflection_model(folder: Path, steps=60, seed=0) -> Path:
         return list(tok(text, add_special_tokens=False)["input_ids"]) + [eos]
 
     asked = chat_ids(tok, prompt(**PLANTED_PUZZLE))
-    reflect = asked + turn_of(PLANTED_FIRST_TRY) + list(rrr.turn(tok, task.reflection_prompt, eos))
+    reflect = asked + turn_of(PLANTED_FIRST_TRY) + list(turn(tok, task.reflection_prompt, eos))
     rows = [(asked, turn_of(PLANTED_FIRST_TRY))]
     for reflection, retry in PLANTED_REFLECTIONS.items():
         rows.append((reflect, turn_of(reflection)))
-        rows.append((reflect + turn_of(reflection) + list(rrr.turn(tok, task.retry_prompt, eos)), turn_of(retry)))
+        rows.append((reflect + turn_of(reflection) + list(turn(tok, task.retry_prompt, eos)), turn_of(retry)))
     length = max(len(p) + len(t) for p, t in rows)
     ids = torch.full((len(rows), length), eos)
     attention, target = torch.zeros_like(ids), torch.zeros(len(rows), length, dtype=torch.bool)
