@@ -13,8 +13,11 @@ from policy import sample, stop_of
 GENERIC_REFLECTION = ("I made a mistake in my previous answer. I will read the task again carefully, "
                       "check every step, and then give a corrected answer.")
 
+
 @functools.lru_cache(maxsize=256)
 def turn(tokenizer, text: str, ended_with: int | None) -> tuple[int, ...]:
+    """A user turn saying `text` after a sampled turn that ended with `ended_with` (model.next_turn_ids),
+    cached: the same prompts follow every try."""
     return tuple(next_turn_ids(tokenizer, text, ended_with))
 
 
