@@ -1,6 +1,7 @@
 """rrr.py end to end on a tiny random model: 2 ranks against 1 process, kill and resume, bad input, and
 the trained span of real rollouts on the embedded model."""
 
+import contextlib
 import json
 import math
 import os
@@ -527,3 +528,38 @@ def test_reward_parts_add_up_and_are_logged_as_means_over_the_judged_episodes(mo
         par.close_distributed()
     assert row["reward"] == pytest.approx(1.1 / 3) and row["not_judged"] == 1
     assert row["reward_correct"] == pytest.approx(1 / 3) and row["reward_format"] == pytest.approx(0.1 / 3)
+
+
+@pytest.mark.parametrize("flags", [["--no-bf16"], ["--bf16"], ["--no-bf16", "--use-peft"]])
+def test_layers_gathered_once_per_update_change_no_bit(tmp_path, monkeypatch, flags):
+    """One CPU process keeps each layer gathered across an update's micro-batches
+    (parallel.gathered_across_micro_batches): two updates in a row leave the same parameters, bit for bit,
+    as gathering per micro-batch does (the block's reshard on exit must hand the second update the
+    optimizer's new weights, not the first update's gathered copy)."""
+    folder = save_tiny_chat_model(tmp_path / "tiny", seed=3)
+    task, train, _ = load_splits("countdown", None, 2, 1, 0)
+    failures = [Failure(ex.id, [], None, "", "", 1) for ex in train]
+    gathered = par.gathered_across_micro_batches
+    params = []
+    d = par.init_distributed("cpu")
+    try:
+        for keep in (True, False):
+            monkeypatch.setattr(par, "gathered_across_micro_batches",
+                                gathered if keep else lambda model, d: contextlib.nullcontext())
+            cfg = parse_config(rrr.Config, flags + [f"--model={folder}", "--method=grpo", "--num-generations=4",
+                                                    "--max-completion-length=16", "--beta=0.04", "--batch-size=2",
+                                                    "--learning-rate=1e-2", "--micro-batch-size=2", "--seed=3"])
+            rrr.resolve_model_flags(cfg)
+            pol = rrr.load_policy(cfg, d)
+            run = rrr.Run(cfg, d, pol, task, [], {ex.id: ex for ex in train}, tmp_path)
+            for step in range(2):
+                with rrr.sampling(pol):
+                    episodes = rrr.rollout(run, failures, step)
+                for i, e in enumerate(episodes):       # the tiny model earns no reward: advantages by hand
+                    e.advantage = float(i % 3 - 1)
+                rrr.grpo_update(cfg, d, pol, episodes, rrr.trained_length_limit(cfg))
+            params.append({n: par.full_tensor(p).detach().clone() for n, p in pol.model.named_parameters()})
+    finally:
+        par.close_distributed()
+    assert params[0].keys() == params[1].keys()
+    assert all(torch.equal(params[0][n], params[1][n]) for n in params[0])
