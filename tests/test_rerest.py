@@ -381,6 +381,8 @@ def test_tiny_end_to_end_prints_the_table(tmp_path, tiny_chat, nproc):
     summary = json.loads((out / "report.json").read_text())
     assert summary["test"] == dict(n=4, split_size=split, task="mbpp")
     assert summary["config"]["model"] == str(tiny_chat) and summary["config"]["out"] == str(out.resolve())
+    # Defaults applied before the settings are recorded: a tiny model is not checkpointed; the device used.
+    assert summary["config"]["gradient_checkpointing"] is False and summary["config"]["device"] == "cpu"
     assert all(r["pass1"] is None or len(r["items"]) == 4 for r in summary["rows"].values())
     # The column of MBPP's own tests alone: each answer checked again with the visible tests only.
     from verifiers import check_code_batch
