@@ -86,9 +86,9 @@ def judged_retries(cfg, pol, task, prefixes, examples, num_samples=1, temperatur
     return Retries(refl, retries, contexts, texts, task.check_batch(texts, examples))
 
 
-def failed_again(retried: Retries) -> list[int]:
-    """The retries that were judged and failed: the chains that go on (--attempts > 2)."""
-    return [j for j, v in enumerate(retried.verdicts) if not v.ok and not v.infra]
+def judged_failures(verdicts) -> list[int]:
+    """The places of the tries that were judged and failed: those a reflection follows."""
+    return [j for j, v in enumerate(verdicts) if not v.ok and not v.infra]
 
 
 def next_prefixes(cfg, pol, retried: Retries, going: list[int]) -> list:

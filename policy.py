@@ -48,12 +48,18 @@ class MicroBatch:
     old_logprobs: torch.Tensor | None = None   # (rows, T): the sampling policy's (--num-iterations > 1)
 
 
+def resolve_gradient_checkpointing(cfg, path: str | None = None):
+    """--gradient-checkpointing's default (on above 1B parameters) for the model at `path` (default
+    --model), from its config alone; both scripts apply it before they record their settings."""
+    if cfg.gradient_checkpointing is None:
+        cfg.gradient_checkpointing = par.checkpointing_by_default(parameter_count(path or cfg.model))
+
+
 def resolve_model_flags(cfg, path: str | None = None):
     """The defaults that depend on the model (`path`, default --model), applied before a run records its
     settings, from the model's config alone (no weights read): --gradient-checkpointing (on above 1B
     parameters) and, with --use-peft, --lora-target-modules (every linear layer of a decoder block)."""
-    if cfg.gradient_checkpointing is None:
-        cfg.gradient_checkpointing = par.checkpointing_by_default(parameter_count(path or cfg.model))
+    resolve_gradient_checkpointing(cfg, path)
     if cfg.use_peft and not cfg.lora_target_modules:
         cfg.lora_target_modules = list(LORA_LINEAR)
 

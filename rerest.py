@@ -138,9 +138,9 @@ import torch
 
 import parallel as par
 from finetune import sft_data, train_model
-from model import chat_ids, load_model, parameter_count, stop_token_ids
+from model import chat_ids, load_model, stop_token_ids
 from warmstart import model_for_run
-from policy import sample
+from policy import resolve_gradient_checkpointing, sample
 from report import recorded_config, write_rerest_report
 from verifiers import code_outputs_batch
 
@@ -455,8 +455,7 @@ def run(argv=None):
         resolve_machine_flags(cfg, d)
         if cfg.warm_start:      # the labelled warm start (built once, cached) is the base model from here on
             cfg.model, _ = model_for_run(cfg, d)
-        if cfg.gradient_checkpointing is None:      # resolved before the run records its settings
-            cfg.gradient_checkpointing = par.checkpointing_by_default(parameter_count(cfg.model))
+        resolve_gradient_checkpointing(cfg)      # before the run records its settings
         s = setup(cfg, d, out)
         tracker = open_tracker(cfg.report_to, out, recorded_config(cfg, out), d.main, project="rerest")
         t = time.time()

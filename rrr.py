@@ -172,7 +172,7 @@ import parallel as par
 from report import solved_after_each_try, write_rrr_report
 from failures import build_failure_set, check_failure_set, dynamic_sampling, step_batch
 from grpo import group_advantages, zero_variance_fraction
-from conversation import (GENERIC_REFLECTION, Retries, failed_again, judged_retries, next_prefixes,
+from conversation import (GENERIC_REFLECTION, Retries, judged_failures, judged_retries, next_prefixes,
                           next_reflection_prefix, reflection_prefix, reflection_text)
 from model import chat_ids
 from policy import (Policy, grpo_update, load_policy, resolve_model_flags, sample, sampling,
@@ -247,7 +247,7 @@ def evaluate(run, step) -> dict:
                           attempt=pol.decode(t)) | with_base("first_base", v.base)
                      | with_base("second_base", v.base) | unjudged(v)
                      for ex, v, t in zip(part, verdicts, gen1.tokens)]
-            failed = [i for i, v in enumerate(verdicts) if not v.ok and not v.infra]
+            failed = judged_failures(verdicts)
             if failed:          # try 2: a reflection on the failed first try, then a retry
                 prefixes = [next_reflection_prefix(cfg, pol, prompts[i], gen1.tokens[i], gen1.finished[i],
                                                    verdicts[i]) for i in failed]
@@ -265,7 +265,8 @@ def evaluate(run, step) -> dict:
             rows += these
             bar.update(len(part))
     judged = [r for r in rows if r.get("judged", True)]
-    solved = [sum(solved_after_each_try(r, K)[k] for r in judged) for k in range(K)]
+    after = [solved_after_each_try(r, K) for r in judged]          # per item: solved after try 1..K
+    solved = [sum(a[k] for a in after) for k in range(K)]
     counts = par.all_sum(solved + [len(judged), len(rows) - len(judged)], d)
     n = max(counts[K], 1)
     result = dict(step=step, first=counts[0] / n, second=counts[1] / n, n=int(counts[K]),
@@ -287,7 +288,7 @@ def later_tries(run, part, these, failed, retried: Retries):
     """--attempts K > 2 in evaluation: each item whose retry failed reflects on that retry and retries
     again, up to K tries; its row's `later_tries` lists each further reflection and retry."""
     for _ in range(3, run.cfg.attempts + 1):
-        going = failed_again(retried)
+        going = judged_failures(retried.verdicts)
         failed = [failed[j] for j in going]
         if not failed:
             break
@@ -420,7 +421,7 @@ def later_rounds(run, exs, slots, retried: Retries, tried, gen) -> list[Episode]
     prefix), and the trained sequences grow by a reflection and a retry per try."""
     cfg, G, episodes = run.cfg, run.cfg.num_generations, []
     for k in range(3, cfg.attempts + 1):        # every rank runs every try: advantages_of may all-reduce
-        going = failed_again(retried)
+        going = judged_failures(retried.verdicts)
         for j in going:       # the retry is now the try reflected on
             shown = reflection_text(cfg, retried.verdicts[j].feedback_to_show())
             tried[slots[j]] = (retried.texts[j], shown)
@@ -518,9 +519,8 @@ def train_step(run, failures, step) -> dict:
 # --- the driver ---------------------------------------------------------------------------------------
 
 def resolve_flags(cfg, out: Path):
-    """The model, data folder, run folder and prompts as used. With resolve_machine_flags (--bf16) and
-    policy.resolve_model_flags (gradient checkpointing, LoRA targets), every default is applied once,
-    before config.json records the run, and never changed after: what config.json says is what ran."""
+    """The model, data folder, run folder, prompts and clip range as used. With resolve_machine_flags and
+    policy.resolve_model_flags, every default is applied once, before config.json: it says what ran."""
     task = get_task(cfg.task)
     cfg.model, cfg.data_dir, cfg.out = cfg.model or EMBEDDED_MODEL, data_dir_used(cfg.data_dir), str(out)
     cfg.reflection_prompt = cfg.reflection_prompt or task.reflection_prompt
