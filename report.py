@@ -85,25 +85,24 @@ def try_name(k: int) -> str:
 def outcomes(rows: dict) -> dict:
     """{item id: eval_answers row} -> {"tries": [{id: solved after try k}, ...], "base": the same by the
     visible tests alone for a task with hidden tests (MBPP, EvalPlus's "base"; the tries are "plus"), else
-    None}. Rows of --attempts K > 2 carry `tries` (and `tries_base`); others only the first two."""
+    None}."""
     if not rows:
         return dict(tries=[{}, {}], base=None)
     one = next(iter(rows.values()))
-    K = len(one["tries"]) if "tries" in one else 2
 
-    def solved(suffix: str) -> list[dict]:
-        if "tries" in one:
-            return [{i: bool(r["tries" + suffix][k]) for i, r in rows.items()} for k in range(K)]
-        return [{i: bool(r[try_name(k) + suffix]) for i, r in rows.items()} for k in range(K)]
-    return dict(tries=solved(""), base=solved("_base") if "first_base" in one else None)
+    def solved(base: bool) -> list[dict]:
+        per_item = {i: tries_of(r, base) for i, r in rows.items()}
+        return [{i: bool(t[k]) for i, t in per_item.items()} for k in range(len(tries_of(one, base)))]
+    with_base = "tries_base" in one or "first_base" in one
+    return dict(tries=solved(False), base=solved(True) if with_base else None)
 
 
-def solved_after_each_try(row: dict, K: int, base: bool = False) -> list[bool]:
-    """An eval_answers row -> [solved after try 1, ..., after try K] (base: by MBPP's visible tests alone):
-    a solved item stays solved. Tries after the second are in `later_tries`, which stops at a success."""
-    oks = [row["first_base"], row["second_base"]] if base else [row["first"], row["second"]]
-    oks += [t.get("base", False) if base else t["ok"] for t in row.get("later_tries", [])]
-    return [any(oks[:k + 1]) for k in range(K)]
+def tries_of(row: dict, base: bool = False) -> list:
+    """An eval_answers row's `tries` (solved after each try; base: `tries_base`, by MBPP's visible tests
+    alone). Rows written before that layout (December 2026) name the two tries `first` and `second`."""
+    if "tries" in row:
+        return row["tries_base"] if base else row["tries"]
+    return [row["first_base"], row["second_base"]] if base else [row["first"], row["second"]]
 
 
 def vanilla_and_last(folder: Path, last: int) -> tuple[dict, dict, int]:

@@ -7,12 +7,11 @@
 
 The algorithm, one function per step (docs/rrr.md lists the same steps), in the order `run` calls them;
 every step takes the run's state, `Run` (settings, ranks, model, task, examples, run folder):
-  1. load_splits          the task's train and test examples (data/); policy.load_policy: the model
-                          (after warmstart.py's labelled warm start, with --warm-start)
+  1. load_splits          the task's train and test examples (data/); load_policy: the model (with
+                          --warm-start, after warmstart.py's labelled warm start)
   2. evaluate             greedy first try and, after a failure, a reflection and a retry, on the test
                           split (--forgetting-eval: evaluate_forgetting, another task's first try)
-  3. build_failure_set    (failures.py) up to --failure-samples first attempts per training query; keep
-                          the failures
+  3. build_failure_set    (failures.py) the failed first attempts, up to --failure-samples per query
   4. train_step           per step: failures.step_batch picks the failures (--dynamic-sampling: draws
                           again until enough groups' rewards differ); rrr_rollout samples G reflections
                           per failure and one retry each, reward() of each retry, advantages per group
@@ -29,8 +28,8 @@ in `episodes_of`. Every default is resolved once, before config.json records it 
 
 Self-correction variants, off by default (the paper's algorithm): --attempts K > 2 reflects and retries
 again after each failed retry (later_rounds in training, later_tries in evaluation; later_rounds says how
-groups are formed and what it costs);
---reflection-feedback shows the verifier's feedback on the failed try in the reflection prompt.
+groups are formed and what it costs); --reflection-feedback shows the verifier's feedback in the
+reflection prompt.
 
 Simplifications: one retry per reflection; evaluation is greedy; the training sequence of an episode stops
 at the end of its reflection (the retry comes later in the sequence, so it cannot change the reflection
@@ -169,7 +168,7 @@ if __name__ == "__main__":      # a bad flag fails here, in a fraction of a seco
 import torch
 
 import parallel as par
-from report import solved_after_each_try, write_rrr_report
+from report import write_rrr_report
 from failures import build_failure_set, check_failure_set, dynamic_sampling, step_batch
 from grpo import group_advantages, zero_variance_fraction
 from conversation import (GENERIC_REFLECTION, Retries, judged_failures, judged_retries, next_prefixes,
@@ -220,9 +219,9 @@ def first_tries(cfg, pol, task, examples):
         yield part, prompts, gen, task.check_batch([pol.decode(t) for t in gen.tokens], part)
 
 
-def with_base(key, value) -> dict:
-    """MBPP's result on its visible tests alone (Verdict.base), where the task has one."""
-    return {} if value is None else {key: value}
+def with_base(verdict) -> dict:
+    """MBPP's result on its visible tests alone (Verdict.base), where the task has one: `tries_base`."""
+    return {} if verdict.base is None else {"tries_base": [verdict.base]}
 
 
 def unjudged(verdict) -> dict:
@@ -236,48 +235,54 @@ def evaluate(run, step) -> dict:
     retry (with --attempts > 2, again after each failed retry: later_tries). A solved item stays solved:
     accuracy after try k counts the items solved by any of the first k tries. Each rank takes its share;
     counts are summed. Each item's row in eval_answers.jsonl holds its prompt (the last user turn: the
-    puzzle), its attempt and, when the first try failed, the reflection and retry (with --attempts > 2,
-    `tries`: solved after each try, and `later_tries`: each further reflection and retry)."""
+    puzzle), `tries` (solved after try 1, ..., K), its attempt and, when the first try failed, the
+    reflection and retry (with --attempts > 2, `later_tries`: each further reflection and retry)."""
     cfg, d, pol, K = run.cfg, run.d, run.pol, run.cfg.attempts
     mine, rows = run.test[d.rank::d.world], []
     with sampling(pol), progress_bar(total=len(mine), desc=f"eval step {step}", disable=not d.main,
                                      leave=False) as bar:
         for part, prompts, gen1, verdicts in first_tries(cfg, pol, run.task, mine):
-            these = [dict(id=ex.id, prompt=ex.messages[-1]["content"], first=v.ok, second=v.ok,
-                          attempt=pol.decode(t)) | with_base("first_base", v.base)
-                     | with_base("second_base", v.base) | unjudged(v)
-                     for ex, v, t in zip(part, verdicts, gen1.tokens)]
+            these = [dict(id=ex.id, prompt=ex.messages[-1]["content"], tries=[v.ok], attempt=pol.decode(t))
+                     | with_base(v) | unjudged(v) for ex, v, t in zip(part, verdicts, gen1.tokens)]
             failed = judged_failures(verdicts)
             if failed:          # try 2: a reflection on the failed first try, then a retry
                 prefixes = [next_reflection_prefix(cfg, pol, prompts[i], gen1.tokens[i], gen1.finished[i],
                                                    verdicts[i]) for i in failed]
                 retried = judged_retries(cfg, pol, run.task, prefixes, [part[i] for i in failed])
-                for j, (i, v) in enumerate(zip(failed, retried.verdicts)):
-                    base = None if v.base is None else these[i]["first_base"] or v.base
-                    these[i].update(second=v.ok, reflection=reflection_of(run, retried, j),
-                                    retry=retried.texts[j], **unjudged(v), **with_base("second_base", base))
+                add_tries(run, these, failed, retried)
                 if K > 2:
                     later_tries(run, part, these, failed, retried)
-            for r in these if K > 2 else ():
-                r["tries"] = solved_after_each_try(r, K)
-                if "first_base" in r:
-                    r["tries_base"] = solved_after_each_try(r, K, base=True)
+            for r in these:     # each try's verdict -> solved after try 1, ..., K (solved stays solved)
+                for key in r.keys() & {"tries", "tries_base"}:
+                    r[key] = [any(r[key][:k + 1]) for k in range(K)]
             rows += these
             bar.update(len(part))
     judged = [r for r in rows if r.get("judged", True)]
-    after = [solved_after_each_try(r, K) for r in judged]          # per item: solved after try 1..K
-    solved = [sum(a[k] for a in after) for k in range(K)]
+    solved = [sum(r["tries"][k] for r in judged) for k in range(K)]
     counts = par.all_sum(solved + [len(judged), len(rows) - len(judged)], d)
-    n = max(counts[K], 1)
-    result = dict(step=step, first=counts[0] / n, second=counts[1] / n, n=int(counts[K]),
-                  not_judged=int(counts[K + 1]))
-    if K > 2:
-        result["tries"] = [c / n for c in counts[:K]]
+    tries = [c / max(counts[K], 1) for c in counts[:K]]
+    result = dict(step=step, first=tries[0], second=tries[1], n=int(counts[K]), not_judged=int(counts[K + 1]),
+                  tries=tries)
     all_rows = par.all_gather_objects(rows, d)
     if d.main:     # the answers first: the summary line says that the evaluation is complete
         append_jsonl(run.out / "eval_answers.jsonl", [dict(r, step=step) for rs in all_rows for r in rs])
         append_jsonl(run.out / "evals.jsonl", [result])
     return result
+
+
+def add_tries(run, rows, failed, retried: Retries):
+    """Each retried item's next try: its verdict joins the row's `tries` (and `tries_base`); its reflection
+    and retry are the row's own for the second try, in `later_tries` after that."""
+    for j, (i, v) in enumerate(zip(failed, retried.verdicts)):
+        row, texts = rows[i], dict(reflection=reflection_of(run, retried, j), retry=retried.texts[j])
+        if len(row["tries"]) == 1:
+            row.update(texts)
+        else:
+            row.setdefault("later_tries", []).append(texts)
+        row["tries"].append(v.ok)
+        if "tries_base" in row:
+            row["tries_base"].append(bool(v.base))
+        row.update(unjudged(v))
 
 
 def reflection_of(run, retried: Retries, j: int) -> str:      # what the row shows as the reflection
@@ -294,10 +299,7 @@ def later_tries(run, part, these, failed, retried: Retries):
             break
         prefixes = next_prefixes(run.cfg, run.pol, retried, going)
         retried = judged_retries(run.cfg, run.pol, run.task, prefixes, [part[i] for i in failed])
-        for j, (i, v) in enumerate(zip(failed, retried.verdicts)):
-            texts = dict(reflection=reflection_of(run, retried, j), retry=retried.texts[j])
-            these[i].setdefault("later_tries", []).append(dict(texts, ok=v.ok) | with_base("base", v.base))
-            these[i].update(unjudged(v))
+        add_tries(run, these, failed, retried)
 
 
 @torch.no_grad()
@@ -508,11 +510,9 @@ def train_step(run, failures, step) -> dict:
     everyone = [e for es in par.all_gather_objects(episodes, d) for e in es]
     if d.main:
         append_jsonl(run.out / "metrics.jsonl", [row])
-        logged = everyone[:cfg.log_episodes]
-        append_jsonl(run.out / "episodes.jsonl", [dict(step=step + 1, **{k: v for k, v in asdict(e).items()
-                                                                          if k != "failure"
-                                                                          and (k != "parts" or v)})
-                                                  for e in logged])
+        logged = [{k: v for k, v in asdict(e).items() if k != "failure" and (k != "parts" or v)}
+                  for e in everyone[:cfg.log_episodes]]           # `parts` where reward() names them
+        append_jsonl(run.out / "episodes.jsonl", [dict(step=step + 1, **e) for e in logged])
     return row
 
 

@@ -60,7 +60,7 @@ sys.path.insert(0, str(REPO))
 from bench._cli import Help  # noqa: E402
 from compare import compare  # noqa: E402
 from report import (_figure, _save, _steps_axis, markdown_table, mcnemar_exact, paired_change, pct,  # noqa: E402
-                    vanilla_and_last)
+                    tries_of, vanilla_and_last)
 from runs import read_jsonl, write_json  # noqa: E402
 
 # Every run: countdown_easy, G = 8, 8 failures per step, answers of at most 32 tokens, reflections of 64.
@@ -182,7 +182,7 @@ def dtype_flags(args) -> list[str]:
 def run_log(folder: Path) -> dict:
     """A run's metrics per step, accuracy per evaluation and per-item results per evaluation."""
     return dict(metrics=read_jsonl(folder / "metrics.jsonl"), evals=read_jsonl(folder / "evals.jsonl"),
-                answers=[dict(step=r["step"], id=r["id"], first=r["first"], second=r["second"])
+                answers=[dict(step=r["step"], id=r["id"], first=tries_of(r)[0], second=tries_of(r)[1])
                          for r in read_jsonl(folder / "eval_answers.jsonl")])
 
 
@@ -195,9 +195,9 @@ def retries_table(folders: dict) -> str:
         answers = read_jsonl(folder / "eval_answers.jsonl")
         steps = sorted({a["step"] for a in answers})
         for step in (steps[0], steps[-1]) if len(steps) > 1 else steps:
-            failed = [a for a in answers if a["step"] == step and not a["first"] and a.get("judged", True)]
+            failed = [a for a in answers if a["step"] == step and not tries_of(a)[0] and a.get("judged", True)]
             repeated = sum(equation(a.get("retry", "")) == equation(a["attempt"]) for a in failed)
-            fixed = sum(bool(a["second"]) for a in failed)
+            fixed = sum(bool(tries_of(a)[1]) for a in failed)
             rows.append({"run": name, "step": step, "failed first tries": len(failed),
                          "retry repeats the failed equation": repeated,
                          "fixed by the retry": f"{fixed} ({pct(fixed / max(len(failed), 1))})"})

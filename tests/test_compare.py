@@ -30,12 +30,12 @@ def fake_run(folder: Path, *, task="countdown", model=None, method="rrr", reflec
     if grad_norms is not None:        # report.json's per-step metrics, of which compare.py reads the norms
         report["steps"] = [dict(step=k + 1, grad_norm=g) for k, g in enumerate(grad_norms)]
     (folder / "report.json").write_text(json.dumps(report))
-    rows = [dict(id=f"q{i}", step=0, first=i in vanilla_first, second=i in vanilla_second) for i in ids]
-    rows += [dict(id=f"q{i}", step=steps, first=i in first, second=i in second) for i in ids]
+    rows = [dict(id=f"q{i}", step=0, tries=[i in vanilla_first, i in vanilla_second]) for i in ids]
+    rows += [dict(id=f"q{i}", step=steps, tries=[i in first, i in second]) for i in ids]
     if base:
         for r in rows:
             at = 0 if r["step"] == 0 else 2
-            r.update(first_base=int(r["id"][1:]) in base[at], second_base=int(r["id"][1:]) in base[at + 1])
+            r["tries_base"] = [int(r["id"][1:]) in base[at], int(r["id"][1:]) in base[at + 1]]
     (folder / "eval_answers.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     return folder
 
@@ -157,6 +157,23 @@ def test_mbpp_runs_also_show_mbpp_own_tests_alone(tmp_path):
     assert numbers["runs"][0]["first_base"] == 0.6 and numbers["runs"][0]["vanilla_second_base"] == 0.6
     # Countdown has no hidden tests: no such columns.
     assert "MBPP's own" not in compare.compare([fake_run(tmp_path / "cd", first=range(2))])[0]
+
+
+def test_runs_written_before_the_tries_layout_compare_the_same(tmp_path):
+    """eval_answers.jsonl rows written before `tries` named the two tries `first` and `second` (and
+    `first_base`, `second_base`): such a run folder gives the same table and numbers."""
+    settings = dict(task="mbpp", first=range(2), second=range(3),
+                    base=((0, 1, 2, 3, 4), (0, 1, 2, 3, 4, 5), range(6), range(7)))
+    today = fake_run(tmp_path / "today", **settings)
+    old = fake_run(tmp_path / "old", **settings)
+    rows = runs.read_jsonl(old / "eval_answers.jsonl")
+    old_rows = [dict(id=r["id"], step=r["step"], first=r["tries"][0], second=r["tries"][1],
+                     first_base=r["tries_base"][0], second_base=r["tries_base"][1]) for r in rows]
+    (old / "eval_answers.jsonl").write_text("".join(json.dumps(r) + "\n" for r in old_rows))
+    (text_a, numbers_a), (text_b, numbers_b) = compare.compare([today]), compare.compare([old])
+    assert text_a.replace(str(today), "RUN") == text_b.replace(str(old), "RUN")
+    assert json.dumps(numbers_a).replace(str(today), "RUN") == json.dumps(numbers_b).replace(str(old), "RUN")
+    assert numbers_b["runs"][0]["first_base"] == 0.6
 
 
 def test_a_run_that_changed_no_weight_is_named_so(tmp_path):
