@@ -456,10 +456,11 @@ def grpo_rollout(run, failures, gen) -> list[Episode]:
             for r, toks in enumerate(attempts.tokens)]
 
 
-def step_metrics(run, step, episodes, stats, sample_seconds, train_seconds) -> dict:
+def step_metrics(run, step, episodes, stats, sample_seconds, train_seconds, part_names=()) -> dict:
     """Global means over all ranks' episodes. `trained_*` describe the trained part: the reflection in RRR.
     Groups are those of the first retry (GRPO's: the attempts); with --attempts > 2, `reward_try<k>` is
-    the mean reward of the reflections before try k (`reward`: of all of them)."""
+    the mean reward of the reflections before try k (`reward`: of all of them); `reward_<name>` for each
+    of reward()'s `part_names` (the same on every rank)."""
     cfg, G = run.cfg, run.cfg.num_generations
     first = torch.tensor([e.reward for e in episodes if e.scored_try <= 2])      # the first n x G episodes
     tries = range(2, cfg.attempts + 1) if cfg.attempts > 2 else ()
@@ -472,10 +473,7 @@ def step_metrics(run, step, episodes, stats, sample_seconds, train_seconds) -> d
     for k in tries:
         local[f"reward_try{k}"] = sum(e.reward for e in episodes if e.scored_try == k)
         local[f"judged_try{k}"] = sum(e.judged for e in episodes if e.scored_try == k)
-    # reward()'s named parts, when it names them (every rank sums the same names, in the same order)
-    names = sorted({n for ns in par.all_gather_objects(sorted({n for e in episodes for n in e.parts}), run.d)
-                    for n in ns})
-    for name in names:
+    for name in part_names:
         local[f"reward_{name}"] = sum(e.parts.get(name, 0.0) for e in episodes)
     g = dict(zip(local, par.all_sum(list(local.values()), run.d)))       # summed over the ranks, by name
     n = max(g["episodes"], 1)     # an unjudged episode's reward is 0: the mean reward is over the judged
@@ -487,7 +485,7 @@ def step_metrics(run, step, episodes, stats, sample_seconds, train_seconds) -> d
                 train_tokens_per_s=g["tokens"] / max(train_seconds, 1e-9), sample_seconds=sample_seconds,
                 train_seconds=train_seconds, step_seconds=sample_seconds + train_seconds,
                 **{f"reward_try{k}": g[f"reward_try{k}"] / max(g[f"judged_try{k}"], 1) for k in tries},
-                **{f"reward_{name}": g[f"reward_{name}"] / max(g["judged"], 1) for name in names})
+                **{f"reward_{name}": g[f"reward_{name}"] / max(g["judged"], 1) for name in part_names})
 
 
 def train_step(run, failures, step) -> dict:
@@ -504,10 +502,11 @@ def train_step(run, failures, step) -> dict:
     t1 = time.time()
     lr = apply_lr_schedule(run.pol.optimizer, cfg, step, cfg.steps)       # of the step alone: resumes exactly
     stats = dict(grpo_update(cfg, d, run.pol, episodes, trained_length_limit(cfg)), learning_rate=lr)
-    row = step_metrics(run, step + 1, episodes, stats, t1 - t0, time.time() - t1)
+    everyone = [e for es in par.all_gather_objects(episodes, d) for e in es]       # every rank's, on each
+    names = sorted({name for e in everyone for name in e.parts})        # reward()'s parts, if it names them
+    row = step_metrics(run, step + 1, episodes, stats, t1 - t0, time.time() - t1, names)
     if drawn:           # the draws' metrics; the sampling throughput counts every draw's tokens
         row |= dict(drawn, sample_tokens_per_s=drawn["sampled_tokens_all_draws"] / max(t1 - t0, 1e-9))
-    everyone = [e for es in par.all_gather_objects(episodes, d) for e in es]
     if d.main:
         append_jsonl(run.out / "metrics.jsonl", [row])
         logged = [{k: v for k, v in asdict(e).items() if k != "failure" and (k != "parts" or v)}

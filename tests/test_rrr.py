@@ -523,11 +523,14 @@ def test_reward_parts_add_up_and_are_logged_as_means_over_the_judged_episodes(mo
     cfg = parse_config(rrr.Config, ["--num-generations", "4"])
     d = par.init_distributed("cpu")
     try:
-        row = rrr.step_metrics(rrr.Run(cfg, d, None, None, [], {}, None), 1, episodes, {}, 1.0, 1.0)
+        run = rrr.Run(cfg, d, None, None, [], {}, None)
+        row = rrr.step_metrics(run, 1, episodes, {}, 1.0, 1.0, part_names=["correct", "format"])
+        plain = rrr.step_metrics(run, 1, episodes, {}, 1.0, 1.0)        # a binary reward() names no parts
     finally:
         par.close_distributed()
     assert row["reward"] == pytest.approx(1.1 / 3) and row["not_judged"] == 1
     assert row["reward_correct"] == pytest.approx(1 / 3) and row["reward_format"] == pytest.approx(0.1 / 3)
+    assert plain["reward"] == row["reward"] and not any(k.startswith("reward_") for k in plain)
 
 
 @pytest.mark.parametrize("flags", [["--no-bf16"], ["--bf16"], ["--no-bf16", "--use-peft"]])
