@@ -138,17 +138,16 @@ def checkpoint_layers(model):
         layer.forward = checkpointed
 
 
-def shard_model(model, d: Dist, bf16: bool = False, checkpointing: bool | None = False):
+def shard_model(model, d: Dist, bf16: bool = False, checkpointing: bool = False):
     """FSDP2 over the world: each decoder layer is one unit (gathered for its forward and backward only),
     the root holds the rest (embeddings, final norm, head). The model may sit on the CPU: each unit is
     moved to the device as it is sharded, so no rank ever holds the whole model there. bf16: parameters
     stay fp32 (the master weights the optimizer updates); each unit is gathered in bf16 for compute and
-    its gradients are reduced in fp32 (TRL's `--bf16`). checkpointing: None decides by size."""
+    its gradients are reduced in fp32 (TRL's `--bf16`). checkpointing: as resolved by the caller
+    (policy.resolve_gradient_checkpointing decides by size before a run records its settings)."""
     # The outputs read here (logits, hidden states) are never modified in place, which is the case
     # this warning is about; it would otherwise print on every forward.
     warnings.filterwarnings("ignore", message="FSDP2-wrapped module .* returned a view tensor")
-    if checkpointing is None:
-        checkpointing = checkpointing_by_default(sum(p.numel() for p in model.parameters()))
     if checkpointing:
         checkpoint_layers(model)        # before fully_shard: FSDP's gathers stay outside the recompute
     mesh = init_device_mesh(d.device.type, (d.world,))
