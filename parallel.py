@@ -166,9 +166,9 @@ def gathered_across_micro_batches(model, d: Dist):
     the shard is then the whole model, so keeping the gathered copy costs one compute-dtype copy of it
     in host memory and saves the gathers' copies and casts (about 1.2 s of a 20 s bf16 update on B;
     BENCHMARKS.md). The layers are resharded on exit, before the optimizer changes the shards. Elsewhere
-    a no-op: with several processes the gathered copies are the memory that sharding saves, and on one
-    GPU a whole bf16 copy (14 GB for a 7B model) could be what no longer fits."""
-    if d.world > 1 or d.device.type != "cpu":
+    a no-op (and for model None): with several processes the gathered copies are the memory that sharding
+    saves, and on one GPU a whole bf16 copy (14 GB for a 7B model) could be what no longer fits."""
+    if model is None or d.world > 1 or d.device.type != "cpu":
         yield
         return
     layers = decoder_layers(model)

@@ -209,23 +209,26 @@ def micro_batches(cfg, d, pol, episodes, trained, kept) -> list[MicroBatch]:
     # no loss, so that FSDP's collectives (here the reference model's, later the update's) line up.
     most = max(par.all_gather_objects(len(starts), d)) if d.world > 1 else len(starts)
     batches = []
-    for number, start in enumerate(starts + [0] * (most - len(starts))):
-        rows = list(range(start, min(start + G * per_micro, len(episodes))))
-        groups = []         # (context, [trained parts]): runs of up to G rows with one context, computed once
-        for r in rows:
-            context = episodes[r].ids[:episodes[r].span[0]]
-            if groups and len(groups[-1][1]) < G and groups[-1][0] == context:
-                groups[-1][1].append(trained[r])
-            else:
-                groups.append((context, [trained[r]]))
-        extra = number >= len(starts)
-        adv = torch.tensor([0.0 if extra else episodes[r].advantage for r in rows], device=d.device)
-        mask = right_pad([torch.full((len(trained[r]),), 0.0 if extra else kept[r]) for r in rows])
-        mask = mask.to(d.device)                            # (rows, T)
-        ref = None
-        if cfg.beta > 0:
-            ref = reference_logprobs(pol, groups, d.device)
-        batches.append(MicroBatch(groups, adv, mask, ref))
+    # The reference's passes gather each layer once for all micro-batches, as the update does (one CPU process).
+    reference = (pol.ref if pol.ref is not None else pol.model) if cfg.beta > 0 else None
+    with par.gathered_across_micro_batches(reference, d):
+        for number, start in enumerate(starts + [0] * (most - len(starts))):
+            rows = list(range(start, min(start + G * per_micro, len(episodes))))
+            groups = []         # (context, [trained parts]): runs of up to G rows with one context, computed once
+            for r in rows:
+                context = episodes[r].ids[:episodes[r].span[0]]
+                if groups and len(groups[-1][1]) < G and groups[-1][0] == context:
+                    groups[-1][1].append(trained[r])
+                else:
+                    groups.append((context, [trained[r]]))
+            extra = number >= len(starts)
+            adv = torch.tensor([0.0 if extra else episodes[r].advantage for r in rows], device=d.device)
+            mask = right_pad([torch.full((len(trained[r]),), 0.0 if extra else kept[r]) for r in rows])
+            mask = mask.to(d.device)                            # (rows, T)
+            ref = None
+            if cfg.beta > 0:
+                ref = reference_logprobs(pol, groups, d.device)
+            batches.append(MicroBatch(groups, adv, mask, ref))
     if cfg.num_iterations > 1:          # the policy that sampled: fixed before the first update
         with torch.no_grad():
             for mb in batches:
