@@ -209,12 +209,13 @@ def micro_batches(cfg, d, pol, episodes, trained, kept) -> list[MicroBatch]:
     # no loss, so that FSDP's collectives (here the reference model's, later the update's) line up.
     most = max(par.all_gather_objects(len(starts), d)) if d.world > 1 else len(starts)
     batches = []
-    # The reference's passes gather each layer once for all micro-batches, as the update does (one CPU process).
+    # The reference's passes gather each layer once for all micro-batches, as the update's do (one CPU
+    # process: parallel.gathered_across_micro_batches).
     reference = (pol.ref if pol.ref is not None else pol.model) if cfg.beta > 0 else None
     with par.gathered_across_micro_batches(reference, d):
         for number, start in enumerate(starts + [0] * (most - len(starts))):
             rows = list(range(start, min(start + G * per_micro, len(episodes))))
-            groups = []         # (context, [trained parts]): runs of up to G rows with one context, computed once
+            groups = []     # (context, [trained parts]): runs of up to G rows with one context, computed once
             for r in rows:
                 context = episodes[r].ids[:episodes[r].span[0]]
                 if groups and len(groups[-1][1]) < G and groups[-1][0] == context:

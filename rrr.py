@@ -1,6 +1,6 @@
 """Reflect, Retry, Reward (Bensal et al. 2025): GRPO that rewards only the self-reflection.
 
-    python rrr.py --task countdown      # embedded SmolLM2-135M, 2-core CPU: 10.5 min fp32 (A), 5.1 bf16 (B)
+    python rrr.py --task countdown      # embedded SmolLM2-135M, 2-core CPU: 10.5 min fp32 (A), 6.0 bf16 (B)
     torchrun --nproc_per_node=8 rrr.py --task countdown --model Qwen/Qwen2.5-1.5B-Instruct
     torchrun --nproc_per_node=2 rrr.py --task countdown             # 2 CPU processes (gloo)
     python rrr.py --config recipes/countdown-qwen2.5-1.5b-rrr.json  # the paper's setup (recipes/)

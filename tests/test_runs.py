@@ -315,7 +315,7 @@ def test_bad_command_lines_fail_before_torch_loads(argv, message):
 # (none is reachable here); everything else is checked for real, run from the repository's root.
 HELP_SCRIPTS = ["rrr.py", "rerest.py", "warmstart.py", "compare.py", "bench/gpu.py", "bench/grpo_step.py",
                 "bench/hidden_tests.py", "bench/learning.py", "bench/op_counts.py", "bench/sampler.py",
-                "bench/verifiers.py"]
+                "bench/step_parts.py", "bench/verifiers.py"]
 
 
 def help_examples() -> list[tuple[str, str, list[str]]]:
