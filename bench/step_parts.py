@@ -2,11 +2,12 @@
 allocations bring back the page faults of the first updates: BENCHMARKS.md, "bf16 on B").
 
 Running time with the defaults: about 1 minute (decode) and 5 minutes (update) on a 2-core Intel Xeon with
-AMX (B in BENCHMARKS.md), bf16, loading included.
+AMX (B in BENCHMARKS.md), bf16, loading included; --compile adds about 4 minutes of compiling there.
 
     python bench/step_parts.py --part decode                   # one decode step vs its products, batch 32 and 64
     python bench/step_parts.py --part decode --profile         # ... and the step's self CPU time per op kind
     python bench/step_parts.py --part update --dtype float32   # FSDP policy vs a plain copy, fp32
+    python bench/step_parts.py --part update --compile         # ... and a plain copy whose layers are compiled
 
 --part decode: sampler.py's decode step alone (`_decode_step`: 30 layers and the head, no sampling), on a
 cache of random keys and values filled to --window - 40 slots, attending over --window slots; then the same
@@ -18,7 +19,9 @@ step's matrix products alone, multiplied the way `sampler._linear` does (W @ x^T
 passes of its micro-batches through the policy (FSDP, fp32 master weights, each layer gathered once as
 `policy.grpo_update` does) and through a plain copy of the model in the compute dtype (no FSDP), and the
 reference model's passes through the FSDP reference and through the plain copy. The differences are what
-FSDP costs with one process; what neither has is HF's layers and the head.
+FSDP costs with one process; what neither has is HF's layers and the head. --compile adds a third copy whose
+decoder layers are each `torch.compile`d (dynamic shapes; its first passes, which compile, are timed apart):
+what fusing the layers' elementwise work would save, which rrr.py does not do.
 """
 
 import argparse
@@ -38,6 +41,8 @@ def parser():
     ap.add_argument("--batch-sizes", type=int, nargs="+", default=[32, 64], help="decode: rows per step")
     ap.add_argument("--window", type=int, default=192, help="decode: key slots each step attends over")
     ap.add_argument("--repeats", type=int, default=30, help="decode: timed calls per setting (update: 4 each)")
+    ap.add_argument("--compile", action="store_true",
+                    help="update: also time a plain copy whose decoder layers are torch.compile'd (minutes to compile)")
     ap.add_argument("--profile", action="store_true",
                     help="decode: also print the step's self CPU time per op kind (torch.profiler, 10 steps)")
     return ap
@@ -135,6 +140,23 @@ def update(args, dtype):
              ("forward + backward, plain copy", train_passes, plain),
              ("reference passes, FSDP reference", reference_passes, reference),
              ("reference passes, plain copy", reference_passes, plain)]
+    if args.compile:
+        import torch._dynamo
+        # Each layer is its own module, compiled on its own, with and without grad: raise the recompile limits.
+        torch._dynamo.config.recompile_limit = 256
+        torch._dynamo.config.accumulated_recompile_limit = 4096
+        compiled, _ = load_model(None, device="cpu", dtype=torch.float32)
+        par.cast_parameters(compiled, dtype)
+        compiled.set_attn_implementation(pol.model.config._attn_implementation)
+        compiled.train()
+        for layer in compiled.model.layers:
+            layer.compile(dynamic=True)
+        t = time.perf_counter()
+        train_passes(compiled)
+        reference_passes(compiled)
+        print(f"compiling the layers (the first passes): {time.perf_counter() - t:.0f} s")
+        sides[2:2] = [("forward + backward, compiled copy", train_passes, compiled)]
+        sides.append(("reference passes, compiled copy", reference_passes, compiled))
     times = {name: [] for name, _, _ in sides}
     train_passes(pol.model)                     # the first passes grow the heap (page faults): untimed
     train_passes(plain)
