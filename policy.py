@@ -211,7 +211,7 @@ def micro_batches(cfg, d, pol, episodes, trained, kept) -> list[MicroBatch]:
     batches = []
     # The reference's passes gather each layer once for all micro-batches, as the update's do (one CPU
     # process: parallel.gathered_across_micro_batches).
-    reference = (pol.ref if pol.ref is not None else pol.model) if cfg.beta > 0 else None
+    reference = reference_model(pol) if cfg.beta > 0 else None
     with par.gathered_across_micro_batches(reference, d):
         for number, start in enumerate(starts + [0] * (most - len(starts))):
             rows = list(range(start, min(start + G * per_micro, len(episodes))))
@@ -237,11 +237,17 @@ def micro_batches(cfg, d, pol, episodes, trained, kept) -> list[MicroBatch]:
     return batches
 
 
+def reference_model(pol):
+    """The model the KL term's log-probs come from: the reference model, or with --use-peft the trained
+    model itself, run with its adapters switched off (reference_logprobs)."""
+    return pol.ref if pol.ref is not None else pol.model
+
+
 @torch.no_grad()
 def reference_logprobs(pol, groups, device) -> torch.Tensor:
     """(rows, T) log-probs of the trained tokens under the initial model: the reference model, or with
     --use-peft the trained model with its adapters switched off (the base weights, which never change)."""
-    model = pol.ref if pol.ref is not None else pol.model
+    model = reference_model(pol)
     with adapters_off(model):
         logprobs = right_pad(packed_logprobs(model, groups, device)).float()
     model.reshard()       # the root's gathered weights (embeddings, head) wait till next time
