@@ -119,23 +119,30 @@ def update(args, dtype):
         episodes = rrr.rollout(run, [Failure(ex.id, [], None, "", "", 1) for ex in train], 0)
     trained = [e.ids[e.span[0]:e.span[1]] for e in episodes]
     batches = policy.micro_batches(cfg, d, pol, episodes, trained, [1.0] * len(episodes))
-    plain, _ = load_model(None, device="cpu", dtype=torch.float32)
-    par.cast_parameters(plain, dtype)
-    plain.set_attn_implementation(pol.model.config._attn_implementation)     # the policy's attention
-    plain.train()
+    reference = policy.reference_model(pol)
+
+    def plain_copy():
+        """The model without FSDP, in the compute dtype, with the policy's attention."""
+        model, _ = load_model(None, device="cpu", dtype=torch.float32)
+        par.cast_parameters(model, dtype)
+        model.set_attn_implementation(pol.model.config._attn_implementation)
+        return model.train()
+
+    def gathered(model):        # the FSDP models' layers gathered once for the passes, as policy.py does
+        return par.gathered_across_micro_batches(model if model in (pol.model, reference) else None, d)
 
     def train_passes(model):
-        with par.gathered_across_micro_batches(model if model is pol.model else None, d):
+        with gathered(model):
             for mb in batches:
                 (right_pad(packed_logprobs(model, mb.groups)) * mb.mask).sum().backward()
         model.zero_grad(set_to_none=True)
 
     def reference_passes(model):
-        with torch.no_grad(), par.gathered_across_micro_batches(model if model is pol.ref else None, d):
+        with torch.no_grad(), gathered(model):
             for mb in batches:
                 packed_logprobs(model, mb.groups)
 
-    reference = pol.ref if pol.ref is not None else pol.model
+    plain = plain_copy()
     sides = [("forward + backward, FSDP policy", train_passes, pol.model),
              ("forward + backward, plain copy", train_passes, plain),
              ("reference passes, FSDP reference", reference_passes, reference),
@@ -145,10 +152,7 @@ def update(args, dtype):
         # Each layer is its own module, compiled on its own, with and without grad: raise the recompile limits.
         torch._dynamo.config.recompile_limit = 256
         torch._dynamo.config.accumulated_recompile_limit = 4096
-        compiled, _ = load_model(None, device="cpu", dtype=torch.float32)
-        par.cast_parameters(compiled, dtype)
-        compiled.set_attn_implementation(pol.model.config._attn_implementation)
-        compiled.train()
+        compiled = plain_copy()
         for layer in compiled.model.layers:
             layer.compile(dynamic=True)
         t = time.perf_counter()
