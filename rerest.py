@@ -1,6 +1,6 @@
 """Re-ReST (Dou et al. 2024): reflection-reinforced self-training, as one run that prints the ablation table.
 
-    python rerest.py --task mbpp          # embedded SmolLM2-135M, 2-core CPU: 9.2 min fp32 (A), 5.6-6.7 bf16 (B)
+    python rerest.py --task mbpp          # embedded SmolLM2-135M, 2-core CPU: 9.2 min fp32 (A), 5.6 bf16 (B)
     python rerest.py --task mbpp --train-reflector --dpo           # every row of the table
     torchrun --nproc_per_node=8 rerest.py --task mbpp --model codellama/CodeLlama-13b-Instruct-hf
 
