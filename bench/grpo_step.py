@@ -31,7 +31,9 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 from bench._cli import Help  # noqa: E402
 
 
-def ours(args, peft=False):
+def setup(args, peft=False):
+    """Ours for the benchmark's step: (cfg, d, pol, run, failures), as rrr.py --method grpo builds them,
+    with no stop token (every completion --new-tokens long). bench/step_parts.py times parts of this step."""
     import parallel as par
     import rrr
     from data import load_splits
@@ -50,6 +52,14 @@ def ours(args, peft=False):
     pol.stops = []                                   # no early stop: every completion is full length
     failures = [Failure(ex.id, [], None, "", "", 1) for ex in train]
     run = rrr.Run(cfg, d, pol, task, [], {ex.id: ex for ex in train}, None)
+    return cfg, d, pol, run, failures
+
+
+def ours(args, peft=False):
+    import parallel as par
+    import rrr
+
+    cfg, d, pol, run, failures = setup(args, peft)
     times = []          # (step, sampling, update) seconds
     for step in range(args.warmup + args.steps):
         t = time.perf_counter()

@@ -101,22 +101,15 @@ def update(args, dtype):
     import parallel as par
     import policy
     import rrr
-    from data import load_splits
-    from failures import Failure
+    from bench import grpo_step
     from grpo import packed_logprobs
     from model import load_model, right_pad
-    from runs import parse_config
 
-    cfg = parse_config(rrr.Config, ["--method", "grpo", "--num-generations", "8", "--max-completion-length", "128",
-                                    "--beta", "0.001", "--batch-size", "4", "--micro-batch-size", "8", "--device",
-                                    "cpu", "--bf16" if dtype == torch.bfloat16 else "--no-bf16"])
-    d = par.init_distributed("cpu")
-    task, train, _ = load_splits("countdown", None, 4, 1, 0)
-    pol = rrr.load_policy(cfg, d)
-    pol.stops = []                                          # every completion 128 tokens, as bench/grpo_step.py
-    run = rrr.Run(cfg, d, pol, task, [], {ex.id: ex for ex in train}, None)
+    # bench/grpo_step.py's step with its defaults, in the dtype asked for
+    step_args = grpo_step.parser().parse_args(["--bf16"] if dtype == torch.bfloat16 else [])
+    cfg, d, pol, run, failures = grpo_step.setup(step_args)
     with rrr.sampling(pol):
-        episodes = rrr.rollout(run, [Failure(ex.id, [], None, "", "", 1) for ex in train], 0)
+        episodes = rrr.rollout(run, failures, 0)
     trained = [e.ids[e.span[0]:e.span[1]] for e in episodes]
     batches = policy.micro_batches(cfg, d, pol, episodes, trained, [1.0] * len(episodes))
     reference = policy.reference_model(pol)
