@@ -226,9 +226,7 @@ def micro_batches(cfg, d, pol, episodes, trained, kept) -> list[MicroBatch]:
             adv = torch.tensor([0.0 if extra else episodes[r].advantage for r in rows], device=d.device)
             mask = right_pad([torch.full((len(trained[r]),), 0.0 if extra else kept[r]) for r in rows])
             mask = mask.to(d.device)                            # (rows, T)
-            ref = None
-            if cfg.beta > 0:
-                ref = reference_logprobs(pol, groups, d.device)
+            ref = reference_logprobs(pol, groups, d.device) if reference is not None else None
             batches.append(MicroBatch(groups, adv, mask, ref))
     if cfg.num_iterations > 1:          # the policy that sampled: fixed before the first update
         with torch.no_grad():
